@@ -1,0 +1,39 @@
+# Boring on purpose: CI calls the same targets a person does.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU build of torch keeps installs lean; override elsewhere, e.g. TORCH_SPEC='torch>=2.1'.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench weights clean
+
+$(BIN)/vit: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(BIN)/vit
+
+install: $(BIN)/vit
+
+# The main job on the bundled default model: classify the examples, render attention sheets.
+demo: install
+	$(BIN)/vit predict examples/ --format table
+	$(BIN)/vit attention examples/ --out out/attention --html
+	@echo "attention sheets written under out/attention/ (open out/attention/index.html)"
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/predict.py
+	$(BIN)/python bench/attention.py
+	$(BIN)/python bench/train.py
+
+# Retrain the bundled default model from scratch with the committed, seeded recipe.
+weights: install
+	bash weights/recipe.sh
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info out .pytest_cache

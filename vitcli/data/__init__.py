@@ -1,0 +1,1 @@
+"""Image decoding, preprocessing, datasets and the synthetic shapes generator."""

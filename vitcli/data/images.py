@@ -1,0 +1,116 @@
+"""Decoding one image file into RGB, the way an image viewer would show it.
+
+Handles EXIF rotation, CMYK, 16-bit and float greyscale, palettes and alpha (composited on
+white, as transformers' convert_rgb does), animated files (first frame), and refuses images
+too large to decode safely. JPEG draft mode decodes large JPEGs at a reduced DCT scale that
+is still at least the size the resize needs, which is several times faster.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import ImageDecodeError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+MAX_PIXELS = int(os.environ.get("VITCLI_MAX_PIXELS", 100_000_000))  # 100 MP ~ 300 MB as RGB
+
+# EXIF orientations that swap width and height.
+_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+
+
+def is_image_path(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16/32-bit greyscale: scale the full 16-bit range to 8 bits instead of clipping.
+        array = np.asarray(image).astype(np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        array = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(np.nanmin(array)), float(np.nanmax(array))
+        scale = 255.0 / (high - low) if high > low else 0.0
+        array = np.nan_to_num((array - low) * scale).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def open_image(
+    path: str | Path,
+    draft_for: Callable[[int, int], tuple[int, int]] | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode `path` to an RGB image; returns (image, full-resolution (width, height)).
+
+    `draft_for(width, height)` gives, for the upright full-resolution size, the (width,
+    height) the caller will resize to (e.g. `Preprocess.resized_size`); a JPEG at least twice
+    that size is decoded at a reduced DCT scale that is still at least that size. The returned
+    size is always the full-resolution upright size.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except FileNotFoundError:
+        raise ImageDecodeError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageDecodeError(f"{path}: is a directory, not an image") from None
+    except PermissionError:
+        raise ImageDecodeError(f"{path}: permission denied; check the file's read permission") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageDecodeError(f"{path}: image too large to decode safely (decompression bomb)") from None
+    except UnidentifiedImageError:
+        size = path.stat().st_size if path.exists() else 0
+        what = "empty file (0 bytes)" if size == 0 else "not a recognised image (corrupt, or not an image)"
+        raise ImageDecodeError(f"{path}: {what}") from None
+    except OSError as error:
+        raise ImageDecodeError(f"{path}: cannot read image: {error}") from None
+    try:
+        with image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"{path}: image is {width}x{height} ({width * height / 1e6:.0f} MP), over the "
+                    f"{max_pixels / 1e6:.0f} MP limit; downscale it first or raise VITCLI_MAX_PIXELS"
+                )
+            try:
+                orientation = int(image.getexif().get(0x0112, 1))
+            except Exception:  # a broken EXIF block is not worth losing the image over
+                orientation = 1
+            transposed = orientation in _TRANSPOSED_ORIENTATIONS
+            if draft_for is not None and image.format == "JPEG" and image.mode in ("RGB", "L", "YCbCr"):
+                want_w, want_h = draft_for(*((height, width) if transposed else (width, height)))
+                if transposed:
+                    want_w, want_h = want_h, want_w
+                # Only worth it (and only changes pixels) when at least 2x larger than needed.
+                if width >= 2 * want_w and height >= 2 * want_h:
+                    image.draft("RGB", (want_w, want_h))
+            image.load()
+            if orientation != 1:
+                image = ImageOps.exif_transpose(image)
+            upright = (height, width) if transposed else (width, height)
+            return _to_rgb(image), upright
+    except ImageDecodeError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
+        message = str(error) or type(error).__name__
+        raise ImageDecodeError(f"{path}: corrupt or truncated image ({message})") from None

@@ -1,0 +1,6 @@
+"""The network itself; imports torch and the standard library only."""
+
+from .config import VARIANTS, ViTConfig, is_variant
+from .vit import ViT
+
+__all__ = ["VARIANTS", "ViT", "ViTConfig", "is_variant"]

@@ -1,0 +1,1 @@
+"""What the commands do; no typer or rich here. Progress goes through plain callbacks."""

@@ -1,0 +1,1 @@
+"""Our safetensors format, converters from HF / timm / Google npz, and hub resolution."""

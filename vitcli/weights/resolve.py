@@ -1,0 +1,106 @@
+"""`--model REF` resolution: our file, an HF or timm folder, a Google .npz, a hub id, or the
+bundled default model."""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib import resources
+from pathlib import Path
+
+from ..errors import CheckpointError, ModelNotFoundError
+from .format import ModelBundle, load_vitcli_file, read_safetensors
+
+DEFAULT_MODEL_NAME = "vit-shapes-p16.safetensors"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def default_model_path() -> Path:
+    """The bundled model: inside the installed package, else the checkout's weights/ folder."""
+    try:
+        candidate = resources.files("vitcli.bundled") / DEFAULT_MODEL_NAME
+        if candidate.is_file():
+            return Path(str(candidate))
+    except (ModuleNotFoundError, TypeError):
+        pass
+    checkout = Path(__file__).resolve().parents[2] / "weights" / DEFAULT_MODEL_NAME
+    if checkout.is_file():
+        return checkout
+    raise ModelNotFoundError(
+        "the bundled default model is missing from this installation; reinstall vitcli, "
+        "or pass --model with a model file, folder or hub id"
+    )
+
+
+def load_model(reference: str | Path | None = None) -> ModelBundle:
+    """Load any supported checkpoint; the architecture and preprocessing come from it."""
+    if reference is None or str(reference) in ("", "default"):
+        return load_vitcli_file(default_model_path(), reference="default")
+    text = str(reference)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return _load_file(path, text)
+    if path.is_dir():
+        return _load_folder(path, text)
+    looks_like_file = path.suffix.lower() in (".safetensors", ".npz", ".bin", ".pt", ".pth")
+    if _HUB_ID.match(text) and not looks_like_file and not path.parent.is_dir():
+        from .hub import download
+
+        return _load_folder(download(text), text)
+    raise ModelNotFoundError(
+        f"{text}: no such file or folder; pass a .safetensors/.npz file, a model folder, "
+        "or a hub id such as google/vit-base-patch16-224"
+    )
+
+
+def _load_file(path: Path, reference: str) -> ModelBundle:
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        from .npz import load_npz
+
+        return load_npz(path, reference=reference)
+    if suffix == ".safetensors":
+        _, metadata = read_safetensors(path)
+        if metadata.get("format") == "vitcli":
+            return load_vitcli_file(path, reference=reference)
+        if (path.parent / "config.json").is_file():
+            return _load_folder(path.parent, reference)
+        raise CheckpointError(
+            f"{path}: a safetensors file without vitcli metadata and no config.json beside it; "
+            "pass its model folder (with config.json) instead"
+        )
+    if suffix in (".bin", ".pt", ".pth"):
+        if (path.parent / "config.json").is_file():
+            return _load_folder(path.parent, reference)
+        raise CheckpointError(
+            f"{path}: a torch pickle without config.json beside it; pass the model folder that holds it"
+        )
+    raise CheckpointError(
+        f"{path}: unknown checkpoint type {suffix or '(no extension)'}; use .safetensors, .npz or a model folder"
+    )
+
+
+def _load_folder(path: Path, reference: str) -> ModelBundle:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        ours = sorted(path.glob("*.safetensors"))
+        if len(ours) == 1:
+            return _load_file(ours[0], reference)
+        raise ModelNotFoundError(f"{path}: no config.json in this folder; pass a model folder or a weights file")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{config_path}: not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object")
+    if "architecture" in config or "pretrained_cfg" in config:
+        from .timm import load_timm_folder
+
+        return load_timm_folder(path, config, reference=reference)
+    if config.get("model_type") == "vit" or "hidden_size" in config:
+        from .hf import load_hf_folder
+
+        return load_hf_folder(path, config, reference=reference)
+    raise CheckpointError(
+        f"{config_path}: not a ViT config (neither transformers' model_type 'vit' nor timm's 'architecture')"
+    )
