@@ -1,0 +1,192 @@
+"""A deterministic synthetic dataset: coloured shapes on textured and photo-like backgrounds.
+
+Every image has exactly one object whose pixel mask is saved too, so attention maps can be
+checked against where the object really is. Image i of class c depends only on (seed, c, i):
+asking for more images per class extends a set without changing the ones already there.
+
+Layout written under OUT_DIR (ImageFolder: one subfolder per class):
+  OUT_DIR/<class>/<class>_00000.jpg     the images
+  OUT_DIR/.masks/<class>/<class>_00000.png   binary object masks (255 = object), hidden so
+                                           folder scans and ImageFolder readers skip them
+  OUT_DIR/shapes.json                    what was generated (classes, seed, size, counts)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+GENERATOR_VERSION = 1
+SHAPES = ("circle", "cross", "ring", "square", "star", "triangle")
+MASK_DIR = ".masks"
+SUPERSAMPLE = 2  # shapes are drawn at 2x and reduced, for antialiased edges
+
+
+def _polygon(shape: str) -> list[tuple[float, float]]:
+    """Outline on the unit circle (radius 1 around the origin)."""
+    if shape in ("circle", "ring"):
+        return [(math.cos(t), math.sin(t)) for t in np.linspace(0, 2 * math.pi, 96, endpoint=False)]
+    if shape == "square":
+        return [(math.cos(t), math.sin(t)) for t in np.radians([45, 135, 225, 315])]
+    if shape == "triangle":
+        return [(math.cos(t), math.sin(t)) for t in np.radians([90, 210, 330])]
+    if shape == "star":
+        points = []
+        for k in range(10):
+            radius = 1.0 if k % 2 == 0 else 0.42
+            angle = math.radians(90 + 36 * k)
+            points.append((radius * math.cos(angle), radius * math.sin(angle)))
+        return points
+    if shape == "cross":
+        a, b = 0.32, 1.0  # arm half-width, arm length
+        return [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _shape_mask(shape: str, size: int, center: tuple[float, float], radius: float, angle: float) -> np.ndarray:
+    """Float mask in [0, 1] of one shape, (size, size), antialiased by supersampling."""
+    big = size * SUPERSAMPLE
+    canvas = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(canvas)
+    cos, sin = math.cos(angle), math.sin(angle)
+    cx, cy, r = center[0] * SUPERSAMPLE, center[1] * SUPERSAMPLE, radius * SUPERSAMPLE
+    outline = [(cx + r * (x * cos - y * sin), cy + r * (x * sin + y * cos)) for x, y in _polygon(shape)]
+    draw.polygon(outline, fill=255)
+    if shape == "ring":
+        inner = [(cx + 0.55 * r * x, cy + 0.55 * r * y) for x, y in _polygon("circle")]
+        draw.polygon(inner, fill=0)
+    small = canvas.resize((size, size), Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.float32) / 255.0
+
+
+def _smooth_field(rng: np.random.Generator, size: int, cells: int, channels: int = 3) -> np.ndarray:
+    """Low-frequency random field in [0, 1]: a few random values upsampled bicubically."""
+    coarse = (rng.random((cells, cells, channels)) * 255).astype(np.uint8)
+    image = Image.fromarray(coarse.squeeze(-1) if channels == 1 else coarse)
+    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32).reshape(size, size, channels) / 255.0
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """(size, size, 3) float in [0, 1]: gradient, photo-like blobs, or a texture."""
+    kind = rng.choice(["gradient", "photo", "stripes", "checker", "noise"])
+    base, other = rng.random(3), rng.random(3)
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    if kind == "gradient":
+        theta = rng.uniform(0, 2 * math.pi)
+        t = (np.cos(theta) * xs + np.sin(theta) * ys)
+        t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
+        image = base * (1 - t[..., None]) + other * t[..., None]
+    elif kind == "photo":
+        # Soft out-of-focus scene: a couple of smooth colour fields at different scales.
+        image = 0.6 * _smooth_field(rng, size, int(rng.integers(3, 6))) + 0.4 * _smooth_field(rng, size, int(rng.integers(6, 12)))
+    elif kind == "stripes":
+        period = rng.uniform(6, 28)
+        theta = rng.uniform(0, math.pi)
+        t = 0.5 + 0.5 * np.sin(2 * math.pi * (np.cos(theta) * xs + np.sin(theta) * ys) * size / period)
+        image = base * (1 - t[..., None]) + other * t[..., None]
+    elif kind == "checker":
+        period = int(rng.integers(8, 32))
+        t = ((np.arange(size)[:, None] // period + np.arange(size)[None, :] // period) % 2).astype(np.float32)
+        image = base * (1 - t[..., None]) + other * t[..., None]
+    else:  # coloured noise texture, slightly blurred
+        noise = rng.random((size, size, 3)).astype(np.float32)
+        noise = np.asarray(
+            Image.fromarray((noise * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 2.0))),
+            dtype=np.float32,
+        ) / 255.0
+        image = 0.5 * base + 0.5 * noise
+    # Mute textures a little so the object stays the salient thing, as in a photo.
+    return np.clip(image, 0, 1).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ShapeSample:
+    image: Image.Image  # RGB
+    mask: Image.Image  # L, 255 on the object
+    label: str
+
+
+def make_sample(seed: int, class_index: int, index: int, image_size: int = 224, classes=SHAPES) -> ShapeSample:
+    """Image `index` of class `classes[class_index]`; depends only on these arguments."""
+    rng = np.random.default_rng([GENERATOR_VERSION, seed, class_index, index])
+    shape = classes[class_index]
+    size = image_size
+    background = _background(rng, size)
+    radius = rng.uniform(0.12, 0.26) * size  # object diameter 24%..52% of the image side
+    margin = radius * 1.05
+    center = (rng.uniform(margin, size - margin), rng.uniform(margin, size - margin))
+    angle = rng.uniform(0, 2 * math.pi)
+    alpha = _shape_mask(shape, size, center, radius, angle)
+    # Object colour far enough from the background under it, with soft shading.
+    region = background[alpha > 0.5].mean(axis=0) if (alpha > 0.5).any() else background.mean(axis=(0, 1))
+    colour = rng.random(3)
+    for _ in range(32):
+        if np.linalg.norm(colour - region) > 0.45:
+            break
+        colour = rng.random(3)
+    shading = _smooth_field(rng, size, 3, channels=1) - 0.5
+    fill = np.clip(colour[None, None, :] + 0.25 * shading, 0, 1)
+    image = background * (1 - alpha[..., None]) + fill * alpha[..., None]
+    image = image + rng.normal(0, 0.02, image.shape)  # sensor noise
+    rgb = Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), mode="RGB")
+    mask = Image.fromarray(((alpha >= 0.5) * 255).astype(np.uint8), mode="L")
+    return ShapeSample(image=rgb, mask=mask, label=shape)
+
+
+def generate(
+    out_dir: str | Path,
+    per_class: int = 100,
+    image_size: int = 224,
+    seed: int = 0,
+    classes: tuple[str, ...] = SHAPES,
+    quality: int = 92,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Write the dataset; returns the summary also written to shapes.json."""
+    from ..weights.format import atomic_write_bytes
+
+    if per_class < 1:
+        raise ValueError("per_class must be at least 1")
+    if image_size < 32:
+        raise ValueError("image_size must be at least 32")
+    unknown = sorted(set(classes) - set(SHAPES))
+    if unknown:
+        raise ValueError(f"unknown shapes {unknown}; known: {', '.join(SHAPES)}")
+    out = Path(out_dir)
+    total, done = per_class * len(classes), 0
+    for class_index, name in enumerate(classes):
+        image_dir, mask_dir = out / name, out / MASK_DIR / name
+        image_dir.mkdir(parents=True, exist_ok=True)
+        mask_dir.mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            sample = make_sample(seed, SHAPES.index(name), index, image_size=image_size)
+            stem = f"{name}_{index:05d}"
+            sample.image.save(image_dir / f"{stem}.jpg", quality=quality)
+            sample.mask.save(mask_dir / f"{stem}.png", optimize=True)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    summary = {
+        "generator": "vitcli shapes",
+        "generator_version": GENERATOR_VERSION,
+        "classes": list(classes),
+        "per_class": per_class,
+        "image_size": image_size,
+        "seed": seed,
+        "images": total,
+        "masks": MASK_DIR,
+    }
+    atomic_write_bytes(out / "shapes.json", json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def mask_path(image_path: str | Path) -> Path:
+    """The mask file of a generated image: OUT/<class>/<stem>.jpg -> OUT/.masks/<class>/<stem>.png."""
+    image_path = Path(image_path)
+    return image_path.parent.parent / MASK_DIR / image_path.parent.name / f"{image_path.stem}.png"
