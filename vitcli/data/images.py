@@ -92,6 +92,11 @@ def open_image(
                     f"{path}: image is {width}x{height} ({width * height / 1e6:.0f} MP), over the "
                     f"{max_pixels / 1e6:.0f} MP limit; downscale it first or raise VITCLI_MAX_PIXELS"
                 )
+            if image.format != "JPEG":
+                # Draft mode is JPEG-only; decode the rest now, because PNG's getexif() loads
+                # the pixels itself and the guard below would turn a decode error into a
+                # silently blank image.
+                image.load()
             try:
                 orientation = int(image.getexif().get(0x0112, 1))
             except Exception:  # a broken EXIF block is not worth losing the image over

@@ -29,16 +29,29 @@ class Batch:
 class ImageFiles(Dataset):
     """Paths -> (index, CHW float32 array or None, geometry or None, error or None)."""
 
-    def __init__(self, paths: Sequence[str], preprocess: Preprocess, draft: bool = True) -> None:
+    def __init__(
+        self,
+        paths: Sequence[str],
+        preprocess: Preprocess,
+        draft: bool = True,
+        errors: Sequence[str | None] | None = None,
+    ) -> None:
         self.paths = list(paths)
         self.preprocess = preprocess
         self.draft = draft
+        # Failures known before decoding (e.g. a named path that is not an image): the item
+        # keeps its place in the batch, so batches stay aligned with positions in `paths`.
+        self.errors = list(errors) if errors is not None else None
+        if self.errors is not None and len(self.errors) != len(self.paths):
+            raise ValueError(f"{len(self.errors)} errors for {len(self.paths)} paths")
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
         path = self.paths[index]
+        if self.errors is not None and self.errors[index] is not None:
+            return index, None, None, self.errors[index]
         try:
             draft_for = self.preprocess.resized_size if self.draft else None
             image, original_size = open_image(path, draft_for=draft_for)
@@ -71,9 +84,14 @@ def image_batches(
     workers: int = 2,
     draft: bool = True,
     pin_memory: bool = False,
+    errors: Sequence[str | None] | None = None,
 ) -> DataLoader:
-    """An ordered iterator of Batch; decoding overlaps the forward pass when workers > 0."""
-    dataset = ImageFiles(paths, preprocess, draft=draft)
+    """An ordered iterator of Batch; decoding overlaps the forward pass when workers > 0.
+
+    Batch k always covers positions [k * batch_size, (k + 1) * batch_size) of `paths`;
+    `errors[i]`, when given and not None, is reported as the failure of position i unread.
+    """
+    dataset = ImageFiles(paths, preprocess, draft=draft, errors=errors)
     return DataLoader(
         dataset,
         batch_size=batch_size,
