@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random models written to tmp_path (never the bundled model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TINY = dict(image_size=32, patch_size=8, num_classes=5, width=32, depth=2, num_heads=4, mlp_dim=64)
+TINY_LABELS = ["cat", "dog", "bird", "fish", "frog"]
+
+
+def random_vit(seed: int = 0, **overrides):
+    """A tiny ViT with every parameter drawn from N(0, 0.2): attention far from uniform."""
+    import torch
+
+    from vitcli.model import ViT, ViTConfig
+
+    torch.manual_seed(seed)
+    model = ViT(ViTConfig(**{**TINY, **overrides})).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.fixture
+def tiny_model():
+    return random_vit()
+
+
+@pytest.fixture
+def tiny_model_file(tmp_path, tiny_model) -> Path:
+    """Our format: a tiny random ViT (32x32, patch 8, width 32, depth 2, 5 labels)."""
+    from vitcli.weights.format import save_model
+
+    return save_model(tiny_model, tmp_path / "tiny.safetensors", labels=TINY_LABELS, source="test")
+
+
+@pytest.fixture(scope="session")
+def examples_dir() -> Path:
+    return EXAMPLES
