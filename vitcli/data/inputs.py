@@ -30,11 +30,25 @@ class InputItem:
 
 
 def _scan_folder(folder: Path) -> list[str]:
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=False):
+    return [item.path for item in _scan_folder_items(folder) if item.error is None]
+
+
+def _scan_folder_items(folder: Path) -> list[InputItem]:
+    """Images under `folder` in natural order, plus an error item for each folder that cannot
+    be listed (os.walk would otherwise skip it silently and lose its images)."""
+    found: list[InputItem] = []
+
+    def unreadable(error: OSError) -> None:
+        where = error.filename or str(folder)
+        reason = "permission denied" if isinstance(error, PermissionError) else (error.strerror or str(error))
+        found.append(InputItem(str(where), error=f"{where}: cannot list folder ({reason}); its images were skipped"))
+
+    for root, dirs, files in os.walk(folder, followlinks=False, onerror=unreadable):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.extend(os.path.join(root, name) for name in files if is_image_path(name) and not name.startswith("."))
-    return sorted(found, key=natural_key)
+        found.extend(
+            InputItem(os.path.join(root, name)) for name in files if is_image_path(name) and not name.startswith(".")
+        )
+    return sorted(found, key=lambda item: natural_key(item.path))
 
 
 def collect_inputs(arguments: Iterable[str], stdin: Iterable[str] | None = None) -> list[InputItem]:
@@ -62,7 +76,7 @@ def collect_inputs(arguments: Iterable[str], stdin: Iterable[str] | None = None)
 def _expand_one(argument: str) -> list[InputItem]:
     path = Path(argument).expanduser()
     if path.is_dir():
-        return [InputItem(p) for p in _scan_folder(path)]
+        return _scan_folder_items(path)
     if path.exists():
         if not is_image_path(path):
             return [InputItem(str(path), error=f"{path}: not an image file (unsupported extension {path.suffix or 'none'})")]
@@ -72,7 +86,7 @@ def _expand_one(argument: str) -> list[InputItem]:
         result = []
         for match in matches:
             if os.path.isdir(match):
-                result.extend(InputItem(p) for p in _scan_folder(Path(match)))
+                result.extend(_scan_folder_items(Path(match)))
             elif is_image_path(match):
                 result.append(InputItem(match))
         if not result:
