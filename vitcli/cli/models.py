@@ -1,0 +1,147 @@
+"""`vit info`, `vit convert` and `vit fetch`: look at, convert and download checkpoints.
+
+No torch at import time: the loaders are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from ..errors import InputError
+
+SHOWN_LABELS = 5
+
+
+def summarize(bundle) -> dict:
+    """Everything `vit info` shows, as plain JSON-able data."""
+    config = bundle.config
+    return {
+        "reference": bundle.reference,
+        "source_format": bundle.source_format,
+        "name": config.name,
+        "config": config.to_dict(),
+        "num_parameters": sum(p.numel() for p in bundle.model.parameters()),
+        "num_labels": len(bundle.labels),
+        "labels": list(bundle.labels),
+        "preprocess": bundle.preprocess.to_dict(),
+        "extra": bundle.extra,
+    }
+
+
+def _render_info(info: dict) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from ..console import out
+
+    config, pre = info["config"], info["preprocess"]
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    height, width = config["image_size"]
+    rows = [
+        ("model", escape(info["reference"])),
+        ("source format", info["source_format"]),
+        ("architecture", f"{info['name'] or 'custom'} ViT, patch {config['patch_size']}, image {height}x{width}"),
+        ("width / depth / heads / mlp", f"{config['width']} / {config['depth']} / {config['num_heads']} / {config['mlp_dim']}"),
+        ("parameters", _count(info["num_parameters"])),
+        ("position embedding", f"{config['pos_embed']}, pool {config['pool']}"),
+        ("activation / ln eps", f"{config['act']} / {config['ln_eps']:g}"),
+        ("qkv bias", str(config["qkv_bias"])),
+    ]
+    labels = info["labels"]
+    if labels:
+        shown = ", ".join(labels[:SHOWN_LABELS]) + (", ..." if len(labels) > SHOWN_LABELS else "")
+        rows.append(("labels", f"{len(labels)}: {escape(shown)}"))
+    else:
+        rows.append(("labels", "none (no classifier head: features only)"))
+    size = f"{pre['size'][0]}x{pre['size'][1]}"
+    if pre["resize"] == "squash":
+        resize = f"squash to {size}"
+    else:
+        resize = f"shorter side to size/{pre['crop_pct']:g}, center crop {size}"
+    rows.append(("preprocessing", f"{resize}, {pre['interpolation']}"))
+    rows.append(("mean / std", f"{_triple(pre['mean'])} / {_triple(pre['std'])}"))
+    extra = info["extra"]
+    for dropped in extra.get("dropped", []):
+        rows.append(("dropped", escape(str(dropped))))
+    for key in ("note", "source", "architecture", "tag", "layout", "prefix", "weights_file"):
+        if extra.get(key) not in (None, "", False):
+            rows.append((key, escape(str(extra[key]))))
+    for note in extra.get("preprocess_notes", []):
+        rows.append(("preprocessing note", escape(note)))
+    for key, value in rows:
+        table.add_row(key, value)
+    out.print(table)
+
+
+def _count(number: int) -> str:
+    short = f"{number / 1e6:.1f}M" if number >= 100_000 else f"{number / 1e3:.1f}K"
+    return f"{number:,} ({short})"
+
+
+def _triple(values) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
+def info(
+    model: str = typer.Argument(..., help="Our .safetensors file, an HF or timm folder, a Google .npz, or a hub id."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (all labels included) for scripts."),
+) -> None:
+    """Show a checkpoint's architecture, parameter count, labels, preprocessing and source format."""
+    from ..weights.resolve import load_model
+
+    data = summarize(load_model(model))
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+    else:
+        _render_info(data)
+
+
+def convert(
+    source: str = typer.Argument(..., help="Any model reference: file, folder, .npz or hub id."),
+    destination: Path = typer.Argument(..., help="Output file, ending in .safetensors."),
+    fp16: bool = typer.Option(False, "--fp16", help="Store the weights as float16 (half the size)."),
+) -> None:
+    """Write any supported checkpoint in our format (one .safetensors file with metadata)."""
+    if destination.suffix.lower() != ".safetensors":
+        raise InputError(f"{destination}: the output must end in .safetensors")
+    if destination.is_dir():
+        raise InputError(f"{destination}: is a folder; give a file name ending in .safetensors")
+    import torch
+
+    from ..console import out
+    from ..weights.format import save_model
+    from ..weights.resolve import load_model
+
+    bundle = load_model(source)
+    source_text = f"{bundle.source_format}: {source}"
+    save_model(bundle, destination, dtype=torch.float16 if fp16 else None, source=source_text)
+    size_mb = destination.stat().st_size / 1e6
+    name = bundle.config.name or "custom"
+    out.print(
+        f"wrote {destination} ({name}, {len(bundle.labels)} labels, "
+        f"{'float16' if fp16 else 'float32'}, {size_mb:.1f} MB)",
+        highlight=False, markup=False,
+    )
+
+
+def fetch(
+    repo_id: str = typer.Argument(..., help="A hub id such as google/vit-base-patch16-224."),
+    revision: str = typer.Option(None, "--revision", help="Branch, tag or commit (default: main)."),
+) -> None:
+    """Download a hub model into the Hugging Face cache so later runs work offline."""
+    from ..console import out
+    from ..weights.hub import download
+
+    folder = download(repo_id, revision=revision)
+    out.print(str(folder), highlight=False, markup=False, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("info")(info)
+    app.command("convert")(convert)
+    app.command("fetch")(fetch)
