@@ -1,0 +1,274 @@
+"""Labelled image folders (ImageFolder layout) for training and evaluation.
+
+  DATA/<class>/**/<image>    one subfolder per class, images found recursively inside it;
+                             classes in natural order ("class2" < "class10"); hidden files
+                             and folders (".masks", ".DS_Store") are skipped.
+
+A training item is decoded and augmented with an RNG seeded from (seed, epoch, index), so a
+sample looks the same whichever worker or rank decodes it and whether or not the run was
+resumed. A file that fails to decode becomes a failure entry in its batch instead of an
+exception in a worker; the trainer reports each such file once and trains on the rest.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from ..errors import DatasetError, ImageDecodeError
+from .augment import TrainTransform
+from .images import IMAGE_EXTENSIONS, is_image_path, open_image
+from .inputs import natural_key
+from .preprocess import Preprocess
+
+_EXTENSIONS = ", ".join(sorted(IMAGE_EXTENSIONS))
+
+
+@dataclass
+class LabelledImages:
+    """Images with class indices into `classes`."""
+
+    root: str
+    classes: list[str]
+    samples: list[tuple[str, int]] = field(default_factory=list)  # (path, class index)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def counts(self) -> list[int]:
+        counts = [0] * len(self.classes)
+        for _, label in self.samples:
+            counts[label] += 1
+        return counts
+
+
+def _images_under(folder: str) -> list[str]:
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found.extend(os.path.join(root, name) for name in files if is_image_path(name) and not name.startswith("."))
+    return sorted(found, key=natural_key)
+
+
+def scan_image_folder(root: str | Path, min_classes: int = 2) -> LabelledImages:
+    """Classes and image paths of an ImageFolder tree, with a DatasetError for unusable layouts."""
+    root = Path(root).expanduser()
+    hint = f"put the images in one subfolder per class, e.g. {root}/cat/1.jpg and {root}/dog/2.jpg"
+    if not root.exists():
+        raise DatasetError(f"{root}: no such folder; {hint}")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: is a file, not a folder; {hint}")
+    classes = sorted(
+        (entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith(".")),
+        key=natural_key,
+    )
+    if not classes:
+        loose = [name for name in os.listdir(root) if is_image_path(name) and not name.startswith(".")]
+        if loose:
+            raise DatasetError(f"{root}: {len(loose)} images sit directly in the folder without class subfolders; {hint}")
+        raise DatasetError(f"{root}: empty folder (no class subfolders); {hint}")
+    per_class = {name: _images_under(str(root / name)) for name in classes}
+    empty = [name for name in classes if not per_class[name]]
+    if len(empty) == len(classes):
+        raise DatasetError(
+            f"{root}: no images in any class subfolder (looked for {_EXTENSIONS}); {hint}"
+        )
+    if empty:
+        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise DatasetError(
+            f"{root}: class folder(s) {shown} contain no images (looked for {_EXTENSIONS}); "
+            "add images to them or remove them"
+        )
+    if len(classes) < min_classes:
+        raise DatasetError(
+            f"{root}: only one class ({classes[0]}); a classifier needs at least two class subfolders"
+        )
+    samples = [(path, index) for index, name in enumerate(classes) for path in per_class[name]]
+    return LabelledImages(root=str(root), classes=classes, samples=samples)
+
+
+def relabel(data: LabelledImages, classes: Sequence[str], what: str = "validation") -> LabelledImages:
+    """Map `data`'s class indices onto `classes` (by name); unknown classes are an error."""
+    unknown = [name for name in data.classes if name not in classes]
+    if unknown:
+        raise DatasetError(
+            f"{data.root}: {what} classes {', '.join(unknown[:5])} are not among the known classes "
+            f"({', '.join(list(classes)[:10])}{' ...' if len(classes) > 10 else ''}); use the same class folder names"
+        )
+    index = {name: i for i, name in enumerate(classes)}
+    samples = [(path, index[data.classes[label]]) for path, label in data.samples]
+    return LabelledImages(root=data.root, classes=list(classes), samples=samples)
+
+
+def stratified_split(data: LabelledImages, fraction: float, seed: int) -> tuple[LabelledImages, LabelledImages]:
+    """(train, val): `fraction` of each class (rounded, at least one when the class has two or
+    more images, never all of it) drawn with an RNG seeded by `seed`."""
+    if not 0.0 <= fraction < 1.0:
+        raise DatasetError(f"--val-split must be in [0, 1), got {fraction}")
+    rng = random.Random(f"val-split:{seed}")
+    train, val = [], []
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for sample in data.samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    for label in sorted(by_class):
+        items = list(by_class[label])
+        rng.shuffle(items)
+        count = len(items)
+        take = 0 if fraction == 0 or count < 2 else min(max(1, round(count * fraction)), count - 1)
+        val_set = {path for path, _ in items[:take]}
+        val.extend(s for s in by_class[label] if s[0] in val_set)  # keep natural order inside
+        train.extend(s for s in by_class[label] if s[0] not in val_set)
+    return (
+        LabelledImages(root=data.root, classes=data.classes, samples=train),
+        LabelledImages(root=data.root, classes=data.classes, samples=val),
+    )
+
+
+def load_datasets(
+    train_dir: str | Path, val_dir: str | Path | None = None, val_split: float = 0.0, seed: int = 0
+) -> tuple[LabelledImages, LabelledImages | None]:
+    """The training set and the validation set (a folder, a stratified split, or none)."""
+    if val_dir is not None and val_split > 0:
+        raise DatasetError("pass either --val DIR or --val-split F, not both")
+    train = scan_image_folder(train_dir)
+    if val_dir is not None:
+        return train, relabel(scan_image_folder(val_dir, min_classes=1), train.classes)
+    if val_split > 0:
+        train, val = stratified_split(train, val_split, seed)
+        return train, (val if len(val) else None)
+    return train, None
+
+
+# -- the dataset ------------------------------------------------------------------------------
+def item_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The augmentation RNG of one sample in one epoch (str seeds hash with sha512: stable)."""
+    return random.Random(f"{seed}:{epoch}:{index}")
+
+
+class FolderDataset(Dataset):
+    """Keys (index, epoch) or plain indices -> (index, CHW float32 array or None, label, error or None)."""
+
+    def __init__(
+        self, data: LabelledImages, transform: TrainTransform | Preprocess, seed: int = 0, draft: bool = True
+    ) -> None:
+        self.samples = list(data.samples)
+        self.transform = transform
+        self.seed = seed
+        self.draft = draft
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _draft_size(self, width: int, height: int) -> tuple[int, int]:
+        if isinstance(self.transform, Preprocess):
+            return self.transform.resized_size(width, height)
+        # A crop of the smallest allowed area is still upsampled at most 1x after draft decoding.
+        out_h, out_w = self.transform.preprocess.size
+        grow = 1.0 / math.sqrt(self.transform.scale[0])
+        return math.ceil(out_w * grow), math.ceil(out_h * grow)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        path, label = self.samples[index]
+        try:
+            image, original_size = open_image(path, draft_for=self._draft_size if self.draft else None)
+            if isinstance(self.transform, Preprocess):
+                array = self.transform(image, original_size=original_size)
+            else:
+                array = self.transform(image, item_rng(self.seed, epoch, index))
+            return index, array, label, None
+        except ImageDecodeError as error:
+            return index, None, label, str(error)
+        except Exception as error:  # noqa: BLE001 - one odd file must not kill a worker
+            return index, None, label, f"{path}: cannot process image ({type(error).__name__}: {error})"
+
+
+@dataclass
+class LabelledBatch:
+    indices: list[int]
+    pixels: torch.Tensor  # (B, C, H, W) float32; B may be 0 when every image failed
+    labels: torch.Tensor  # (B,) int64
+    failures: list[tuple[int, str]]  # (dataset index, message)
+
+
+def collate_labelled(items) -> LabelledBatch:
+    good = [item for item in items if item[3] is None]
+    pixels = torch.from_numpy(np.stack([item[1] for item in good])) if good else torch.empty(0)
+    return LabelledBatch(
+        indices=[item[0] for item in good],
+        pixels=pixels,
+        labels=torch.tensor([item[2] for item in good], dtype=torch.int64),
+        failures=[(item[0], item[3]) for item in items if item[3] is not None],
+    )
+
+
+class EpochSampler(Sampler):
+    """torch's DistributedSampler (permutation seeded by seed + epoch, padded shards per rank)
+    that yields (index, epoch) keys, so each item's augmentation RNG knows its epoch even in
+    workers started before `set_epoch` was called."""
+
+    def __init__(self, length: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+        self.inner = DistributedSampler(
+            range(length), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
+        )
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((index, epoch) for index in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+class ShardSampler(Sampler):
+    """Evaluation shard of one rank: indices rank, rank + world, ... (no padding, so metrics
+    summed over ranks count every image exactly once)."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Items carry their own RNG; this only keeps any stray global RNG use reproducible.
+    info = torch.utils.data.get_worker_info()
+    seed = info.seed % 2**32 if info is not None else worker_id
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def make_loader(
+    dataset: FolderDataset, sampler: Sampler, batch_size: int, workers: int, seed: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    generator = torch.Generator()
+    generator.manual_seed(seed)  # fixes the worker base seeds
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_labelled,
+        pin_memory=pin_memory,
+        worker_init_fn=_seed_worker if workers > 0 else None,
+        generator=generator,
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )

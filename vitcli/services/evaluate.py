@@ -1,0 +1,204 @@
+"""Evaluating a model on a labelled image folder: top-1, top-5, per-class accuracy, confusion.
+
+Folder classes are matched to the model's labels by name, so a model whose label set is
+larger than the folder's (ImageNet on a few of its classes) evaluates fine; predictions of
+labels outside the folder's classes land in an "(other)" column of the confusion matrix.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data.folder import FolderDataset, ShardSampler, make_loader, relabel, scan_image_folder
+from ..errors import DatasetError, InputError
+from ..weights.format import ModelBundle, atomic_write_bytes
+
+OTHER = "(other)"
+
+
+@dataclass
+class ClassResult:
+    label: str
+    images: int
+    correct: int
+    top5_correct: int
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.images if self.images else None
+
+    @property
+    def top5(self) -> float | None:
+        return self.top5_correct / self.images if self.images else None
+
+
+@dataclass
+class EvalResult:
+    model: str
+    data: str
+    images: int  # images evaluated (failures excluded)
+    top1: float
+    top5: float
+    classes: list[ClassResult]
+    confusion: list[list[int]]  # rows: true class (folder order); columns: confusion_labels
+    confusion_labels: list[str]  # folder classes, plus "(other)" when the model has more labels
+    failures: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "data": self.data,
+            "images": self.images,
+            "top1": self.top1,
+            "top5": self.top5,
+            "per_class": [
+                {"label": c.label, "images": c.images, "correct": c.correct, "accuracy": c.accuracy, "top5": c.top5}
+                for c in self.classes
+            ],
+            "confusion": {"rows": [c.label for c in self.classes], "columns": self.confusion_labels, "matrix": self.confusion},
+            "failures": self.failures,
+        }
+
+
+def evaluate(
+    data_dir: str | Path,
+    bundle: ModelBundle,
+    batch_size: int = 64,
+    workers: int = 2,
+    device: str | torch.device | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> EvalResult:
+    """Run the model over every image of an ImageFolder tree with the model's own preprocessing."""
+    if batch_size < 1:
+        raise InputError("--batch-size must be at least 1")
+    folder = scan_image_folder(data_dir, min_classes=1)
+    labels = list(bundle.labels)
+    missing = [name for name in folder.classes if name not in labels]
+    if missing:
+        raise DatasetError(
+            f"{data_dir}: class folder(s) {', '.join(missing[:5])} are not labels of the model "
+            f"({', '.join(labels[:8])}{' ...' if len(labels) > 8 else ''}); name the class folders after the model's labels"
+        )
+    # Dataset indices are model label indices from here on.
+    data = relabel(folder, labels, what="evaluation")
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = bundle.model.to(device).eval()
+    dataset = FolderDataset(data, bundle.preprocess)
+    loader = make_loader(dataset, ShardSampler(len(dataset)), batch_size, workers)
+
+    folder_index = {labels.index(name): row for row, name in enumerate(folder.classes)}
+    extra_column = len(labels) > len(folder.classes)
+    columns = list(folder.classes) + ([OTHER] if extra_column else [])
+    confusion = [[0] * len(columns) for _ in folder.classes]
+    per_class = [ClassResult(name, 0, 0, 0) for name in folder.classes]
+    failures: list[str] = []
+    done = 0
+    k = min(5, len(labels))
+    with torch.inference_mode():
+        for batch in loader:
+            for _, message in batch.failures:
+                failures.append(message)
+                if warn is not None:
+                    warn(f"skipped unreadable image: {message}")
+            if batch.pixels.numel():
+                logits = model(batch.pixels.to(device)).float()
+                top = logits.topk(k, dim=1).indices.cpu()  # B,k
+                for true, ranked in zip(batch.labels.tolist(), top.tolist()):
+                    row = folder_index[true]
+                    result = per_class[row]
+                    result.images += 1
+                    result.correct += int(ranked[0] == true)
+                    result.top5_correct += int(true in ranked)
+                    column = folder_index.get(ranked[0], len(columns) - 1)
+                    confusion[row][column] += 1
+            done += len(batch.indices) + len(batch.failures)
+            if progress is not None:
+                progress(done, len(dataset))
+    images = sum(c.images for c in per_class)
+    if images == 0:
+        raise DatasetError(f"{data_dir}: none of the {len(dataset)} images could be decoded")
+    return EvalResult(
+        model=bundle.reference,
+        data=str(data_dir),
+        images=images,
+        top1=sum(c.correct for c in per_class) / images,
+        top5=sum(c.top5_correct for c in per_class) / images,
+        classes=per_class,
+        confusion=confusion,
+        confusion_labels=columns,
+        failures=failures,
+    )
+
+
+def write_report(result: EvalResult, path: str | Path) -> Path:
+    """JSON (everything) or CSV (one row per class plus an "(all)" row), chosen by extension."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        atomic_write_bytes(path, (json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n").encode())
+    elif suffix == ".csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["class", "images", "correct", "accuracy", "top5"])
+        for c in result.classes:
+            writer.writerow([c.label, c.images, c.correct, _fmt(c.accuracy), _fmt(c.top5)])
+        correct = sum(c.correct for c in result.classes)
+        writer.writerow(["(all)", result.images, correct, _fmt(result.top1), _fmt(result.top5)])
+        atomic_write_bytes(path, buffer.getvalue().encode())
+    else:
+        raise InputError(f"--output {path}: use a .json or .csv file name")
+    return path
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.6f}"
+
+
+def confusion_png(result: EvalResult, path: str | Path, cell: int = 36) -> Path:
+    """The confusion matrix as a heat map (rows normalised: the fraction of each true class)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise InputError(f"--confusion-png {path}: use a .png file name")
+    rows, columns = [c.label for c in result.classes], result.confusion_labels
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = lambda text: int(probe.textlength(text, font=font))  # noqa: E731
+    margin_left = max(text_w(name) for name in rows) + 16
+    margin_top = max(text_w(name) for name in columns) + 16
+    footer = f"rows: true class, columns: predicted; top-1 {result.top1:.3f}"
+    width = max(margin_left + cell * len(columns) + 8, text_w(footer) + 16)
+    height = margin_top + cell * len(rows) + 24
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    for r, name in enumerate(rows):
+        total = max(sum(result.confusion[r]), 1)
+        draw.text((8, margin_top + r * cell + cell // 2 - 5), name, fill="black", font=font)
+        for c in range(len(columns)):
+            count = result.confusion[r][c]
+            share = count / total
+            shade = int(255 * (1 - share))
+            x0, y0 = margin_left + c * cell, margin_top + r * cell
+            draw.rectangle((x0, y0, x0 + cell - 1, y0 + cell - 1), fill=(shade, shade, 255), outline=(200, 200, 200))
+            label = str(count)
+            draw.text((x0 + (cell - text_w(label)) // 2, y0 + cell // 2 - 5), label, fill="white" if share > 0.5 else "black", font=font)
+    # Column names written vertically: draw horizontally on a strip, rotate it.
+    for c, name in enumerate(columns):
+        strip = Image.new("RGB", (margin_top - 8, 12), "white")
+        ImageDraw.Draw(strip).text((0, 0), name, fill="black", font=font)
+        strip = strip.rotate(90, expand=True)
+        image.paste(strip, (margin_left + c * cell + cell // 2 - 6, 4))
+    draw.text((8, height - 18), footer, fill="black", font=font)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
