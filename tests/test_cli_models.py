@@ -55,7 +55,7 @@ def test_info_table(tiny_model_file):
     text = " ".join(result.stdout.split())
     assert "source format vitcli" in text
     assert "patch 8, image 32x32" in text and "32 / 2 / 4 / 64" in text
-    assert "labels 5: cat, dog, bird, fish, frog" in text
+    assert "labels 5: cat | dog | bird | fish | frog" in text
     assert "squash to 32x32, bilinear" in text
 
 

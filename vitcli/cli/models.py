@@ -54,7 +54,8 @@ def _render_info(info: dict) -> None:
     ]
     labels = info["labels"]
     if labels:
-        shown = ", ".join(labels[:SHOWN_LABELS]) + (", ..." if len(labels) > SHOWN_LABELS else "")
+        # " | " because ImageNet names contain commas ("tench, Tinca tinca").
+        shown = " | ".join(labels[:SHOWN_LABELS]) + (" | ..." if len(labels) > SHOWN_LABELS else "")
         rows.append(("labels", f"{len(labels)}: {escape(shown)}"))
     else:
         rows.append(("labels", "none (no classifier head: features only)"))
@@ -68,9 +69,13 @@ def _render_info(info: dict) -> None:
     extra = info["extra"]
     for dropped in extra.get("dropped", []):
         rows.append(("dropped", escape(str(dropped))))
-    for key in ("note", "source", "architecture", "tag", "layout", "prefix", "weights_file"):
+    shown_extra = {
+        "note": "note", "source": "converted from", "architecture": "timm architecture", "tag": "timm tag",
+        "layout": "npz layout", "prefix": "npz key prefix", "weights_file": "weights file",
+    }
+    for key, title in shown_extra.items():
         if extra.get(key) not in (None, "", False):
-            rows.append((key, escape(str(extra[key]))))
+            rows.append((title, escape(str(extra[key]))))
     for note in extra.get("preprocess_notes", []):
         rows.append(("preprocessing note", escape(note)))
     for key, value in rows:
