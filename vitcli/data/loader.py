@@ -25,6 +25,12 @@ class Batch:
     geometries: list[Geometry]
     failures: list[tuple[int, str]]  # (position, error message)
 
+    def pin_memory(self) -> "Batch":
+        """Called by DataLoader(pin_memory=True), which cannot see inside a dataclass."""
+        if self.pixels.numel():
+            self.pixels = self.pixels.pin_memory()
+        return self
+
 
 class ImageFiles(Dataset):
     """Paths -> (index, CHW float32 array or None, geometry or None, error or None)."""
