@@ -315,13 +315,13 @@ def test_two_gloo_ranks_write_one_merged_output_in_input_order(folder, model_fil
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "vitcli", *args, "--output", str(tmp_path / f"rank{rank}.jsonl")],
+            [sys.executable, "-m", "vitcli", *args, "--output", str(tmp_path / f"rank{rank}.json")],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
         ))
     outputs = [proc.communicate(timeout=120) for proc in procs]
     assert [proc.returncode for proc in procs] == [1, 1], outputs
-    merged = jsonl((tmp_path / "rank0.jsonl").read_text())
-    assert not (tmp_path / "rank1.jsonl").exists()
+    merged = json.loads((tmp_path / "rank0.json").read_text())  # atomic json: written before any rank left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.json"]
     assert [r["path"] for r in merged] == inputs
     assert "x 2 ranks" in outputs[0][1] and outputs[1][1] == ""
     single = list(predict_paths(load_model(model_file), [InputItem(p) for p in inputs], PredictOptions(workers=0, logits=True)))

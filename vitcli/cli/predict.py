@@ -88,11 +88,11 @@ def predict(
         help="Image files, folders (searched recursively), quoted globs such as 'photos/**/*.jpg', or - to read paths from stdin.",
     ),
     model: Optional[str] = typer.Option(
-        None, "--model", "-m", help="Model file, folder or hub id. [default: the bundled model]", show_default=False,
+        None, "--model", "-m", help="Model file, folder or hub id. \\[default: the bundled model]", show_default=False,
     ),
     format: Optional[Format] = typer.Option(
         None, "--format", "-f", show_default=False,
-        help="Output format. [default: table on a terminal, jsonl when piped, or from the --output suffix]",
+        help="Output format. \\[default: table on a terminal, jsonl when piped, or from the --output suffix]",
     ),
     output: Optional[Path] = typer.Option(
         None, "--output", "-o", help="Write results to this file instead of stdout (json/csv atomically, jsonl streamed).",
@@ -102,7 +102,7 @@ def predict(
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per forward pass."),
     workers: Optional[int] = typer.Option(
         None, "--workers", "-w", min=0, show_default=False,
-        help="Decoding processes (0 decodes in the main process). [default: half the CPU cores, at least 1]",
+        help="Decoding processes (0 decodes in the main process). \\[default: half the CPU cores, at least 1]",
     ),
     device: Device = typer.Option(Device.auto, "--device", help="auto picks cuda, then mps, then cpu."),
     dtype: DType = typer.Option(DType.auto, "--dtype", help="auto: float32 on CPU/MPS, bfloat16 on CUDA (float16 on older GPUs)."),
@@ -110,8 +110,9 @@ def predict(
 ) -> None:
     """Classify images: one record per image, in input order.
 
-    Exit status 0 when every image was classified, 1 when any failed (the others are still
-    written). Under torchrun each rank classifies its own share and rank 0 writes all results.
+    Exit status 0 when every image was classified, 1 when any failed (the others are still written).
+
+    Under torchrun each rank classifies its own share and rank 0 writes all results.
     """
     from rich.markup import escape
 
@@ -183,8 +184,11 @@ def predict(
             err.print(
                 f"{summary.succeeded} of {summary.total} images classified{failed} in {summary.seconds:.1f} s "
                 f"({rate:.1f} img/s, {where}{ranks}){target}",
-                highlight=False,
+                highlight=False, soft_wrap=True,
             )
+        # No rank may leave before rank 0 has written everything: a launcher such as torchrun
+        # stops the whole group as soon as one rank exits with a failure status.
+        distributed.barrier()
     finally:
         distributed.shutdown()
     if summary.failed:
