@@ -90,6 +90,19 @@ def train(
         val_split=val_split, workers=workers, device=device, amp=amp,
     )
     not_main = os.environ.get("RANK", "0") not in ("", "0")
+    if resume is not None and not not_main:
+        from dataclasses import fields
+
+        from ..console import print_warning
+
+        defaults = TrainConfig()
+        ignored = [
+            "--" + f.name.replace("_", "-") for f in fields(TrainConfig)
+            if f.name not in ("data", "out", "epochs", "workers", "device")
+            and getattr(config, f.name) != getattr(defaults, f.name)
+        ]
+        if ignored:
+            print_warning(f"ignored with --resume (the run keeps the settings in its config.json): {', '.join(ignored)}")
     renderer = _TrainRenderer(quiet=quiet or not_main, silent=not_main)
     with renderer:
         result = run_training(config, callback=renderer, resume=resume is not None)
@@ -107,6 +120,7 @@ class _TrainRenderer:
     """Binds TrainEvents to a rich progress bar per epoch and a summary row per epoch."""
 
     _COLUMNS = ("epoch", "train loss", "train acc", "val loss", "val top-1", "val top-5", "lr", "img/s", "time")
+    _KEYS = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "images_per_s", "time")
 
     def __init__(self, quiet: bool, silent: bool = False) -> None:
         from ..console import err, make_progress
@@ -169,7 +183,7 @@ class _TrainRenderer:
         )
         if self.quiet:
             self.err.print(
-                "epoch " + values[0] + " " + " ".join(f"{name.replace(' ', '_')}={value}" for name, value in zip(self._COLUMNS[1:], values[1:])),
+                "epoch " + values[0] + " " + " ".join(f"{key}={value}" for key, value in zip(self._KEYS[1:], values[1:])),
                 soft_wrap=True, highlight=False, markup=False,
             )
             return

@@ -165,6 +165,37 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta2
     return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=(0.9, beta2))
 
 
+def train_step(
+    net: torch.nn.Module,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    pixels: torch.Tensor,
+    targets: torch.Tensor,
+    label_smoothing: float = 0.1,
+    grad_clip: float = 1.0,
+    use_bf16: bool = False,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward, loss, backward and gradient clipping of one batch; returns (loss, grad norm,
+    logits). The caller checks the norm and then calls `optimizer.step()`.
+
+    `net` may be the DDP wrapper of `model`; `targets` are class indices or (B, K)
+    probabilities (mixup); `scale` 0 turns a dummy batch into a no-op that still joins
+    DDP's gradient all-reduce.
+    """
+    with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        logits = net(pixels)
+    loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+    if scale != 1.0:
+        loss = loss * scale
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    # The norm of the all-reduced gradients is the same on every rank, so all ranks agree
+    # to stop on a NaN/inf without an extra collective.
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    return loss.detach(), norm, logits.detach()
+
+
 def _seed_from(*parts) -> int:
     return random.Random(":".join(str(p) for p in parts)).getrandbits(63)
 
@@ -443,7 +474,10 @@ def train(
     `stop_after_epoch` ends the run early after that many completed epochs, exactly as if it
     had been killed there (for tests and time-boxed jobs).
     """
-    distributed.init_from_env()
+    on_gpu = torch.cuda.is_available() and not config.device.startswith("cpu")
+    if on_gpu and distributed.is_distributed():
+        torch.cuda.set_device(distributed.local_rank())  # before NCCL picks a device
+    distributed.init_from_env(backend="nccl" if on_gpu else "gloo")
     try:
         return _train(config, callback, resume, stop_after_epoch)
     finally:
@@ -597,25 +631,19 @@ def _train(config: TrainConfig, callback: Callback | None, resume: bool, stop_af
                 )
             else:
                 targets = labels
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = net(pixels)
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
-            if empty:
-                loss = loss * 0.0
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            # The norm of the all-reduced gradients is the same on every rank, so all ranks
-            # agree to stop on a NaN/inf without an extra collective.
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip > 0 else math.inf)
+            loss, norm, logits = train_step(
+                net, model, optimizer, pixels, targets, label_smoothing=smoothing, grad_clip=config.grad_clip,
+                use_bf16=use_bf16, scale=0.0 if empty else 1.0,
+            )
             loss_value = float(loss.item())
             if not (math.isfinite(loss_value) and math.isfinite(float(norm))):
                 last_good = f"the last good checkpoint (epoch {epoch}) is kept in {out}" if epoch > 0 else "no checkpoint was written yet"
+                what = "the loss" if not math.isfinite(loss_value) else "the gradients"
                 raise TrainingError(
-                    f"loss became {'NaN/inf' if not math.isfinite(loss_value) else 'finite but gradients NaN/inf'} "
-                    f"at epoch {epoch + 1}, step {step_in_epoch + 1} (lr {lr:.3g}); {last_good}; "
+                    f"{what} became NaN/inf at epoch {epoch + 1}, step {step_in_epoch + 1} (lr {lr:.3g}); {last_good}; "
                     "lower --lr or keep --grad-clip on, and start a new run"
                 )
-            optimizer.step()
+            optimizer.step()  # after the finiteness check: a NaN step never reaches the weights
             if ema is not None:
                 ema.update(model)
             global_step += 1
@@ -745,5 +773,5 @@ def _load_resume(out: Path, overrides: TrainConfig) -> tuple[dict, TrainConfig]:
 
 __all__ = [
     "TrainConfig", "TrainEvent", "TrainResult", "train", "lr_at", "parameter_groups", "make_optimizer",
-    "read_state", "build_model", "resolve_defaults", "VitError",
+    "read_state", "build_model", "train_step", "resolve_defaults", "VitError",
 ]
