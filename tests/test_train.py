@@ -363,3 +363,27 @@ def test_eval_rejects_classes_the_model_does_not_know(colours, tmp_path):
     path = tiny_model_file(tmp_path / "m.safetensors", ["cat", "dog"])
     result = CliRunner().invoke(app, ["eval", str(colours), "--model", str(path), "--workers", "0"])
     assert result.exit_code == 1 and "not labels of the model" in result.output
+
+
+# -- augmentation -----------------------------------------------------------------------------
+def test_augmentation_is_a_function_of_its_rng():
+    import random
+
+    from vitcli.data.augment import RAND_OPS, TrainTransform, mix_batch
+    from vitcli.data.preprocess import Preprocess
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    for name, op in RAND_OPS.items():
+        for magnitude in (0.0, 1.0):
+            out = op(image, magnitude, random.Random(0))
+            assert out.size == image.size and out.mode == "RGB", name
+    transform = TrainTransform(Preprocess(size=32), randaugment_ops=3)
+    first = transform(image, random.Random("1:2:3"))
+    assert first.shape == (3, 32, 32) and first.dtype == np.float32
+    assert np.array_equal(first, transform(image, random.Random("1:2:3")))
+    assert not np.array_equal(first, transform(image, random.Random("1:2:4")))
+    pixels, targets = torch.randn(4, 3, 8, 8), torch.eye(4)
+    for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0), (0.8, 1.0)):
+        mixed, soft = mix_batch(pixels, targets, mixup, cutmix, random.Random(5))
+        assert mixed.shape == pixels.shape and torch.allclose(soft.sum(1), torch.ones(4))
+        assert not torch.equal(mixed, pixels)

@@ -39,13 +39,12 @@ from ..data.folder import (
     EpochSampler,
     FolderDataset,
     LabelledBatch,
-    LabelledImages,
     ShardSampler,
     load_datasets,
     make_loader,
 )
 from ..data.preprocess import Preprocess
-from ..errors import InputError, TrainingError, VitError
+from ..errors import InputError, TrainingError
 from ..model import ViT, ViTConfig
 from ..model.config import is_variant
 from ..weights.format import atomic_write_bytes, save_model
@@ -773,5 +772,5 @@ def _load_resume(out: Path, overrides: TrainConfig) -> tuple[dict, TrainConfig]:
 
 __all__ = [
     "TrainConfig", "TrainEvent", "TrainResult", "train", "lr_at", "parameter_groups", "make_optimizer",
-    "read_state", "build_model", "train_step", "resolve_defaults", "VitError",
+    "read_state", "build_model", "train_step", "resolve_defaults",
 ]
