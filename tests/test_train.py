@@ -308,6 +308,11 @@ def test_existing_run_and_resume_mistakes(colours, tmp_path):
         train(TrainConfig(out=str(out), epochs=1), resume=True)
     with pytest.raises(TrainingError, match="no such run folder"):
         train(TrainConfig(out=str(tmp_path / "nothing")), resume=True)
+    # Options given with --resume that differ from the run's are named, not silently dropped.
+    result = CliRunner().invoke(app, ["train", "--resume", str(out), "--epochs", "3", "--lr", "1", *TINY_CLI, "-q"])
+    assert result.exit_code == 0, result.output
+    assert "ignored with --resume" in result.output and "--lr" in result.output and "--depth" not in result.output
+    assert read_state(out / "state.pt")["epoch"] == 3
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "config.json").write_text((out / "config.json").read_text())
     with pytest.raises(TrainingError, match="before its first epoch ended"):

@@ -91,18 +91,7 @@ def train(
     )
     not_main = os.environ.get("RANK", "0") not in ("", "0")
     if resume is not None and not not_main:
-        from dataclasses import fields
-
-        from ..console import print_warning
-
-        defaults = TrainConfig()
-        ignored = [
-            "--" + f.name.replace("_", "-") for f in fields(TrainConfig)
-            if f.name not in ("data", "out", "epochs", "workers", "device")
-            and getattr(config, f.name) != getattr(defaults, f.name)
-        ]
-        if ignored:
-            print_warning(f"ignored with --resume (the run keeps the settings in its config.json): {', '.join(ignored)}")
+        _warn_ignored_on_resume(config, Path(resume))
     renderer = _TrainRenderer(quiet=quiet or not_main, silent=not_main)
     with renderer:
         result = run_training(config, callback=renderer, resume=resume is not None)
@@ -114,6 +103,33 @@ def train(
             err.print(f"best epoch {result.best_epoch}: {result.best_metric_name} {result.best_metric:.4f}")
         # The model path alone on stdout, unwrapped, for scripts: MODEL=$(vit train ...)
         typer.echo(str(best) if best.exists() else str(Path(result.out_dir) / "last.safetensors"))
+
+
+def _warn_ignored_on_resume(config, run: Path) -> None:
+    """A resumed run keeps its saved settings: say so for any option given with another value."""
+    import json
+    from dataclasses import fields
+
+    from ..console import print_warning
+    from ..services.train import TrainConfig
+
+    try:
+        saved = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # the service reports a missing or broken run folder
+    defaults = TrainConfig()
+    ignored = []
+    for item in fields(TrainConfig):
+        name = item.name
+        given = getattr(config, name)
+        if name in ("data", "out", "epochs", "workers", "device") or given == getattr(defaults, name):
+            continue
+        if name in ("val", "model") and given and Path(given).exists():
+            given = str(Path(given).resolve())
+        if given != saved.get(name):
+            ignored.append("--" + name.replace("_", "-"))
+    if ignored:
+        print_warning(f"ignored with --resume (the run keeps the settings in its config.json): {', '.join(ignored)}")
 
 
 class _TrainRenderer:

@@ -759,7 +759,7 @@ def _load_resume(out: Path, overrides: TrainConfig) -> tuple[dict, TrainConfig]:
     if overrides.workers is not None:
         config.workers = overrides.workers
     if overrides.data:
-        config.data = overrides.data
+        config.data = str(Path(overrides.data).expanduser().resolve())
     if overrides.device != "auto":
         config.device = overrides.device
     _check_options(config)
