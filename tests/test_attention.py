@@ -28,6 +28,7 @@ from vitcli.services.attention import (
     parse_layers,
     rollout,
     rollout_map,
+    rollout_rows,
     rollout_step,
 )
 from vitcli.services.render import RenderOptions, Sampler, blend, output_names
@@ -224,6 +225,8 @@ def test_every_rollout_factor_is_row_stochastic():
                 torch.testing.assert_close(step.sum(-1), torch.ones(step.shape[:-1]))
             matrix = rollout(list(weights.values()), fusion, discard, prefix=1)
             torch.testing.assert_close(matrix.sum(-1), torch.ones(matrix.shape[:-1]))
+            # The vector chain the service uses is the CLS row of the full product.
+            torch.testing.assert_close(rollout_rows(list(weights.values()), fusion, discard, prefix=1), matrix[:, 0])
 
 
 def test_discard_ratio_is_per_image_and_row_and_keeps_cls():
@@ -262,6 +265,7 @@ def test_model_without_cls_token_falls_back_to_mean_over_queries():
     torch.testing.assert_close(maps, weights[1].mean(dim=2).reshape(2, 4, 4, 4))
     matrix = rollout([weights[1]], prefix=0)
     torch.testing.assert_close(rollout_map(matrix, (4, 4), 0), matrix.mean(1).reshape(2, 4, 4))
+    torch.testing.assert_close(rollout_rows([weights[1]], prefix=0), matrix.mean(1))
 
 
 def test_bright_patch_model_looks_at_the_bright_patch():

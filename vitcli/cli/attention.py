@@ -12,7 +12,7 @@ def register(app: typer.Typer) -> None:
     @app.command("attention")
     def attention(
         inputs: List[str] = typer.Argument(
-            ..., metavar="INPUTS...", help="Image files, folders (recursive), quoted globs, or '-' for paths on stdin."
+            ..., metavar="INPUTS", help="Image files, folders (recursive), quoted globs, or '-' for paths on stdin."
         ),
         model: Optional[str] = typer.Option(
             None, "--model", "-m", help="Model file, folder or hub id; default: the bundled model."
@@ -42,7 +42,10 @@ def register(app: typer.Typer) -> None:
         tile: int = typer.Option(224, "--tile", help="Long side of each sheet tile, pixels."),
         html: bool = typer.Option(False, "--html", help="Write index.html, a contact sheet linking every sheet."),
         maps_format: str = typer.Option("safetensors", "--maps-format", help="safetensors (maps.safetensors) or npy (one .npy per array)."),
-        batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Images per forward pass."),
+        batch_size: Optional[int] = typer.Option(
+            None, "--batch-size", "-b", min=1, show_default=False,
+            help="Images per forward pass. Default: 32, fewer for large models (attention weights of every layer are kept).",
+        ),
         workers: Optional[int] = typer.Option(
             None, "--workers", "-w", min=0, show_default=False,
             help="Decoding worker processes (0: decode in the main process). Default: half the CPUs, at most 8.",

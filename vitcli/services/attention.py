@@ -16,8 +16,10 @@ No typer or rich here: progress goes through a plain callback.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -155,6 +157,28 @@ def rollout(
     return result
 
 
+def rollout_rows(
+    weights: Sequence[torch.Tensor], head_fusion: str = "mean", discard_ratio: float = 0.0, prefix: int = 1
+) -> torch.Tensor:
+    """The row of R = Ã_L ... Ã_1 the map needs, (B, T), without forming R.
+
+    e_0^T R (the CLS row; the mean row 1^T R / T without CLS) is a chain of vector-matrix
+    products taken from the left: O(L T^2) instead of O(L T^3) for the full product.
+    """
+    steps = [rollout_step(discard_lowest(fuse_heads(w, head_fusion), discard_ratio, prefix)) for w in weights]
+    if not steps:
+        raise ValueError("rollout needs at least one layer")
+    batch, tokens = steps[0].shape[0], steps[0].shape[-1]
+    if prefix:
+        row = torch.zeros(batch, 1, tokens, dtype=steps[0].dtype, device=steps[0].device)
+        row[:, 0, 0] = 1.0  # e_0: the CLS query
+    else:
+        row = torch.full((batch, 1, tokens), 1.0 / tokens, dtype=steps[0].dtype, device=steps[0].device)
+    for step in reversed(steps):  # Ã_L first: (e_0^T Ã_L) Ã_{L-1} ...
+        row = row @ step  # B,1,T
+    return row[:, 0]
+
+
 def rollout_map(matrix: torch.Tensor, grid_size: tuple[int, int], prefix: int) -> torch.Tensor:
     """(B, T, T) rollout -> (B, Hp, Wp): the CLS row over the patches (mean row without CLS)."""
     batch = matrix.shape[0]
@@ -211,11 +235,11 @@ def compute_batch(
     heads = torch.stack([cls_maps(weights[index], grid_size, prefix) for index in layers], dim=1)  # B,L,nh,Hp,Wp
     out: dict = {"heads": heads.float().cpu(), "head_mean": heads.mean(dim=2).float().cpu()}
     if options.rollout:
-        matrix = rollout(
+        row = rollout_rows(
             [weights[index].float() for index in range(depth)],
             head_fusion=options.head_fusion, discard_ratio=options.discard_ratio, prefix=prefix,
-        )
-        out["rollout"] = rollout_map(matrix, grid_size, prefix).cpu()
+        )  # B,T: the CLS row of R
+        out["rollout"] = row[:, prefix:].reshape(-1, *grid_size).cpu()  # B,Hp,Wp
     if options.threshold is not None:
         out["masks"] = mass_mask(heads.float(), options.threshold).to(torch.uint8).cpu()
     probabilities = logits.float().softmax(dim=-1)
@@ -276,6 +300,19 @@ def attention_batches(
 
 
 # -- the whole job ------------------------------------------------------------------------
+def default_batch_size(config, budget_bytes: int = 1 << 30) -> int:
+    """Predict's 32, fewer when the float32 weights of every layer (rollout keeps them all
+    until the forward ends) would pass ~1 GiB: B/16 stays at 32, L/16 gets 16."""
+    tokens = config.num_prefix_tokens + config.num_patches
+    per_image = config.depth * config.num_heads * tokens * tokens * 4
+    return max(1, min(32, budget_bytes // per_image))
+
+
+def render_threads() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cpus // 2))
+
+
 @dataclass
 class RunSummary:
     total: int = 0
@@ -296,13 +333,18 @@ def run_attention(
     per_head: bool = False,
     html: bool = False,
     maps_format: str = "safetensors",
-    batch_size: int = 16,
+    batch_size: int | None = None,
     workers: int | None = None,
     device: str = "auto",
     progress: Callable[[int], None] | None = None,
     on_failure: Callable[[str, str], None] | None = None,
+    render_workers: int | None = None,
 ) -> RunSummary:
-    """Compute and write everything for every input; bad files are recorded and skipped."""
+    """Compute and write everything for every input; bad files are recorded and skipped.
+
+    `render_workers`: threads that draw and write while the model runs the next batch
+    (None: half the CPUs, at most 4; 0: draw inline).
+    """
     from . import render
 
     started = time.perf_counter()
@@ -310,6 +352,8 @@ def run_attention(
     out_dir = render.prepare_out_dir(out_dir)
     if maps_format not in render.MAPS_FORMATS:
         raise InputError(f"unknown maps format {maps_format!r}: use one of {', '.join(render.MAPS_FORMATS)}")
+    if batch_size is None:
+        batch_size = default_batch_size(bundle.config)
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     if workers is not None and workers < 0:
@@ -330,19 +374,44 @@ def run_attention(
         bundle, [item.path for item in items], options, batch_size=batch_size, workers=workers, device=device,
         errors=[item.error for item in items],
     ) if items else iter(())
-    for results, failures in batches:
-        for position, message in failures:
-            fail(position, message)
-        for result in results:
-            folder = out_dir / names[result.index]
+    # Drawing and writing batch k happen in threads while the model runs batch k + 1 (PIL's
+    # resize and PNG encoder release the GIL); at most two batches are ever alive.
+    pending: list[tuple[ImageAttention, Path, Future]] = []
+
+    def drain() -> None:
+        for result, folder, future in pending:
             try:
-                entries[result.index] = render.write_image_outputs(result, folder, context)
+                entries[result.index] = future.result()
             except render.RenderError as error:
                 fail(result.index, str(error))
                 continue
             summary.written.append((result.path, folder))
-        if progress is not None:
-            progress(len(results) + len(failures))
+        if progress is not None and pending:
+            progress(len(pending))
+        pending.clear()
+
+    threads = render_threads() if render_workers is None else render_workers
+    with ThreadPoolExecutor(max_workers=max(threads, 1)) as pool:
+        for results, failures in batches:
+            for position, message in failures:
+                fail(position, message)
+            if progress is not None and failures:
+                progress(len(failures))
+            drain()
+            for result in results:
+                folder = out_dir / names[result.index]
+                if threads:
+                    future = pool.submit(render.write_image_outputs, result, folder, context)
+                else:  # inline: the same code path, finished before the next batch starts
+                    future = Future()
+                    try:
+                        future.set_result(render.write_image_outputs(result, folder, context))
+                    except render.RenderError as error:
+                        future.set_exception(error)
+                pending.append((result, folder, future))
+            if not threads:
+                drain()
+        drain()
     if html:
         summary.index_html = render.write_index_html(out_dir, [entry for entry in entries if entry is not None], context)
     summary.seconds = time.perf_counter() - started

@@ -1,0 +1,151 @@
+"""Benchmark `vit attention` against `vit predict` on the same images, in the same run.
+
+Per image time of:
+  predict    the predict service (the code path behind `vit predict`), records consumed;
+  maps only  the attention forward (every layer on the explicit path for rollout) + maps,
+             no drawing or writing;
+  attention  the full `vit attention` service: rollout + the last layer's heads, sheet.png,
+             maps.safetensors and meta.json written per image (drawing in threads while the
+             model runs the next batch, the default);
+  inline     the same with drawing done after each batch in the main thread.
+
+Same random weights, preprocessing, thread count and decoding workers; each command at its
+CLI default batch size unless --batch-size is given. Runs are interleaved and repeated in one
+process and the best of each is reported, because the machine may be shared.
+
+    python bench/attention.py                        # Ti/16, 48 photo-like 1600x1200 JPEGs
+    python bench/attention.py --images 96 --repeats 5 --variant S/16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+from vitcli.data.inputs import collect_inputs
+from vitcli.data.preprocess import timm_default
+from vitcli.model import ViT, ViTConfig
+from vitcli.services.attention import AttentionOptions, attention_batches, default_batch_size, run_attention
+from vitcli.services.predict import PredictOptions, PredictRun, default_workers
+from vitcli.services.render import RenderOptions
+from vitcli.weights.format import load_vitcli_file, save_model
+
+
+def photo_like(width: int, height: int, rng: np.random.Generator) -> Image.Image:
+    """Smooth colour fields, a few hard-edged rectangles and grain: compresses like a photo."""
+    coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    array = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)).astype(np.int16)
+    for _ in range(6):
+        x0, y0 = rng.integers(0, width - 100), rng.integers(0, height - 100)
+        w, h = rng.integers(50, width // 3), rng.integers(50, height // 3)
+        array[y0 : y0 + h, x0 : x0 + w] = rng.integers(0, 256, 3)
+    array += rng.normal(0, 12, (height, width, 1)).astype(np.int16)
+    return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.2))
+
+
+def make_images(folder: Path, count: int, size: tuple[int, int]) -> None:
+    rng = np.random.default_rng(0)
+    bases = [photo_like(*size, rng) for _ in range(min(count, 12))]
+    for i in range(count):
+        base = bases[i % len(bases)]
+        if (i // len(bases)) % 2:
+            base = base.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        base.save(folder / f"img{i:04d}.jpg", quality=90)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default="Ti/16")
+    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--size", default="1600x1200", help="WIDTHxHEIGHT of the generated JPEGs")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--workers", type=int, default=None, help="decoding workers (default: as the commands)")
+    parser.add_argument("--batch-size", type=int, default=None, help="both commands (default: each command's own)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    width, height = (int(v) for v in args.size.lower().split("x"))
+
+    work = Path(tempfile.mkdtemp(prefix="vitcli-bench-attention-"))
+    try:
+        images = work / "images"
+        images.mkdir()
+        make_images(images, args.images, (width, height))
+        torch.manual_seed(0)
+        model = ViT(ViTConfig.from_variant(args.variant, num_classes=1000)).eval()
+        with torch.no_grad():
+            model.head.weight.normal_(0, 0.02)  # a non-zero head so top-1 is not a tie
+        model_path = save_model(model, work / "model.safetensors", preprocess=timm_default(224, 0.9))
+        bundle = load_vitcli_file(model_path)
+        items = collect_inputs([str(images)])
+        workers = default_workers() if args.workers is None else args.workers
+        predict_batch = args.batch_size or 32
+        attention_batch = args.batch_size or default_batch_size(bundle.config)
+        options = AttentionOptions(layers=(-1,), rollout=True)
+
+        def run_predict() -> None:
+            run = PredictRun(bundle, items, PredictOptions(batch_size=predict_batch, workers=workers))
+            count = sum(len(records) for records in run.records())
+            assert count == len(items) and run.summary.failed == 0
+
+        def run_maps_only() -> None:
+            count = 0
+            for results, failures in attention_batches(
+                bundle, [item.path for item in items], options, batch_size=attention_batch, workers=workers
+            ):
+                assert not failures
+                count += len(results)
+            assert count == len(items)
+
+        def run_full(render_workers: int | None = None) -> None:
+            out = work / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            summary = run_attention(
+                bundle, items, out, options, RenderOptions(), batch_size=attention_batch, workers=workers,
+                render_workers=render_workers,
+            )
+            assert len(summary.written) == len(items), summary.failures
+
+        runs = {
+            "predict": run_predict,
+            "maps only": run_maps_only,
+            "attention": run_full,  # the default: drawing overlapped with the next forward
+            "inline": lambda: run_full(render_workers=0),  # drawing after each batch, same thread
+        }
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        run_full()  # warm-up: page cache, allocator, fonts
+        for _ in range(args.repeats):
+            for name, fn in runs.items():  # interleaved, so load changes hit all three alike
+                start = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - start) / len(items))
+
+        best = {name: min(values) for name, values in times.items()}
+        median = {name: statistics.median(values) for name, values in times.items()}
+        print(f"{args.variant}, {args.images} JPEGs {width}x{height}, torch {torch.__version__}, "
+              f"{args.threads} threads, {workers} decoding workers, {platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} CPUs")
+        print(f"batch size: predict {predict_batch}, attention {attention_batch}; best of {args.repeats} (median)")
+        for name in runs:
+            print(f"  {name:10s} {best[name] * 1e3:7.1f} ms/image ({median[name] * 1e3:.1f})"
+                  f"  {best[name] / best['predict']:.2f}x predict")
+        if args.json:
+            args.json.write_text(json.dumps({"best_s": best, "median_s": median, "args": vars(args) | {"json": str(args.json)}}, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
