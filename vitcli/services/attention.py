@@ -349,7 +349,6 @@ def run_attention(
 
     started = time.perf_counter()
     render_options = render_options or render.RenderOptions()
-    out_dir = render.prepare_out_dir(out_dir)
     if maps_format not in render.MAPS_FORMATS:
         raise InputError(f"unknown maps format {maps_format!r}: use one of {', '.join(render.MAPS_FORMATS)}")
     if batch_size is None:
@@ -358,6 +357,7 @@ def run_attention(
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     if workers is not None and workers < 0:
         raise InputError(f"--workers must be 0 or more, got {workers}")
+    out_dir = render.prepare_out_dir(out_dir)  # after the option checks: a typo creates nothing
     items = list(inputs)
     names = render.output_names([item.path for item in items])
     summary = RunSummary(total=len(items), out_dir=out_dir)
