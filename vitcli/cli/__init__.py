@@ -54,13 +54,9 @@ def _root(
 
 
 def _register() -> None:
-    for name in ("predict", "attention", "train", "data", "models"):
-        try:
-            module = __import__(f"{__name__}.{name}", fromlist=["register"])
-        except ModuleNotFoundError as error:
-            if error.name != f"{__name__}.{name}":
-                raise
-            continue
+    from . import attention, data, models, predict, train
+
+    for module in (predict, attention, train, data, models):
         module.register(app)
 
 

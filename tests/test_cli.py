@@ -1,0 +1,38 @@
+"""The `vit` entry point itself: help and version stay fast and never import torch."""
+
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from vitcli import __version__
+from vitcli.cli import app
+
+PROBE = (
+    "import sys, runpy; sys.argv = ['vit'] + sys.argv[1:]\n"
+    "try:\n    runpy.run_module('vitcli', run_name='__main__')\n"
+    "except SystemExit:\n    pass\n"
+    "print('TORCH_LOADED' if 'torch' in sys.modules else 'TORCH_NOT_LOADED', file=sys.stderr)\n"
+)
+
+
+def run_probe(*args):
+    return subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_help_and_version_do_not_import_torch():
+    for args in (["--help"], ["--version"], ["predict", "--help"], ["attention", "--help"], ["train", "--help"], ["data", "shapes", "--help"]):
+        done = run_probe(*args)
+        assert "TORCH_NOT_LOADED" in done.stderr, (args, done.stderr[-500:])
+
+
+def test_version_prints_the_package_version():
+    done = subprocess.run([sys.executable, "-m", "vitcli", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == f"vitcli {__version__}"
+
+
+def test_every_command_is_registered():
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in ("predict", "attention", "train", "eval", "info", "convert", "fetch", "data"):
+        assert name in result.output
