@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from ..fileio import atomic_write_bytes
+
 GENERATOR_VERSION = 3
 SHAPES = ("circle", "cross", "ring", "square", "star", "triangle")
 MASK_DIR = ".masks"
@@ -160,8 +162,6 @@ def generate(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Write the dataset; returns the summary also written to shapes.json."""
-    from ..weights.format import atomic_write_bytes
-
     if per_class < 1:
         raise ValueError("per_class must be at least 1")
     if image_size < 32:

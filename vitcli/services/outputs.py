@@ -11,12 +11,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
 from ..errors import InputError
+from ..fileio import temp_file_beside
 
 FORMATS = ("table", "json", "jsonl", "csv")
 FILE_FORMATS = ("json", "jsonl", "csv")
@@ -33,12 +33,7 @@ class _AtomicTextFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        # mkstemp makes the file private (0600); give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(fd, 0o666 & ~umask)
+        fd, self.tmp = temp_file_beside(path)
         self.handle = os.fdopen(fd, "w", encoding="utf-8", newline="")
 
     def commit(self) -> None:

@@ -16,9 +16,7 @@ import html
 import io
 import json
 import math
-import os
 import re
-import tempfile
 import threading
 import urllib.parse
 from dataclasses import asdict, dataclass
@@ -32,6 +30,7 @@ from .._version import __version__
 from ..data.images import open_image
 from ..data.preprocess import Geometry
 from ..errors import ImageDecodeError, InputError, VitError
+from ..fileio import atomic_write_bytes
 from ..weights.format import ModelBundle
 from . import colormaps
 
@@ -468,29 +467,9 @@ def png_bytes(image: Image.Image | np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-@lru_cache(maxsize=1)
-def _file_mode() -> int:
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same folder + os.replace: readers never see half a file.
-
-    Unlike weights/format.atomic_write_bytes this skips fsync (a sheet is cheap to redo and
-    a run writes thousands of files) and gives the file the usual umask permissions rather
-    than mkstemp's 0600, so the contact sheet can be served as it is.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomic, without fsync: a sheet is cheap to redo and a run writes thousands of files."""
+    atomic_write_bytes(path, data, durable=False)
 
 
 def maps_arrays(result) -> dict[str, np.ndarray]:

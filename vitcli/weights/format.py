@@ -12,14 +12,13 @@ Metadata (all strings, as safetensors requires):
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..data.preprocess import Preprocess
+from ..fileio import atomic_write_bytes
 from ..errors import CheckpointError, ModelNotFoundError
 from ..model import ViT, ViTConfig
 
@@ -45,40 +44,6 @@ class ModelBundle:
 
 def default_labels(num_classes: int) -> list[str]:
     return [f"class_{i}" for i in range(num_classes)]
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it; done once, at import
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write via a temp file in the same folder, fsync, rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
 
 
 def save_model(
