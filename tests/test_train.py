@@ -164,10 +164,10 @@ def test_kill_mid_run_leaves_a_readable_checkpoint_and_resume_finishes(colours, 
                "--epochs", "200", "--batch-size", "4", "--workers", "0", "--quiet"]
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # a liveness bound for a loaded machine, not a timing
         while not (out / "state.pt").exists():
             assert process.poll() is None, process.stderr.read().decode()
-            assert time.monotonic() < deadline, "no checkpoint within 60 s"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.05)
         time.sleep(0.3)  # somewhere inside a later epoch, maybe mid-write
         process.send_signal(signal.SIGKILL)
