@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench weights clean
+.PHONY: install demo test check-wheel bench weights clean
 
 $(BIN)/vit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,16 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# A plain (non-editable) wheel must carry the bundled model and find it from any folder.
+check-wheel: install
+	rm -rf build/wheel build/site && mkdir -p build/wheel build/site
+	$(BIN)/python -m pip wheel -q --no-deps . -w build/wheel
+	$(BIN)/python -m pip install -q --no-deps --target build/site build/wheel/vitcli-*.whl
+	cd /tmp && PYTHONPATH=$(CURDIR)/build/site $(CURDIR)/$(BIN)/python -c "import vitcli, sys; \
+	from vitcli.weights.resolve import default_model_path as p; \
+	assert vitcli.__file__.startswith('$(CURDIR)/build/site'), vitcli.__file__; print('bundled model:', p())"
+	cd /tmp && PYTHONPATH=$(CURDIR)/build/site $(CURDIR)/$(BIN)/python -m vitcli predict $(CURDIR)/examples/shapes-star.jpg --format table
 
 bench: install
 	$(BIN)/python bench/predict.py
