@@ -58,3 +58,12 @@ def test_cli_generates_and_rejects_a_file_as_out_dir(tmp_path):
     done = subprocess.run(run + [str(target)], capture_output=True, text=True)
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and "not a folder" in done.stderr
+
+
+def test_parallel_generation_writes_the_same_files(tmp_path):
+    generate(tmp_path / "one", per_class=3, image_size=40, seed=2)
+    generate(tmp_path / "two", per_class=3, image_size=40, seed=2, workers=2)
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert len(files) == 3 * len(SHAPES) * 2 + 1
+    for relative in files:
+        assert (tmp_path / "one" / relative).read_bytes() == (tmp_path / "two" / relative).read_bytes(), relative
