@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The committed, seeded recipe of the bundled default model (`make weights`).
-# Trains from scratch on `vit data shapes` on the CPU; under an hour on 2 idle cores (4 min data, ~52 min training).
+# Trains from scratch on `vit data shapes` on the CPU; under an hour on 2 idle cores (2 min data, ~52 min training).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VIT=${VIT:-.venv/bin/vit}
