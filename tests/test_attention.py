@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import randomised as random_parameters
+from conftest import tiny_config
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -38,18 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny(**overrides) -> ViTConfig:
-    fields = dict(image_size=32, patch_size=8, num_classes=3, width=32, depth=2, num_heads=4, mlp_dim=64)
-    fields.update(overrides)
-    return ViTConfig(**fields)
+    return tiny_config(**{"num_classes": 3, **overrides})
 
 
 def randomised(config: ViTConfig, seed: int = 0) -> ViT:
-    torch.manual_seed(seed)
-    model = ViT(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.3)
-    return model
+    return random_parameters(config, seed=seed, std=0.3)
 
 
 def bright_patch_model(image_size=(32, 48), patch_size=8) -> ViT:

@@ -2,24 +2,14 @@
 
 import pytest
 import torch
+from conftest import randomised, tiny_config
 
 from vitcli.model import ViT, ViTConfig
 from vitcli.model.posembed import resample_grid, sincos_2d
 
 
 def tiny(**overrides) -> ViTConfig:
-    fields = dict(image_size=32, patch_size=8, num_classes=5, width=32, depth=3, num_heads=4, mlp_dim=64)
-    fields.update(overrides)
-    return ViTConfig(**fields)
-
-
-def randomised(config: ViTConfig, seed: int = 0) -> ViT:
-    torch.manual_seed(seed)
-    model = ViT(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.2)
-    return model
+    return tiny_config(**{"depth": 3, **overrides})
 
 
 @pytest.mark.parametrize(
