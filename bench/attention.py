@@ -29,9 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageFilter
 
 from vitcli.data.inputs import collect_inputs
 from vitcli.data.preprocess import timm_default
@@ -41,27 +39,8 @@ from vitcli.services.predict import PredictOptions, PredictRun, default_workers
 from vitcli.services.render import RenderOptions
 from vitcli.weights.format import load_vitcli_file, save_model
 
-
-def photo_like(width: int, height: int, rng: np.random.Generator) -> Image.Image:
-    """Smooth colour fields, a few hard-edged rectangles and grain: compresses like a photo."""
-    coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-    array = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)).astype(np.int16)
-    for _ in range(6):
-        x0, y0 = rng.integers(0, width - 100), rng.integers(0, height - 100)
-        w, h = rng.integers(50, width // 3), rng.integers(50, height // 3)
-        array[y0 : y0 + h, x0 : x0 + w] = rng.integers(0, 256, 3)
-    array += rng.normal(0, 12, (height, width, 1)).astype(np.int16)
-    return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.2))
-
-
-def make_images(folder: Path, count: int, size: tuple[int, int]) -> None:
-    rng = np.random.default_rng(0)
-    bases = [photo_like(*size, rng) for _ in range(min(count, 12))]
-    for i in range(count):
-        base = bases[i % len(bases)]
-        if (i // len(bases)) % 2:
-            base = base.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        base.save(folder / f"img{i:04d}.jpg", quality=90)
+# The same generated photo-like JPEGs as the predict benchmark (bench/ is on sys.path when run).
+from predict import make_images  # noqa: E402
 
 
 def main() -> None:
