@@ -33,8 +33,8 @@ from vitcli.services.attention import (
     rollout_rows,
     rollout_step,
 )
-from vitcli.services.render import RenderOptions, Sampler, blend, output_names
-from vitcli.weights.format import save_model
+from vitcli.services.render import Painter, RenderOptions, Sampler, blend, output_names, png_bytes
+from vitcli.weights.format import load_vitcli_file, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -430,3 +430,77 @@ def test_cli_mean_pooled_model_and_user_errors(tmp_path):
     assert code == 1 and "out of range" in output
     code, output = run_cli([str(tmp_path / "a.png"), "--model", str(model_path), "--style", "fancy", "--out", str(tmp_path / "o")])
     assert code == 1 and "--style" in output
+
+
+# -- fast drawing and writing, checked against the plain formulas ------------------------
+def reference_blend(image, values, inside, options):
+    """The overlay formula pixel by pixel in float32, written out without any sharing."""
+    alpha = np.float32(options.effective_alpha)
+    pixels = image.astype(np.float32)
+    if options.style == "heatmap":
+        colours = colormaps.apply(values, options.colormap).astype(np.float32)
+        out = pixels * (np.float32(1) - alpha) + colours * alpha
+    else:
+        out = pixels * ((1.0 - alpha) + alpha * values)[..., None].astype(np.float32)
+    washed = pixels * 0.3 + 215.0 * 0.7
+    out = np.where(inside[..., None], out, washed)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("style,alpha", [("heatmap", None), ("heatmap", 0.37), ("mask", None), ("mask", 0.6)])
+def test_painter_equals_the_overlay_formula_for_any_view(style, alpha):
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (30, 41, 3), dtype=np.uint8)
+    values = rng.random((30, 41)).astype(np.float32)
+    values[0, 0], values[1, 1] = 0.0, 1.0
+    rectangle = np.zeros((30, 41), dtype=bool)
+    rectangle[3:27, 5:33] = True
+    ragged = rng.random((30, 41)) > 0.4  # not a rectangle: the general path
+    options = RenderOptions(style=style, alpha=alpha, colormap="inferno")
+    for inside in (np.ones((30, 41), dtype=bool), rectangle, ragged, np.zeros((30, 41), dtype=bool)):
+        painter = Painter(image, inside, options)
+        np.testing.assert_array_equal(painter.paint(values), reference_blend(image, values, inside, options))
+        np.testing.assert_array_equal(blend(image, values, inside, options), reference_blend(image, values, inside, options))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (7, 1), (37, 53), (200, 301)])
+def test_png_encoder_round_trips_exactly(shape):
+    import io
+
+    rng = np.random.default_rng(sum(shape))
+    pixels = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    pixels[: shape[0] // 2] = pixels[0]  # repeated rows, the case the Up filter turns into zeros
+    data = png_bytes(pixels)
+    Image.open(io.BytesIO(data)).verify()  # chunk CRCs and structure
+    decoded = Image.open(io.BytesIO(data))
+    assert decoded.mode == "RGB" and decoded.size == (shape[1], shape[0])
+    np.testing.assert_array_equal(np.asarray(decoded), pixels)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png_bytes(Image.fromarray(pixels).convert("RGBA"))))), pixels)
+    with pytest.raises(ValueError, match="uint8"):
+        png_bytes(pixels.astype(np.float32))
+
+
+def test_sheet_from_the_decoders_display_equals_the_sheet_from_a_second_decode(tmp_path):
+    """The loader hands attention the sheet-sized original; drawing on it must give the same
+    sheet as decoding the file again (a PNG, so both decodes are exact)."""
+    from vitcli.services import render
+    from vitcli.services.attention import attention_batches
+
+    model = randomised(tiny(image_size=(32, 48), depth=2))
+    bundle = load_vitcli_file(save_model(model, tmp_path / "m.safetensors", preprocess=Preprocess(size=(32, 48), resize="shorter", crop_pct=0.9)))
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)).save(tmp_path / "wide.png")
+    Image.fromarray(rng.integers(0, 256, (90, 60, 3), dtype=np.uint8)).save(tmp_path / "small.png")  # below tile size
+    options = AttentionOptions(layers=(-1,), rollout=True)
+    paths = [str(tmp_path / "wide.png"), str(tmp_path / "small.png")]
+    (results, failures), = list(attention_batches(bundle, paths, options, batch_size=2, workers=0, display_long_side=224))
+    assert not failures
+    assert results[0].display.shape == (134, 224, 3)  # scaled down to the tile
+    assert results[1].display.shape == (90, 60, 3)  # smaller than a tile: as decoded
+    context = render.RunContext.from_bundle(bundle, options, RenderOptions(), maps_format="safetensors", per_head=False)
+    for result in results:
+        render.write_image_outputs(result, tmp_path / "with" / Path(result.path).stem, context)
+        result.display = None
+        render.write_image_outputs(result, tmp_path / "without" / Path(result.path).stem, context)
+        name = Path(result.path).stem
+        assert (tmp_path / "with" / name / "sheet.png").read_bytes() == (tmp_path / "without" / name / "sheet.png").read_bytes()

@@ -332,3 +332,18 @@ def test_two_gloo_ranks_write_one_merged_output_in_input_order(folder, model_fil
             assert np.allclose([p["score"] for p in got["predictions"]], [p["score"] for p in want["predictions"]], atol=1e-5)
         else:
             assert got == want
+
+
+def test_batches_travel_as_uint8_and_normalise_exactly_as_one_image_at_a_time(folder):
+    """Workers send resized uint8 pixels; `normalize` must give bit for bit the float input
+    that Preprocess gives image by image (same float32 operations in the same order)."""
+    from vitcli.data.images import open_image
+    from vitcli.data.loader import image_batches, normalize
+    from vitcli.data.preprocess import Preprocess
+
+    paths = [str(folder / f"img{i}.png") for i in (1, 2, 10)] + [str(folder / "cases" / "cmyk.jpg")]
+    preprocess = Preprocess(size=(24, 40), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    (batch,) = list(image_batches(paths, preprocess, batch_size=4, workers=1))
+    assert batch.pixels.dtype == torch.uint8 and batch.pixels.shape == (4, 3, 24, 40)
+    expected = np.stack([preprocess(*open_image(path, draft_for=preprocess.resized_size)) for path in paths])
+    assert torch.equal(normalize(batch.pixels, preprocess), torch.from_numpy(expected))

@@ -25,6 +25,13 @@ MAX_PIXELS = int(os.environ.get("VITCLI_MAX_PIXELS", 100_000_000))  # 100 MP ~ 3
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 
 
+def display_size(original_size: tuple[int, int], long_side: int) -> tuple[int, int]:
+    """(width, height) with the long side scaled to `long_side`, aspect kept (at least 1 px)."""
+    width, height = original_size
+    scale = long_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def is_image_path(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..data.inputs import InputItem
-from ..data.loader import image_batches
+from ..data.loader import image_batches, normalize
 from ..data.preprocess import Geometry
 from ..errors import InputError
 from ..weights.format import ModelBundle
@@ -213,6 +213,7 @@ class ImageAttention:
     masks: np.ndarray | None  # (layers, nh, Hp, Wp) uint8, with --threshold
     top: list[tuple[int, str, float]]  # top-5 (class index, label, probability)
     query: str = QUERY_CLS
+    display: np.ndarray | None = None  # (h, w, 3) uint8 original for the sheet, from the decoder
 
 
 def explicit_layers(options: AttentionOptions, depth: int) -> list[int]:
@@ -261,10 +262,12 @@ def attention_batches(
     workers: int | None = None,
     device: str = "auto",
     errors: Sequence[str | None] | None = None,
+    display_long_side: int | None = None,
 ) -> Iterator[tuple[list[ImageAttention], list[tuple[int, str]]]]:
     """Yield (results, failures) per batch, in input order; positions index `paths`.
 
     `errors[i]`, when not None, is reported as the failure of position i without reading it.
+    `display_long_side`: each result also carries its original scaled to that long side.
     """
     model = bundle.model.eval()  # dropout off before any map is taken
     target = resolve_device(device)
@@ -278,12 +281,12 @@ def attention_batches(
     workers = max(0, min(workers, math.ceil(len(paths) / batch_size) - 1))
     loader = image_batches(
         paths, bundle.preprocess, batch_size=batch_size, workers=workers,
-        pin_memory=target.type == "cuda", errors=errors,
+        pin_memory=target.type == "cuda", errors=errors, display_long_side=display_long_side,
     )
     for batch in loader:
         results: list[ImageAttention] = []
         if batch.indices:
-            maps = compute_batch(model, batch.pixels.to(target), options, bundle.labels)
+            maps = compute_batch(model, normalize(batch.pixels, bundle.preprocess, target), options, bundle.labels)
             for row, (index, geometry) in enumerate(zip(batch.indices, batch.geometries)):
                 results.append(
                     ImageAttention(
@@ -294,6 +297,7 @@ def attention_batches(
                         rollout=maps["rollout"][row].numpy() if "rollout" in maps else None,
                         masks=maps["masks"][row].numpy() if "masks" in maps else None,
                         top=maps["top"][row], query=query,
+                        display=batch.displays[row] if batch.displays is not None else None,
                     )
                 )
         yield results, list(batch.failures)
@@ -372,7 +376,7 @@ def run_attention(
     context = render.RunContext.from_bundle(bundle, options, render_options, maps_format=maps_format, per_head=per_head)
     batches = attention_batches(
         bundle, [item.path for item in items], options, batch_size=batch_size, workers=workers, device=device,
-        errors=[item.error for item in items],
+        errors=[item.error for item in items], display_long_side=render_options.tile,
     ) if items else iter(())
     # Drawing and writing batch k happen in threads while the model runs batch k + 1 (PIL's
     # resize and PNG encoder release the GIL); at most two batches are ever alive.

@@ -60,8 +60,13 @@ def lut(name: str, size: int = 256) -> np.ndarray:
     return table
 
 
+def indices(values: np.ndarray, size: int = 256) -> np.ndarray:
+    """Values in [0, 1] (any shape) -> the nearest of `size` table entries (intp)."""
+    index = np.clip(np.rint(np.asarray(values, dtype=np.float32) * (size - 1)), 0, size - 1)
+    return index.astype(np.intp)
+
+
 def apply(values: np.ndarray, name: str) -> np.ndarray:
     """Values in [0, 1] (any shape) -> uint8 RGB (shape + (3,))."""
     table = lut(name)
-    index = np.clip(np.rint(np.asarray(values, dtype=np.float32) * (len(table) - 1)), 0, len(table) - 1)
-    return table[index.astype(np.intp)]
+    return table[indices(values, len(table))]

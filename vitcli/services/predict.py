@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.inputs import InputItem
-from ..data.loader import image_batches
+from ..data.loader import image_batches, normalize
 from ..errors import InputError, VitError
 from ..weights.format import ModelBundle
 from . import distributed
@@ -140,8 +140,15 @@ class Predictor:
 
     @torch.inference_mode()
     def classify(self, pixels: torch.Tensor) -> list[list[dict]]:
-        """(B, C, H, W) float pixels -> per image, the top-k [{"label", "index", "score"}]."""
-        x = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
+        """(B, C, H, W) pixels -> per image, the top-k [{"label", "index", "score"}].
+
+        uint8 pixels (as the loader makes them) are normalised here, on the device; float
+        pixels are taken as already normalised.
+        """
+        if pixels.dtype == torch.uint8:
+            x = normalize(pixels, self.bundle.preprocess, self.device, self.dtype)
+        else:
+            x = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
         scores = self.model(x).float()  # B,K; softmax in float32 whatever the model dtype
         if not self.options.logits:
             scores = scores.softmax(dim=-1)

@@ -17,8 +17,10 @@ import io
 import json
 import math
 import re
+import struct
 import threading
 import urllib.parse
+import zlib
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -27,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .._version import __version__
-from ..data.images import open_image
+from ..data.images import display_size, open_image
 from ..data.preprocess import Geometry
 from ..errors import ImageDecodeError, InputError, VitError
 from ..fileio import atomic_write_bytes
@@ -188,19 +190,60 @@ def normalise(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 
+class Painter:
+    """Blends maps onto one (h, w, 3) uint8 image.
+
+    What every map of an image shares is computed once: the image's share of the blend, the
+    colormap scaled by alpha, and the washed-out pixels outside the model's view (a center
+    crop's margins), so only the window the model saw is blended per map. The arithmetic is
+    the same float32 as blending map by map from scratch, so the pixels are identical.
+    """
+
+    def __init__(self, image: np.ndarray, inside: np.ndarray, options: RenderOptions) -> None:
+        self.style = options.style
+        self.alpha = options.effective_alpha
+        rows, columns = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+        if rows.size == 0:  # the model saw none of these pixels
+            rows, columns = np.arange(1), np.arange(1)
+        self.window = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(columns[0]), int(columns[-1]) + 1))
+        # The view is a rectangle (the sampler's inside is rows x columns); anything else is
+        # still drawn correctly, through a per-pixel choice inside the window.
+        self.mask = None if inside[self.window].all() else inside[self.window][..., None]
+        pixels = image[self.window].astype(np.float32)
+        if self.style == "heatmap":
+            self.base = pixels * np.float32(1.0 - self.alpha)
+            self.colours = colormaps.lut(options.colormap).astype(np.float32) * np.float32(self.alpha)
+        else:
+            self.pixels = pixels
+        self.canvas = None
+        if not inside.all():
+            washed = image.astype(np.float32) * _OUTSIDE_KEEP + _OUTSIDE_GREY * (1.0 - _OUTSIDE_KEEP)
+            self.canvas = np.clip(washed + 0.5, 0, 255).astype(np.uint8)
+
+    def paint(self, values: np.ndarray) -> np.ndarray:
+        """(h, w) values in [0, 1] -> (h, w, 3) uint8 overlay."""
+        values = values[self.window]
+        if self.style == "heatmap":
+            out = self.base + np.take(self.colours, colormaps.indices(values, len(self.colours)), axis=0)
+        else:  # Fig. 6: the image times the normalised map
+            out = self.pixels * ((1.0 - self.alpha) + self.alpha * values)[..., None].astype(np.float32)
+        # A convex mix of values in [0, 255] (plus float rounding): adding 0.5 and truncating
+        # rounds to nearest and stays within 0..255.
+        out += 0.5
+        painted = out.astype(np.uint8)
+        if self.canvas is None:
+            return painted
+        result = self.canvas.copy()
+        if self.mask is None:
+            result[self.window] = painted
+        else:
+            result[self.window] = np.where(self.mask, painted, result[self.window])
+        return result
+
+
 def blend(image: np.ndarray, values: np.ndarray, inside: np.ndarray, options: RenderOptions) -> np.ndarray:
     """(h, w, 3) uint8 image + (h, w) values in [0, 1] -> (h, w, 3) uint8 overlay."""
-    alpha = options.effective_alpha
-    pixels = image.astype(np.float32)
-    if options.style == "heatmap":
-        colours = colormaps.apply(values, options.colormap).astype(np.float32)
-        out = pixels * (1.0 - alpha) + colours * alpha
-    else:  # Fig. 6: the image times the normalised map
-        out = pixels * ((1.0 - alpha) + alpha * values)[..., None]
-    if not inside.all():
-        washed = pixels * _OUTSIDE_KEEP + _OUTSIDE_GREY * (1.0 - _OUTSIDE_KEEP)
-        out = np.where(inside[..., None], out, washed)
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    return Painter(image, inside, options).paint(values)
 
 
 def outline(image: np.ndarray, mask: np.ndarray, colour=(255, 255, 255)) -> np.ndarray:
@@ -281,12 +324,6 @@ class Tile:
     pixels: np.ndarray  # (h, w, 3) uint8
 
 
-def _display_size(original_size: tuple[int, int], long_side: int) -> tuple[int, int]:
-    width, height = original_size
-    scale = long_side / max(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
 def overlay_tiles(result, image: Image.Image, options: RenderOptions, size: tuple[int, int]) -> list[tuple[str, str, np.ndarray]]:
     """Every overlay of one image at `size`: (file stem, title, pixels) in sheet order."""
     base = np.asarray(image.resize(size, Image.Resampling.BILINEAR) if image.size != size else image)
@@ -298,9 +335,11 @@ def overlay_tiles(result, image: Image.Image, options: RenderOptions, size: tupl
     if options.scale == "shared":
         shared = value_range(list(result.heads.reshape(-1, *result.grid_size)) + list(result.head_mean), options.style)
 
+    painter = Painter(base, sampler.inside, options)
+
     def draw(grid_map: np.ndarray, scale: tuple[float, float] | None, mask: np.ndarray | None = None) -> np.ndarray:
         low, high = scale or value_range([grid_map], options.style)
-        pixels = blend(base, normalise(sampler(grid_map), low, high), sampler.inside, options)
+        pixels = painter.paint(normalise(sampler(grid_map), low, high))
         if mask is not None and contour is not None:
             outline(pixels, (contour(mask.astype(np.float32)) > 0.5) & contour.inside)
         return pixels
@@ -322,7 +361,7 @@ def overlay_tiles(result, image: Image.Image, options: RenderOptions, size: tupl
 def render_sheet(result, image: Image.Image, context: RunContext) -> Image.Image:
     """original | rollout on the first row, then per chosen layer: head mean | head 0 ... nh-1."""
     options = context.render
-    size = _display_size(result.geometry.original_size, options.tile)
+    size = display_size(result.geometry.original_size, options.tile)
     tiles = overlay_tiles(result, image, options, size)
     original = np.array(image.resize(size, Image.Resampling.BILINEAR) if image.size != size else image)
     box_left, box_top, box_right, box_bottom = result.geometry.box
@@ -458,14 +497,37 @@ def prepare_out_dir(out_dir: str | Path) -> Path:
     return out_dir
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def png_bytes(image: Image.Image | np.ndarray) -> bytes:
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    buffer = io.BytesIO()
-    # Level 1: about 3x faster than PIL's default 6 on photo sheets, files ~20% larger; zlib's
-    # run-length strategy (3) cuts another ~20% of the time at the same size.
-    image.save(buffer, format="PNG", compress_level=1, compress_type=3)
-    return buffer.getvalue()
+    """An 8-bit RGB PNG of `image`, made for speed: a sheet is written per input image.
+
+    Every row gets PNG's "Up" filter (the difference to the row above, computed in one numpy
+    subtraction; the first row's "above" is zeros, so it is stored as is), then zlib deflates
+    at level 1 with its run-length strategy. Pillow's encoder picks among four filters row by
+    row, which takes about as long as the compression itself: this writes a sheet in ~0.6x
+    the time of Pillow at level 1 for files ~10% larger. Any PNG reader decodes it exactly.
+    """
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
+    pixels = np.asarray(image)
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3 or 0 in pixels.shape:
+        raise ValueError(f"png_bytes needs a non-empty (h, w, 3) uint8 array, got {pixels.dtype} {pixels.shape}")
+    height, width = pixels.shape[:2]
+    rows = np.ascontiguousarray(pixels).reshape(height, width * 3)
+    filtered = np.empty((height, width * 3 + 1), dtype=np.uint8)
+    filtered[:, 0] = 2  # filter type Up
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as PNG defines it
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    data = compressor.compress(filtered.data) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, not interlaced
+    return _PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -503,7 +565,7 @@ def _write_maps(folder: Path, arrays: dict[str, np.ndarray], maps_format: str, m
 
 def _load_original(path: str, long_side: int) -> Image.Image:
     def draft_for(width: int, height: int) -> tuple[int, int]:
-        return _display_size((width, height), min(long_side, max(width, height)))
+        return display_size((width, height), min(long_side, max(width, height)))
 
     image, _ = open_image(path, draft_for=draft_for)
     return image
@@ -516,12 +578,16 @@ def write_image_outputs(result, folder: Path, context: RunContext) -> IndexEntry
         original_long = max(result.geometry.original_size)
         individual_long = min(max(original_long, options.tile), options.individual_size)
         needed = max(options.tile, individual_long if context.per_head else 0)
-        image = _load_original(result.path, needed)
+        if result.display is not None and not context.per_head:
+            # The decoding worker already made the sheet-sized original: no second decode.
+            image = Image.fromarray(result.display)
+        else:
+            image = _load_original(result.path, needed)
         folder.mkdir(parents=True, exist_ok=True)
         files: dict = {"sheet": "sheet.png"}
         write_atomic(folder / "sheet.png", png_bytes(render_sheet(result, image, context)))
         if context.per_head:
-            size = _display_size(result.geometry.original_size, individual_long)
+            size = display_size(result.geometry.original_size, individual_long)
             individual = []
             for stem, _, pixels in overlay_tiles(result, image, options, size):
                 write_atomic(folder / f"{stem}.png", png_bytes(pixels))
