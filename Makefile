@@ -38,6 +38,7 @@ check-wheel: install
 
 bench: install
 	$(BIN)/python bench/predict.py
+	$(BIN)/python bench/wait_policy.py
 	$(BIN)/python bench/attention.py
 	$(BIN)/python bench/train.py
 

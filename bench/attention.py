@@ -19,6 +19,11 @@ process and the best of each is reported, because the machine may be shared.
 
 from __future__ import annotations
 
+# As `vit attention` and `vit predict` do, before torch loads (see vitcli/openmp.py).
+from vitcli.openmp import prefer_passive_waiting
+
+prefer_passive_waiting()
+
 import argparse
 import json
 import os
@@ -115,7 +120,7 @@ def main() -> None:
         median = {name: statistics.median(values) for name, values in times.items()}
         print(f"{args.variant}, {args.images} JPEGs {width}x{height}, torch {torch.__version__}, "
               f"{args.threads} threads, {workers} decoding workers, {platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} CPUs")
+              f"{os.cpu_count()} CPUs, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
         print(f"batch size: predict {predict_batch}, attention {attention_batch}; best of {args.repeats} (median)")
         for name in runs:
             print(f"  {name:10s} {best[name] * 1e3:7.1f} ms/image ({median[name] * 1e3:.1f})"

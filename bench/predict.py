@@ -22,6 +22,12 @@ each run and best-over-best ratios are printed too.
 
 from __future__ import annotations
 
+# As `vit predict` does, before torch loads (set OMP_WAIT_POLICY yourself to override; the peers
+# run in this process under the same policy; bench/wait_policy.py compares the policies).
+from vitcli.openmp import prefer_passive_waiting
+
+prefer_passive_waiting()
+
 import argparse
 import json
 import os
@@ -256,7 +262,8 @@ def main() -> None:
     print()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{args.threads} threads, {args.variant}, {args.images} JPEGs {size[0]}x{size[1]}, batch {args.batch_size}, "
-          f"default workers {default_workers()}; best of {args.repeats}")
+          f"default workers {default_workers()}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; "
+          f"best of {args.repeats}")
     print()
     print("| run | img/s (best) | all runs |")
     print("|---|---|---|")

@@ -36,3 +36,24 @@ def test_every_command_is_registered():
     assert result.exit_code == 0
     for name in ("predict", "attention", "train", "eval", "info", "convert", "fetch", "data"):
         assert name in result.output
+
+
+ENV_PROBE = PROBE.replace(
+    "print('TORCH_LOADED'", "import os; print('POLICY=' + os.environ.get('OMP_WAIT_POLICY', 'unset'), file=sys.stderr)\nprint('TORCH_LOADED'"
+)
+
+
+def test_predict_and_attention_choose_passive_openmp_waiting_unless_the_user_chose(tmp_path, examples_dir):
+    """Set before torch loads (OpenMP reads it once); a user's own choice is kept."""
+    import os
+
+    image = str(examples_dir / "shapes-ring.jpg")
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    for args in (["predict", image, "--quiet"], ["attention", image, "--out", str(tmp_path / "a"), "--quiet"]):
+        done = subprocess.run([sys.executable, "-c", ENV_PROBE, *args], capture_output=True, text=True, timeout=120, env=env)
+        assert "POLICY=PASSIVE" in done.stderr and "TORCH_LOADED" in done.stderr, done.stderr[-500:]
+        done = subprocess.run(
+            [sys.executable, "-c", ENV_PROBE, *args], capture_output=True, text=True, timeout=120,
+            env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+        )
+        assert "POLICY=ACTIVE" in done.stderr, done.stderr[-500:]

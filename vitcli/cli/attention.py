@@ -57,6 +57,9 @@ def register(app: typer.Typer) -> None:
 
         Writes OUT/<image stem>/sheet.png, maps.safetensors (or .npy) and meta.json per image.
         """
+        from ..openmp import prefer_passive_waiting
+
+        prefer_passive_waiting()  # before torch loads: decoders share the CPU with the model
         from rich.markup import escape
 
         from ..console import err, make_progress, print_error

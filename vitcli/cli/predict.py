@@ -114,6 +114,9 @@ def predict(
 
     Under torchrun each rank classifies its own share and rank 0 writes all results.
     """
+    from ..openmp import prefer_passive_waiting
+
+    prefer_passive_waiting()  # before torch loads: decoders share the CPU with the model
     from rich.markup import escape
 
     from ..console import err, make_progress, out, print_warning, stdout_is_terminal
