@@ -491,12 +491,16 @@ def test_sheet_from_the_decoders_display_equals_the_sheet_from_a_second_decode(t
     rng = np.random.default_rng(2)
     Image.fromarray(rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)).save(tmp_path / "wide.png")
     Image.fromarray(rng.integers(0, 256, (90, 60, 3), dtype=np.uint8)).save(tmp_path / "small.png")  # below tile size
+    # A large JPEG that the tiny model decodes in draft mode at 1/8 scale (200x150): less than
+    # a 224 tile, so the sheet must come from a fresh decode at a larger draft scale.
+    Image.fromarray(rng.integers(0, 256, (1200, 1600, 3), dtype=np.uint8)).save(tmp_path / "big.jpg", quality=90)
     options = AttentionOptions(layers=(-1,), rollout=True)
-    paths = [str(tmp_path / "wide.png"), str(tmp_path / "small.png")]
-    (results, failures), = list(attention_batches(bundle, paths, options, batch_size=2, workers=0, display_long_side=224))
+    paths = [str(tmp_path / "wide.png"), str(tmp_path / "small.png"), str(tmp_path / "big.jpg")]
+    (results, failures), = list(attention_batches(bundle, paths, options, batch_size=3, workers=0, display_long_side=224))
     assert not failures
     assert results[0].display.shape == (134, 224, 3)  # scaled down to the tile
     assert results[1].display.shape == (90, 60, 3)  # smaller than a tile: as decoded
+    assert results[2].display.shape == (150, 200, 3)  # the model's draft decode, smaller than the tile
     context = render.RunContext.from_bundle(bundle, options, RenderOptions(), maps_format="safetensors", per_head=False)
     for result in results:
         render.write_image_outputs(result, tmp_path / "with" / Path(result.path).stem, context)

@@ -571,6 +571,16 @@ def _load_original(path: str, long_side: int) -> Image.Image:
     return image
 
 
+def _display_fits(result, tile: int) -> bool:
+    """Whether the decoder's display image is what a fresh decode would give the sheet: scaled
+    to the tile exactly, or the whole original when that is no larger. (A model whose JPEG
+    draft decode came out smaller than the tile sends less; then the file is read again.)"""
+    if result.display is None:
+        return False
+    size = (result.display.shape[1], result.display.shape[0])
+    return size == display_size(result.geometry.original_size, tile) or size == tuple(result.geometry.original_size)
+
+
 def write_image_outputs(result, folder: Path, context: RunContext) -> IndexEntry:
     """sheet.png, the maps, meta.json (and per-head PNGs) for one image, each file atomic."""
     options = context.render
@@ -578,7 +588,7 @@ def write_image_outputs(result, folder: Path, context: RunContext) -> IndexEntry
         original_long = max(result.geometry.original_size)
         individual_long = min(max(original_long, options.tile), options.individual_size)
         needed = max(options.tile, individual_long if context.per_head else 0)
-        if result.display is not None and not context.per_head:
+        if _display_fits(result, options.tile) and not context.per_head:
             # The decoding worker already made the sheet-sized original: no second decode.
             image = Image.fromarray(result.display)
         else:
