@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ImageDecodeError
-from PIL import Image
-
 from .images import display_size, open_image
 from .preprocess import Geometry, Preprocess
 

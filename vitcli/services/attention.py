@@ -376,7 +376,9 @@ def run_attention(
     context = render.RunContext.from_bundle(bundle, options, render_options, maps_format=maps_format, per_head=per_head)
     batches = attention_batches(
         bundle, [item.path for item in items], options, batch_size=batch_size, workers=workers, device=device,
-        errors=[item.error for item in items], display_long_side=render_options.tile,
+        errors=[item.error for item in items],
+        # --per-head needs originals larger than a tile and reads the file again anyway.
+        display_long_side=None if per_head else render_options.tile,
     ) if items else iter(())
     # Drawing and writing batch k happen in threads while the model runs batch k + 1 (PIL's
     # resize and PNG encoder release the GIL); at most two batches are ever alive.

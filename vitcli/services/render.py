@@ -362,8 +362,10 @@ def render_sheet(result, image: Image.Image, context: RunContext) -> Image.Image
     """original | rollout on the first row, then per chosen layer: head mean | head 0 ... nh-1."""
     options = context.render
     size = display_size(result.geometry.original_size, options.tile)
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.BILINEAR)  # once, for the original and the overlays
     tiles = overlay_tiles(result, image, options, size)
-    original = np.array(image.resize(size, Image.Resampling.BILINEAR) if image.size != size else image)
+    original = np.array(image)
     box_left, box_top, box_right, box_bottom = result.geometry.box
     original_w, original_h = result.geometry.original_size
     full = box_left <= 0 and box_top <= 0 and box_right >= original_w and box_bottom >= original_h
