@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test check-wheel bench weights clean
+.PHONY: install demo test test-fast lint check-wheel bench weights clean
 
 $(BIN)/vit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The suite without the tests marked slow (subprocesses, multi-process runs): under a minute.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check vitcli tests bench weights
+	$(BIN)/ruff format --check vitcli tests bench weights
+	$(BIN)/mypy
 
 # A plain (non-editable) wheel must carry the bundled model and find it from any folder.
 check-wheel: install

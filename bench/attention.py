@@ -19,8 +19,8 @@ process and the best of each is reported, because the machine may be shared.
 
 from __future__ import annotations
 
-# As `vit attention` and `vit predict` do, before torch loads (see vitcli/openmp.py).
-from vitcli.openmp import prefer_passive_waiting
+# As `vit attention` and `vit predict` do, before torch loads (see vitcli/runtime.py).
+from vitcli.runtime import prefer_passive_waiting
 
 prefer_passive_waiting()
 
@@ -36,27 +36,39 @@ from pathlib import Path
 
 import torch
 
-from vitcli.data.inputs import collect_inputs
-from vitcli.data.preprocess import timm_default
-from vitcli.model import ViT, ViTConfig
-from vitcli.services.attention import AttentionOptions, attention_batches, default_batch_size, run_attention
-from vitcli.services.predict import PredictOptions, PredictRun, default_workers
-from vitcli.services.render import RenderOptions
-from vitcli.weights.format import load_vitcli_file, save_model
-
 # The same generated photo-like JPEGs as the predict benchmark (bench/ is on sys.path when run).
 from predict import make_images  # noqa: E402
 
+from vitcli.data.inputs import collect_inputs
+from vitcli.data.preprocess import timm_default
+from vitcli.model import ViT, ViTConfig
+from vitcli.runtime import default_workers
+from vitcli.services.attention import (
+    AttentionOptions,
+    attention_batches,
+    default_batch_size,
+    run_attention,
+)
+from vitcli.services.predict import PredictOptions, PredictRun
+from vitcli.services.render import RenderOptions
+from vitcli.weights.format import load_vitcli_file, save_model
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--variant", default="Ti/16")
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--size", default="1600x1200", help="WIDTHxHEIGHT of the generated JPEGs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--workers", type=int, default=None, help="decoding workers (default: as the commands)")
-    parser.add_argument("--batch-size", type=int, default=None, help="both commands (default: each command's own)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="decoding workers (default: as the commands)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="both commands (default: each command's own)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -71,7 +83,9 @@ def main() -> None:
         model = ViT(ViTConfig.from_variant(args.variant, num_classes=1000)).eval()
         with torch.no_grad():
             model.head.weight.normal_(0, 0.02)  # a non-zero head so top-1 is not a tie
-        model_path = save_model(model, work / "model.safetensors", preprocess=timm_default(224, 0.9))
+        model_path = save_model(
+            model, work / "model.safetensors", preprocess=timm_default(224, 0.9)
+        )
         bundle = load_vitcli_file(model_path)
         items = collect_inputs([str(images)])
         workers = default_workers() if args.workers is None else args.workers
@@ -80,14 +94,20 @@ def main() -> None:
         options = AttentionOptions(layers=(-1,), rollout=True)
 
         def run_predict() -> None:
-            run = PredictRun(bundle, items, PredictOptions(batch_size=predict_batch, workers=workers))
+            run = PredictRun(
+                bundle, items, PredictOptions(batch_size=predict_batch, workers=workers)
+            )
             count = sum(len(records) for records in run.records())
             assert count == len(items) and run.summary.failed == 0
 
         def run_maps_only() -> None:
             count = 0
             for results, failures in attention_batches(
-                bundle, [item.path for item in items], options, batch_size=attention_batch, workers=workers
+                bundle,
+                [item.path for item in items],
+                options,
+                batch_size=attention_batch,
+                workers=workers,
             ):
                 assert not failures
                 count += len(results)
@@ -97,7 +117,13 @@ def main() -> None:
             out = work / "out"
             shutil.rmtree(out, ignore_errors=True)
             summary = run_attention(
-                bundle, items, out, options, RenderOptions(), batch_size=attention_batch, workers=workers,
+                bundle,
+                items,
+                out,
+                options,
+                RenderOptions(),
+                batch_size=attention_batch,
+                workers=workers,
                 render_workers=render_workers,
             )
             assert len(summary.written) == len(items), summary.failures
@@ -118,15 +144,30 @@ def main() -> None:
 
         best = {name: min(values) for name, values in times.items()}
         median = {name: statistics.median(values) for name, values in times.items()}
-        print(f"{args.variant}, {args.images} JPEGs {width}x{height}, torch {torch.__version__}, "
-              f"{args.threads} threads, {workers} decoding workers, {platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} CPUs, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
-        print(f"batch size: predict {predict_batch}, attention {attention_batch}; best of {args.repeats} (median)")
+        print(
+            f"{args.variant}, {args.images} JPEGs {width}x{height}, torch {torch.__version__}, "
+            f"{args.threads} threads, {workers} decoding workers, {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} CPUs, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}"
+        )
+        print(
+            f"batch size: predict {predict_batch}, attention {attention_batch}; best of {args.repeats} (median)"
+        )
         for name in runs:
-            print(f"  {name:10s} {best[name] * 1e3:7.1f} ms/image ({median[name] * 1e3:.1f})"
-                  f"  {best[name] / best['predict']:.2f}x predict")
+            print(
+                f"  {name:10s} {best[name] * 1e3:7.1f} ms/image ({median[name] * 1e3:.1f})"
+                f"  {best[name] / best['predict']:.2f}x predict"
+            )
         if args.json:
-            args.json.write_text(json.dumps({"best_s": best, "median_s": median, "args": vars(args) | {"json": str(args.json)}}, indent=2))
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "best_s": best,
+                        "median_s": median,
+                        "args": vars(args) | {"json": str(args.json)},
+                    },
+                    indent=2,
+                )
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 # As `vit predict` does, before torch loads (set OMP_WAIT_POLICY yourself to override; the peers
 # run in this process under the same policy; bench/wait_policy.py compares the policies).
-from vitcli.openmp import prefer_passive_waiting
+from vitcli.runtime import prefer_passive_waiting
 
 prefer_passive_waiting()
 
@@ -44,11 +44,11 @@ from PIL import Image, ImageFilter
 
 from vitcli.data.inputs import collect_inputs
 from vitcli.model import ViT, ViTConfig
+from vitcli.runtime import default_workers
 from vitcli.services.outputs import JsonLinesWriter
-from vitcli.services.predict import PredictOptions, PredictRun, default_workers
+from vitcli.services.predict import PredictOptions, PredictRun
 from vitcli.weights.format import save_model
 from vitcli.weights.resolve import load_model
-
 
 # -- data and weights ----------------------------------------------------------------------------
 
@@ -63,7 +63,9 @@ def photo_like(width: int, height: int, rng: np.random.Generator) -> Image.Image
         w, h = rng.integers(50, width // 3), rng.integers(50, height // 3)
         array[y0 : y0 + h, x0 : x0 + w] = rng.integers(0, 256, 3)
     array += rng.normal(0, 12, (height, width, 1)).astype(np.int16)  # sensor-like grain
-    image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.2))
+    image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).filter(
+        ImageFilter.GaussianBlur(1.2)
+    )
     return image
 
 
@@ -126,31 +128,57 @@ def write_models(folder: Path, variant: str, seed: int = 0) -> tuple[Path, Path]
     hf = folder / "hf"
     hf.mkdir()
     save_file(timm_to_hf(model.state_dict()), hf / "model.safetensors", metadata={"format": "pt"})
-    (hf / "config.json").write_text(json.dumps({
-        "architectures": ["ViTForImageClassification"], "model_type": "vit",
-        "hidden_size": config.width, "num_hidden_layers": config.depth, "num_attention_heads": config.num_heads,
-        "intermediate_size": config.mlp_dim, "hidden_act": "gelu", "image_size": config.image_size[0],
-        "patch_size": config.patch_size, "num_channels": 3, "qkv_bias": True, "layer_norm_eps": config.ln_eps,
-        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-        "id2label": {str(i): label for i, label in enumerate(labels)},
-        "label2id": {label: i for i, label in enumerate(labels)},
-    }))
-    (hf / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "ViTImageProcessor", "do_resize": True,
-        "size": {"height": config.image_size[0], "width": config.image_size[1]}, "resample": 2,
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-    }))
+    (hf / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["ViTForImageClassification"],
+                "model_type": "vit",
+                "hidden_size": config.width,
+                "num_hidden_layers": config.depth,
+                "num_attention_heads": config.num_heads,
+                "intermediate_size": config.mlp_dim,
+                "hidden_act": "gelu",
+                "image_size": config.image_size[0],
+                "patch_size": config.patch_size,
+                "num_channels": 3,
+                "qkv_bias": True,
+                "layer_norm_eps": config.ln_eps,
+                "hidden_dropout_prob": 0.0,
+                "attention_probs_dropout_prob": 0.0,
+                "id2label": {str(i): label for i, label in enumerate(labels)},
+                "label2id": {label: i for i, label in enumerate(labels)},
+            }
+        )
+    )
+    (hf / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "ViTImageProcessor",
+                "do_resize": True,
+                "size": {"height": config.image_size[0], "width": config.image_size[1]},
+                "resample": 2,
+                "do_rescale": True,
+                "rescale_factor": 1 / 255,
+                "do_normalize": True,
+                "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5],
+            }
+        )
+    )
     return ours, hf
 
 
 # -- timed runs ----------------------------------------------------------------------------------
 
 
-def ours_end_to_end(model_path: Path, folder: Path, batch_size: int, workers: int | None) -> tuple[float, dict]:
+def ours_end_to_end(
+    model_path: Path, folder: Path, batch_size: int, workers: int | None
+) -> tuple[float, dict]:
     bundle = load_model(model_path)
     items = collect_inputs([str(folder)])
-    run = PredictRun(bundle, items, PredictOptions(top_k=5, batch_size=batch_size, workers=workers, device="cpu"))
+    run = PredictRun(
+        bundle, items, PredictOptions(top_k=5, batch_size=batch_size, workers=workers, device="cpu")
+    )
     top1 = {}
     start = time.perf_counter()
     with JsonLinesWriter(os.devnull) as writer:
@@ -163,7 +191,9 @@ def ours_end_to_end(model_path: Path, folder: Path, batch_size: int, workers: in
     return len(items) / seconds, top1
 
 
-def hf_pipeline(hf_dir: Path, folder: Path, batch_size: int, limit: int | None = None) -> tuple[float, dict]:
+def hf_pipeline(
+    hf_dir: Path, folder: Path, batch_size: int, limit: int | None = None
+) -> tuple[float, dict]:
     from transformers import pipeline
 
     pipe = pipeline("image-classification", model=str(hf_dir), device="cpu")
@@ -194,10 +224,24 @@ def main() -> None:
     parser.add_argument("--size", default="1600x1200", help="WIDTHxHEIGHT of the generated JPEGs")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads for both")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", default="auto", help="our decoding workers, comma-separated to compare several [default: vit predict's]")
+    parser.add_argument(
+        "--workers",
+        default="auto",
+        help="our decoding workers, comma-separated to compare several [default: vit predict's]",
+    )
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--forward-images", type=int, default=None, help="images per model-only timing [default: --images, as end to end]")
-    parser.add_argument("--batch1-images", type=int, default=48, help="images for the (slow) batch-1 pipeline run; 0 skips it")
+    parser.add_argument(
+        "--forward-images",
+        type=int,
+        default=None,
+        help="images per model-only timing [default: --images, as end to end]",
+    )
+    parser.add_argument(
+        "--batch1-images",
+        type=int,
+        default=48,
+        help="images for the (slow) batch-1 pipeline run; 0 skips it",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     size = tuple(int(v) for v in args.size.lower().split("x"))
@@ -210,16 +254,25 @@ def main() -> None:
         start = time.perf_counter()
         make_images(images, args.images, size)
         ours_path, hf_dir = write_models(tmp, args.variant)
-        print(f"# {args.images} JPEGs {size[0]}x{size[1]} generated in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        print(
+            f"# {args.images} JPEGs {size[0]}x{size[1]} generated in {time.perf_counter() - start:.0f} s",
+            file=sys.stderr,
+        )
 
         from transformers import ViTForImageClassification
 
         ours = load_model(ours_path).model.eval()
-        theirs = ViTForImageClassification.from_pretrained(str(hf_dir), attn_implementation="sdpa").eval()
+        theirs = ViTForImageClassification.from_pretrained(
+            str(hf_dir), attn_implementation="sdpa"
+        ).eval()
         batch = torch.randn(args.batch_size, 3, *ours.config.image_size)
         with torch.inference_mode():
-            difference = (ours(batch[:4]) - theirs(pixel_values=batch[:4]).logits).abs().max().item()
-        assert difference < 1e-3, f"the two models disagree (max |logit diff| {difference:.2e}): weight mapping is wrong"
+            difference = (
+                (ours(batch[:4]) - theirs(pixel_values=batch[:4]).logits).abs().max().item()
+            )
+        assert difference < 1e-3, (
+            f"the two models disagree (max |logit diff| {difference:.2e}): weight mapping is wrong"
+        )
 
         results: dict[str, list[float]] = {}
 
@@ -236,14 +289,21 @@ def main() -> None:
             for workers in worker_counts:
                 rate, top1_ours = ours_end_to_end(ours_path, images, args.batch_size, workers)
                 end_to_end[workers if workers is not None else default_workers()] = rate
-                record(f"ours end-to-end ({workers if workers is not None else default_workers()} workers)", rate)
+                record(
+                    f"ours end-to-end ({workers if workers is not None else default_workers()} workers)",
+                    rate,
+                )
             ours_forward = forward_rate(ours, batch, forward_images)
             record("ours model-only", ours_forward)
             hf_forward = forward_rate(theirs, batch, forward_images)
             record("hf model-only (sdpa)", hf_forward)
             for workers, rate in end_to_end.items():
-                paired.setdefault(f"end to end ({workers} workers) / model-only", []).append(rate / ours_forward)
-            paired.setdefault("model-only ours / transformers", []).append(ours_forward / hf_forward)
+                paired.setdefault(f"end to end ({workers} workers) / model-only", []).append(
+                    rate / ours_forward
+                )
+            paired.setdefault("model-only ours / transformers", []).append(
+                ours_forward / hf_forward
+            )
             rate, top1_hf = hf_pipeline(hf_dir, images, batch_size=args.batch_size)
             record(f"hf pipeline (batch {args.batch_size})", rate)
             paired.setdefault(f"end to end / hf pipeline (batch {args.batch_size})", []).append(
@@ -257,13 +317,19 @@ def main() -> None:
     best = {name: max(values) for name, values in results.items()}
     # The headline is vit predict's default worker count; other counts are shown for comparison.
     headline = f"ours end-to-end ({default_workers()} workers)"
-    ours_best = best[headline] if headline in best else max(v for k, v in best.items() if k.startswith("ours end-to-end"))
+    ours_best = (
+        best[headline]
+        if headline in best
+        else max(v for k, v in best.items() if k.startswith("ours end-to-end"))
+    )
     pipeline_best = max(v for k, v in best.items() if k.startswith("hf pipeline"))
     print()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{args.threads} threads, {args.variant}, {args.images} JPEGs {size[0]}x{size[1]}, batch {args.batch_size}, "
-          f"default workers {default_workers()}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; "
-          f"best of {args.repeats}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{args.threads} threads, {args.variant}, {args.images} JPEGs {size[0]}x{size[1]}, batch {args.batch_size}, "
+        f"default workers {default_workers()}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; "
+        f"best of {args.repeats}"
+    )
     print()
     print("| run | img/s (best) | all runs |")
     print("|---|---|---|")
@@ -273,14 +339,24 @@ def main() -> None:
     print("| ratio of runs made back to back | median | each repeat |")
     print("|---|---|---|")
     for name, values in paired.items():
-        print(f"| {name} | {statistics.median(values):.2f} | {', '.join(f'{v:.2f}' for v in values)} |")
+        print(
+            f"| {name} | {statistics.median(values):.2f} | {', '.join(f'{v:.2f}' for v in values)} |"
+        )
     print()
     print("best over best:")
-    print(f"- end to end vs the best HF pipeline run: {ours_best / pipeline_best:.2f}x (goal >= 1.6x)")
-    print(f"- end to end vs our own model-only: {ours_best / best['ours model-only'] * 100:.0f}% (goal >= 80%)")
-    print(f"- model-only vs transformers: {best['ours model-only'] / best['hf model-only (sdpa)']:.2f}x (goal >= 1.0x)")
-    print(f"- top-1 agreement with the pipeline on the same images: {statistics.mean(agreement) * 100:.0f}% "
-          f"(ours decodes large JPEGs in draft mode; max |logit diff| on identical input {difference:.1e})")
+    print(
+        f"- end to end vs the best HF pipeline run: {ours_best / pipeline_best:.2f}x (goal >= 1.6x)"
+    )
+    print(
+        f"- end to end vs our own model-only: {ours_best / best['ours model-only'] * 100:.0f}% (goal >= 80%)"
+    )
+    print(
+        f"- model-only vs transformers: {best['ours model-only'] / best['hf model-only (sdpa)']:.2f}x (goal >= 1.0x)"
+    )
+    print(
+        f"- top-1 agreement with the pipeline on the same images: {statistics.mean(agreement) * 100:.0f}% "
+        f"(ours decodes large JPEGs in draft mode; max |logit diff| on identical input {difference:.1e})"
+    )
 
 
 if __name__ == "__main__":

@@ -33,13 +33,21 @@ from vitcli.services.train import make_optimizer, train_step
 
 
 def hf_model(config: ViTConfig):
-    from transformers import ViTConfig as HFConfig, ViTForImageClassification
+    from transformers import ViTConfig as HFConfig
+    from transformers import ViTForImageClassification
 
     hf_config = HFConfig(
-        hidden_size=config.width, num_hidden_layers=config.depth, num_attention_heads=config.num_heads,
-        intermediate_size=config.mlp_dim, image_size=config.image_size[0], patch_size=config.patch_size,
-        num_labels=config.num_classes, layer_norm_eps=config.ln_eps, qkv_bias=config.qkv_bias,
-        hidden_act="gelu", attn_implementation="sdpa",
+        hidden_size=config.width,
+        num_hidden_layers=config.depth,
+        num_attention_heads=config.num_heads,
+        intermediate_size=config.mlp_dim,
+        image_size=config.image_size[0],
+        patch_size=config.patch_size,
+        num_labels=config.num_classes,
+        layer_norm_eps=config.ln_eps,
+        qkv_bias=config.qkv_bias,
+        hidden_act="gelu",
+        attn_implementation="sdpa",
     )
     return ViTForImageClassification(hf_config)
 
@@ -48,7 +56,9 @@ def time_ours(model, optimizer, pixels, labels, steps: int) -> float:
     model.train()
     start = time.perf_counter()
     for _ in range(steps):
-        loss, norm, _ = train_step(model, model, optimizer, pixels, labels, label_smoothing=0.1, grad_clip=1.0)
+        loss, norm, _ = train_step(
+            model, model, optimizer, pixels, labels, label_smoothing=0.1, grad_clip=1.0
+        )
         float(norm)  # the trainer checks finiteness every step; keep the same sync
         optimizer.step()
     return steps * pixels.shape[0] / (time.perf_counter() - start)
@@ -78,9 +88,17 @@ def end_to_end(config: ViTConfig, images: int, batch_size: int, workers: int | N
         per_class = max(1, images // 6)
         generate(data, per_class=per_class, image_size=config.image_size[0], seed=0)
         run = TrainConfig(
-            data=str(data), out=str(Path(folder) / "run"), model=f"Ti/{config.patch_size}",
-            image_size=config.image_size[0], depth=config.depth, width=config.width, num_heads=config.num_heads,
-            mlp_dim=config.mlp_dim, epochs=1, batch_size=batch_size, workers=workers,
+            data=str(data),
+            out=str(Path(folder) / "run"),
+            model=f"Ti/{config.patch_size}",
+            image_size=config.image_size[0],
+            depth=config.depth,
+            width=config.width,
+            num_heads=config.num_heads,
+            mlp_dim=config.mlp_dim,
+            epochs=1,
+            batch_size=batch_size,
+            workers=workers,
         )
         result = train(run)
         row = result.history[-1]
@@ -88,35 +106,57 @@ def end_to_end(config: ViTConfig, images: int, batch_size: int, workers: int | N
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--variant", default="Ti/16")
-    parser.add_argument("--depth", type=int, default=None, help="override the variant's depth (smaller = faster bench)")
+    parser.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help="override the variant's depth (smaller = faster bench)",
+    )
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    parser.add_argument("--e2e", type=int, default=0, metavar="N", help="also time `vit train` end to end on N images")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's default)"
+    )
+    parser.add_argument(
+        "--e2e",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time `vit train` end to end on N images",
+    )
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers for --e2e")
     args = parser.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {"depth": args.depth} if args.depth else {}
-    config = ViTConfig.from_variant(args.variant, image_size=args.image_size, num_classes=args.classes, **overrides)
+    config = ViTConfig.from_variant(
+        args.variant, image_size=args.image_size, num_classes=args.classes, **overrides
+    )
     torch.manual_seed(0)
     ours = ViT(config)
     theirs = hf_model(config)
-    assert abs(ours.num_parameters() - sum(p.numel() for p in theirs.parameters())) == 0, "sizes differ"
+    assert abs(ours.num_parameters() - sum(p.numel() for p in theirs.parameters())) == 0, (
+        "sizes differ"
+    )
     opt_ours = make_optimizer(ours, lr=1e-4, weight_decay=0.05)
     opt_hf = make_optimizer(theirs, lr=1e-4, weight_decay=0.05)
     pixels = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     labels = torch.randint(0, args.classes, (args.batch_size,))
 
-    print(f"{args.variant}{' depth ' + str(args.depth) if args.depth else ''} at {args.image_size}, batch {args.batch_size}, "
-          f"{ours.num_parameters() / 1e6:.2f}M params, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}", flush=True)
+    print(
+        f"{args.variant}{' depth ' + str(args.depth) if args.depth else ''} at {args.image_size}, batch {args.batch_size}, "
+        f"{ours.num_parameters() / 1e6:.2f}M params, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}",
+        flush=True,
+    )
     time_ours(ours, opt_ours, pixels, labels, 1)  # warm-up (allocator, kernels)
     time_hf(theirs, opt_hf, pixels, labels, 1)
     rates: dict[str, list[float]] = {"vitcli": [], "transformers": []}
@@ -126,17 +166,27 @@ def main() -> None:
             order.reverse()  # alternate who goes first
         for name, timer, model, optimizer in order:
             rates[name].append(timer(model, optimizer, pixels, labels, args.steps))
-        print(f"  round {round_index + 1}: " + ", ".join(f"{k} {v[-1]:.2f} img/s" for k, v in rates.items()), flush=True)
+        print(
+            f"  round {round_index + 1}: "
+            + ", ".join(f"{k} {v[-1]:.2f} img/s" for k, v in rates.items()),
+            flush=True,
+        )
     best = {k: max(v) for k, v in rates.items()}
     median = {k: statistics.median(v) for k, v in rates.items()}
-    print(f"training step, img/s   best: vitcli {best['vitcli']:.2f}, transformers {best['transformers']:.2f} "
-          f"(ratio {best['vitcli'] / best['transformers']:.2f})")
-    print(f"                     median: vitcli {median['vitcli']:.2f}, transformers {median['transformers']:.2f} "
-          f"(ratio {median['vitcli'] / median['transformers']:.2f})")
+    print(
+        f"training step, img/s   best: vitcli {best['vitcli']:.2f}, transformers {best['transformers']:.2f} "
+        f"(ratio {best['vitcli'] / best['transformers']:.2f})"
+    )
+    print(
+        f"                     median: vitcli {median['vitcli']:.2f}, transformers {median['transformers']:.2f} "
+        f"(ratio {median['vitcli'] / median['transformers']:.2f})"
+    )
     if args.e2e:
         result = end_to_end(config, args.e2e, args.batch_size, args.workers)
-        print(f"vit train end to end (decode + augment + train, 1 epoch, {result['images']} images): "
-              f"{result['images_per_s']:.2f} img/s")
+        print(
+            f"vit train end to end (decode + augment + train, 1 epoch, {result['images']} images): "
+            f"{result['images_per_s']:.2f} img/s"
+        )
 
 
 if __name__ == "__main__":

@@ -73,28 +73,53 @@ def main() -> None:
                 if policy != "unset":
                     env["OMP_WAIT_POLICY"] = policy
                 process = subprocess.run(
-                    [sys.executable, __file__, "--child", str(folder), "--threads", str(args.threads)],
-                    env=env, capture_output=True, text=True, check=True,
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        str(folder),
+                        "--threads",
+                        str(args.threads),
+                    ],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
                 )
                 result = json.loads(process.stdout.strip().splitlines()[-1])
                 results[policy].append(result)
-                print(f"round {round_number + 1} {policy:8s} end to end {result['end_to_end']:6.1f} img/s, "
-                      f"model-only {result['model_only']:6.1f} img/s", file=sys.stderr)
+                print(
+                    f"round {round_number + 1} {policy:8s} end to end {result['end_to_end']:6.1f} img/s, "
+                    f"model-only {result['model_only']:6.1f} img/s",
+                    file=sys.stderr,
+                )
 
-    print(f"\n{args.variant}, {args.images} JPEGs 1600x1200, {args.threads} threads, {args.rounds} rounds (medians)\n")
-    print("| OMP_WAIT_POLICY | end to end img/s | model-only img/s | end to end / model-only, same process |")
+    print(
+        f"\n{args.variant}, {args.images} JPEGs 1600x1200, {args.threads} threads, {args.rounds} rounds (medians)\n"
+    )
+    print(
+        "| OMP_WAIT_POLICY | end to end img/s | model-only img/s | end to end / model-only, same process |"
+    )
     print("|---|---|---|---|")
     for policy in POLICIES:
         rows = results[policy]
-        print(f"| {policy} | {statistics.median(r['end_to_end'] for r in rows):.1f} | "
-              f"{statistics.median(r['model_only'] for r in rows):.1f} | "
-              f"{statistics.median(r['end_to_end'] / r['model_only'] for r in rows) * 100:.0f}% |")
-    paired = [p["end_to_end"] / u["model_only"] for p, u in zip(results["PASSIVE"], results["unset"])]
+        print(
+            f"| {policy} | {statistics.median(r['end_to_end'] for r in rows):.1f} | "
+            f"{statistics.median(r['model_only'] for r in rows):.1f} | "
+            f"{statistics.median(r['end_to_end'] / r['model_only'] for r in rows) * 100:.0f}% |"
+        )
+    paired = [
+        p["end_to_end"] / u["model_only"] for p, u in zip(results["PASSIVE"], results["unset"])
+    ]
     gain = [p["end_to_end"] / u["end_to_end"] for p, u in zip(results["PASSIVE"], results["unset"])]
-    print(f"\n- end to end PASSIVE / model-only unset, same round: median {statistics.median(paired) * 100:.0f}% "
-          f"({', '.join(f'{v * 100:.0f}' for v in paired)})")
-    print(f"- end to end PASSIVE / end to end unset, same round: median {statistics.median(gain):.2f}x "
-          f"({', '.join(f'{v:.2f}' for v in gain)})")
+    print(
+        f"\n- end to end PASSIVE / model-only unset, same round: median {statistics.median(paired) * 100:.0f}% "
+        f"({', '.join(f'{v * 100:.0f}' for v in paired)})"
+    )
+    print(
+        f"- end to end PASSIVE / end to end unset, same round: median {statistics.median(gain):.2f}x "
+        f"({', '.join(f'{v:.2f}' for v in gain)})"
+    )
 
 
 if __name__ == "__main__":

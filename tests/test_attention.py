@@ -55,7 +55,13 @@ def bright_patch_model(image_size=(32, 48), patch_size=8) -> ViT:
     reads dim 1, so the CLS score grows with a patch's brightness.
     """
     config = ViTConfig(
-        image_size=image_size, patch_size=patch_size, num_classes=2, width=8, depth=1, num_heads=1, mlp_dim=8
+        image_size=image_size,
+        patch_size=patch_size,
+        num_classes=2,
+        width=8,
+        depth=1,
+        num_heads=1,
+        mlp_dim=8,
     )
     model = ViT(config).eval()
     with torch.no_grad():
@@ -84,10 +90,17 @@ def hf_from_ours(model: ViT):
     transformers = pytest.importorskip("transformers")
     config = model.config
     hf_config = transformers.ViTConfig(
-        hidden_size=config.width, num_hidden_layers=config.depth, num_attention_heads=config.num_heads,
-        intermediate_size=config.mlp_dim, image_size=list(config.image_size), patch_size=config.patch_size,
-        num_labels=config.num_classes, layer_norm_eps=config.ln_eps, qkv_bias=config.qkv_bias,
-        hidden_act="gelu", attn_implementation="eager",
+        hidden_size=config.width,
+        num_hidden_layers=config.depth,
+        num_attention_heads=config.num_heads,
+        intermediate_size=config.mlp_dim,
+        image_size=list(config.image_size),
+        patch_size=config.patch_size,
+        num_labels=config.num_classes,
+        layer_norm_eps=config.ln_eps,
+        qkv_bias=config.qkv_bias,
+        hidden_act="gelu",
+        attn_implementation="eager",
     )
     hf = transformers.ViTForImageClassification(hf_config).eval()
     assert hf.config._attn_implementation == "eager"
@@ -109,8 +122,11 @@ def hf_from_ours(model: ViT):
             mapped[f"vit.layers.{i}.attention.{name}.weight"] = qkv_w[j * width : (j + 1) * width]
             mapped[f"vit.layers.{i}.attention.{name}.bias"] = qkv_b[j * width : (j + 1) * width]
         pairs = {
-            "attention.o_proj": "attn.proj", "layernorm_before": "norm1", "layernorm_after": "norm2",
-            "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+            "attention.o_proj": "attn.proj",
+            "layernorm_before": "norm1",
+            "layernorm_after": "norm2",
+            "mlp.fc1": "mlp.fc1",
+            "mlp.fc2": "mlp.fc2",
         }
         for theirs, mine in pairs.items():
             for kind in ("weight", "bias"):
@@ -133,7 +149,9 @@ def test_per_head_maps_equal_transformers_eager_attentions(image_size):
     probabilities = reference.logits.softmax(-1)
     for row, top in zip(probabilities, maps["top"]):
         assert [index for index, _, _ in top] == row.argsort(descending=True).tolist()
-        assert [score for _, _, score in top] == pytest.approx(row.sort(descending=True).values.tolist(), abs=1e-5)
+        assert [score for _, _, score in top] == pytest.approx(
+            row.sort(descending=True).values.tolist(), abs=1e-5
+        )
     grid_h, grid_w = image_size[0] // 8, image_size[1] // 8
     assert maps["grid_size"] == (grid_h, grid_w)
     heads = maps["heads"]  # B, L, nh, Hp, Wp
@@ -156,8 +174,12 @@ def test_only_the_needed_layers_take_the_explicit_path():
     assert explicit_layers(AttentionOptions(layers=(1,), rollout=True), depth=3) == [0, 1, 2]
     model = randomised(tiny(depth=3))
     x = pixels(2)
-    alone = compute_batch(model, x, AttentionOptions(layers=(1,), rollout=False), labels=["a", "b", "c"])
-    with_rollout = compute_batch(model, x, AttentionOptions(layers=(1,), rollout=True), labels=["a", "b", "c"])
+    alone = compute_batch(
+        model, x, AttentionOptions(layers=(1,), rollout=False), labels=["a", "b", "c"]
+    )
+    with_rollout = compute_batch(
+        model, x, AttentionOptions(layers=(1,), rollout=True), labels=["a", "b", "c"]
+    )
     torch.testing.assert_close(alone["heads"], with_rollout["heads"])
     assert "rollout" not in alone and with_rollout["rollout"].shape == (2, 4, 4)
 
@@ -174,12 +196,16 @@ def test_parse_layers():
 
 
 # -- rollout against the formula ----------------------------------------------------------
-def reference_rollout(weights: list[np.ndarray], fusion: str, discard: float, grid_size) -> np.ndarray:
+def reference_rollout(
+    weights: list[np.ndarray], fusion: str, discard: float, grid_size
+) -> np.ndarray:
     """Loop-by-loop rollout of one image: weights[l] is (nh, T, T); returns (Hp, Wp)."""
     tokens = weights[0].shape[-1]
     result = np.eye(tokens)
     for layer in weights:
-        fused = {"mean": layer.mean(0), "max": layer.max(0), "min": layer.min(0)}[fusion].astype(np.float64)
+        fused = {"mean": layer.mean(0), "max": layer.max(0), "min": layer.min(0)}[fusion].astype(
+            np.float64
+        )
         drop = int(discard * (tokens - 1))
         for row in range(tokens):
             order = sorted(range(1, tokens), key=lambda column: fused[row, column])
@@ -195,7 +221,9 @@ def reference_rollout(weights: list[np.ndarray], fusion: str, discard: float, gr
     return out
 
 
-@pytest.mark.parametrize("fusion,discard", [("mean", 0.0), ("max", 0.0), ("min", 0.0), ("mean", 0.5)])
+@pytest.mark.parametrize(
+    "fusion,discard", [("mean", 0.0), ("max", 0.0), ("min", 0.0), ("mean", 0.5)]
+)
 def test_rollout_equals_a_straightforward_implementation(fusion, discard):
     model = randomised(tiny(image_size=(32, 48), depth=3))
     x = pixels(3, size=(32, 48), batch=3)
@@ -205,7 +233,9 @@ def test_rollout_equals_a_straightforward_implementation(fusion, discard):
     ours = compute_batch(model, x, options, labels=["a", "b", "c"])["rollout"]
     assert ours.shape == (3, 4, 6)
     for b in range(3):
-        expected = reference_rollout([weights[i][b].numpy() for i in range(3)], fusion, discard, (4, 6))
+        expected = reference_rollout(
+            [weights[i][b].numpy() for i in range(3)], fusion, discard, (4, 6)
+        )
         np.testing.assert_allclose(ours[b].numpy(), expected, rtol=1e-4, atol=1e-6)
 
 
@@ -221,7 +251,9 @@ def test_every_rollout_factor_is_row_stochastic():
             matrix = rollout(list(weights.values()), fusion, discard, prefix=1)
             torch.testing.assert_close(matrix.sum(-1), torch.ones(matrix.shape[:-1]))
             # The vector chain the service uses is the CLS row of the full product.
-            torch.testing.assert_close(rollout_rows(list(weights.values()), fusion, discard, prefix=1), matrix[:, 0])
+            torch.testing.assert_close(
+                rollout_rows(list(weights.values()), fusion, discard, prefix=1), matrix[:, 0]
+            )
 
 
 def test_discard_ratio_is_per_image_and_row_and_keeps_cls():
@@ -232,7 +264,9 @@ def test_discard_ratio_is_per_image_and_row_and_keeps_cls():
     torch.testing.assert_close(dropped[:, :, 0], fused[:, :, 0])
     assert ((dropped[:, :, 1:] == 0).sum(-1) == 3).all()  # int(0.5 * 6) per row, every image
     for b in range(3):
-        torch.testing.assert_close(discard_lowest(fused[b : b + 1], 0.5, prefix=1), dropped[b : b + 1])
+        torch.testing.assert_close(
+            discard_lowest(fused[b : b + 1], 0.5, prefix=1), dropped[b : b + 1]
+        )
         for row in range(7):
             kept = dropped[b, row, 1:][dropped[b, row, 1:] > 0]
             zeroed = fused[b, row, 1:][dropped[b, row, 1:] == 0]
@@ -288,7 +322,9 @@ def test_squash_geometry_stretches_the_grid_over_the_whole_image():
 
 def test_center_crop_geometry_maps_onto_its_region_only():
     preprocess = Preprocess(size=(32, 32), resize="shorter", crop_pct=1.0)
-    geometry = preprocess.geometry(96, 64)  # resized to 48x32, 8 px cropped each side = 16 original px
+    geometry = preprocess.geometry(
+        96, 64
+    )  # resized to 48x32, 8 px cropped each side = 16 original px
     assert geometry.box == pytest.approx((16.0, 0.0, 80.0, 64.0))
     grid = np.zeros((4, 4), dtype=np.float32)
     grid[3, 0] = 1.0  # bottom-left patch of the crop
@@ -304,7 +340,9 @@ def test_center_crop_geometry_maps_onto_its_region_only():
     image = np.full((64, 96, 3), 100, dtype=np.uint8)
     out = blend(image, values, sampler.inside, RenderOptions(colormap="jet", alpha=1.0))
     assert (out[:, :16] == out[0, 0]).all() and (out[:, 80:] == out[0, 0]).all()
-    assert tuple(out[60, 20]) == tuple(colormaps.lut("jet")[-1]) and tuple(out[5, 20]) == tuple(colormaps.lut("jet")[0])
+    assert tuple(out[60, 20]) == tuple(colormaps.lut("jet")[-1]) and tuple(out[5, 20]) == tuple(
+        colormaps.lut("jet")[0]
+    )
 
 
 @pytest.mark.parametrize("interpolation", ["nearest", "bilinear", "bicubic"])
@@ -344,22 +382,53 @@ def write_images(folder: Path) -> None:
     rng = np.random.default_rng(0)
     (folder / "sub").mkdir(parents=True)
     Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / "cat.png")
-    Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(folder / "sub" / "cat.jpg")
-    Image.fromarray(rng.integers(0, 255, (64, 32, 3), dtype=np.uint8)).save(folder / "tall & <odd>.png")
+    Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(
+        folder / "sub" / "cat.jpg"
+    )
+    Image.fromarray(rng.integers(0, 255, (64, 32, 3), dtype=np.uint8)).save(
+        folder / "tall & <odd>.png"
+    )
     (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
 
 
 def test_cli_end_to_end_subprocess(tmp_path):
     model = randomised(tiny(image_size=(32, 48), depth=3))
-    model_path = save_model(model, tmp_path / "m.safetensors", labels=["ant", "bee", "cow"], preprocess=Preprocess(size=(32, 48)))
+    model_path = save_model(
+        model,
+        tmp_path / "m.safetensors",
+        labels=["ant", "bee", "cow"],
+        preprocess=Preprocess(size=(32, 48)),
+    )
     images = tmp_path / "images"
     write_images(images)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     process = subprocess.run(
-        [sys.executable, "-m", "vitcli", "attention", str(images), "--model", str(model_path), "--out", str(out),
-         "--layer", "all", "--threshold", "0.6", "--per-head", "--html", "--batch-size", "2", "--workers", "1"],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "vitcli",
+            "attention",
+            str(images),
+            "--model",
+            str(model_path),
+            "--out",
+            str(out),
+            "--layer",
+            "all",
+            "--threshold",
+            "0.6",
+            "--per-head",
+            "--html",
+            "--batch-size",
+            "2",
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert process.returncode == 1, process.stderr
     assert "broken.jpg" in process.stderr
@@ -390,19 +459,42 @@ def test_cli_end_to_end_subprocess(tmp_path):
 
 def run_cli(args):
     result = CliRunner().invoke(app, ["attention", *args])
-    return result.exit_code, result.output + (result.stderr if result.stderr_bytes is not None else "")
+    return result.exit_code, result.output + (
+        result.stderr if result.stderr_bytes is not None else ""
+    )
 
 
 def test_cli_localises_the_bright_square_and_overlay_aligns(tmp_path):
     """Hand-set model + non-square photo twice the model size: the map and the drawn overlay
     must both peak on the square, through the squash geometry."""
-    model_path = save_model(bright_patch_model(), tmp_path / "bright.safetensors", labels=["x", "y"], preprocess=Preprocess(size=(32, 48)))
+    model_path = save_model(
+        bright_patch_model(),
+        tmp_path / "bright.safetensors",
+        labels=["x", "y"],
+        preprocess=Preprocess(size=(32, 48)),
+    )
     image = np.zeros((64, 96, 3), dtype=np.uint8)
     image[16:32, 64:80] = 255  # grid row 1, column 4 after the squash to 32x48
     Image.fromarray(image).save(tmp_path / "square.png")
     code, output = run_cli(
-        [str(tmp_path / "square.png"), "--model", str(model_path), "--out", str(tmp_path / "out"), "--per-head",
-         "--maps-format", "npy", "--interpolation", "nearest", "--colormap", "gray", "--alpha", "1", "--workers", "0"]
+        [
+            str(tmp_path / "square.png"),
+            "--model",
+            str(model_path),
+            "--out",
+            str(tmp_path / "out"),
+            "--per-head",
+            "--maps-format",
+            "npy",
+            "--interpolation",
+            "nearest",
+            "--colormap",
+            "gray",
+            "--alpha",
+            "1",
+            "--workers",
+            "0",
+        ]
     )
     assert code == 0, output
     folder = tmp_path / "out" / "square"
@@ -413,22 +505,60 @@ def test_cli_localises_the_bright_square_and_overlay_aligns(tmp_path):
     scale = overlay.shape[1] / 96
     top, left = int(16 * scale), int(64 * scale)
     size = int(16 * scale)
-    assert overlay[top + 1 : top + size - 1, left + 1 : left + size - 1].min() == 255  # peak colour on the square
+    assert (
+        overlay[top + 1 : top + size - 1, left + 1 : left + size - 1].min() == 255
+    )  # peak colour on the square
     rest = overlay.copy()
     rest[top - 1 : top + size + 1, left - 1 : left + size + 1] = 0
     assert rest.max() < 128
 
 
 def test_cli_mean_pooled_model_and_user_errors(tmp_path):
-    model_path = save_model(randomised(tiny(class_token=False, pool="mean")), tmp_path / "m.safetensors")
+    model_path = save_model(
+        randomised(tiny(class_token=False, pool="mean")), tmp_path / "m.safetensors"
+    )
     Image.new("RGB", (40, 40), (90, 20, 200)).save(tmp_path / "a.png")
-    code, output = run_cli([str(tmp_path / "a.png"), "--model", str(model_path), "--out", str(tmp_path / "o"), "--workers", "0", "--style", "mask", "--blur", "8"])
+    code, output = run_cli(
+        [
+            str(tmp_path / "a.png"),
+            "--model",
+            str(model_path),
+            "--out",
+            str(tmp_path / "o"),
+            "--workers",
+            "0",
+            "--style",
+            "mask",
+            "--blur",
+            "8",
+        ]
+    )
     assert code == 0, output
     meta = json.loads((tmp_path / "o" / "a" / "meta.json").read_text())
     assert meta["query"] == "mean" and "no CLS token" in meta["query_note"]
-    code, output = run_cli([str(tmp_path / "a.png"), "--model", str(model_path), "--layer", "5", "--out", str(tmp_path / "o")])
+    code, output = run_cli(
+        [
+            str(tmp_path / "a.png"),
+            "--model",
+            str(model_path),
+            "--layer",
+            "5",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 1 and "out of range" in output
-    code, output = run_cli([str(tmp_path / "a.png"), "--model", str(model_path), "--style", "fancy", "--out", str(tmp_path / "o")])
+    code, output = run_cli(
+        [
+            str(tmp_path / "a.png"),
+            "--model",
+            str(model_path),
+            "--style",
+            "fancy",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 1 and "--style" in output
 
 
@@ -447,7 +577,9 @@ def reference_blend(image, values, inside, options):
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("style,alpha", [("heatmap", None), ("heatmap", 0.37), ("mask", None), ("mask", 0.6)])
+@pytest.mark.parametrize(
+    "style,alpha", [("heatmap", None), ("heatmap", 0.37), ("mask", None), ("mask", 0.6)]
+)
 def test_painter_equals_the_overlay_formula_for_any_view(style, alpha):
     rng = np.random.default_rng(5)
     image = rng.integers(0, 256, (30, 41, 3), dtype=np.uint8)
@@ -457,10 +589,19 @@ def test_painter_equals_the_overlay_formula_for_any_view(style, alpha):
     rectangle[3:27, 5:33] = True
     ragged = rng.random((30, 41)) > 0.4  # not a rectangle: the general path
     options = RenderOptions(style=style, alpha=alpha, colormap="inferno")
-    for inside in (np.ones((30, 41), dtype=bool), rectangle, ragged, np.zeros((30, 41), dtype=bool)):
+    for inside in (
+        np.ones((30, 41), dtype=bool),
+        rectangle,
+        ragged,
+        np.zeros((30, 41), dtype=bool),
+    ):
         painter = Painter(image, inside, options)
-        np.testing.assert_array_equal(painter.paint(values), reference_blend(image, values, inside, options))
-        np.testing.assert_array_equal(blend(image, values, inside, options), reference_blend(image, values, inside, options))
+        np.testing.assert_array_equal(
+            painter.paint(values), reference_blend(image, values, inside, options)
+        )
+        np.testing.assert_array_equal(
+            blend(image, values, inside, options), reference_blend(image, values, inside, options)
+        )
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 9), (7, 1), (37, 53), (200, 301)])
@@ -475,7 +616,10 @@ def test_png_encoder_round_trips_exactly(shape):
     decoded = Image.open(io.BytesIO(data))
     assert decoded.mode == "RGB" and decoded.size == (shape[1], shape[0])
     np.testing.assert_array_equal(np.asarray(decoded), pixels)
-    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png_bytes(Image.fromarray(pixels).convert("RGBA"))))), pixels)
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(io.BytesIO(png_bytes(Image.fromarray(pixels).convert("RGBA"))))),
+        pixels,
+    )
     with pytest.raises(ValueError, match="uint8"):
         png_bytes(pixels.astype(np.float32))
 
@@ -487,24 +631,44 @@ def test_sheet_from_the_decoders_display_equals_the_sheet_from_a_second_decode(t
     from vitcli.services.attention import attention_batches
 
     model = randomised(tiny(image_size=(32, 48), depth=2))
-    bundle = load_vitcli_file(save_model(model, tmp_path / "m.safetensors", preprocess=Preprocess(size=(32, 48), resize="shorter", crop_pct=0.9)))
+    bundle = load_vitcli_file(
+        save_model(
+            model,
+            tmp_path / "m.safetensors",
+            preprocess=Preprocess(size=(32, 48), resize="shorter", crop_pct=0.9),
+        )
+    )
     rng = np.random.default_rng(2)
     Image.fromarray(rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)).save(tmp_path / "wide.png")
-    Image.fromarray(rng.integers(0, 256, (90, 60, 3), dtype=np.uint8)).save(tmp_path / "small.png")  # below tile size
+    Image.fromarray(rng.integers(0, 256, (90, 60, 3), dtype=np.uint8)).save(
+        tmp_path / "small.png"
+    )  # below tile size
     # A large JPEG that the tiny model decodes in draft mode at 1/8 scale (200x150): less than
     # a 224 tile, so the sheet must come from a fresh decode at a larger draft scale.
-    Image.fromarray(rng.integers(0, 256, (1200, 1600, 3), dtype=np.uint8)).save(tmp_path / "big.jpg", quality=90)
+    Image.fromarray(rng.integers(0, 256, (1200, 1600, 3), dtype=np.uint8)).save(
+        tmp_path / "big.jpg", quality=90
+    )
     options = AttentionOptions(layers=(-1,), rollout=True)
     paths = [str(tmp_path / "wide.png"), str(tmp_path / "small.png"), str(tmp_path / "big.jpg")]
-    (results, failures), = list(attention_batches(bundle, paths, options, batch_size=3, workers=0, display_long_side=224))
+    ((results, failures),) = list(
+        attention_batches(bundle, paths, options, batch_size=3, workers=0, display_long_side=224)
+    )
     assert not failures
     assert results[0].display.shape == (134, 224, 3)  # scaled down to the tile
     assert results[1].display.shape == (90, 60, 3)  # smaller than a tile: as decoded
-    assert results[2].display.shape == (150, 200, 3)  # the model's draft decode, smaller than the tile
-    context = render.RunContext.from_bundle(bundle, options, RenderOptions(), maps_format="safetensors", per_head=False)
+    assert results[2].display.shape == (
+        150,
+        200,
+        3,
+    )  # the model's draft decode, smaller than the tile
+    context = render.RunContext.from_bundle(
+        bundle, options, RenderOptions(), maps_format="safetensors", per_head=False
+    )
     for result in results:
         render.write_image_outputs(result, tmp_path / "with" / Path(result.path).stem, context)
         result.display = None
         render.write_image_outputs(result, tmp_path / "without" / Path(result.path).stem, context)
         name = Path(result.path).stem
-        assert (tmp_path / "with" / name / "sheet.png").read_bytes() == (tmp_path / "without" / name / "sheet.png").read_bytes()
+        assert (tmp_path / "with" / name / "sheet.png").read_bytes() == (
+            tmp_path / "without" / name / "sheet.png"
+        ).read_bytes()

@@ -57,8 +57,23 @@ def test_held_out_accuracy_and_attention_localization(bundle, held_out):
 def test_default_model_is_found_from_any_working_directory(tmp_path, held_out):
     image = held_out[0][0]
     done = subprocess.run(
-        [sys.executable, "-m", "vitcli", "predict", image, "--format", "jsonl", "--top-k", "1", "--workers", "0"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "vitcli",
+            "predict",
+            image,
+            "--format",
+            "jsonl",
+            "--top-k",
+            "1",
+            "--workers",
+            "0",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert '"label": "circle"' in done.stdout

@@ -17,17 +17,28 @@ PROBE = (
 
 
 def run_probe(*args):
-    return subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_help_and_version_do_not_import_torch():
-    for args in (["--help"], ["--version"], ["predict", "--help"], ["attention", "--help"], ["train", "--help"], ["data", "shapes", "--help"]):
+    for args in (
+        ["--help"],
+        ["--version"],
+        ["predict", "--help"],
+        ["attention", "--help"],
+        ["train", "--help"],
+        ["data", "shapes", "--help"],
+    ):
         done = run_probe(*args)
         assert "TORCH_NOT_LOADED" in done.stderr, (args, done.stderr[-500:])
 
 
 def test_version_prints_the_package_version():
-    done = subprocess.run([sys.executable, "-m", "vitcli", "--version"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "vitcli", "--version"], capture_output=True, text=True
+    )
     assert done.returncode == 0 and done.stdout.strip() == f"vitcli {__version__}"
 
 
@@ -39,21 +50,36 @@ def test_every_command_is_registered():
 
 
 ENV_PROBE = PROBE.replace(
-    "print('TORCH_LOADED'", "import os; print('POLICY=' + os.environ.get('OMP_WAIT_POLICY', 'unset'), file=sys.stderr)\nprint('TORCH_LOADED'"
+    "print('TORCH_LOADED'",
+    "import os; print('POLICY=' + os.environ.get('OMP_WAIT_POLICY', 'unset'), file=sys.stderr)\nprint('TORCH_LOADED'",
 )
 
 
-def test_predict_and_attention_choose_passive_openmp_waiting_unless_the_user_chose(tmp_path, examples_dir):
+def test_predict_and_attention_choose_passive_openmp_waiting_unless_the_user_chose(
+    tmp_path, examples_dir
+):
     """Set before torch loads (OpenMP reads it once); a user's own choice is kept."""
     import os
 
     image = str(examples_dir / "shapes-ring.jpg")
     env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
-    for args in (["predict", image, "--quiet"], ["attention", image, "--out", str(tmp_path / "a"), "--quiet"]):
-        done = subprocess.run([sys.executable, "-c", ENV_PROBE, *args], capture_output=True, text=True, timeout=120, env=env)
+    for args in (
+        ["predict", image, "--quiet"],
+        ["attention", image, "--out", str(tmp_path / "a"), "--quiet"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", ENV_PROBE, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
         assert "POLICY=PASSIVE" in done.stderr and "TORCH_LOADED" in done.stderr, done.stderr[-500:]
         done = subprocess.run(
-            [sys.executable, "-c", ENV_PROBE, *args], capture_output=True, text=True, timeout=120,
+            [sys.executable, "-c", ENV_PROBE, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
             env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
         )
         assert "POLICY=ACTIVE" in done.stderr, done.stderr[-500:]

@@ -39,8 +39,15 @@ def assert_one_line_error(result, *fragments: str) -> None:
 
 def hf_folder(folder: Path, seed: int = 0, **fields) -> tuple[Path, object]:
     transformers = pytest.importorskip("transformers")
-    settings = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                    image_size=32, patch_size=8, num_labels=3)
+    settings = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=3,
+    )
     settings.update(fields)
     torch.manual_seed(seed)
     model = transformers.ViTForImageClassification(transformers.ViTConfig(**settings)).eval()
@@ -63,7 +70,11 @@ def test_info_json(tiny_model, tiny_model_file):
     result = vit("info", tiny_model_file, "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["source_format"] == "vitcli" and data["labels"] == TINY_LABELS and data["num_labels"] == 5
+    assert (
+        data["source_format"] == "vitcli"
+        and data["labels"] == TINY_LABELS
+        and data["num_labels"] == 5
+    )
     assert data["num_parameters"] == sum(p.numel() for p in tiny_model.parameters())
     assert data["config"] == json.loads(tiny_model.config.to_json())
     assert data["preprocess"]["resize"] == "squash"
@@ -93,7 +104,9 @@ def test_convert_hf_folder_to_our_format(tmp_path):
     assert bundle.config.ln_eps == reference.config.layer_norm_eps
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(bundle.model(x), reference(pixel_values=x).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            bundle.model(x), reference(pixel_values=x).logits, atol=1e-4, rtol=0
+        )
 
 
 def test_convert_fp16_halves_the_file(tmp_path, tiny_model_file):
@@ -106,20 +119,29 @@ def test_convert_fp16_halves_the_file(tmp_path, tiny_model_file):
 
 
 def test_convert_refuses_another_extension(tmp_path, tiny_model_file):
-    assert_one_line_error(vit("convert", tiny_model_file, tmp_path / "out.pt"), "must end in .safetensors")
+    assert_one_line_error(
+        vit("convert", tiny_model_file, tmp_path / "out.pt"), "must end in .safetensors"
+    )
     assert not (tmp_path / "out.pt").exists()
 
 
 def test_fetch_reads_the_cache_offline_and_explains_a_miss(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    snapshot = populate_hub_cache(tmp_path / "hub", "tiny-org/cached", {
-        "config.json": b'{"model_type": "vit"}', "model.safetensors": b"weights",
-    })
+    snapshot = populate_hub_cache(
+        tmp_path / "hub",
+        "tiny-org/cached",
+        {
+            "config.json": b'{"model_type": "vit"}',
+            "model.safetensors": b"weights",
+        },
+    )
     result = vit("fetch", "tiny-org/cached")
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(snapshot)
-    assert_one_line_error(vit("fetch", "tiny-org/absent"), "not in the local cache", "vit fetch tiny-org/absent")
+    assert_one_line_error(
+        vit("fetch", "tiny-org/absent"), "not in the local cache", "vit fetch tiny-org/absent"
+    )
 
 
 # -- bad input ---------------------------------------------------------------------------------
@@ -185,8 +207,14 @@ BAD_INPUTS = {
     "corrupt": (_corrupt, ["not a readable safetensors file"]),
     "empty": (_empty, ["not a readable safetensors file"]),
     "pickle-as-safetensors": (_pickle, ["pickle", "not safetensors"]),
-    "unknown-keys": (_unknown_keys, ["missing 2 keys (head.weight, norm.bias)", "unexpected 1 keys (classifier.weight)"]),
-    "wrong-shapes": (_wrong_shapes, ["wrong tensor shapes", "blocks.0.mlp.fc1.weight is (64, 32), expected (128, 32)"]),
+    "unknown-keys": (
+        _unknown_keys,
+        ["missing 2 keys (head.weight, norm.bias)", "unexpected 1 keys (classifier.weight)"],
+    ),
+    "wrong-shapes": (
+        _wrong_shapes,
+        ["wrong tensor shapes", "blocks.0.mlp.fc1.weight is (64, 32), expected (128, 32)"],
+    ),
     "missing-path": (_missing, ["no such file or folder"]),
     "not-an-npz": (_not_an_npz, ["not a readable .npz"]),
 }
@@ -205,8 +233,12 @@ def test_bad_checkpoint_is_one_line_and_exit_1(tmp_path, tiny_model_file, case, 
 # -- real subprocesses -------------------------------------------------------------------------
 def run_vit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "vitcli", *map(str, args)], capture_output=True, text=True, cwd=ROOT,
-        env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=120,
+        [sys.executable, "-m", "vitcli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        timeout=120,
     )
 
 
@@ -215,8 +247,11 @@ def test_subprocess_info_and_offline_error(tmp_path, tiny_model_file):
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
     assert data["labels"] == TINY_LABELS and data["extra"]["source"] == "test"
-    offline = run_vit("info", "tiny-org/never-fetched",
-                      env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache")})
+    offline = run_vit(
+        "info",
+        "tiny-org/never-fetched",
+        env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache")},
+    )
     assert offline.returncode == 1 and offline.stdout == ""
     lines = offline.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in offline.stderr

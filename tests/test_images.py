@@ -34,10 +34,20 @@ def png_header_only(width: int, height: int) -> bytes:
     what a decompression bomb looks like before anyone decodes it."""
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(body))
+            + kind
+            + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 # name -> None when it must decode, else a fragment of the expected error message.
@@ -81,7 +91,9 @@ def write_cases(folder: Path) -> dict[str, str | None]:
     exif[0x0112] = 6  # "rotate 90 CW to display"
     image.save(folder / "exif_rotated.jpg", exif=exif.tobytes(), quality=95)
     frames = [Image.fromarray(photo(32, 32, seed=s)).quantize(colors=64) for s in (1, 2)]
-    frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    frames[0].save(
+        folder / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0
+    )
     data = (folder / "ok.jpg").read_bytes()
     (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
     Image.fromarray(photo(64, 64)).save(folder / "full.png")
@@ -168,11 +180,15 @@ def test_decompression_bomb_is_refused_fast_and_small(cases):
     with pytest.raises(ImageDecodeError, match="too large"):
         open_image(cases / "bomb.png")
     assert time.perf_counter() - start < 1.0
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000  # KiB: no 900 MP buffer
+    assert (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000
+    )  # KiB: no 900 MP buffer
 
 
 def test_our_pixel_limit_refuses_with_what_to_do(cases):
-    with pytest.raises(ImageDecodeError, match="over the 0 MP limit; downscale it first or raise VITCLI_MAX_PIXELS"):
+    with pytest.raises(
+        ImageDecodeError, match="over the 0 MP limit; downscale it first or raise VITCLI_MAX_PIXELS"
+    ):
         open_image(cases / "ok.jpg", max_pixels=1000)
 
 
@@ -221,7 +237,12 @@ def test_unreadable_file_and_folder_are_reported_not_skipped(tmp_path):
         "    print(item.path, '|', item.error)\n"
     )
     try:
-        result = subprocess.run(prefix + [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            prefix + [sys.executable, "-c", script, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         (tmp_path / "sub").chmod(0o755)
         (tmp_path / "locked.png").chmod(0o644)
@@ -229,7 +250,10 @@ def test_unreadable_file_and_folder_are_reported_not_skipped(tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0] == f"{tmp_path}/locked.png: permission denied; check the file's read permission"
     assert lines[1] == f"{tmp_path}/locked.png | None"  # listed; reading it fails later, per file
-    assert lines[2] == f"{tmp_path}/sub | {tmp_path}/sub: cannot list folder (permission denied); its images were skipped"
+    assert (
+        lines[2]
+        == f"{tmp_path}/sub | {tmp_path}/sub: cannot list folder (permission denied); its images were skipped"
+    )
 
 
 def test_folder_scan_is_natural_order_images_only(tmp_path):
@@ -237,5 +261,7 @@ def test_folder_scan_is_natural_order_images_only(tmp_path):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "nested").mkdir()
     (tmp_path / "nested" / "a.tiff").write_bytes(b"")
-    paths = [Path(item.path).relative_to(tmp_path).as_posix() for item in collect_inputs([str(tmp_path)])]
+    paths = [
+        Path(item.path).relative_to(tmp_path).as_posix() for item in collect_inputs([str(tmp_path)])
+    ]
     assert paths == ["img1.jpeg", "img2.PNG", "IMG3.WebP", "img10.png", "nested/a.tiff"]

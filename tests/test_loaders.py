@@ -32,7 +32,10 @@ def logits_of(model, x: torch.Tensor) -> torch.Tensor:
 # -- timm folders ------------------------------------------------------------------------------
 def write_timm_folder(folder: Path, model, **config) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(folder / "model.safetensors"),
+    )
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
@@ -40,20 +43,38 @@ def write_timm_folder(folder: Path, model, **config) -> Path:
 def test_timm_folder_with_model_args_and_imagenet_labels(tmp_path):
     model = random_vit(num_classes=1000)
     folder = write_timm_folder(
-        tmp_path / "timm", model,
-        architecture="vit_tiny_patch16_224", num_classes=1000, global_pool="token",
+        tmp_path / "timm",
+        model,
+        architecture="vit_tiny_patch16_224",
+        num_classes=1000,
+        global_pool="token",
         # timm's own override mechanism; keeps the test model tiny
-        model_args=dict(embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0, patch_size=8, img_size=32),
-        pretrained_cfg=dict(tag="augreg_in21k_ft_in1k", input_size=[3, 32, 32], crop_pct=0.9,
-                            interpolation="bicubic", mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
+        model_args=dict(
+            embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0, patch_size=8, img_size=32
+        ),
+        pretrained_cfg=dict(
+            tag="augreg_in21k_ft_in1k",
+            input_size=[3, 32, 32],
+            crop_pct=0.9,
+            interpolation="bicubic",
+            mean=[0.5, 0.5, 0.5],
+            std=[0.5, 0.5, 0.5],
+        ),
     )
     bundle = load_model(str(folder))
     assert bundle.source_format == "timm" and bundle.extra["tag"] == "augreg_in21k_ft_in1k"
     assert bundle.config.to_dict() == {**model.config.to_dict(), "name": ""}
-    assert bundle.labels[0] == "tench, Tinca tinca" and bundle.labels[-1].startswith("toilet tissue")
+    assert bundle.labels[0] == "tench, Tinca tinca" and bundle.labels[-1].startswith(
+        "toilet tissue"
+    )
     assert len(bundle.labels) == 1000 and bundle.extra["labels_from"] == "imagenet-1k"
     pre = bundle.preprocess
-    assert (pre.size, pre.resize, pre.crop_pct, pre.interpolation) == ((32, 32), "shorter", 0.9, "bicubic")
+    assert (pre.size, pre.resize, pre.crop_pct, pre.interpolation) == (
+        (32, 32),
+        "shorter",
+        0.9,
+        "bicubic",
+    )
     x = inputs(model)
     torch.testing.assert_close(logits_of(bundle.model, x), logits_of(model, x), atol=0, rtol=0)
 
@@ -61,7 +82,11 @@ def test_timm_folder_with_model_args_and_imagenet_labels(tmp_path):
 def test_timm_folder_label_names_and_named_architecture(tmp_path):
     from vitcli.weights.timm import parse_architecture
 
-    assert parse_architecture("vit_base_patch16_384.augreg_in21k_ft_in1k") == ("base", 16, (384, 384))
+    assert parse_architecture("vit_base_patch16_384.augreg_in21k_ft_in1k") == (
+        "base",
+        16,
+        (384, 384),
+    )
     assert parse_architecture("deit_small_patch16_224") == ("small", 16, (224, 224))
     assert parse_architecture("vit_huge_patch14_224") == ("huge", 14, (224, 224))
     for unsupported in ("vit_large_patch14_clip_224", "vit_base_patch16_reg4_gap_256", "resnet50"):
@@ -69,9 +94,14 @@ def test_timm_folder_label_names_and_named_architecture(tmp_path):
             parse_architecture(unsupported)
     model = random_vit(num_classes=5)
     folder = write_timm_folder(
-        tmp_path / "timm", model, architecture="vit_small_patch16_224", num_classes=5,
+        tmp_path / "timm",
+        model,
+        architecture="vit_small_patch16_224",
+        num_classes=5,
         label_names=TINY_LABELS,
-        model_args=dict(embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0, patch_size=8, img_size=32),
+        model_args=dict(
+            embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0, patch_size=8, img_size=32
+        ),
     )
     bundle = load_model(str(folder / "model.safetensors"))  # the weights file finds its folder
     assert bundle.labels == TINY_LABELS
@@ -81,7 +111,9 @@ def test_timm_folder_label_names_and_named_architecture(tmp_path):
 
 def test_timm_folder_whose_weights_do_not_fit_the_architecture(tmp_path):
     model = random_vit()
-    folder = write_timm_folder(tmp_path / "timm", model, architecture="vit_tiny_patch16_224", num_classes=5)
+    folder = write_timm_folder(
+        tmp_path / "timm", model, architecture="vit_tiny_patch16_224", num_classes=5
+    )
     # vit_tiny is width 192 and depth 12: the 32-wide, 2-deep weights must be refused by name.
     with pytest.raises(CheckpointError, match=r"missing \d+ keys \(blocks\.10\.") as error:
         load_model(str(folder))
@@ -89,31 +121,47 @@ def test_timm_folder_whose_weights_do_not_fit_the_architecture(tmp_path):
 
 
 # -- Google .npz -------------------------------------------------------------------------------
-def to_google(model, prefix: str = "", big_vision: bool = False, scanned: bool = False,
-              pre_logits: str | None = None) -> dict[str, np.ndarray]:
+def to_google(
+    model,
+    prefix: str = "",
+    big_vision: bool = False,
+    scanned: bool = False,
+    pre_logits: str | None = None,
+) -> dict[str, np.ndarray]:
     """Our model in Google's layout: every transform of REFERENCE.md run backwards."""
     config = model.config
     width, heads, head_dim = config.width, config.num_heads, config.head_dim
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
     out: dict[str, np.ndarray] = {}
-    out["embedding/kernel"] = sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0)  # D,C,P,P -> P,P,C,D
+    out["embedding/kernel"] = sd["patch_embed.proj.weight"].transpose(
+        2, 3, 1, 0
+    )  # D,C,P,P -> P,P,C,D
     out["embedding/bias"] = sd["patch_embed.proj.bias"]
     if config.class_token:
         out["cls"] = sd["cls_token"]
-    out["pos_embedding" if big_vision else "Transformer/posembed_input/pos_embedding"] = sd["pos_embed"]
-    mha, norm2, mlp = ("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0") if big_vision else (
-        "MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3")
+    out["pos_embedding" if big_vision else "Transformer/posembed_input/pos_embedding"] = sd[
+        "pos_embed"
+    ]
+    mha, norm2, mlp = (
+        ("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0")
+        if big_vision
+        else ("MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3")
+    )
     blocks = []
     for i in range(config.depth):
         b = f"blocks.{i}."
         qkv_w, qkv_b = np.split(sd[b + "attn.qkv.weight"], 3), np.split(sd[b + "attn.qkv.bias"], 3)
         block = {
-            "LayerNorm_0/scale": sd[b + "norm1.weight"], "LayerNorm_0/bias": sd[b + "norm1.bias"],
-            f"{norm2}/scale": sd[b + "norm2.weight"], f"{norm2}/bias": sd[b + "norm2.bias"],
+            "LayerNorm_0/scale": sd[b + "norm1.weight"],
+            "LayerNorm_0/bias": sd[b + "norm1.bias"],
+            f"{norm2}/scale": sd[b + "norm2.weight"],
+            f"{norm2}/bias": sd[b + "norm2.bias"],
             f"{mha}/out/kernel": sd[b + "attn.proj.weight"].T.reshape(heads, head_dim, width),
             f"{mha}/out/bias": sd[b + "attn.proj.bias"],
-            f"{mlp}/Dense_0/kernel": sd[b + "mlp.fc1.weight"].T, f"{mlp}/Dense_0/bias": sd[b + "mlp.fc1.bias"],
-            f"{mlp}/Dense_1/kernel": sd[b + "mlp.fc2.weight"].T, f"{mlp}/Dense_1/bias": sd[b + "mlp.fc2.bias"],
+            f"{mlp}/Dense_0/kernel": sd[b + "mlp.fc1.weight"].T,
+            f"{mlp}/Dense_0/bias": sd[b + "mlp.fc1.bias"],
+            f"{mlp}/Dense_1/kernel": sd[b + "mlp.fc2.weight"].T,
+            f"{mlp}/Dense_1/bias": sd[b + "mlp.fc2.bias"],
         }
         for part, w, bias in zip(("query", "key", "value"), qkv_w, qkv_b):
             block[f"{mha}/{part}/kernel"] = w.T.reshape(width, heads, head_dim)
@@ -124,7 +172,9 @@ def to_google(model, prefix: str = "", big_vision: bool = False, scanned: bool =
             out[f"Transformer/encoderblock/{name}"] = np.stack([block[name] for block in blocks])
     else:
         for i, block in enumerate(blocks):
-            out.update({f"Transformer/encoderblock_{i}/{name}": array for name, array in block.items()})
+            out.update(
+                {f"Transformer/encoderblock_{i}/{name}": array for name, array in block.items()}
+            )
     out["Transformer/encoder_norm/scale"] = sd["norm.weight"]
     out["Transformer/encoder_norm/bias"] = sd["norm.bias"]
     if pre_logits:
@@ -140,9 +190,11 @@ def to_google(model, prefix: str = "", big_vision: bool = False, scanned: bool =
     return {prefix + name: array for name, array in out.items()}
 
 
-def jax_logits(arrays: dict[str, np.ndarray], x: np.ndarray, prefix: str = "", gelu: str = "tanh") -> np.ndarray:
+def jax_logits(
+    arrays: dict[str, np.ndarray], x: np.ndarray, prefix: str = "", gelu: str = "tanh"
+) -> np.ndarray:
     """The vit_jax forward pass written directly on the Google arrays (NHWC, einsums, flax GELU)."""
-    w = {k[len(prefix):]: v.astype(np.float64) for k, v in arrays.items() if k.startswith(prefix)}
+    w = {k[len(prefix) :]: v.astype(np.float64) for k, v in arrays.items() if k.startswith(prefix)}
 
     def layer_norm(z, name):
         mean, var = z.mean(-1, keepdims=True), z.var(-1, keepdims=True)
@@ -158,23 +210,31 @@ def jax_logits(arrays: dict[str, np.ndarray], x: np.ndarray, prefix: str = "", g
     batch, height, width_px, channels = x.shape
     grid_h, grid_w = height // patch, width_px // patch
     patches = x.reshape(batch, grid_h, patch, grid_w, patch, channels).transpose(0, 1, 3, 2, 4, 5)
-    z = np.einsum("bhwpqc,pqcd->bhwd", patches, kernel).reshape(batch, grid_h * grid_w, -1) + w["embedding/bias"]
+    z = (
+        np.einsum("bhwpqc,pqcd->bhwd", patches, kernel).reshape(batch, grid_h * grid_w, -1)
+        + w["embedding/bias"]
+    )
     if "cls" in w:
         z = np.concatenate([np.broadcast_to(w["cls"], (batch, 1, z.shape[-1])), z], axis=1)
     z = z + w.get("Transformer/posembed_input/pos_embedding", w.get("pos_embedding"))
     scanned = "Transformer/encoderblock/LayerNorm_0/scale" in w
-    depth = w["Transformer/encoderblock/LayerNorm_0/scale"].shape[0] if scanned else sum(
-        1 for k in w if k.endswith("LayerNorm_0/scale") and "encoderblock_" in k)
+    depth = (
+        w["Transformer/encoderblock/LayerNorm_0/scale"].shape[0]
+        if scanned
+        else sum(1 for k in w if k.endswith("LayerNorm_0/scale") and "encoderblock_" in k)
+    )
     for i in range(depth):
         base = "Transformer/encoderblock/" if scanned else f"Transformer/encoderblock_{i}/"
-        p = {k[len(base):]: (v[i] if scanned else v) for k, v in w.items() if k.startswith(base)}
+        p = {k[len(base) :]: (v[i] if scanned else v) for k, v in w.items() if k.startswith(base)}
         mha = next(k.split("/")[0] for k in p if k.startswith("MultiHeadDotProductAttention"))
         norm2 = "LayerNorm_2" if "LayerNorm_2/scale" in p else "LayerNorm_1"
         mlp = "MlpBlock_3" if "MlpBlock_3/Dense_0/kernel" in p else "MlpBlock_0"
         mean, var = z.mean(-1, keepdims=True), z.var(-1, keepdims=True)
         y = (z - mean) / np.sqrt(var + 1e-6) * p["LayerNorm_0/scale"] + p["LayerNorm_0/bias"]
-        q, k, v = (np.einsum("btd,dhk->bthk", y, p[f"{mha}/{n}/kernel"]) + p[f"{mha}/{n}/bias"]
-                   for n in ("query", "key", "value"))
+        q, k, v = (
+            np.einsum("btd,dhk->bthk", y, p[f"{mha}/{n}/kernel"]) + p[f"{mha}/{n}/bias"]
+            for n in ("query", "key", "value")
+        )
         scores = np.einsum("bqhk,bshk->bhqs", q / np.sqrt(q.shape[-1]), k)
         scores = np.exp(scores - scores.max(-1, keepdims=True))
         scores /= scores.sum(-1, keepdims=True)
@@ -205,15 +265,28 @@ def test_npz_vit_jax_layout_matches_the_jax_formula(tmp_path, prefix, num_classe
     bundle = load_model(str(write_npz(tmp_path / "ViT-tiny.npz", arrays)))
     assert bundle.source_format == "npz" and bundle.extra["prefix"] == prefix
     config = bundle.config
-    assert (config.width, config.depth, config.num_heads, config.mlp_dim, config.patch_size) == (32, 2, 4, 64, 8)
+    assert (config.width, config.depth, config.num_heads, config.mlp_dim, config.patch_size) == (
+        32,
+        2,
+        4,
+        64,
+        8,
+    )
     assert config.image_size == (32, 32) and config.num_classes == num_classes
     assert config.act == "gelu_tanh" and config.ln_eps == 1e-6
     for name, tensor in model.state_dict().items():
-        torch.testing.assert_close(bundle.model.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
+        torch.testing.assert_close(
+            bundle.model.state_dict()[name], tensor, atol=0, rtol=0, msg=name
+        )
     if num_classes == 1000:
         assert bundle.labels[1] == "goldfish, Carassius auratus"
     pre = bundle.preprocess
-    assert (pre.resize, pre.interpolation, pre.mean, pre.std) == ("squash", "bilinear", (0.5,) * 3, (0.5,) * 3)
+    assert (pre.resize, pre.interpolation, pre.mean, pre.std) == (
+        "squash",
+        "bilinear",
+        (0.5,) * 3,
+        (0.5,) * 3,
+    )
     x = inputs(model)
     expected = jax_logits(arrays, x.permute(0, 2, 3, 1).numpy().astype(np.float64), prefix=prefix)
     np.testing.assert_allclose(logits_of(bundle.model, x).numpy(), expected, atol=1e-6, rtol=0)
@@ -238,7 +311,9 @@ def test_npz_big_vision_scanned_average_pool(tmp_path):
     assert bundle.extra["layout"] == "big_vision" and bundle.extra["scanned"]
     assert not bundle.config.class_token and bundle.config.pool == "mean"
     x = inputs(model)
-    expected = jax_logits(arrays, x.permute(0, 2, 3, 1).numpy().astype(np.float64), prefix="params/img/")
+    expected = jax_logits(
+        arrays, x.permute(0, 2, 3, 1).numpy().astype(np.float64), prefix="params/img/"
+    )
     np.testing.assert_allclose(logits_of(bundle.model, x).numpy(), expected, atol=1e-6, rtol=0)
 
 
@@ -258,7 +333,9 @@ def test_npz_21k_file_with_pre_logits_and_zero_head(tmp_path):
 
 def test_npz_pre_logits_with_a_trained_head_drops_the_head(tmp_path):
     model = random_vit(num_classes=7)
-    bundle = load_model(str(write_npz(tmp_path / "m.npz", to_google(model, pre_logits="trained-head"))))
+    bundle = load_model(
+        str(write_npz(tmp_path / "m.npz", to_google(model, pre_logits="trained-head")))
+    )
     assert bundle.config.num_classes == 0 and bundle.labels == []
     assert any("head, which reads pre_logits" in item for item in bundle.extra["dropped"])
 
@@ -267,11 +344,15 @@ def test_npz_bad_files(tmp_path):
     model = random_vit()
     arrays = to_google(model)
     del arrays["Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias"]
-    with pytest.raises(CheckpointError, match="missing array 'Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias'"):
+    with pytest.raises(
+        CheckpointError, match="missing array 'Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias'"
+    ):
         load_model(str(write_npz(tmp_path / "incomplete.npz", arrays)))
     arrays = to_google(model)
     arrays["Transformer/encoderblock_0/extra/kernel"] = np.zeros(3, np.float32)
-    with pytest.raises(CheckpointError, match="unexpected arrays Transformer/encoderblock_0/extra/kernel"):
+    with pytest.raises(
+        CheckpointError, match="unexpected arrays Transformer/encoderblock_0/extra/kernel"
+    ):
         load_model(str(write_npz(tmp_path / "extra.npz", arrays)))
     np.savez(tmp_path / "objects.npz", embedding=np.array([{"a": 1}], dtype=object))
     with pytest.raises(CheckpointError, match="not a readable .npz"):
@@ -327,18 +408,35 @@ def offline_cache(tmp_path, monkeypatch) -> Path:
 
 def test_hub_id_read_from_the_cache_offline(tmp_path, offline_cache):
     transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                    intermediate_size=64, image_size=32, patch_size=8, num_labels=2)
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=2,
+    )
     torch.manual_seed(0)
     reference = transformers.ViTForImageClassification(config).eval()
     reference.save_pretrained(tmp_path / "saved")
-    processor = {"do_resize": True, "size": {"height": 32, "width": 32}, "resample": 3,
-                 "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "image_processor_type": "ViTImageProcessor"}
-    snapshot = populate_hub_cache(offline_cache, "tiny-org/tiny-vit", {
-        "config.json": (tmp_path / "saved" / "config.json").read_bytes(),
-        "model.safetensors": (tmp_path / "saved" / "model.safetensors").read_bytes(),
-        "preprocessor_config.json": json.dumps(processor).encode(),
-    })
+    processor = {
+        "do_resize": True,
+        "size": {"height": 32, "width": 32},
+        "resample": 3,
+        "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3,
+        "image_processor_type": "ViTImageProcessor",
+    }
+    snapshot = populate_hub_cache(
+        offline_cache,
+        "tiny-org/tiny-vit",
+        {
+            "config.json": (tmp_path / "saved" / "config.json").read_bytes(),
+            "model.safetensors": (tmp_path / "saved" / "model.safetensors").read_bytes(),
+            "preprocessor_config.json": json.dumps(processor).encode(),
+        },
+    )
     bundle = load_model("tiny-org/tiny-vit")
     assert bundle.source_format == "hf" and bundle.reference == "tiny-org/tiny-vit"
     assert bundle.preprocess.interpolation == "bicubic"
@@ -347,7 +445,9 @@ def test_hub_id_read_from_the_cache_offline(tmp_path, offline_cache):
     assert download("tiny-org/tiny-vit") == snapshot
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(bundle.model(x), reference(pixel_values=x).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            bundle.model(x), reference(pixel_values=x).logits, atol=1e-4, rtol=0
+        )
 
 
 def test_hub_id_not_cached_offline_says_how_to_fetch(offline_cache):

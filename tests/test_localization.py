@@ -33,7 +33,9 @@ def test_a_peak_on_the_object_hits_and_a_peak_elsewhere_misses():
     off[3, 0] = 1.0
     hit, strict, overlap, mass, _ = score_map(off, mask, geometry, tolerance=0)
     assert not hit and not strict and not overlap and mass == 0.0
-    assert score_map(off, mask, geometry, tolerance=15)[0]  # cell centre (8, 56) is 12 px from the object
+    assert score_map(off, mask, geometry, tolerance=15)[
+        0
+    ]  # cell centre (8, 56) is 12 px from the object
     uniform = np.ones((4, 4))
     _, _, _, mass, share = score_map(uniform, mask, geometry)
     assert abs(mass - share) < 1e-6  # no idea where the object is: ratio 1
@@ -50,7 +52,9 @@ def test_non_square_grid_and_center_crop_map_back_to_the_original():
     heat[0, 0] = 1.0  # peak in the crop's top-left cell
     hit, strict, overlap, mass, share = score_map(heat, mask, geometry, tolerance=0)
     assert not hit and not strict and not overlap and mass == 0.0 and share == 0.0
-    hit, *_ = score_map(heat, mask, geometry, tolerance=10)  # cell centre (40, 8): 8 px from the object
+    hit, *_ = score_map(
+        heat, mask, geometry, tolerance=10
+    )  # cell centre (40, 8): 8 px from the object
     assert hit
     mask[:, 32:48] = True  # now the crop's left quarter is object
     hit, strict, overlap, mass, share = score_map(heat, mask, geometry)

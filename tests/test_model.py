@@ -25,7 +25,13 @@ def test_variant_parameter_counts_match_the_paper(variant, params_m):
 
 def test_variant_table_and_errors():
     config = ViTConfig.from_variant("l/32", num_classes=10)
-    assert (config.depth, config.width, config.num_heads, config.mlp_dim, config.patch_size) == (24, 1024, 16, 4096, 32)
+    assert (config.depth, config.width, config.num_heads, config.mlp_dim, config.patch_size) == (
+        24,
+        1024,
+        16,
+        4096,
+        32,
+    )
     assert config.name == "L/32" and config.num_classes == 10
     with pytest.raises(ValueError, match="unknown variant"):
         ViTConfig.from_variant("X/16")

@@ -18,12 +18,22 @@ from vitcli.weights.resolve import load_model  # noqa: E402
 TOL = 1e-4
 
 CONFIGS = {
-    "square-p8-gelu": dict(image_size=32, patch_size=8, hidden_act="gelu", qkv_bias=True, layer_norm_eps=1e-12),
+    "square-p8-gelu": dict(
+        image_size=32, patch_size=8, hidden_act="gelu", qkv_bias=True, layer_norm_eps=1e-12
+    ),
     "nonsquare-32x48-p8-gelu_new-noqkvbias": dict(
-        image_size=(32, 48), patch_size=8, hidden_act="gelu_new", qkv_bias=False, layer_norm_eps=1e-6
+        image_size=(32, 48),
+        patch_size=8,
+        hidden_act="gelu_new",
+        qkv_bias=False,
+        layer_norm_eps=1e-6,
     ),
     "nonsquare-48x32-p16-tanh": dict(
-        image_size=(48, 32), patch_size=16, hidden_act="gelu_pytorch_tanh", qkv_bias=True, layer_norm_eps=1e-12
+        image_size=(48, 32),
+        patch_size=16,
+        hidden_act="gelu_pytorch_tanh",
+        qkv_bias=True,
+        layer_norm_eps=1e-12,
     ),
 }
 
@@ -32,12 +42,21 @@ def hf_model(seed: int = 0, num_labels: int = 4, bare: bool = False, **fields):
     """A random transformers ViT with weights N(0, 0.2): attention far from uniform."""
     from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
-    settings = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                    image_size=32, patch_size=8, num_labels=num_labels)
+    settings = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=num_labels,
+    )
     settings.update(fields)
     config = ViTConfig(**settings, attn_implementation="eager")
     torch.manual_seed(seed)
-    model = (ViTModel(config, add_pooling_layer=True) if bare else ViTForImageClassification(config)).eval()
+    model = (
+        ViTModel(config, add_pooling_layer=True) if bare else ViTForImageClassification(config)
+    ).eval()
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0.0, 0.2)
@@ -45,7 +64,11 @@ def hf_model(seed: int = 0, num_labels: int = 4, bare: bool = False, **fields):
 
 
 def pixels(config, batch: int = 2, seed: int = 1) -> torch.Tensor:
-    height, width = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
+    height, width = (
+        config.image_size
+        if isinstance(config.image_size, (list, tuple))
+        else (config.image_size,) * 2
+    )
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, height, width, generator=generator)
 
@@ -68,7 +91,9 @@ def test_logits_and_every_attention_map_match_transformers(tmp_path, name):
     reference = hf_model(**CONFIGS[name])
     reference.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert "vit.encoder.layer.0.attention.attention.query.weight" in _keys(tmp_path / "model.safetensors")
+    assert "vit.encoder.layer.0.attention.attention.query.weight" in _keys(
+        tmp_path / "model.safetensors"
+    )
     bundle = load_model(str(tmp_path))
     assert bundle.source_format == "hf"
     config = bundle.config
@@ -141,13 +166,19 @@ def test_labels_come_from_id2label(tmp_path):
     "settings",
     [
         {},  # ViTImageProcessor defaults: squash 224x224, bilinear, 0.5/0.5
-        dict(size={"height": 32, "width": 48}, resample=3, image_mean=[0.485, 0.456, 0.406],
-             image_std=[0.229, 0.224, 0.225]),
+        dict(
+            size={"height": 32, "width": 48},
+            resample=3,
+            image_mean=[0.485, 0.456, 0.406],
+            image_std=[0.229, 0.224, 0.225],
+        ),
     ],
     ids=["defaults", "32x48-bicubic-imagenet"],
 )
 @pytest.mark.parametrize("photo", ["chelsea.png", "rocket.jpg"])
-def test_preprocessing_matches_vitimageprocessor_pil_backend(tmp_path, examples_dir, settings, photo):
+def test_preprocessing_matches_vitimageprocessor_pil_backend(
+    tmp_path, examples_dir, settings, photo
+):
     from PIL import Image
     from transformers import ViTImageProcessor
 
@@ -156,8 +187,14 @@ def test_preprocessing_matches_vitimageprocessor_pil_backend(tmp_path, examples_
     processor = ViTImageProcessor(**settings)
     # Without torchvision transformers 5 falls back to its PIL backend; that is what we compare with.
     assert type(processor).__name__ == "ViTImageProcessorPil"
-    reference = hf_model(image_size=(32, 48) if settings else 224, patch_size=8 if settings else 16,
-                         hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    reference = hf_model(
+        image_size=(32, 48) if settings else 224,
+        patch_size=8 if settings else 16,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+    )
     reference.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     preprocess = load_model(str(tmp_path)).preprocess

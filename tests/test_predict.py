@@ -15,16 +15,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_images import CASES, photo, write_cases
 from typer.testing import CliRunner
 
-from test_images import CASES, photo, write_cases
+from vitcli import distributed
 from vitcli.cli import app
 from vitcli.data.inputs import InputItem
 from vitcli.errors import InputError
 from vitcli.model import ViT, ViTConfig
-from vitcli.services import distributed
+from vitcli.runtime import resolve_device, resolve_dtype
 from vitcli.services.outputs import open_writer
-from vitcli.services.predict import PredictOptions, PredictRun, predict_paths, resolve_device, resolve_dtype
+from vitcli.services.predict import PredictOptions, PredictRun, predict_paths
 from vitcli.weights.format import save_model
 from vitcli.weights.resolve import load_model
 
@@ -36,7 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def model_file(tmp_path_factory) -> Path:
     """A tiny random ViT whose head is not zero, so that different images score differently."""
     torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=8, num_classes=5, width=32, depth=2, num_heads=4, mlp_dim=64)
+    config = ViTConfig(
+        image_size=32, patch_size=8, num_classes=5, width=32, depth=2, num_heads=4, mlp_dim=64
+    )
     model = ViT(config).eval()
     with torch.no_grad():
         for parameter in model.parameters():
@@ -55,11 +58,18 @@ def folder(tmp_path_factory) -> Path:
     return root
 
 
-def run_cli(*args: str, stdin: str | None = None, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, stdin: str | None = None, env: dict | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """`python -m vitcli ...` as a user runs it (stdout and stderr are pipes, not terminals)."""
     return subprocess.run(
-        [sys.executable, "-m", "vitcli", *args], input=stdin, capture_output=True, text=True,
-        timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})},
+        [sys.executable, "-m", "vitcli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -86,12 +96,22 @@ def check_record(record: dict, top_k: int) -> None:
 # -- the whole robustness folder through a real subprocess -------------------------------------
 
 
-def test_folder_of_awkward_files_is_classified_in_natural_order_and_failures_recorded(folder, model_file):
-    result = run_cli("predict", str(folder), "--model", str(model_file), "--batch-size", "4", "--workers", "2")
+def test_folder_of_awkward_files_is_classified_in_natural_order_and_failures_recorded(
+    folder, model_file
+):
+    result = run_cli(
+        "predict", str(folder), "--model", str(model_file), "--batch-size", "4", "--workers", "2"
+    )
     assert result.returncode == 1, result.stderr  # some inputs failed ...
     records = jsonl(result.stdout)  # ... piped stdout: JSON lines by default
     names = [Path(r["path"]).relative_to(folder).as_posix() for r in records]
-    expected_cases = sorted(CASES, key=lambda n: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in __import__("re").split(r"(\d+)", n)])
+    expected_cases = sorted(
+        CASES,
+        key=lambda n: [
+            (0, int(p), "") if p.isdigit() else (1, 0, p)
+            for p in __import__("re").split(r"(\d+)", n)
+        ],
+    )
     assert names == [f"cases/{n}" for n in expected_cases] + ["img1.png", "img2.png", "img10.png"]
     found = by_name(records)
     for name, expected_error in CASES.items():
@@ -102,7 +122,9 @@ def test_folder_of_awkward_files_is_classified_in_natural_order_and_failures_rec
             assert expected_error in found[name]["error"]
     failed = sum(error is not None for error in CASES.values())
     summary = result.stderr.strip().splitlines()
-    assert len(summary) == 1 and summary[0].startswith(f"{len(records) - failed} of {len(records)} images classified, {failed} failed")
+    assert len(summary) == 1 and summary[0].startswith(
+        f"{len(records) - failed} of {len(records)} images classified, {failed} failed"
+    )
 
 
 def test_viewer_semantics_reach_the_model(folder, model_file, tmp_path):
@@ -122,13 +144,20 @@ def test_viewer_semantics_reach_the_model(folder, model_file, tmp_path):
     items += [InputItem(str(tmp_path / n)) for n in names]
     bundle = load_model(model_file)
     records = list(predict_paths(bundle, items, PredictOptions(logits=True, workers=0)))
-    logits = [np.array([p["score"] for p in sorted(r["predictions"], key=lambda p: p["index"])]) for r in records]
+    logits = [
+        np.array([p["score"] for p in sorted(r["predictions"], key=lambda p: p["index"])])
+        for r in records
+    ]
 
     def same(a, b):  # equal pixels; only batch-position rounding differs
         return np.abs(a - b).max() < 1e-5
 
-    assert same(logits[0], logits[2]) and np.abs(logits[0] - logits[3]).max() > 1e-3  # EXIF: upright, not as stored
-    assert same(logits[1], logits[4]) and np.abs(logits[1] - logits[5]).max() > 1e-3  # GIF: frame 0, not frame 1
+    assert (
+        same(logits[0], logits[2]) and np.abs(logits[0] - logits[3]).max() > 1e-3
+    )  # EXIF: upright, not as stored
+    assert (
+        same(logits[1], logits[4]) and np.abs(logits[1] - logits[5]).max() > 1e-3
+    )  # GIF: frame 0, not frame 1
 
 
 # -- formats ------------------------------------------------------------------------------------
@@ -136,7 +165,11 @@ def test_viewer_semantics_reach_the_model(folder, model_file, tmp_path):
 
 def test_every_format_parses_back_to_the_same_records(folder, model_file, tmp_path):
     runner = CliRunner()
-    inputs = [str(folder / "img1.png"), str(folder / "cases" / "zero.jpg"), str(folder / "img2.png")]
+    inputs = [
+        str(folder / "img1.png"),
+        str(folder / "cases" / "zero.jpg"),
+        str(folder / "img2.png"),
+    ]
     common = ["predict", *inputs, "--model", str(model_file), "--top-k", "3", "--workers", "0"]
     results = {}
     for fmt in ("json", "jsonl", "csv"):
@@ -151,7 +184,16 @@ def test_every_format_parses_back_to_the_same_records(folder, model_file, tmp_pa
     for record in from_json:
         check_record(record, top_k=3)
     rows = list(csv.DictReader(io.StringIO(results["csv"])))
-    assert list(rows[0]) == ["path", "label_1", "score_1", "label_2", "score_2", "label_3", "score_3", "error"]
+    assert list(rows[0]) == [
+        "path",
+        "label_1",
+        "score_1",
+        "label_2",
+        "score_2",
+        "label_3",
+        "score_3",
+        "error",
+    ]
     for row, record in zip(rows, from_json, strict=True):
         assert row["path"] == record["path"]
         if "error" in record:
@@ -159,29 +201,61 @@ def test_every_format_parses_back_to_the_same_records(folder, model_file, tmp_pa
         else:
             assert row["error"] == ""
             for k, prediction in enumerate(record["predictions"], start=1):
-                assert row[f"label_{k}"] == prediction["label"] and float(row[f"score_{k}"]) == prediction["score"]
+                assert (
+                    row[f"label_{k}"] == prediction["label"]
+                    and float(row[f"score_{k}"]) == prediction["score"]
+                )
     # The format follows the --output suffix when --format is not given.
     result = runner.invoke(app, [*common, "--output", str(tmp_path / "guess.csv")])
     assert (tmp_path / "guess.csv").read_text() == results["csv"]
 
 
 def test_table_format_and_its_misuse(folder, model_file, tmp_path):
-    args = ["predict", str(folder / "img1.png"), str(folder / "cases" / "text.jpg"), "--model", str(model_file), "--workers", "0"]
+    args = [
+        "predict",
+        str(folder / "img1.png"),
+        str(folder / "cases" / "text.jpg"),
+        "--model",
+        str(model_file),
+        "--workers",
+        "0",
+    ]
     result = run_cli(*args, "--format", "table", "--top-k", "3", env={"COLUMNS": "200"})
     assert result.returncode == 1
     header, rule, good, bad = result.stdout.splitlines()
-    assert header.split() == ["image", "prediction", "score", "next", "/", "error"] and set(rule) == {"─"}
+    assert header.split() == ["image", "prediction", "score", "next", "/", "error"] and set(
+        rule
+    ) == {"─"}
     path, label, score, *rest = good.split()
-    assert path == str(folder / "img1.png") and label in LABELS and score.endswith("%") and len(rest) == 4
-    assert bad.split()[:2] == [str(folder / "cases" / "text.jpg"), "failed"] and "not a recognised image" in bad
-    result = CliRunner().invoke(app, [*args, "--format", "table", "--output", str(tmp_path / "t.txt")])
+    assert (
+        path == str(folder / "img1.png")
+        and label in LABELS
+        and score.endswith("%")
+        and len(rest) == 4
+    )
+    assert (
+        bad.split()[:2] == [str(folder / "cases" / "text.jpg"), "failed"]
+        and "not a recognised image" in bad
+    )
+    result = CliRunner().invoke(
+        app, [*args, "--format", "table", "--output", str(tmp_path / "t.txt")]
+    )
     assert result.exit_code == 1 and "--format table is for the terminal" in result.output
     assert not (tmp_path / "t.txt").exists()
 
 
 def test_top_k_is_clipped_and_logits_are_raw(folder, model_file):
     runner = CliRunner()
-    base = ["predict", str(folder / "img1.png"), "--model", str(model_file), "--workers", "0", "--format", "jsonl"]
+    base = [
+        "predict",
+        str(folder / "img1.png"),
+        "--model",
+        str(model_file),
+        "--workers",
+        "0",
+        "--format",
+        "jsonl",
+    ]
     result = runner.invoke(app, [*base, "--top-k", "50"])
     assert result.exit_code == 0, result.output
     (probs,) = jsonl(result.stdout)
@@ -191,14 +265,18 @@ def test_top_k_is_clipped_and_logits_are_raw(folder, model_file):
     (raw,) = jsonl(runner.invoke(app, [*base, "--top-k", "50", "--logits"]).stdout)
     logits = torch.tensor([p["score"] for p in raw["predictions"]])
     assert [p["index"] for p in raw["predictions"]] == [p["index"] for p in probs["predictions"]]
-    assert torch.allclose(logits.softmax(0), torch.tensor([p["score"] for p in probs["predictions"]]), atol=1e-6)
+    assert torch.allclose(
+        logits.softmax(0), torch.tensor([p["score"] for p in probs["predictions"]]), atol=1e-6
+    )
     assert abs(float(logits.sum()) - 1.0) > 1e-3
     result = runner.invoke(app, [*base, "--top-k", "0"])
     assert result.exit_code == 2  # typer's own range check
 
 
 def test_quiet_success_prints_nothing_on_stderr(folder, model_file):
-    result = CliRunner().invoke(app, ["predict", str(folder / "img2.png"), "--model", str(model_file), "-q", "-f", "jsonl"])
+    result = CliRunner().invoke(
+        app, ["predict", str(folder / "img2.png"), "--model", str(model_file), "-q", "-f", "jsonl"]
+    )
     assert result.exit_code == 0 and result.stderr == "" and len(jsonl(result.stdout)) == 1
 
 
@@ -208,12 +286,25 @@ def test_quiet_success_prints_nothing_on_stderr(folder, model_file):
 def test_stdin_paths_and_quoted_globs_in_a_real_pipe(folder, model_file):
     stdin = f"{folder / 'img10.png'}\n\n{folder / 'missing.png'}\n"
     result = run_cli(
-        "predict", "-", str(folder / "img?.png"), str(folder / "notes.txt"), "--model", str(model_file),
-        "--top-k", "2", stdin=stdin,
+        "predict",
+        "-",
+        str(folder / "img?.png"),
+        str(folder / "notes.txt"),
+        "--model",
+        str(model_file),
+        "--top-k",
+        "2",
+        stdin=stdin,
     )
     assert result.returncode == 1, result.stderr
     records = jsonl(result.stdout)
-    assert [Path(r["path"]).name for r in records] == ["img10.png", "missing.png", "img1.png", "img2.png", "notes.txt"]
+    assert [Path(r["path"]).name for r in records] == [
+        "img10.png",
+        "missing.png",
+        "img1.png",
+        "img2.png",
+        "notes.txt",
+    ]
     assert records[1]["error"].endswith("no such file or folder")
     assert "not an image file" in records[4]["error"]
     for record in records:
@@ -222,10 +313,21 @@ def test_stdin_paths_and_quoted_globs_in_a_real_pipe(folder, model_file):
 
 def test_user_mistakes_are_one_red_line(model_file, tmp_path):
     runner = CliRunner()
-    result = runner.invoke(app, ["predict", str(tmp_path), "--model", str(tmp_path / "nope.safetensors")])
-    assert result.exit_code == 1 and "no such file" in result.output and "Traceback" not in result.output
-    result = runner.invoke(app, ["predict", str(tmp_path), "--model", str(model_file), "--device", "cuda"]
-                           ) if not torch.cuda.is_available() else None
+    result = runner.invoke(
+        app, ["predict", str(tmp_path), "--model", str(tmp_path / "nope.safetensors")]
+    )
+    assert (
+        result.exit_code == 1
+        and "no such file" in result.output
+        and "Traceback" not in result.output
+    )
+    result = (
+        runner.invoke(
+            app, ["predict", str(tmp_path), "--model", str(model_file), "--device", "cuda"]
+        )
+        if not torch.cuda.is_available()
+        else None
+    )
     if result is not None:
         assert result.exit_code == 1 and "no CUDA GPU" in result.output
 
@@ -238,10 +340,16 @@ def test_records_stream_batch_by_batch(model_file, tmp_path):
     paths = [tmp_path / f"{i}.png" for i in range(6)]
     for path in paths[:2]:
         Image.fromarray(photo(20, 20, seed=1)).save(path)
-    run = PredictRun(load_model(model_file), [InputItem(str(p)) for p in paths], PredictOptions(batch_size=2, workers=0))
+    run = PredictRun(
+        load_model(model_file),
+        [InputItem(str(p)) for p in paths],
+        PredictOptions(batch_size=2, workers=0),
+    )
     stream = run.records()
     first = next(stream)
-    assert [r["path"] for r in first] == [str(p) for p in paths[:2]] and all("predictions" in r for r in first)
+    assert [r["path"] for r in first] == [str(p) for p in paths[:2]] and all(
+        "predictions" in r for r in first
+    )
     for path in paths[2:]:  # written only now
         Image.fromarray(photo(20, 20, seed=2)).save(path)
     rest = [record for batch in stream for record in batch]
@@ -282,8 +390,14 @@ def test_bfloat16_runs_and_roughly_agrees(model_file, folder):
     items = [InputItem(str(folder / "img1.png"))]
     bundle = load_model(model_file)
     full = next(predict_paths(bundle, items, PredictOptions(workers=0, top_k=5)))
-    half = next(predict_paths(load_model(model_file), items, PredictOptions(workers=0, top_k=5, dtype="bfloat16")))
-    assert [p["score"] for p in half["predictions"]] == pytest.approx([p["score"] for p in full["predictions"]], abs=0.05)
+    half = next(
+        predict_paths(
+            load_model(model_file), items, PredictOptions(workers=0, top_k=5, dtype="bfloat16")
+        )
+    )
+    assert [p["score"] for p in half["predictions"]] == pytest.approx(
+        [p["score"] for p in full["predictions"]], abs=0.05
+    )
 
 
 # -- distributed -----------------------------------------------------------------------------------
@@ -308,28 +422,72 @@ def test_two_gloo_ranks_write_one_merged_output_in_input_order(folder, model_fil
     with the same scores as a single process; rank 1 writes nothing; both exit 1 (one failed)."""
     inputs = [str(folder / n) for n in ("img1.png", "img2.png", "img10.png")]
     inputs += [str(folder / "cases" / n) for n in ("zero.jpg", "ok.jpg", "la.png", "cmyk.jpg")]
-    args = ["predict", *inputs, "--model", str(model_file), "--batch-size", "2", "--workers", "1", "--logits"]
+    args = [
+        "predict",
+        *inputs,
+        "--model",
+        str(model_file),
+        "--batch-size",
+        "2",
+        "--workers",
+        "1",
+        "--logits",
+    ]
     port = str(_free_port())
     procs = []
     for rank in (0, 1):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "vitcli", *args, "--output", str(tmp_path / f"rank{rank}.json")],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
-        ))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "vitcli",
+                    *args,
+                    "--output",
+                    str(tmp_path / f"rank{rank}.json"),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+                env=env,
+            )
+        )
     outputs = [proc.communicate(timeout=120) for proc in procs]
     assert [proc.returncode for proc in procs] == [1, 1], outputs
-    merged = json.loads((tmp_path / "rank0.json").read_text())  # atomic json: written before any rank left
+    merged = json.loads(
+        (tmp_path / "rank0.json").read_text()
+    )  # atomic json: written before any rank left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.json"]
     assert [r["path"] for r in merged] == inputs
     assert "x 2 ranks" in outputs[0][1] and outputs[1][1] == ""
-    single = list(predict_paths(load_model(model_file), [InputItem(p) for p in inputs], PredictOptions(workers=0, logits=True)))
+    single = list(
+        predict_paths(
+            load_model(model_file),
+            [InputItem(p) for p in inputs],
+            PredictOptions(workers=0, logits=True),
+        )
+    )
     assert [r.keys() for r in merged] == [r.keys() for r in single]
     for got, want in zip(merged, single):
         if "predictions" in want:
-            assert [p["index"] for p in got["predictions"]] == [p["index"] for p in want["predictions"]]
-            assert np.allclose([p["score"] for p in got["predictions"]], [p["score"] for p in want["predictions"]], atol=1e-5)
+            assert [p["index"] for p in got["predictions"]] == [
+                p["index"] for p in want["predictions"]
+            ]
+            assert np.allclose(
+                [p["score"] for p in got["predictions"]],
+                [p["score"] for p in want["predictions"]],
+                atol=1e-5,
+            )
         else:
             assert got == want
 
@@ -345,5 +503,7 @@ def test_batches_travel_as_uint8_and_normalise_exactly_as_one_image_at_a_time(fo
     preprocess = Preprocess(size=(24, 40), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     (batch,) = list(image_batches(paths, preprocess, batch_size=4, workers=1))
     assert batch.pixels.dtype == torch.uint8 and batch.pixels.shape == (4, 3, 24, 40)
-    expected = np.stack([preprocess(*open_image(path, draft_for=preprocess.resized_size)) for path in paths])
+    expected = np.stack(
+        [preprocess(*open_image(path, draft_for=preprocess.resized_size)) for path in paths]
+    )
     assert torch.equal(normalize(batch.pixels, preprocess), torch.from_numpy(expected))

@@ -38,7 +38,9 @@ def test_mask_marks_the_object_and_only_the_object():
 def test_generate_writes_imagefolder_layout_with_hidden_masks(tmp_path):
     summary = generate(tmp_path / "d", per_class=2, image_size=48, seed=1)
     assert summary["images"] == 12
-    folders = sorted(p.name for p in (tmp_path / "d").iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = sorted(
+        p.name for p in (tmp_path / "d").iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
     assert folders == sorted(SHAPES)
     images = sorted((tmp_path / "d").glob("*/*.jpg"))
     assert len(images) == 12
@@ -50,7 +52,11 @@ def test_generate_writes_imagefolder_layout_with_hidden_masks(tmp_path):
 
 def test_cli_generates_and_rejects_a_file_as_out_dir(tmp_path):
     run = [sys.executable, "-m", "vitcli", "data", "shapes"]
-    done = subprocess.run(run + [str(tmp_path / "s"), "--per-class", "1", "--image-size", "32", "--quiet"], capture_output=True, text=True)
+    done = subprocess.run(
+        run + [str(tmp_path / "s"), "--per-class", "1", "--image-size", "32", "--quiet"],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert len(list((tmp_path / "s").glob("*/*.jpg"))) == len(SHAPES)
     target = tmp_path / "file.txt"
@@ -63,7 +69,11 @@ def test_cli_generates_and_rejects_a_file_as_out_dir(tmp_path):
 def test_parallel_generation_writes_the_same_files(tmp_path):
     generate(tmp_path / "one", per_class=3, image_size=40, seed=2)
     generate(tmp_path / "two", per_class=3, image_size=40, seed=2, workers=2)
-    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    files = sorted(
+        p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file()
+    )
     assert len(files) == 3 * len(SHAPES) * 2 + 1
     for relative in files:
-        assert (tmp_path / "one" / relative).read_bytes() == (tmp_path / "two" / relative).read_bytes(), relative
+        assert (tmp_path / "one" / relative).read_bytes() == (
+            tmp_path / "two" / relative
+        ).read_bytes(), relative

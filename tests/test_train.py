@@ -29,11 +29,26 @@ from vitcli.weights.format import load_vitcli_file, save_model
 CLASSES = ("red", "green", "blue")
 LABELS = sorted(CLASSES)  # folder classes come back in natural order
 TINY = dict(model="Ti/8", image_size=32, depth=2, width=32, num_heads=2, mlp_dim=64)
-TINY_CLI = ["--model", "Ti/8", "--image-size", "32", "--depth", "2", "--width", "32", "--heads", "2", "--mlp-dim", "64"]
+TINY_CLI = [
+    "--model",
+    "Ti/8",
+    "--image-size",
+    "32",
+    "--depth",
+    "2",
+    "--width",
+    "32",
+    "--heads",
+    "2",
+    "--mlp-dim",
+    "64",
+]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
-def colour_folder(root: Path, per_class: int = 12, size: int = 40, seed: int = 0, classes=CLASSES) -> Path:
+def colour_folder(
+    root: Path, per_class: int = 12, size: int = 40, seed: int = 0, classes=CLASSES
+) -> Path:
     """Images of one bright coloured square (class = colour channel) on dark noise."""
     rng = np.random.default_rng(seed)
     for index, name in enumerate(classes):
@@ -63,14 +78,26 @@ def colours(tmp_path_factory) -> Path:
 
 
 def config(data: Path, out: Path, **overrides) -> TrainConfig:
-    fields = dict(data=str(data), out=str(out), epochs=3, batch_size=8, lr=3e-3, workers=0, seed=1, **TINY)
+    fields = dict(
+        data=str(data), out=str(out), epochs=3, batch_size=8, lr=3e-3, workers=0, seed=1, **TINY
+    )
     fields.update(overrides)
     return TrainConfig(**fields)
 
 
 def tiny_model_file(path: Path, labels, image_size: int = 32, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    model = ViT(ViTConfig(image_size=image_size, patch_size=8, num_classes=len(labels), width=32, depth=2, num_heads=2, mlp_dim=64))
+    model = ViT(
+        ViTConfig(
+            image_size=image_size,
+            patch_size=8,
+            num_classes=len(labels),
+            width=32,
+            depth=2,
+            num_heads=2,
+            mlp_dim=64,
+        )
+    )
     save_model(model, path, labels=list(labels))
     return path
 
@@ -84,7 +111,11 @@ def free_port() -> int:
 # -- learning ---------------------------------------------------------------------------------
 def test_tiny_model_overfits_a_tiny_batch():
     torch.manual_seed(0)
-    model = ViT(ViTConfig(image_size=16, patch_size=8, num_classes=4, width=32, depth=2, num_heads=2, mlp_dim=64))
+    model = ViT(
+        ViTConfig(
+            image_size=16, patch_size=8, num_classes=4, width=32, depth=2, num_heads=2, mlp_dim=64
+        )
+    )
     optimizer = make_optimizer(model, lr=3e-3, weight_decay=0.0)
     pixels, labels = torch.randn(8, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     for _ in range(80):
@@ -99,7 +130,9 @@ def test_tiny_model_overfits_a_tiny_batch():
 def test_training_beats_chance_and_writes_a_usable_run(colours, tmp_path):
     out = tmp_path / "run"
     events = []
-    result = train(config(colours, out, epochs=8, batch_size=4, val_split=0.25), callback=events.append)
+    result = train(
+        config(colours, out, epochs=8, batch_size=4, val_split=0.25), callback=events.append
+    )
     val_top1 = [row["val_top1"] for row in result.history]
     assert max(val_top1) >= 0.85, val_top1  # chance is 1/3
     assert result.best_metric == max(val_top1) and result.best_metric_name == "val_top1"
@@ -124,11 +157,21 @@ def test_training_beats_chance_and_writes_a_usable_run(colours, tmp_path):
 
 
 def test_weight_decay_groups_and_schedule():
-    model = ViT(ViTConfig(image_size=16, patch_size=8, num_classes=3, width=32, depth=1, num_heads=2, mlp_dim=64))
+    model = ViT(
+        ViTConfig(
+            image_size=16, patch_size=8, num_classes=3, width=32, depth=1, num_heads=2, mlp_dim=64
+        )
+    )
     decay, no_decay = make_optimizer(model, lr=1e-3, weight_decay=0.05).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    assert {names[id(p)] for p in no_decay["params"]} >= {"pos_embed", "cls_token", "norm.weight", "head.bias", "blocks.0.attn.qkv.bias"}
+    assert {names[id(p)] for p in no_decay["params"]} >= {
+        "pos_embed",
+        "cls_token",
+        "norm.weight",
+        "head.bias",
+        "blocks.0.attn.qkv.bias",
+    }
     assert all(names[id(p)].endswith("weight") and p.ndim >= 2 for p in decay["params"])
     assert lr_at(0, 1.0, 10, 110, 0.0) == pytest.approx(0.1)
     assert lr_at(9, 1.0, 10, 110, 0.0) == pytest.approx(1.0)
@@ -139,7 +182,16 @@ def test_weight_decay_groups_and_schedule():
 # -- resume -----------------------------------------------------------------------------------
 def test_interrupted_and_resumed_run_ends_bitwise_identical(colours, tmp_path):
     # Every RNG consumer on: augmentation, mixup/cutmix, dropout, drop-path, EMA.
-    extra = dict(epochs=4, randaugment=2, mixup=0.8, cutmix=1.0, dropout=0.1, drop_path=0.1, ema=0.9, val_split=0.25)
+    extra = dict(
+        epochs=4,
+        randaugment=2,
+        mixup=0.8,
+        cutmix=1.0,
+        dropout=0.1,
+        drop_path=0.1,
+        ema=0.9,
+        val_split=0.25,
+    )
     full = train(config(colours, tmp_path / "full", **extra))
     first = train(config(colours, tmp_path / "cut", **extra), stop_after_epoch=2)
     assert first.stopped_early and read_state(tmp_path / "cut" / "state.pt")["epoch"] == 2
@@ -160,8 +212,23 @@ def test_interrupted_and_resumed_run_ends_bitwise_identical(colours, tmp_path):
 
 def test_kill_mid_run_leaves_a_readable_checkpoint_and_resume_finishes(colours, tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "vitcli", "train", str(colours), "--out", str(out), *TINY_CLI,
-               "--epochs", "200", "--batch-size", "4", "--workers", "0", "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "vitcli",
+        "train",
+        str(colours),
+        "--out",
+        str(out),
+        *TINY_CLI,
+        "--epochs",
+        "200",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--quiet",
+    ]
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 300  # a liveness bound for a loaded machine, not a timing
@@ -179,8 +246,21 @@ def test_kill_mid_run_leaves_a_readable_checkpoint_and_resume_finishes(colours, 
     assert 1 <= done < 200
     assert load_vitcli_file(out / "last.safetensors").labels == LABELS
     finish = subprocess.run(
-        [sys.executable, "-m", "vitcli", "train", "--resume", str(out), "--epochs", str(done + 1), "--quiet"],
-        env=ENV, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "vitcli",
+            "train",
+            "--resume",
+            str(out),
+            "--epochs",
+            str(done + 1),
+            "--quiet",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert finish.returncode == 0, finish.stderr
     assert f"epoch {done + 1}/{done + 1}" in finish.stderr
@@ -192,9 +272,27 @@ def test_kill_mid_run_leaves_a_readable_checkpoint_and_resume_finishes(colours, 
 def test_two_process_ddp_with_gloo(colours, tmp_path):
     out = tmp_path / "ddp"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-        "-m", "vitcli", "train", str(colours), "--out", str(out), *TINY_CLI, "--epochs", "2",
-        "--batch-size", "6", "--workers", "0", "--val-split", "0.25", "--quiet",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "-m",
+        "vitcli",
+        "train",
+        str(colours),
+        "--out",
+        str(out),
+        *TINY_CLI,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "6",
+        "--workers",
+        "0",
+        "--val-split",
+        "0.25",
+        "--quiet",
     ]
     result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -207,7 +305,9 @@ def test_two_process_ddp_with_gloo(colours, tmp_path):
     # DistributedSampler, batches of 6 -> 3 steps per rank; the 9 val images counted once.
     assert saved["train_images"] == 27 and rows[0]["train_images"] == 28
     assert saved["val_images"] == 9 and saved["steps_per_epoch"] == 3
-    assert 0.0 <= rows[-1]["val_top1"] <= 1.0 and round(rows[-1]["val_top1"] * 9, 6) == int(round(rows[-1]["val_top1"] * 9))
+    assert 0.0 <= rows[-1]["val_top1"] <= 1.0 and round(rows[-1]["val_top1"] * 9, 6) == int(
+        round(rows[-1]["val_top1"] * 9)
+    )
     assert load_vitcli_file(out / "last.safetensors").labels == LABELS
 
 
@@ -230,10 +330,31 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(colours, tmp_path, mo
 
 
 def test_nan_from_the_first_step_is_a_clear_cli_error(colours, tmp_path):
-    result = CliRunner().invoke(app, ["train", str(colours), "--out", str(tmp_path / "r"), *TINY_CLI,
-                                      "--lr", "1e30", "--grad-clip", "0", "--warmup-epochs", "0", "--workers", "0", "-q"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(colours),
+            "--out",
+            str(tmp_path / "r"),
+            *TINY_CLI,
+            "--lr",
+            "1e30",
+            "--grad-clip",
+            "0",
+            "--warmup-epochs",
+            "0",
+            "--workers",
+            "0",
+            "-q",
+        ],
+    )
     assert result.exit_code == 1
-    assert "NaN" in result.output and "lower --lr" in result.output and "Traceback" not in result.output
+    assert (
+        "NaN" in result.output
+        and "lower --lr" in result.output
+        and "Traceback" not in result.output
+    )
 
 
 @pytest.mark.parametrize(
@@ -285,7 +406,9 @@ def test_folder_order_split_and_unknown_val_classes(tmp_path):
     assert stratified_split(data, 0.2, seed=4)[1].samples != val_part.samples
     other = colour_folder(tmp_path / "v", per_class=1, classes=("class1", "zebra"))
     with pytest.raises(DatasetError, match="zebra"):
-        train(TrainConfig(data=str(root), out=str(tmp_path / "o"), val=str(other), workers=0, **TINY))
+        train(
+            TrainConfig(data=str(root), out=str(tmp_path / "o"), val=str(other), workers=0, **TINY)
+        )
 
 
 def test_bad_images_are_reported_once_and_skipped(tmp_path):
@@ -309,9 +432,15 @@ def test_existing_run_and_resume_mistakes(colours, tmp_path):
     with pytest.raises(TrainingError, match="no such run folder"):
         train(TrainConfig(out=str(tmp_path / "nothing")), resume=True)
     # Options given with --resume that differ from the run's are named, not silently dropped.
-    result = CliRunner().invoke(app, ["train", "--resume", str(out), "--epochs", "3", "--lr", "1", *TINY_CLI, "-q"])
+    result = CliRunner().invoke(
+        app, ["train", "--resume", str(out), "--epochs", "3", "--lr", "1", *TINY_CLI, "-q"]
+    )
     assert result.exit_code == 0, result.output
-    assert "ignored with --resume" in result.output and "--lr" in result.output and "--depth" not in result.output
+    assert (
+        "ignored with --resume" in result.output
+        and "--lr" in result.output
+        and "--depth" not in result.output
+    )
     assert read_state(out / "state.pt")["epoch"] == 3
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "config.json").write_text((out / "config.json").read_text())
@@ -323,8 +452,21 @@ def test_existing_run_and_resume_mistakes(colours, tmp_path):
 def test_fine_tune_replaces_head_and_resamples_position_embedding(colours, tmp_path):
     source = tiny_model_file(tmp_path / "src.safetensors", ["a", "b", "c", "d", "e"], image_size=32)
     events = []
-    train(config(colours, tmp_path / "ft", model=str(source), image_size=48, epochs=1, lr=None,
-                 depth=None, width=None, num_heads=None, mlp_dim=None), callback=events.append)
+    train(
+        config(
+            colours,
+            tmp_path / "ft",
+            model=str(source),
+            image_size=48,
+            epochs=1,
+            lr=None,
+            depth=None,
+            width=None,
+            num_heads=None,
+            mlp_dim=None,
+        ),
+        callback=events.append,
+    )
     start = next(e for e in events if e.kind == "start").metrics
     assert start["mode"] == "finetune" and any("head replaced" in n for n in start["notes"])
     assert any("resampled to 48x48" in n for n in start["notes"])
@@ -346,19 +488,37 @@ def test_eval_writes_json_csv_and_png_with_known_numbers(colours, tmp_path):
     save_model(bundle, path)
     runner = CliRunner()
     for name in ("e.json", "e.csv"):
-        result = runner.invoke(app, ["eval", str(colours), "--model", str(path), "-o", str(tmp_path / name),
-                                     "--confusion-png", str(tmp_path / "c.png"), "--workers", "0", "-q"])
+        result = runner.invoke(
+            app,
+            [
+                "eval",
+                str(colours),
+                "--model",
+                str(path),
+                "-o",
+                str(tmp_path / name),
+                "--confusion-png",
+                str(tmp_path / "c.png"),
+                "--workers",
+                "0",
+                "-q",
+            ],
+        )
         assert result.exit_code == 0, result.output
         assert "top-1 0.3333" in result.output
     report = json.loads((tmp_path / "e.json").read_text())
-    assert report["top1"] == pytest.approx(1 / 3) and report["top5"] == 1.0 and report["images"] == 36
+    assert (
+        report["top1"] == pytest.approx(1 / 3) and report["top5"] == 1.0 and report["images"] == 36
+    )
     per_class = {c["label"]: c["accuracy"] for c in report["per_class"]}
     assert per_class == {"red": 1.0, "green": 0.0, "blue": 0.0}
     assert report["confusion"]["columns"] == ["blue", "green", "red", "(other)"]
     assert report["confusion"]["matrix"] == [[0, 0, 12, 0]] * 3
     with open(tmp_path / "e.csv", newline="") as handle:
         rows = {row["class"]: row for row in csv.DictReader(handle)}
-    assert float(rows["(all)"]["accuracy"]) == pytest.approx(1 / 3) and rows["red"]["correct"] == "12"
+    assert (
+        float(rows["(all)"]["accuracy"]) == pytest.approx(1 / 3) and rows["red"]["correct"] == "12"
+    )
     assert Image.open(tmp_path / "c.png").size[0] > 100
     table = runner.invoke(app, ["eval", str(colours), "--model", str(path), "--workers", "0"])
     assert table.exit_code == 0 and "confusion" in table.output

@@ -5,7 +5,7 @@ The public API is imported lazily so that `vit --help` never pays for importing 
 
 from ._version import __version__
 
-__all__ = ["ViT", "ViTConfig", "load_model", "save_model", "__version__"]
+__all__ = ["ViT", "ViTConfig", "__version__", "load_model", "save_model"]
 
 
 def __getattr__(name: str):

@@ -25,13 +25,17 @@ def top1_agreement(a, b, paths: list[str]) -> float:
     same = total = 0
     with torch.inference_mode():
         for batch in image_batches(paths, a.preprocess, batch_size=64, workers=1):
-            same += int((a.model(batch.pixels).argmax(-1) == b.model(batch.pixels).argmax(-1)).sum())
+            same += int(
+                (a.model(batch.pixels).argmax(-1) == b.model(batch.pixels).argmax(-1)).sum()
+            )
             total += len(batch.indices)
     return same / max(total, 1)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True)
     parser.add_argument("--reference", help="fp32 weights the --model file was converted from")
     parser.add_argument("--data", required=True, help="a `vit data shapes` folder (held-out seed)")
@@ -44,7 +48,9 @@ def main() -> int:
     result = evaluate_localization(bundle, images, masks, labels=labels)
     report = {"model": args.model, "data": args.data, **result.to_dict()}
     if args.reference:
-        report["fp16_vs_fp32_top1_agreement"] = top1_agreement(bundle, load_model(args.reference), images)
+        report["fp16_vs_fp32_top1_agreement"] = top1_agreement(
+            bundle, load_model(args.reference), images
+        )
     report["seconds"] = round(time.perf_counter() - started, 1)
     text = json.dumps(report, indent=2)
     print(text)

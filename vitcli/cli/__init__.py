@@ -46,8 +46,13 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Optional[bool] = typer.Option(
-        None, "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."
+    version: bool | None = typer.Option(
+        None,
+        "--version",
+        "-V",
+        callback=_version,
+        is_eager=True,
+        help="Print the version and exit.",
     ),
 ) -> None:
     """Vision Transformer image classification, attention maps and training."""

@@ -12,11 +12,22 @@ data_app = typer.Typer(help="Dataset utilities.", no_args_is_help=True)
 
 @data_app.command("shapes")
 def shapes(
-    out_dir: Path = typer.Argument(..., help="Folder to write (ImageFolder layout: one subfolder per class)."),
+    out_dir: Path = typer.Argument(
+        ..., help="Folder to write (ImageFolder layout: one subfolder per class)."
+    ),
     per_class: int = typer.Option(100, "--per-class", min=1, help="Images per class."),
-    image_size: int = typer.Option(224, "--image-size", min=32, help="Side of the square images, in pixels."),
-    seed: int = typer.Option(0, "--seed", help="Seed; image i of a class depends only on (seed, class, i)."),
-    workers: int = typer.Option(-1, "--workers", "-j", help="Processes that draw images (-1: one per CPU core; 0: in this process)."),
+    image_size: int = typer.Option(
+        224, "--image-size", min=32, help="Side of the square images, in pixels."
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed; image i of a class depends only on (seed, class, i)."
+    ),
+    workers: int = typer.Option(
+        -1,
+        "--workers",
+        "-j",
+        help="Processes that draw images (-1: one per CPU core; 0: in this process).",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Generate a deterministic synthetic dataset of shapes, with each object's mask.
@@ -30,13 +41,21 @@ def shapes(
     from ..errors import InputError
 
     if workers < 0:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1)
+        )
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder; choose another OUT_DIR")
     with make_progress(quiet=quiet) as progress:
         task = progress.add_task("shapes", total=per_class * len(SHAPES), rate="")
         summary = generate(
-            out_dir, per_class=per_class, image_size=image_size, seed=seed, workers=workers,
+            out_dir,
+            per_class=per_class,
+            image_size=image_size,
+            seed=seed,
+            workers=workers,
             progress=lambda done, total: progress.update(task, completed=done),
         )
     if not quiet:

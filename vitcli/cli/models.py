@@ -45,8 +45,14 @@ def _render_info(info: dict) -> None:
     rows = [
         ("model", escape(info["reference"])),
         ("source format", info["source_format"]),
-        ("architecture", f"{info['name'] or 'custom'} ViT, patch {config['patch_size']}, image {height}x{width}"),
-        ("width / depth / heads / mlp", f"{config['width']} / {config['depth']} / {config['num_heads']} / {config['mlp_dim']}"),
+        (
+            "architecture",
+            f"{info['name'] or 'custom'} ViT, patch {config['patch_size']}, image {height}x{width}",
+        ),
+        (
+            "width / depth / heads / mlp",
+            f"{config['width']} / {config['depth']} / {config['num_heads']} / {config['mlp_dim']}",
+        ),
         ("parameters", _count(info["num_parameters"])),
         ("position embedding", f"{config['pos_embed']}, pool {config['pool']}"),
         ("activation / ln eps", f"{config['act']} / {config['ln_eps']:g}"),
@@ -70,8 +76,13 @@ def _render_info(info: dict) -> None:
     for dropped in extra.get("dropped", []):
         rows.append(("dropped", escape(str(dropped))))
     shown_extra = {
-        "note": "note", "source": "converted from", "architecture": "timm architecture", "tag": "timm tag",
-        "layout": "npz layout", "prefix": "npz key prefix", "weights_file": "weights file",
+        "note": "note",
+        "source": "converted from",
+        "architecture": "timm architecture",
+        "tag": "timm tag",
+        "layout": "npz layout",
+        "prefix": "npz key prefix",
+        "weights_file": "weights file",
     }
     for key, title in shown_extra.items():
         if extra.get(key) not in (None, "", False):
@@ -93,8 +104,12 @@ def _triple(values) -> str:
 
 
 def info(
-    model: str = typer.Argument(..., help="Our .safetensors file, an HF or timm folder, a Google .npz, or a hub id."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON (all labels included) for scripts."),
+    model: str = typer.Argument(
+        ..., help="Our .safetensors file, an HF or timm folder, a Google .npz, or a hub id."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print JSON (all labels included) for scripts."
+    ),
 ) -> None:
     """Show a checkpoint's architecture, parameter count, labels, preprocessing and source format."""
     from ..weights.resolve import load_model
@@ -109,7 +124,9 @@ def info(
 def convert(
     source: str = typer.Argument(..., help="Any model reference: file, folder, .npz or hub id."),
     destination: Path = typer.Argument(..., help="Output file, ending in .safetensors."),
-    fp16: bool = typer.Option(False, "--fp16", help="Store the weights as float16 (half the size)."),
+    fp16: bool = typer.Option(
+        False, "--fp16", help="Store the weights as float16 (half the size)."
+    ),
 ) -> None:
     """Write any supported checkpoint in our format (one .safetensors file with metadata)."""
     if destination.suffix.lower() != ".safetensors":
@@ -130,7 +147,8 @@ def convert(
     out.print(
         f"wrote {destination} ({name}, {len(bundle.labels)} labels, "
         f"{'float16' if fp16 else 'float32'}, {size_mb:.1f} MB)",
-        highlight=False, markup=False,
+        highlight=False,
+        markup=False,
     )
 
 

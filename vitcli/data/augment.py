@@ -23,7 +23,11 @@ _FILL = (128, 128, 128)  # grey for pixels uncovered by geometric ops
 
 
 def random_resized_crop_box(
-    width: int, height: int, rng: random.Random, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    width: int,
+    height: int,
+    rng: random.Random,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of a crop covering `scale` of the area at aspect `ratio`
     (torchvision's RandomResizedCrop: ten tries, then the central crop)."""
@@ -55,29 +59,47 @@ def _signed(value: float, rng: random.Random) -> float:
 
 
 def _affine(image: Image.Image, matrix: tuple) -> Image.Image:
-    return image.transform(image.size, Image.Transform.AFFINE, matrix, resample=Image.Resampling.BILINEAR, fillcolor=_FILL)
+    return image.transform(
+        image.size,
+        Image.Transform.AFFINE,
+        matrix,
+        resample=Image.Resampling.BILINEAR,
+        fillcolor=_FILL,
+    )
 
 
 RAND_OPS = {
     "identity": lambda img, m, rng: img,
     "autocontrast": lambda img, m, rng: ImageOps.autocontrast(img),
     "equalize": lambda img, m, rng: ImageOps.equalize(img),
-    "rotate": lambda img, m, rng: img.rotate(_signed(30.0 * m, rng), resample=Image.Resampling.BILINEAR, fillcolor=_FILL),
+    "rotate": lambda img, m, rng: img.rotate(
+        _signed(30.0 * m, rng), resample=Image.Resampling.BILINEAR, fillcolor=_FILL
+    ),
     "solarize": lambda img, m, rng: ImageOps.solarize(img, threshold=int(256 - 256 * m)),
     "posterize": lambda img, m, rng: ImageOps.posterize(img, bits=max(1, 8 - int(round(4 * m)))),
     "color": lambda img, m, rng: ImageEnhance.Color(img).enhance(1.0 + _signed(0.9 * m, rng)),
     "contrast": lambda img, m, rng: ImageEnhance.Contrast(img).enhance(1.0 + _signed(0.9 * m, rng)),
-    "brightness": lambda img, m, rng: ImageEnhance.Brightness(img).enhance(1.0 + _signed(0.9 * m, rng)),
-    "sharpness": lambda img, m, rng: ImageEnhance.Sharpness(img).enhance(1.0 + _signed(0.9 * m, rng)),
+    "brightness": lambda img, m, rng: ImageEnhance.Brightness(img).enhance(
+        1.0 + _signed(0.9 * m, rng)
+    ),
+    "sharpness": lambda img, m, rng: ImageEnhance.Sharpness(img).enhance(
+        1.0 + _signed(0.9 * m, rng)
+    ),
     "shear_x": lambda img, m, rng: _affine(img, (1, _signed(0.3 * m, rng), 0, 0, 1, 0)),
     "shear_y": lambda img, m, rng: _affine(img, (1, 0, 0, _signed(0.3 * m, rng), 1, 0)),
-    "translate_x": lambda img, m, rng: _affine(img, (1, 0, _signed(0.45 * m, rng) * img.size[0], 0, 1, 0)),
-    "translate_y": lambda img, m, rng: _affine(img, (1, 0, 0, 0, 1, _signed(0.45 * m, rng) * img.size[1])),
+    "translate_x": lambda img, m, rng: _affine(
+        img, (1, 0, _signed(0.45 * m, rng) * img.size[0], 0, 1, 0)
+    ),
+    "translate_y": lambda img, m, rng: _affine(
+        img, (1, 0, 0, 0, 1, _signed(0.45 * m, rng) * img.size[1])
+    ),
 }
 _OP_NAMES = tuple(RAND_OPS)
 
 
-def rand_augment(image: Image.Image, num_ops: int, magnitude: int, rng: random.Random) -> Image.Image:
+def rand_augment(
+    image: Image.Image, num_ops: int, magnitude: int, rng: random.Random
+) -> Image.Image:
     """RandAugment (Cubuk et al. 2020): `num_ops` ops drawn uniformly, magnitude 0..10 for all
     (a small PIL subset; magnitudes follow timm's ranges, not the paper's exact table)."""
     strength = max(0.0, min(float(magnitude), 10.0)) / 10.0
@@ -99,7 +121,9 @@ class TrainTransform:
     def __call__(self, image: Image.Image, rng: random.Random) -> np.ndarray:
         out_h, out_w = self.preprocess.size
         box = random_resized_crop_box(image.size[0], image.size[1], rng, self.scale)
-        image = image.resize((out_w, out_h), resample=INTERPOLATIONS[self.preprocess.interpolation], box=box)
+        image = image.resize(
+            (out_w, out_h), resample=INTERPOLATIONS[self.preprocess.interpolation], box=box
+        )
         if self.hflip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self.randaugment_ops > 0:
@@ -119,7 +143,7 @@ def mix_batch(
     `targets` are (B, K) probabilities; the batch is mixed with its own reverse (as timm does),
     so no extra permutation needs drawing.
     """
-    if mixup_alpha <= 0 and cutmix_alpha <= 0 or pixels.shape[0] < 2:
+    if (mixup_alpha <= 0 and cutmix_alpha <= 0) or pixels.shape[0] < 2:
         return pixels, targets
     use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
     alpha = cutmix_alpha if use_cutmix else mixup_alpha
@@ -134,7 +158,9 @@ def mix_batch(
         left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
         pixels = pixels.clone()
         pixels[:, :, top:bottom, left:right] = flipped[:, :, top:bottom, left:right]
-        lam = 1.0 - (bottom - top) * (right - left) / float(height * width)  # the box actually pasted
+        lam = 1.0 - (bottom - top) * (right - left) / float(
+            height * width
+        )  # the box actually pasted
     else:
         pixels = pixels * lam + flipped * (1.0 - lam)
     return pixels, targets * lam + targets.flip(0) * (1.0 - lam)

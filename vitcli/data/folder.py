@@ -54,7 +54,11 @@ def _images_under(folder: str) -> list[str]:
     found = []
     for root, dirs, files in os.walk(folder, followlinks=True):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.extend(os.path.join(root, name) for name in files if is_image_path(name) and not name.startswith("."))
+        found.extend(
+            os.path.join(root, name)
+            for name in files
+            if is_image_path(name) and not name.startswith(".")
+        )
     return sorted(found, key=natural_key)
 
 
@@ -67,13 +71,21 @@ def scan_image_folder(root: str | Path, min_classes: int = 2) -> LabelledImages:
     if not root.is_dir():
         raise DatasetError(f"{root}: is a file, not a folder; {hint}")
     classes = sorted(
-        (entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith(".")),
+        (
+            entry.name
+            for entry in os.scandir(root)
+            if entry.is_dir() and not entry.name.startswith(".")
+        ),
         key=natural_key,
     )
     if not classes:
-        loose = [name for name in os.listdir(root) if is_image_path(name) and not name.startswith(".")]
+        loose = [
+            name for name in os.listdir(root) if is_image_path(name) and not name.startswith(".")
+        ]
         if loose:
-            raise DatasetError(f"{root}: {len(loose)} images sit directly in the folder without class subfolders; {hint}")
+            raise DatasetError(
+                f"{root}: {len(loose)} images sit directly in the folder without class subfolders; {hint}"
+            )
         raise DatasetError(f"{root}: empty folder (no class subfolders); {hint}")
     per_class = {name: _images_under(str(root / name)) for name in classes}
     empty = [name for name in classes if not per_class[name]]
@@ -95,7 +107,9 @@ def scan_image_folder(root: str | Path, min_classes: int = 2) -> LabelledImages:
     return LabelledImages(root=str(root), classes=classes, samples=samples)
 
 
-def relabel(data: LabelledImages, classes: Sequence[str], what: str = "validation") -> LabelledImages:
+def relabel(
+    data: LabelledImages, classes: Sequence[str], what: str = "validation"
+) -> LabelledImages:
     """Map `data`'s class indices onto `classes` (by name); unknown classes are an error."""
     unknown = [name for name in data.classes if name not in classes]
     if unknown:
@@ -108,7 +122,9 @@ def relabel(data: LabelledImages, classes: Sequence[str], what: str = "validatio
     return LabelledImages(root=data.root, classes=list(classes), samples=samples)
 
 
-def stratified_split(data: LabelledImages, fraction: float, seed: int) -> tuple[LabelledImages, LabelledImages]:
+def stratified_split(
+    data: LabelledImages, fraction: float, seed: int
+) -> tuple[LabelledImages, LabelledImages]:
     """(train, val): `fraction` of each class (rounded, at least one when the class has two or
     more images, never all of it) drawn with an RNG seeded by `seed`."""
     if not 0.0 <= fraction < 1.0:
@@ -157,7 +173,11 @@ class FolderDataset(Dataset):
     """Keys (index, epoch) or plain indices -> (index, CHW float32 array or None, label, error or None)."""
 
     def __init__(
-        self, data: LabelledImages, transform: TrainTransform | Preprocess, seed: int = 0, draft: bool = True
+        self,
+        data: LabelledImages,
+        transform: TrainTransform | Preprocess,
+        seed: int = 0,
+        draft: bool = True,
     ) -> None:
         self.samples = list(data.samples)
         self.transform = transform
@@ -179,7 +199,9 @@ class FolderDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         path, label = self.samples[index]
         try:
-            image, original_size = open_image(path, draft_for=self._draft_size if self.draft else None)
+            image, original_size = open_image(
+                path, draft_for=self._draft_size if self.draft else None
+            )
             if isinstance(self.transform, Preprocess):
                 array = self.transform(image, original_size=original_size)
             else:
@@ -187,8 +209,13 @@ class FolderDataset(Dataset):
             return index, array, label, None
         except ImageDecodeError as error:
             return index, None, label, str(error)
-        except Exception as error:  # noqa: BLE001 - one odd file must not kill a worker
-            return index, None, label, f"{path}: cannot process image ({type(error).__name__}: {error})"
+        except Exception as error:
+            return (
+                index,
+                None,
+                label,
+                f"{path}: cannot process image ({type(error).__name__}: {error})",
+            )
 
 
 @dataclass
@@ -215,9 +242,16 @@ class EpochSampler(Sampler):
     that yields (index, epoch) keys, so each item's augmentation RNG knows its epoch even in
     workers started before `set_epoch` was called."""
 
-    def __init__(self, length: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+    def __init__(
+        self, length: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True
+    ) -> None:
         self.inner = DistributedSampler(
-            range(length), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
+            range(length),
+            num_replicas=world_size,
+            rank=rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=False,
         )
         self.epoch = 0
 
@@ -256,7 +290,12 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def make_loader(
-    dataset: FolderDataset, sampler: Sampler, batch_size: int, workers: int, seed: int = 0, pin_memory: bool = False
+    dataset: FolderDataset,
+    sampler: Sampler,
+    batch_size: int,
+    workers: int,
+    seed: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
     generator = torch.Generator()
     generator.manual_seed(seed)  # fixes the worker base seeds

@@ -52,7 +52,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         scale = 255.0 / (high - low) if high > low else 0.0
         array = np.nan_to_num((array - low) * scale).clip(0, 255).astype(np.uint8)
         return Image.fromarray(array, mode="L").convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info)
+    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+        mode == "P" and "transparency" in image.info
+    )
     if has_alpha:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -82,12 +84,20 @@ def open_image(
     except IsADirectoryError:
         raise ImageDecodeError(f"{path}: is a directory, not an image") from None
     except PermissionError:
-        raise ImageDecodeError(f"{path}: permission denied; check the file's read permission") from None
+        raise ImageDecodeError(
+            f"{path}: permission denied; check the file's read permission"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageDecodeError(f"{path}: image too large to decode safely (decompression bomb)") from None
+        raise ImageDecodeError(
+            f"{path}: image too large to decode safely (decompression bomb)"
+        ) from None
     except UnidentifiedImageError:
         size = path.stat().st_size if path.exists() else 0
-        what = "empty file (0 bytes)" if size == 0 else "not a recognised image (corrupt, or not an image)"
+        what = (
+            "empty file (0 bytes)"
+            if size == 0
+            else "not a recognised image (corrupt, or not an image)"
+        )
         raise ImageDecodeError(f"{path}: {what}") from None
     except OSError as error:
         raise ImageDecodeError(f"{path}: cannot read image: {error}") from None
@@ -109,7 +119,11 @@ def open_image(
             except Exception:  # a broken EXIF block is not worth losing the image over
                 orientation = 1
             transposed = orientation in _TRANSPOSED_ORIENTATIONS
-            if draft_for is not None and image.format == "JPEG" and image.mode in ("RGB", "L", "YCbCr"):
+            if (
+                draft_for is not None
+                and image.format == "JPEG"
+                and image.mode in ("RGB", "L", "YCbCr")
+            ):
                 want_w, want_h = draft_for(*((height, width) if transposed else (width, height)))
                 if transposed:
                     want_w, want_h = want_h, want_w

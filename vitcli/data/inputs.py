@@ -18,7 +18,10 @@ _DIGITS = re.compile(r"(\d+)")
 
 def natural_key(text: str) -> list:
     """Sort key where 'img2' < 'img10' (case-insensitive, digits compared as numbers)."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in _DIGITS.split(text)]
+    return [
+        (0, int(part), "") if part.isdigit() else (1, 0, part.lower())
+        for part in _DIGITS.split(text)
+    ]
 
 
 @dataclass(frozen=True)
@@ -40,13 +43,23 @@ def _scan_folder_items(folder: Path) -> list[InputItem]:
 
     def unreadable(error: OSError) -> None:
         where = error.filename or str(folder)
-        reason = "permission denied" if isinstance(error, PermissionError) else (error.strerror or str(error))
-        found.append(InputItem(str(where), error=f"{where}: cannot list folder ({reason}); its images were skipped"))
+        reason = (
+            "permission denied"
+            if isinstance(error, PermissionError)
+            else (error.strerror or str(error))
+        )
+        found.append(
+            InputItem(
+                str(where), error=f"{where}: cannot list folder ({reason}); its images were skipped"
+            )
+        )
 
     for root, dirs, files in os.walk(folder, followlinks=False, onerror=unreadable):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         found.extend(
-            InputItem(os.path.join(root, name)) for name in files if is_image_path(name) and not name.startswith(".")
+            InputItem(os.path.join(root, name))
+            for name in files
+            if is_image_path(name) and not name.startswith(".")
         )
     return sorted(found, key=lambda item: natural_key(item.path))
 
@@ -69,7 +82,9 @@ def collect_inputs(arguments: Iterable[str], stdin: Iterable[str] | None = None)
             continue
         items.extend(_expand_one(argument))
     if not seen_any:
-        raise InputError("no inputs given: pass image files, folders, globs, or '-' to read paths from stdin")
+        raise InputError(
+            "no inputs given: pass image files, folders, globs, or '-' to read paths from stdin"
+        )
     return items
 
 
@@ -79,7 +94,12 @@ def _expand_one(argument: str) -> list[InputItem]:
         return _scan_folder_items(path)
     if path.exists():
         if not is_image_path(path):
-            return [InputItem(str(path), error=f"{path}: not an image file (unsupported extension {path.suffix or 'none'})")]
+            return [
+                InputItem(
+                    str(path),
+                    error=f"{path}: not an image file (unsupported extension {path.suffix or 'none'})",
+                )
+            ]
         return [InputItem(str(path))]
     if glob.has_magic(argument):
         matches = sorted(glob.glob(os.path.expanduser(argument), recursive=True), key=natural_key)

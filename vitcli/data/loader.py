@@ -34,7 +34,7 @@ class Batch:
     # that long side, or as decoded when smaller: (h, w, 3) uint8 for drawing overlays on.
     displays: list[np.ndarray] | None = None
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True), which cannot see inside a dataclass."""
         if self.pixels.numel():
             self.pixels = self.pixels.pin_memory()
@@ -92,11 +92,23 @@ class ImageFiles(Dataset):
             draft_for = self.preprocess.resized_size if self.draft else None
             image, original_size = open_image(path, draft_for=draft_for)
             array = self.preprocess.to_uint8(self.preprocess.resize_image(image, original_size))
-            return index, array, self.preprocess.geometry(*original_size), self._display(image, original_size), None
+            return (
+                index,
+                array,
+                self.preprocess.geometry(*original_size),
+                self._display(image, original_size),
+                None,
+            )
         except ImageDecodeError as error:
             return index, None, None, None, str(error)
-        except Exception as error:  # noqa: BLE001 - a batch job must outlive any one file
-            return index, None, None, None, f"{path}: cannot process image ({type(error).__name__}: {error})"
+        except Exception as error:
+            return (
+                index,
+                None,
+                None,
+                None,
+                f"{path}: cannot process image ({type(error).__name__}: {error})",
+            )
 
     def _display(self, image: Image.Image, original_size: tuple[int, int]) -> np.ndarray | None:
         """The image to draw overlays on, made from the pixels already decoded (a second
@@ -122,7 +134,9 @@ def collate(items) -> Batch:
         pixels=pixels,
         geometries=[item[2] for item in good],
         failures=[(item[0], item[4]) for item in items if item[4] is not None],
-        displays=displays if displays and all(display is not None for display in displays) else None,
+        displays=displays
+        if displays and all(display is not None for display in displays)
+        else None,
     )
 
 
@@ -142,7 +156,9 @@ def image_batches(
     `errors[i]`, when given and not None, is reported as the failure of position i unread.
     `display_long_side` also returns each original scaled to that long side (Batch.displays).
     """
-    dataset = ImageFiles(paths, preprocess, draft=draft, errors=errors, display_long_side=display_long_side)
+    dataset = ImageFiles(
+        paths, preprocess, draft=draft, errors=errors, display_long_side=display_long_side
+    )
     return DataLoader(
         dataset,
         batch_size=batch_size,

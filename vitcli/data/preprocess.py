@@ -58,7 +58,9 @@ class Preprocess:
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
         if self.resize not in RESIZE_MODES:
-            raise InputError(f"unknown resize mode {self.resize!r}: use one of {', '.join(RESIZE_MODES)}")
+            raise InputError(
+                f"unknown resize mode {self.resize!r}: use one of {', '.join(RESIZE_MODES)}"
+            )
         if self.interpolation not in INTERPOLATIONS:
             raise InputError(
                 f"unknown interpolation {self.interpolation!r}: use one of {', '.join(INTERPOLATIONS)}"
@@ -74,13 +76,19 @@ class Preprocess:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Preprocess":
-        return cls(**{k: data[k] for k in ("size", "resize", "crop_pct", "interpolation", "mean", "std") if k in data})
+    def from_dict(cls, data: dict) -> Preprocess:
+        return cls(
+            **{
+                k: data[k]
+                for k in ("size", "resize", "crop_pct", "interpolation", "mean", "std")
+                if k in data
+            }
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
-    def with_size(self, size: int | tuple[int, int]) -> "Preprocess":
+    def with_size(self, size: int | tuple[int, int]) -> Preprocess:
         return replace(self, size=size)
 
     # -- geometry -------------------------------------------------------------------------
@@ -116,7 +124,9 @@ class Preprocess:
         return Geometry((width, height), (left * sx, top * sy, right * sx, bottom * sy))
 
     # -- the transform --------------------------------------------------------------------
-    def resize_image(self, image: Image.Image, original_size: tuple[int, int] | None = None) -> Image.Image:
+    def resize_image(
+        self, image: Image.Image, original_size: tuple[int, int] | None = None
+    ) -> Image.Image:
         """Resize (and crop) an RGB image to the model input size.
 
         `original_size` is the full-resolution (width, height) when `image` was decoded in
@@ -140,10 +150,14 @@ class Preprocess:
     def to_array(self, image: Image.Image) -> np.ndarray:
         """(C, H, W) float32, x / 255 then (x - mean) / std."""
         array = np.asarray(image, dtype=np.float32) * (1.0 / 255.0)  # H,W,C
-        array = (array - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        array = (array - np.asarray(self.mean, dtype=np.float32)) / np.asarray(
+            self.std, dtype=np.float32
+        )
         return np.ascontiguousarray(array.transpose(2, 0, 1))
 
-    def __call__(self, image: Image.Image, original_size: tuple[int, int] | None = None) -> np.ndarray:
+    def __call__(
+        self, image: Image.Image, original_size: tuple[int, int] | None = None
+    ) -> np.ndarray:
         return self.to_array(self.resize_image(image, original_size))
 
 
@@ -152,4 +166,6 @@ def hf_default() -> Preprocess:
 
 
 def timm_default(size: int = 224, crop_pct: float = 0.9) -> Preprocess:
-    return Preprocess(size=(size, size), resize="shorter", crop_pct=crop_pct, interpolation="bicubic")
+    return Preprocess(
+        size=(size, size), resize="shorter", crop_pct=crop_pct, interpolation="bicubic"
+    )

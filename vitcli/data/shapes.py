@@ -49,18 +49,35 @@ def _polygon(shape: str) -> list[tuple[float, float]]:
         return points
     if shape == "cross":
         a, b = 0.32, 1.0  # arm half-width, arm length
-        return [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
+        return [
+            (-a, -b),
+            (a, -b),
+            (a, -a),
+            (b, -a),
+            (b, a),
+            (a, a),
+            (a, b),
+            (-a, b),
+            (-a, a),
+            (-b, a),
+            (-b, -a),
+            (-a, -a),
+        ]
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _shape_mask(shape: str, size: int, center: tuple[float, float], radius: float, angle: float) -> np.ndarray:
+def _shape_mask(
+    shape: str, size: int, center: tuple[float, float], radius: float, angle: float
+) -> np.ndarray:
     """Float mask in [0, 1] of one shape, (size, size), antialiased by supersampling."""
     big = size * SUPERSAMPLE
     canvas = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(canvas)
     cos, sin = math.cos(angle), math.sin(angle)
     cx, cy, r = center[0] * SUPERSAMPLE, center[1] * SUPERSAMPLE, radius * SUPERSAMPLE
-    outline = [(cx + r * (x * cos - y * sin), cy + r * (x * sin + y * cos)) for x, y in _polygon(shape)]
+    outline = [
+        (cx + r * (x * cos - y * sin), cy + r * (x * sin + y * cos)) for x, y in _polygon(shape)
+    ]
     draw.polygon(outline, fill=255)
     if shape == "ring":
         inner = [(cx + 0.55 * r * x, cy + 0.55 * r * y) for x, y in _polygon("circle")]
@@ -73,7 +90,12 @@ def _smooth_field(rng: np.random.Generator, size: int, cells: int, channels: int
     """Low-frequency random field in [0, 1]: a few random values upsampled bicubically."""
     coarse = (rng.random((cells, cells, channels)) * 255).astype(np.uint8)
     image = Image.fromarray(coarse.squeeze(-1) if channels == 1 else coarse)
-    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32).reshape(size, size, channels) / 255.0
+    return (
+        np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32).reshape(
+            size, size, channels
+        )
+        / 255.0
+    )
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -83,27 +105,38 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) / size
     if kind == "gradient":
         theta = rng.uniform(0, 2 * math.pi)
-        t = (np.cos(theta) * xs + np.sin(theta) * ys)
+        t = np.cos(theta) * xs + np.sin(theta) * ys
         t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
         image = base * (1 - t[..., None]) + other * t[..., None]
     elif kind == "photo":
         # Soft out-of-focus scene: a couple of smooth colour fields at different scales.
-        image = 0.6 * _smooth_field(rng, size, int(rng.integers(3, 6))) + 0.4 * _smooth_field(rng, size, int(rng.integers(6, 12)))
+        image = 0.6 * _smooth_field(rng, size, int(rng.integers(3, 6))) + 0.4 * _smooth_field(
+            rng, size, int(rng.integers(6, 12))
+        )
     elif kind == "stripes":
         period = rng.uniform(6, 28)
         theta = rng.uniform(0, math.pi)
-        t = 0.5 + 0.5 * np.sin(2 * math.pi * (np.cos(theta) * xs + np.sin(theta) * ys) * size / period)
+        t = 0.5 + 0.5 * np.sin(
+            2 * math.pi * (np.cos(theta) * xs + np.sin(theta) * ys) * size / period
+        )
         image = base * (1 - t[..., None]) + other * t[..., None]
     elif kind == "checker":
         period = int(rng.integers(8, 32))
-        t = ((np.arange(size)[:, None] // period + np.arange(size)[None, :] // period) % 2).astype(np.float32)
+        t = ((np.arange(size)[:, None] // period + np.arange(size)[None, :] // period) % 2).astype(
+            np.float32
+        )
         image = base * (1 - t[..., None]) + other * t[..., None]
     else:  # coloured noise texture, slightly blurred
         noise = rng.random((size, size, 3)).astype(np.float32)
-        noise = np.asarray(
-            Image.fromarray((noise * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 2.0))),
-            dtype=np.float32,
-        ) / 255.0
+        noise = (
+            np.asarray(
+                Image.fromarray((noise * 255).astype(np.uint8)).filter(
+                    ImageFilter.GaussianBlur(rng.uniform(0.5, 2.0))
+                ),
+                dtype=np.float32,
+            )
+            / 255.0
+        )
         image = 0.5 * base + 0.5 * noise
     if kind in ("stripes", "checker", "noise"):
         # Mute textures so the object stays the salient thing, as in a photo: at full contrast
@@ -124,7 +157,9 @@ class ShapeSample:
     label: str
 
 
-def make_sample(seed: int, class_index: int, index: int, image_size: int = 224, classes=SHAPES) -> ShapeSample:
+def make_sample(
+    seed: int, class_index: int, index: int, image_size: int = 224, classes=SHAPES
+) -> ShapeSample:
     """Image `index` of class `classes[class_index]`; depends only on these arguments."""
     rng = np.random.default_rng([GENERATOR_VERSION, seed, class_index, index])
     shape = classes[class_index]
@@ -139,7 +174,11 @@ def make_sample(seed: int, class_index: int, index: int, image_size: int = 224, 
     # contrast no single linear feature of a patch says anything about the class, and a ViT
     # trained from scratch sits at chance for thousands of steps before it finds the shapes.
     background = 0.04 + 0.56 * background  # backgrounds stay in the darker part of the range
-    region = background[alpha > 0.5].mean(axis=0) if (alpha > 0.5).any() else background.mean(axis=(0, 1))
+    region = (
+        background[alpha > 0.5].mean(axis=0)
+        if (alpha > 0.5).any()
+        else background.mean(axis=(0, 1))
+    )
     colour = rng.random(3)
     target = min(_luma(region) + rng.uniform(0.3, 0.45), 0.97)
     if _luma(colour) < target:  # mix towards white until light enough, keeping the hue
@@ -154,7 +193,9 @@ def make_sample(seed: int, class_index: int, index: int, image_size: int = 224, 
     return ShapeSample(image=rgb, mask=mask, label=shape)
 
 
-def _write_range(out: Path, name: str, seed: int, start: int, stop: int, image_size: int, quality: int) -> int:
+def _write_range(
+    out: Path, name: str, seed: int, start: int, stop: int, image_size: int, quality: int
+) -> int:
     """Write images start..stop-1 of one class (a unit of work for one process)."""
     image_dir, mask_dir = out / name, out / MASK_DIR / name
     for index in range(start, stop):
@@ -166,7 +207,9 @@ def _write_range(out: Path, name: str, seed: int, start: int, stop: int, image_s
         ):
             buffer = io.BytesIO()
             image.save(buffer, **options)
-            atomic_write_bytes(path, buffer.getvalue(), durable=False)  # no half-written image on a kill
+            atomic_write_bytes(
+                path, buffer.getvalue(), durable=False
+            )  # no half-written image on a kill
     return stop - start
 
 
@@ -196,11 +239,18 @@ def generate(
         (out / name).mkdir(parents=True, exist_ok=True)
         (out / MASK_DIR / name).mkdir(parents=True, exist_ok=True)
     chunk = 50
-    jobs = [(name, start, min(start + chunk, per_class)) for name in classes for start in range(0, per_class, chunk)]
+    jobs = [
+        (name, start, min(start + chunk, per_class))
+        for name in classes
+        for start in range(0, per_class, chunk)
+    ]
     total, done = per_class * len(classes), 0
     if workers > 0 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_write_range, out, name, seed, a, b, image_size, quality) for name, a, b in jobs]
+            futures = [
+                pool.submit(_write_range, out, name, seed, a, b, image_size, quality)
+                for name, a, b in jobs
+            ]
             for future in as_completed(futures):
                 done += future.result()
                 if progress is not None:

@@ -98,7 +98,7 @@ class ViTConfig:
         return self.width // self.num_heads
 
     @classmethod
-    def from_variant(cls, variant: str, **overrides) -> "ViTConfig":
+    def from_variant(cls, variant: str, **overrides) -> ViTConfig:
         """A config from the paper's table: "B/16", "Ti/16", "L/14", ...; fields may be overridden."""
         match = _VARIANT_RE.match(variant.strip())
         if not match:
@@ -113,13 +113,17 @@ class ViTConfig:
             raise ValueError(f"unknown patch size {patch} in {variant!r}: use one of {PATCH_SIZES}")
         depth, width, mlp_dim, num_heads = VARIANTS[size]
         fields = dict(
-            patch_size=patch, depth=depth, width=width, mlp_dim=mlp_dim, num_heads=num_heads,
+            patch_size=patch,
+            depth=depth,
+            width=width,
+            mlp_dim=mlp_dim,
+            num_heads=num_heads,
             name=f"{size}/{patch}",
         )
         fields.update(overrides)
         return cls(**fields)
 
-    def replace(self, **changes) -> "ViTConfig":
+    def replace(self, **changes) -> ViTConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -128,7 +132,7 @@ class ViTConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ViTConfig":
+    def from_dict(cls, data: dict) -> ViTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -139,7 +143,7 @@ class ViTConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ViTConfig":
+    def from_json(cls, text: str) -> ViTConfig:
         return cls.from_dict(json.loads(text))
 
 

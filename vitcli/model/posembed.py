@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def sincos_2d(grid_size: tuple[int, int], width: int, temperature: float = 10_000.0) -> torch.Tensor:
+def sincos_2d(
+    grid_size: tuple[int, int], width: int, temperature: float = 10_000.0
+) -> torch.Tensor:
     """Fixed 2-D sin/cos embedding, (Hp*Wp, D), rows in row-major patch order.
 
     A quarter of the channels each encode sin(x), cos(x), sin(y), cos(y) at geometrically
@@ -16,7 +18,8 @@ def sincos_2d(grid_size: tuple[int, int], width: int, temperature: float = 10_00
         raise ValueError(f"sincos2d position embedding needs a width divisible by 4, got {width}")
     grid_h, grid_w = grid_size
     rows, cols = torch.meshgrid(
-        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64),
+        torch.arange(grid_h, dtype=torch.float64),
+        torch.arange(grid_w, dtype=torch.float64),
         indexing="ij",
     )
     quarter = width // 4
@@ -50,6 +53,8 @@ def resample_grid(
         )
     dtype = grid.dtype
     grid = grid.reshape(1, old_h, old_w, width).permute(0, 3, 1, 2).float()  # 1,D,Hp,Wp
-    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", antialias=True, align_corners=False)
+    grid = F.interpolate(
+        grid, size=tuple(new_grid), mode="bicubic", antialias=True, align_corners=False
+    )
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], width).to(dtype)  # 1,N',D
     return torch.cat([prefix, grid], dim=1)

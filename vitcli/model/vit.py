@@ -35,7 +35,9 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with a fused path and an explicit path that returns weights."""
 
-    def __init__(self, width: int, num_heads: int, qkv_bias: bool, attn_dropout: float, dropout: float) -> None:
+    def __init__(
+        self, width: int, num_heads: int, qkv_bias: bool, attn_dropout: float, dropout: float
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = width // num_heads
@@ -45,7 +47,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
         self.proj_drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, return_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, tokens, width = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)  # B,T,3,nh,Dh
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B,nh,T,Dh
@@ -97,14 +101,19 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(config.width, eps=config.ln_eps)
         self.attn = Attention(
-            config.width, config.num_heads, qkv_bias=config.qkv_bias,
-            attn_dropout=config.attn_dropout, dropout=config.dropout,
+            config.width,
+            config.num_heads,
+            qkv_bias=config.qkv_bias,
+            attn_dropout=config.attn_dropout,
+            dropout=config.dropout,
         )
         self.norm2 = nn.LayerNorm(config.width, eps=config.ln_eps)
         self.mlp = MLP(config.width, config.mlp_dim, act=config.act, dropout=config.dropout)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, return_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attn_out, weights = self.attn(self.norm1(x), return_weights=return_weights)
         x = x + self.drop_path(attn_out)  # z' = MSA(LN(z)) + z
         x = x + self.drop_path(self.mlp(self.norm2(x)))  # z = MLP(LN(z')) + z'
@@ -132,7 +141,9 @@ class ViT(nn.Module):
         rates = [config.drop_path * i / max(config.depth - 1, 1) for i in range(config.depth)]
         self.blocks = nn.ModuleList(Block(config, drop_path=rate) for rate in rates)
         self.norm = nn.LayerNorm(width, eps=config.ln_eps)
-        self.head = nn.Linear(width, config.num_classes) if config.num_classes > 0 else nn.Identity()
+        self.head = (
+            nn.Linear(width, config.num_classes) if config.num_classes > 0 else nn.Identity()
+        )
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
         self.reset_parameters()
 
@@ -165,27 +176,47 @@ class ViT(nn.Module):
             return self.pos_embed
         if self.config.pos_embed == "sincos2d":
             prefix = self.config.num_prefix_tokens
-            table = torch.cat([torch.zeros(prefix, self.config.width), sincos_2d(grid_size, self.config.width)])
+            table = torch.cat(
+                [torch.zeros(prefix, self.config.width), sincos_2d(grid_size, self.config.width)]
+            )
             return table.unsqueeze(0).to(self.pos_embed)
         if self.training or torch.is_grad_enabled():
-            return resample_grid(self.pos_embed, self.config.grid_size, grid_size, self.config.num_prefix_tokens)
+            return resample_grid(
+                self.pos_embed, self.config.grid_size, grid_size, self.config.num_prefix_tokens
+            )
         cached = self._pos_cache.get(tuple(grid_size))
-        if cached is None or cached.device != self.pos_embed.device or cached.dtype != self.pos_embed.dtype:
-            cached = resample_grid(self.pos_embed, self.config.grid_size, grid_size, self.config.num_prefix_tokens)
+        if (
+            cached is None
+            or cached.device != self.pos_embed.device
+            or cached.dtype != self.pos_embed.dtype
+        ):
+            cached = resample_grid(
+                self.pos_embed, self.config.grid_size, grid_size, self.config.num_prefix_tokens
+            )
             self._pos_cache[tuple(grid_size)] = cached
         return cached
 
     def set_image_size(self, image_size: int | tuple[int, int]) -> None:
         """Change the trained image size for good (fine-tuning at another resolution)."""
         new_config = self.config.replace(image_size=image_size)
-        if new_config.grid_size != self.config.grid_size and isinstance(self.pos_embed, nn.Parameter):
+        if new_config.grid_size != self.config.grid_size and isinstance(
+            self.pos_embed, nn.Parameter
+        ):
             table = resample_grid(
-                self.pos_embed.data, self.config.grid_size, new_config.grid_size, self.config.num_prefix_tokens
+                self.pos_embed.data,
+                self.config.grid_size,
+                new_config.grid_size,
+                self.config.num_prefix_tokens,
             )
             self.pos_embed = nn.Parameter(table)
         elif new_config.grid_size != self.config.grid_size:
             prefix = self.config.num_prefix_tokens
-            table = torch.cat([torch.zeros(prefix, self.config.width), sincos_2d(new_config.grid_size, self.config.width)])
+            table = torch.cat(
+                [
+                    torch.zeros(prefix, self.config.width),
+                    sincos_2d(new_config.grid_size, self.config.width),
+                ]
+            )
             self.pos_embed = table.unsqueeze(0).to(self.pos_embed)
         self.config = new_config
         self._pos_cache.clear()
@@ -194,12 +225,16 @@ class ViT(nn.Module):
         """Replace the classifier (fine-tuning to another label set), zero-initialised."""
         self.config = self.config.replace(num_classes=num_classes)
         device = self.norm.weight.device
-        self.head = nn.Linear(self.config.width, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        self.head = (
+            nn.Linear(self.config.width, num_classes, device=device)
+            if num_classes > 0
+            else nn.Identity()
+        )
         if isinstance(self.head, nn.Linear):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
-    def _load_from_state_dict(self, *args, **kwargs):  # noqa: D401 - torch hook
+    def _load_from_state_dict(self, *args, **kwargs):
         self._pos_cache.clear()
         return super()._load_from_state_dict(*args, **kwargs)
 

@@ -16,7 +16,6 @@ No typer or rich here: progress goes through a plain callback.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,8 +29,8 @@ from ..data.inputs import InputItem
 from ..data.loader import image_batches, normalize
 from ..data.preprocess import Geometry
 from ..errors import InputError
+from ..runtime import default_workers, render_threads, resolve_device
 from ..weights.format import ModelBundle
-from .predict import default_workers, resolve_device
 
 HEAD_FUSIONS = ("mean", "max", "min")
 QUERY_CLS = "cls"
@@ -49,7 +48,9 @@ class AttentionOptions:
 
     def __post_init__(self) -> None:
         if self.head_fusion not in HEAD_FUSIONS:
-            raise InputError(f"unknown head fusion {self.head_fusion!r}: use one of {', '.join(HEAD_FUSIONS)}")
+            raise InputError(
+                f"unknown head fusion {self.head_fusion!r}: use one of {', '.join(HEAD_FUSIONS)}"
+            )
         if not 0.0 <= self.discard_ratio < 1.0:
             raise InputError(f"--discard-ratio must be in [0, 1), got {self.discard_ratio}")
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
@@ -81,7 +82,9 @@ def parse_layers(specs: Sequence[str | int] | None, depth: int) -> tuple[int, ..
             try:
                 index = int(part)
             except ValueError:
-                raise InputError(f"--layer {part!r}: use a layer index (negative counts from the end) or 'all'") from None
+                raise InputError(
+                    f"--layer {part!r}: use a layer index (negative counts from the end) or 'all'"
+                ) from None
             if not -depth <= index < depth:
                 raise InputError(
                     f"--layer {index} is out of range: this model has {depth} layers (0..{depth - 1}, or -1..-{depth})"
@@ -102,7 +105,9 @@ def cls_maps(weights: torch.Tensor, grid_size: tuple[int, int], prefix: int) -> 
     batch, num_heads, tokens, _ = weights.shape
     grid_h, grid_w = grid_size
     if tokens != prefix + grid_h * grid_w:
-        raise ValueError(f"{tokens} tokens do not match a {grid_h}x{grid_w} grid plus {prefix} prefix tokens")
+        raise ValueError(
+            f"{tokens} tokens do not match a {grid_h}x{grid_w} grid plus {prefix} prefix tokens"
+        )
     if prefix:
         rows = weights[:, :, 0, prefix:]  # B,nh,N: query = CLS, keys = patches
     else:
@@ -145,12 +150,17 @@ def rollout_step(fused: torch.Tensor) -> torch.Tensor:
 
 
 def rollout(
-    weights: Sequence[torch.Tensor], head_fusion: str = "mean", discard_ratio: float = 0.0, prefix: int = 1
+    weights: Sequence[torch.Tensor],
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+    prefix: int = 1,
 ) -> torch.Tensor:
     """Layer-ordered (B, nh, T, T) weights -> R = Ã_L ... Ã_1, (B, T, T)."""
     result = None
     for layer_weights in weights:  # layer 1 first: each new layer multiplies on the left
-        step = rollout_step(discard_lowest(fuse_heads(layer_weights, head_fusion), discard_ratio, prefix))
+        step = rollout_step(
+            discard_lowest(fuse_heads(layer_weights, head_fusion), discard_ratio, prefix)
+        )
         result = step if result is None else step @ result
     if result is None:
         raise ValueError("rollout needs at least one layer")
@@ -158,14 +168,20 @@ def rollout(
 
 
 def rollout_rows(
-    weights: Sequence[torch.Tensor], head_fusion: str = "mean", discard_ratio: float = 0.0, prefix: int = 1
+    weights: Sequence[torch.Tensor],
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+    prefix: int = 1,
 ) -> torch.Tensor:
     """The row of R = Ã_L ... Ã_1 the map needs, (B, T), without forming R.
 
     e_0^T R (the CLS row; the mean row 1^T R / T without CLS) is a chain of vector-matrix
     products taken from the left: O(L T^2) instead of O(L T^3) for the full product.
     """
-    steps = [rollout_step(discard_lowest(fuse_heads(w, head_fusion), discard_ratio, prefix)) for w in weights]
+    steps = [
+        rollout_step(discard_lowest(fuse_heads(w, head_fusion), discard_ratio, prefix))
+        for w in weights
+    ]
     if not steps:
         raise ValueError("rollout needs at least one layer")
     batch, tokens = steps[0].shape[0], steps[0].shape[-1]
@@ -173,7 +189,9 @@ def rollout_rows(
         row = torch.zeros(batch, 1, tokens, dtype=steps[0].dtype, device=steps[0].device)
         row[:, 0, 0] = 1.0  # e_0: the CLS query
     else:
-        row = torch.full((batch, 1, tokens), 1.0 / tokens, dtype=steps[0].dtype, device=steps[0].device)
+        row = torch.full(
+            (batch, 1, tokens), 1.0 / tokens, dtype=steps[0].dtype, device=steps[0].device
+        )
     for step in reversed(steps):  # Ã_L first: (e_0^T Ã_L) Ã_{L-1} ...
         row = row @ step  # B,1,T
     return row[:, 0]
@@ -233,12 +251,16 @@ def compute_batch(
     grid_size = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)  # (Hp, Wp) of this input
     layers = [index % depth for index in options.layers]
     logits, weights = model.forward_with_attention(pixels, explicit_layers(options, depth))
-    heads = torch.stack([cls_maps(weights[index], grid_size, prefix) for index in layers], dim=1)  # B,L,nh,Hp,Wp
+    heads = torch.stack(
+        [cls_maps(weights[index], grid_size, prefix) for index in layers], dim=1
+    )  # B,L,nh,Hp,Wp
     out: dict = {"heads": heads.float().cpu(), "head_mean": heads.mean(dim=2).float().cpu()}
     if options.rollout:
         row = rollout_rows(
             [weights[index].float() for index in range(depth)],
-            head_fusion=options.head_fusion, discard_ratio=options.discard_ratio, prefix=prefix,
+            head_fusion=options.head_fusion,
+            discard_ratio=options.discard_ratio,
+            prefix=prefix,
         )  # B,T: the CLS row of R
         out["rollout"] = row[:, prefix:].reshape(-1, *grid_size).cpu()  # B,Hp,Wp
     if options.threshold is not None:
@@ -247,7 +269,10 @@ def compute_batch(
     k = min(5, probabilities.shape[-1])
     scores, indices = probabilities.topk(k, dim=-1)
     out["top"] = [
-        [(int(i), labels[int(i)] if int(i) < len(labels) else str(int(i)), float(s)) for s, i in zip(row_s, row_i)]
+        [
+            (int(i), labels[int(i)] if int(i) < len(labels) else str(int(i)), float(s))
+            for s, i in zip(row_s, row_i)
+        ]
         for row_s, row_i in zip(scores.cpu(), indices.cpu())
     ]
     out["grid_size"] = grid_size
@@ -280,23 +305,34 @@ def attention_batches(
     # Worker start-up is pure cost when there is nothing to overlap with (as predict does).
     workers = max(0, min(workers, math.ceil(len(paths) / batch_size) - 1))
     loader = image_batches(
-        paths, bundle.preprocess, batch_size=batch_size, workers=workers,
-        pin_memory=target.type == "cuda", errors=errors, display_long_side=display_long_side,
+        paths,
+        bundle.preprocess,
+        batch_size=batch_size,
+        workers=workers,
+        pin_memory=target.type == "cuda",
+        errors=errors,
+        display_long_side=display_long_side,
     )
     for batch in loader:
         results: list[ImageAttention] = []
         if batch.indices:
-            maps = compute_batch(model, normalize(batch.pixels, bundle.preprocess, target), options, bundle.labels)
+            maps = compute_batch(
+                model, normalize(batch.pixels, bundle.preprocess, target), options, bundle.labels
+            )
             for row, (index, geometry) in enumerate(zip(batch.indices, batch.geometries)):
                 results.append(
                     ImageAttention(
-                        index=index, path=paths[index], geometry=geometry, grid_size=maps["grid_size"],
+                        index=index,
+                        path=paths[index],
+                        geometry=geometry,
+                        grid_size=maps["grid_size"],
                         layers=layers,
                         heads=maps["heads"][row].numpy(),
                         head_mean=maps["head_mean"][row].numpy(),
                         rollout=maps["rollout"][row].numpy() if "rollout" in maps else None,
                         masks=maps["masks"][row].numpy() if "masks" in maps else None,
-                        top=maps["top"][row], query=query,
+                        top=maps["top"][row],
+                        query=query,
                         display=batch.displays[row] if batch.displays is not None else None,
                     )
                 )
@@ -310,11 +346,6 @@ def default_batch_size(config, budget_bytes: int = 1 << 30) -> int:
     tokens = config.num_prefix_tokens + config.num_patches
     per_image = config.depth * config.num_heads * tokens * tokens * 4
     return max(1, min(32, budget_bytes // per_image))
-
-
-def render_threads() -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cpus // 2))
 
 
 @dataclass
@@ -354,7 +385,9 @@ def run_attention(
     started = time.perf_counter()
     render_options = render_options or render.RenderOptions()
     if maps_format not in render.MAPS_FORMATS:
-        raise InputError(f"unknown maps format {maps_format!r}: use one of {', '.join(render.MAPS_FORMATS)}")
+        raise InputError(
+            f"unknown maps format {maps_format!r}: use one of {', '.join(render.MAPS_FORMATS)}"
+        )
     if batch_size is None:
         batch_size = default_batch_size(bundle.config)
     if batch_size < 1:
@@ -369,17 +402,30 @@ def run_attention(
 
     def fail(position: int, message: str) -> None:
         summary.failures.append((items[position].path, message))
-        entries[position] = render.IndexEntry(path=items[position].path, name=names[position], error=message)
+        entries[position] = render.IndexEntry(
+            path=items[position].path, name=names[position], error=message
+        )
         if on_failure is not None:
             on_failure(items[position].path, message)
 
-    context = render.RunContext.from_bundle(bundle, options, render_options, maps_format=maps_format, per_head=per_head)
-    batches = attention_batches(
-        bundle, [item.path for item in items], options, batch_size=batch_size, workers=workers, device=device,
-        errors=[item.error for item in items],
-        # --per-head needs originals larger than a tile and reads the file again anyway.
-        display_long_side=None if per_head else render_options.tile,
-    ) if items else iter(())
+    context = render.RunContext.from_bundle(
+        bundle, options, render_options, maps_format=maps_format, per_head=per_head
+    )
+    batches = (
+        attention_batches(
+            bundle,
+            [item.path for item in items],
+            options,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            errors=[item.error for item in items],
+            # --per-head needs originals larger than a tile and reads the file again anyway.
+            display_long_side=None if per_head else render_options.tile,
+        )
+        if items
+        else iter(())
+    )
     # Drawing and writing batch k happen in threads while the model runs batch k + 1 (PIL's
     # resize and PNG encoder release the GIL); at most two batches are ever alive.
     pending: list[tuple[ImageAttention, Path, Future]] = []
@@ -419,6 +465,8 @@ def run_attention(
                 drain()
         drain()
     if html:
-        summary.index_html = render.write_index_html(out_dir, [entry for entry in entries if entry is not None], context)
+        summary.index_html = render.write_index_html(
+            out_dir, [entry for entry in entries if entry is not None], context
+        )
     summary.seconds = time.perf_counter() - started
     return summary

@@ -8,7 +8,7 @@ the published 256-entry tables. jet, hot and gray are piecewise linear.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -28,26 +28,36 @@ def _catmull_rom(anchors: np.ndarray, size: int) -> np.ndarray:
     index = np.clip(np.floor(position).astype(int), 0, count - 1)
     u = (position - index)[:, None]
     # Linear extrapolation at both ends so the end segments have a neighbour.
-    padded = np.concatenate([2 * anchors[:1] - anchors[1:2], anchors, 2 * anchors[-1:] - anchors[-2:-1]])
+    padded = np.concatenate(
+        [2 * anchors[:1] - anchors[1:2], anchors, 2 * anchors[-1:] - anchors[-2:-1]]
+    )
     p0, p1, p2, p3 = padded[index], padded[index + 1], padded[index + 2], padded[index + 3]
     return 0.5 * (
-        2 * p1 + (p2 - p0) * u + (2 * p0 - 5 * p1 + 4 * p2 - p3) * u**2 + (3 * p1 - p0 - 3 * p2 + p3) * u**3
+        2 * p1
+        + (p2 - p0) * u
+        + (2 * p0 - 5 * p1 + 4 * p2 - p3) * u**2
+        + (3 * p1 - p0 - 3 * p2 + p3) * u**3
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def lut(name: str, size: int = 256) -> np.ndarray:
     """(size, 3) uint8 RGB table for colormap `name`; entry 0 is the low end."""
     t = np.linspace(0.0, 1.0, size)[:, None]
     if name in _ANCHORS:
         anchors = np.array(
-            [[int(code[i : i + 2], 16) for i in (0, 2, 4)] for code in _ANCHORS[name].split()], dtype=np.float64
+            [[int(code[i : i + 2], 16) for i in (0, 2, 4)] for code in _ANCHORS[name].split()],
+            dtype=np.float64,
         )
         table = _catmull_rom(anchors, size)
     elif name == "jet":
         # MATLAB jet: blue -> cyan -> yellow -> red, each channel a clipped tent.
         table = 255.0 * np.clip(
-            np.concatenate([1.5 - np.abs(4 * t - 3), 1.5 - np.abs(4 * t - 2), 1.5 - np.abs(4 * t - 1)], axis=1), 0, 1
+            np.concatenate(
+                [1.5 - np.abs(4 * t - 3), 1.5 - np.abs(4 * t - 2), 1.5 - np.abs(4 * t - 1)], axis=1
+            ),
+            0,
+            1,
         )
     elif name == "gray":
         table = 255.0 * np.repeat(t, 3, axis=1)

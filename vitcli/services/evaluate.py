@@ -59,10 +59,20 @@ class EvalResult:
             "top1": self.top1,
             "top5": self.top5,
             "per_class": [
-                {"label": c.label, "images": c.images, "correct": c.correct, "accuracy": c.accuracy, "top5": c.top5}
+                {
+                    "label": c.label,
+                    "images": c.images,
+                    "correct": c.correct,
+                    "accuracy": c.accuracy,
+                    "top5": c.top5,
+                }
                 for c in self.classes
             ],
-            "confusion": {"rows": [c.label for c in self.classes], "columns": self.confusion_labels, "matrix": self.confusion},
+            "confusion": {
+                "rows": [c.label for c in self.classes],
+                "columns": self.confusion_labels,
+                "matrix": self.confusion,
+            },
             "failures": self.failures,
         }
 
@@ -89,7 +99,11 @@ def evaluate(
         )
     # Dataset indices are model label indices from here on.
     data = relabel(folder, labels, what="evaluation")
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     model = bundle.model.to(device).eval()
     dataset = FolderDataset(data, bundle.preprocess)
     loader = make_loader(dataset, ShardSampler(len(dataset)), batch_size, workers)
@@ -143,7 +157,9 @@ def write_report(result: EvalResult, path: str | Path) -> Path:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".json":
-        atomic_write_bytes(path, (json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n").encode())
+        atomic_write_bytes(
+            path, (json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n").encode()
+        )
     elif suffix == ".csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
@@ -188,9 +204,18 @@ def confusion_png(result: EvalResult, path: str | Path, cell: int = 36) -> Path:
             share = count / total
             shade = int(255 * (1 - share))
             x0, y0 = margin_left + c * cell, margin_top + r * cell
-            draw.rectangle((x0, y0, x0 + cell - 1, y0 + cell - 1), fill=(shade, shade, 255), outline=(200, 200, 200))
+            draw.rectangle(
+                (x0, y0, x0 + cell - 1, y0 + cell - 1),
+                fill=(shade, shade, 255),
+                outline=(200, 200, 200),
+            )
             label = str(count)
-            draw.text((x0 + (cell - text_w(label)) // 2, y0 + cell // 2 - 5), label, fill="white" if share > 0.5 else "black", font=font)
+            draw.text(
+                (x0 + (cell - text_w(label)) // 2, y0 + cell // 2 - 5),
+                label,
+                fill="white" if share > 0.5 else "black",
+                font=font,
+            )
     # Column names written vertically: draw horizontally on a strip, rotate it.
     for c, name in enumerate(columns):
         strip = Image.new("RGB", (margin_top - 8, 12), "white")

@@ -61,10 +61,15 @@ def mask_on_grid(mask: np.ndarray, geometry: Geometry, grid_size: tuple[int, int
     The cells cover `geometry.box` of the original (the region the model saw).
     """
     left, top, right, bottom = geometry.box
-    region = Image.fromarray(mask.astype(np.uint8) * 255).crop((round(left), round(top), round(right), round(bottom)))
+    region = Image.fromarray(mask.astype(np.uint8) * 255).crop(
+        (round(left), round(top), round(right), round(bottom))
+    )
     grid_h, grid_w = grid_size
     # Resample to a fine grid first, then average each cell: an area-weighted coverage.
-    fine = np.asarray(region.resize((grid_w * 8, grid_h * 8), Image.Resampling.BOX), dtype=np.float32) / 255.0
+    fine = (
+        np.asarray(region.resize((grid_w * 8, grid_h * 8), Image.Resampling.BOX), dtype=np.float32)
+        / 255.0
+    )
     return fine.reshape(grid_h, 8, grid_w, 8).mean(axis=(1, 3))
 
 
@@ -80,7 +85,11 @@ def score_map(
     cx = left + (col + 0.5) * (right - left) / grid_w
     cy = top + (row + 0.5) * (bottom - top) / grid_h
     ys, xs = np.nonzero(mask)
-    distance = float(np.sqrt(((xs + 0.5 - cx) ** 2 + (ys + 0.5 - cy) ** 2).min())) if len(xs) else float("inf")
+    distance = (
+        float(np.sqrt(((xs + 0.5 - cx) ** 2 + (ys + 0.5 - cy) ** 2).min()))
+        if len(xs)
+        else float("inf")
+    )
     ix = min(max(int(cx), 0), mask.shape[1] - 1)
     iy = min(max(int(cy), 0), mask.shape[0] - 1)
     strict = bool(mask[iy, ix])
@@ -108,7 +117,9 @@ def evaluate_localization(
         raise DatasetError("no images to score")
     options = options or AttentionOptions(layers=(-1,), rollout=True)
     result = LocalizationResult()
-    for results, failures in attention_batches(bundle, list(image_paths), options, batch_size=batch_size, workers=workers):
+    for results, failures in attention_batches(
+        bundle, list(image_paths), options, batch_size=batch_size, workers=workers
+    ):
         result.failures.extend(message for _, message in failures)
         for item in results:
             try:
@@ -117,7 +128,9 @@ def evaluate_localization(
                 result.failures.append(f"{mask_paths[item.index]}: cannot read mask ({error})")
                 continue
             if mask.shape[::-1] != tuple(item.geometry.original_size):
-                result.failures.append(f"{mask_paths[item.index]}: mask size differs from its image")
+                result.failures.append(
+                    f"{mask_paths[item.index]}: mask size differs from its image"
+                )
                 continue
             hit, strict, overlap, mass, share = score_map(item.rollout, mask, item.geometry)
             result.images += 1
@@ -145,5 +158,7 @@ def shapes_dataset(data_dir: str | Path) -> tuple[list[str], list[str], list[str
     masks = [str(mask_path(p)) for p in images]
     missing = [m for m in masks if not Path(m).is_file()]
     if missing:
-        raise DatasetError(f"{root}: {len(missing)} images have no mask (e.g. {missing[0]}); regenerate with `vit data shapes`")
+        raise DatasetError(
+            f"{root}: {len(missing)} images have no mask (e.g. {missing[0]}); regenerate with `vit data shapes`"
+        )
     return images, masks, [Path(p).parent.name for p in images]

@@ -52,7 +52,9 @@ def _open_target(path: Path | None, stream: TextIO | None, atomic: bool):
     if path is None:
         return stream, None, False
     if path.is_dir():
-        raise InputError(f"--output {path}: is a folder; give a file name such as {path / 'predictions.jsonl'}")
+        raise InputError(
+            f"--output {path}: is a folder; give a file name such as {path / 'predictions.jsonl'}"
+        )
     try:
         if atomic:
             target = _AtomicTextFile(path)
@@ -60,7 +62,9 @@ def _open_target(path: Path | None, stream: TextIO | None, atomic: bool):
         path.parent.mkdir(parents=True, exist_ok=True)
         return open(path, "w", encoding="utf-8", newline=""), None, True
     except OSError as error:
-        raise InputError(f"--output {path}: cannot write there ({error.strerror or error}); choose another path") from None
+        raise InputError(
+            f"--output {path}: cannot write there ({error.strerror or error}); choose another path"
+        ) from None
 
 
 class RecordWriter:
@@ -104,7 +108,7 @@ class RecordWriter:
             if self._owned:
                 self.handle.close()
 
-    def __enter__(self) -> "RecordWriter":
+    def __enter__(self) -> RecordWriter:
         return self
 
     def __exit__(self, kind, value, traceback) -> None:
@@ -127,7 +131,9 @@ class JsonWriter(RecordWriter):
     atomic = True
 
     def _write_one(self, record: dict) -> None:
-        self.handle.write(("[\n  " if self.count == 0 else ",\n  ") + json.dumps(record, ensure_ascii=False))
+        self.handle.write(
+            ("[\n  " if self.count == 0 else ",\n  ") + json.dumps(record, ensure_ascii=False)
+        )
 
     def _finish(self) -> None:
         self.handle.write("[]\n" if self.count == 0 else "\n]\n")
@@ -138,7 +144,9 @@ class CsvWriter(RecordWriter):
 
     atomic = True
 
-    def __init__(self, path: str | Path | None = None, stream: TextIO | None = None, top_k: int = 5) -> None:
+    def __init__(
+        self, path: str | Path | None = None, stream: TextIO | None = None, top_k: int = 5
+    ) -> None:
         super().__init__(path, stream)
         self.top_k = top_k
         self.csv = csv.writer(self.handle, lineterminator="\n")
@@ -158,7 +166,9 @@ class CsvWriter(RecordWriter):
         self.csv.writerow(row + [record.get("error", "")])
 
 
-def open_writer(format: str, path: str | Path | None = None, stream: TextIO | None = None, top_k: int = 5) -> RecordWriter:
+def open_writer(
+    format: str, path: str | Path | None = None, stream: TextIO | None = None, top_k: int = 5
+) -> RecordWriter:
     """A writer for json, jsonl or csv to `path` (a file) or else `stream`."""
     if format == "jsonl":
         return JsonLinesWriter(path, stream)

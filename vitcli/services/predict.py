@@ -12,22 +12,18 @@ A record is {"path": ..., "predictions": [{"label", "index", "score"}, ...]} or
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .. import distributed
 from ..data.inputs import InputItem
 from ..data.loader import image_batches, normalize
 from ..errors import InputError, VitError
+from ..runtime import default_workers, resolve_device, resolve_dtype
 from ..weights.format import ModelBundle
-from . import distributed
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # on_progress(done, total): images finished so far (all ranks) out of all inputs.
 ProgressCallback = Callable[[int, int], None]
@@ -56,64 +52,6 @@ class Summary:
         return self.total - self.failed
 
 
-# -- device and dtype --------------------------------------------------------------------
-
-
-def _mps_available() -> bool:
-    backend = getattr(torch.backends, "mps", None)
-    return bool(backend is not None and backend.is_available())
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """auto: CUDA, else Apple MPS, else CPU. Under torchrun each rank takes its LOCAL_RANK GPU."""
-    if name not in DEVICES:
-        raise InputError(f"unknown device {name!r}: use one of {', '.join(DEVICES)}")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("--device cuda: no CUDA GPU is available to this torch build; use --device cpu or auto")
-        return torch.device("cuda", distributed.local_rank() % torch.cuda.device_count())
-    if name == "mps" and not _mps_available():
-        raise InputError("--device mps: Apple MPS is not available here; use --device cpu or auto")
-    return torch.device(name)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when oneDNN reports native bf16 (AVX512-BF16 / AMX); AVX2 machines emulate it slowly."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str | None]:
-    """(dtype, warning or None). auto never picks a dtype the hardware runs slowly: float32 on
-    CPU and MPS, bfloat16 on CUDA GPUs that support it, float16 on older GPUs."""
-    if name not in DTYPES:
-        raise InputError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
-    if name == "auto":
-        if device.type == "cuda":
-            if torch.cuda.is_bf16_supported():
-                return torch.bfloat16, None
-            major, _ = torch.cuda.get_device_capability(device)
-            return (torch.float16 if major >= 7 else torch.float32), None
-        return torch.float32, None
-    dtype = _DTYPES[name]
-    warning = None
-    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_fast_bf16():
-        warning = "bfloat16 on this CPU has no native support and runs far slower than float32; drop --dtype or use float32"
-    elif device.type == "cpu" and dtype == torch.float16:
-        warning = "float16 on a CPU is emulated and runs far slower than float32; drop --dtype or use float32"
-    return dtype, warning
-
-
-def default_workers() -> int:
-    """Decoding processes: enough to keep the model fed without starving its threads."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cpus // 2))
-
-
 # -- the predictor -----------------------------------------------------------------------
 
 
@@ -129,7 +67,9 @@ class Predictor:
             raise InputError(f"--workers must be 0 or more, got {options.workers}")
         num_classes = bundle.config.num_classes
         if num_classes < 1:
-            raise VitError(f"{bundle.reference or 'the model'} has no classifier head (num_classes 0); use a classification model")
+            raise VitError(
+                f"{bundle.reference or 'the model'} has no classifier head (num_classes 0); use a classification model"
+            )
         self.bundle = bundle
         self.options = options
         self.labels = list(bundle.labels)
@@ -155,11 +95,16 @@ class Predictor:
         top = scores.topk(self.top_k, dim=-1)
         values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
         return [
-            [{"label": self.labels[i], "index": i, "score": s} for s, i in zip(row_scores, row_indices)]
+            [
+                {"label": self.labels[i], "index": i, "score": s}
+                for s, i in zip(row_scores, row_indices)
+            ]
             for row_scores, row_indices in zip(values, indices)
         ]
 
-    def batches(self, items: Sequence[InputItem], workers: int | None = None) -> Iterator[list[tuple[int, dict]]]:
+    def batches(
+        self, items: Sequence[InputItem], workers: int | None = None
+    ) -> Iterator[list[tuple[int, dict]]]:
         """Per batch, [(position in `items`, record)] in order; batch k covers items [kB, (k+1)B)."""
         if not items:
             return
@@ -260,8 +205,12 @@ class PredictRun:
     def _distributed(self) -> Iterator[list[dict]]:
         world, me = distributed.world_size(), distributed.rank()
         positions = distributed.shard(len(self.items), me, world)
-        rounds = math.ceil(len(distributed.shard(len(self.items), 0, world)) / self.options.batch_size)
-        local = self.predictor.batches([self.items[p] for p in positions], workers=self.options.workers)
+        rounds = math.ceil(
+            len(distributed.shard(len(self.items), 0, world)) / self.options.batch_size
+        )
+        local = self.predictor.batches(
+            [self.items[p] for p in positions], workers=self.options.workers
+        )
         pending: dict[int, dict] = {}
         next_position = 0
         for _ in range(rounds):
@@ -279,7 +228,9 @@ class PredictRun:
             if released:
                 yield released
         if me == 0 and (pending or next_position != len(self.items)):
-            raise RuntimeError(f"distributed predict lost records: {next_position} of {len(self.items)} released")
+            raise RuntimeError(
+                f"distributed predict lost records: {next_position} of {len(self.items)} released"
+            )
 
 
 def predict_paths(

@@ -22,7 +22,7 @@ import threading
 import urllib.parse
 import zlib
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +53,9 @@ class RenderError(VitError):
 
 @dataclass(frozen=True)
 class RenderOptions:
-    style: str = "heatmap"  # heatmap: colormap blended with alpha; mask: image dimmed where attention is low
+    style: str = (
+        "heatmap"  # heatmap: colormap blended with alpha; mask: image dimmed where attention is low
+    )
     colormap: str = "viridis"
     alpha: float | None = None  # None: 0.5 for heatmap, 1.0 for mask (the paper's Fig. 6)
     interpolation: str = "bilinear"  # nearest shows the true patch blocks
@@ -108,12 +110,22 @@ def _gaussian_rows(weights: np.ndarray, sigma: float) -> np.ndarray:
     kernel /= kernel.sum()
     padded = np.pad(weights, ((radius, radius), (0, 0)), mode="edge")
     return np.stack(
-        [np.convolve(padded[:, column], kernel, mode="valid") for column in range(weights.shape[1])], axis=1
+        [
+            np.convolve(padded[:, column], kernel, mode="valid")
+            for column in range(weights.shape[1])
+        ],
+        axis=1,
     )
 
 
 def axis_weights(
-    out_len: int, original_len: float, low: float, high: float, grid_len: int, interpolation: str, blur: float = 0.0
+    out_len: int,
+    original_len: float,
+    low: float,
+    high: float,
+    grid_len: int,
+    interpolation: str,
+    blur: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sampling matrix (out_len, grid_len) along one axis, and which output pixels are inside
     the model's region [low, high) of the original (all lengths in original pixels)."""
@@ -151,13 +163,27 @@ class Sampler:
 
     @classmethod
     def build(
-        cls, geometry: Geometry, size: tuple[int, int], grid_size: tuple[int, int], interpolation: str, blur: float = 0.0
-    ) -> "Sampler":
+        cls,
+        geometry: Geometry,
+        size: tuple[int, int],
+        grid_size: tuple[int, int],
+        interpolation: str,
+        blur: float = 0.0,
+    ) -> Sampler:
         (original_w, original_h), (left, top, right, bottom) = geometry.original_size, geometry.box
         width, height = size
-        weights_y, inside_y = axis_weights(height, original_h, top, bottom, grid_size[0], interpolation, blur)
-        weights_x, inside_x = axis_weights(width, original_w, left, right, grid_size[1], interpolation, blur)
-        return cls(weights_y, weights_x, inside_y[:, None] & inside_x[None, :], clip=interpolation == "bicubic")
+        weights_y, inside_y = axis_weights(
+            height, original_h, top, bottom, grid_size[0], interpolation, blur
+        )
+        weights_x, inside_x = axis_weights(
+            width, original_w, left, right, grid_size[1], interpolation, blur
+        )
+        return cls(
+            weights_y,
+            weights_x,
+            inside_y[:, None] & inside_x[None, :],
+            clip=interpolation == "bicubic",
+        )
 
     def __call__(self, grid_map: np.ndarray) -> np.ndarray:
         # einsum, not @: these products are tiny, and a threaded BLAS waking up next to
@@ -170,7 +196,11 @@ class Sampler:
 
 
 def map_to_pixels(
-    grid_map: np.ndarray, geometry: Geometry, size: tuple[int, int], interpolation: str = "bilinear", blur: float = 0.0
+    grid_map: np.ndarray,
+    geometry: Geometry,
+    size: tuple[int, int],
+    interpolation: str = "bilinear",
+    blur: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(Hp, Wp) map -> ((height, width) values, (height, width) inside-the-model's-view mask)."""
     sampler = Sampler.build(geometry, size, grid_map.shape, interpolation, blur)
@@ -205,28 +235,39 @@ class Painter:
         rows, columns = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
         if rows.size == 0:  # the model saw none of these pixels
             rows, columns = np.arange(1), np.arange(1)
-        self.window = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(columns[0]), int(columns[-1]) + 1))
+        self.window = (
+            slice(int(rows[0]), int(rows[-1]) + 1),
+            slice(int(columns[0]), int(columns[-1]) + 1),
+        )
         # The view is a rectangle (the sampler's inside is rows x columns); anything else is
         # still drawn correctly, through a per-pixel choice inside the window.
         self.mask = None if inside[self.window].all() else inside[self.window][..., None]
         pixels = image[self.window].astype(np.float32)
         if self.style == "heatmap":
             self.base = pixels * np.float32(1.0 - self.alpha)
-            self.colours = colormaps.lut(options.colormap).astype(np.float32) * np.float32(self.alpha)
+            self.colours = colormaps.lut(options.colormap).astype(np.float32) * np.float32(
+                self.alpha
+            )
         else:
             self.pixels = pixels
         self.canvas = None
         if not inside.all():
-            washed = image.astype(np.float32) * _OUTSIDE_KEEP + _OUTSIDE_GREY * (1.0 - _OUTSIDE_KEEP)
+            washed = image.astype(np.float32) * _OUTSIDE_KEEP + _OUTSIDE_GREY * (
+                1.0 - _OUTSIDE_KEEP
+            )
             self.canvas = np.clip(washed + 0.5, 0, 255).astype(np.uint8)
 
     def paint(self, values: np.ndarray) -> np.ndarray:
         """(h, w) values in [0, 1] -> (h, w, 3) uint8 overlay."""
         values = values[self.window]
         if self.style == "heatmap":
-            out = self.base + np.take(self.colours, colormaps.indices(values, len(self.colours)), axis=0)
+            out = self.base + np.take(
+                self.colours, colormaps.indices(values, len(self.colours)), axis=0
+            )
         else:  # Fig. 6: the image times the normalised map
-            out = self.pixels * ((1.0 - self.alpha) + self.alpha * values)[..., None].astype(np.float32)
+            out = self.pixels * ((1.0 - self.alpha) + self.alpha * values)[..., None].astype(
+                np.float32
+            )
         # A convex mix of values in [0, 255] (plus float rounding): adding 0.5 and truncating
         # rounds to nearest and stays within 0..255.
         out += 0.5
@@ -241,7 +282,9 @@ class Painter:
         return result
 
 
-def blend(image: np.ndarray, values: np.ndarray, inside: np.ndarray, options: RenderOptions) -> np.ndarray:
+def blend(
+    image: np.ndarray, values: np.ndarray, inside: np.ndarray, options: RenderOptions
+) -> np.ndarray:
     """(h, w, 3) uint8 image + (h, w) values in [0, 1] -> (h, w, 3) uint8 overlay."""
     return Painter(image, inside, options).paint(values)
 
@@ -261,7 +304,7 @@ def outline(image: np.ndarray, mask: np.ndarray, colour=(255, 255, 255)) -> np.n
 
 
 # -- fonts and text -----------------------------------------------------------------------
-@lru_cache(maxsize=None)
+@cache
 def font(size: int):
     try:
         return ImageFont.load_default(size=size)  # FreeType font, Pillow >= 10.1
@@ -303,7 +346,9 @@ class RunContext:
     per_head: bool = False
 
     @classmethod
-    def from_bundle(cls, bundle: ModelBundle, options, render: RenderOptions, maps_format: str, per_head: bool):
+    def from_bundle(
+        cls, bundle: ModelBundle, options, render: RenderOptions, maps_format: str, per_head: bool
+    ):
         config = bundle.config
         model = {
             "reference": bundle.reference,
@@ -312,9 +357,14 @@ class RunContext:
             "config": config.to_dict(),
         }
         return cls(
-            model=model, preprocess=bundle.preprocess.to_dict(), patch_size=config.patch_size,
-            num_heads=config.num_heads, options=options.to_dict(), render=render,
-            maps_format=maps_format, per_head=per_head,
+            model=model,
+            preprocess=bundle.preprocess.to_dict(),
+            patch_size=config.patch_size,
+            num_heads=config.num_heads,
+            options=options.to_dict(),
+            render=render,
+            maps_format=maps_format,
+            per_head=per_head,
         )
 
 
@@ -324,20 +374,31 @@ class Tile:
     pixels: np.ndarray  # (h, w, 3) uint8
 
 
-def overlay_tiles(result, image: Image.Image, options: RenderOptions, size: tuple[int, int]) -> list[tuple[str, str, np.ndarray]]:
+def overlay_tiles(
+    result, image: Image.Image, options: RenderOptions, size: tuple[int, int]
+) -> list[tuple[str, str, np.ndarray]]:
     """Every overlay of one image at `size`: (file stem, title, pixels) in sheet order."""
-    base = np.asarray(image.resize(size, Image.Resampling.BILINEAR) if image.size != size else image)
-    sampler = Sampler.build(result.geometry, size, result.grid_size, options.interpolation, options.blur)
+    base = np.asarray(
+        image.resize(size, Image.Resampling.BILINEAR) if image.size != size else image
+    )
+    sampler = Sampler.build(
+        result.geometry, size, result.grid_size, options.interpolation, options.blur
+    )
     contour = None
     if result.masks is not None:
         contour = Sampler.build(result.geometry, size, result.grid_size, "nearest")
     shared = None
     if options.scale == "shared":
-        shared = value_range(list(result.heads.reshape(-1, *result.grid_size)) + list(result.head_mean), options.style)
+        shared = value_range(
+            list(result.heads.reshape(-1, *result.grid_size)) + list(result.head_mean),
+            options.style,
+        )
 
     painter = Painter(base, sampler.inside, options)
 
-    def draw(grid_map: np.ndarray, scale: tuple[float, float] | None, mask: np.ndarray | None = None) -> np.ndarray:
+    def draw(
+        grid_map: np.ndarray, scale: tuple[float, float] | None, mask: np.ndarray | None = None
+    ) -> np.ndarray:
         low, high = scale or value_range([grid_map], options.style)
         pixels = painter.paint(normalise(sampler(grid_map), low, high))
         if mask is not None and contour is not None:
@@ -349,11 +410,21 @@ def overlay_tiles(result, image: Image.Image, options: RenderOptions, size: tupl
         # Rollout is a different quantity from the raw weights: always scaled on its own.
         tiles.append(("rollout", "rollout", draw(result.rollout, None)))
     for position, layer in enumerate(result.layers):
-        tiles.append((f"layer{layer:02d}_mean", f"layer {layer} · mean", draw(result.head_mean[position], shared)))
+        tiles.append(
+            (
+                f"layer{layer:02d}_mean",
+                f"layer {layer} · mean",
+                draw(result.head_mean[position], shared),
+            )
+        )
         for head in range(result.heads.shape[1]):
             mask = result.masks[position, head] if result.masks is not None else None
             tiles.append(
-                (f"layer{layer:02d}_head{head:02d}", f"layer {layer} · head {head}", draw(result.heads[position, head], shared, mask))
+                (
+                    f"layer{layer:02d}_head{head:02d}",
+                    f"layer {layer} · head {head}",
+                    draw(result.heads[position, head], shared, mask),
+                )
             )
     return tiles
 
@@ -363,7 +434,9 @@ def render_sheet(result, image: Image.Image, context: RunContext) -> Image.Image
     options = context.render
     size = display_size(result.geometry.original_size, options.tile)
     if image.size != size:
-        image = image.resize(size, Image.Resampling.BILINEAR)  # once, for the original and the overlays
+        image = image.resize(
+            size, Image.Resampling.BILINEAR
+        )  # once, for the original and the overlays
     tiles = overlay_tiles(result, image, options, size)
     original = np.array(image)
     box_left, box_top, box_right, box_bottom = result.geometry.box
@@ -379,42 +452,66 @@ def render_sheet(result, image: Image.Image, context: RunContext) -> Image.Image
     for layer_start in range(0, len(rest), per_layer):  # each layer starts a new row
         layer_tiles = rest[layer_start : layer_start + per_layer]
         for start in range(0, len(layer_tiles), columns):
-            rows.append([(title, pixels) for _, title, pixels in layer_tiles[start : start + columns]])
+            rows.append(
+                [(title, pixels) for _, title, pixels in layer_tiles[start : start + columns]]
+            )
 
     # Header: top-1, file, and the options that shape what is shown (wrapped to the width).
     parts = []
     if result.rollout is not None:
-        parts.append(f"rollout: {context.options['head_fusion']} over heads, discard {context.options['discard_ratio']:g}")
-    parts.append(f"{options.style}" + (f" {options.colormap}" if options.style == "heatmap" else ""))
+        parts.append(
+            f"rollout: {context.options['head_fusion']} over heads, discard {context.options['discard_ratio']:g}"
+        )
+    parts.append(
+        f"{options.style}" + (f" {options.colormap}" if options.style == "heatmap" else "")
+    )
     parts.append(f"{options.interpolation}, {options.scale} scale")
     parts.append(f"grid {result.grid_size[0]}x{result.grid_size[1]}")
     if result.query != "cls":
         parts.append("no CLS token: mean over queries")
     if context.options.get("threshold") is not None:
-        parts.append(f"outline: top patches with {context.options['threshold']:g} of each head's mass")
+        parts.append(
+            f"outline: top patches with {context.options['threshold']:g} of each head's mass"
+        )
     titles = tuple(tuple(title for title, _ in row) for row in rows)
     index, label, score = result.top[0]
     with _TEXT_LOCK:  # one FreeType face is shared by the rendering threads
         template, layout = _sheet_template(
-            size, columns, titles, tuple(parts), options.colormap if options.style == "heatmap" else ""
+            size,
+            columns,
+            titles,
+            tuple(parts),
+            options.colormap if options.style == "heatmap" else "",
         )
         sheet = template.copy()
         draw = ImageDraw.Draw(sheet)
         text_w, pad = layout["text_w"], _PAD
-        draw.text((pad, 8), _fit(f"{label}  {score:.1%}", font(20), text_w), fill=(20, 20, 20), font=font(20))
         draw.text(
-            (pad, 38), _fit(f"{Path(result.path).name}  ·  top-1 class {index}", font(13), text_w),
-            fill=(70, 70, 70), font=font(13),
+            (pad, 8),
+            _fit(f"{label}  {score:.1%}", font(20), text_w),
+            fill=(20, 20, 20),
+            font=font(20),
         )
-    for (row, row_tiles) in zip(layout["cells"], rows):
+        draw.text(
+            (pad, 38),
+            _fit(f"{Path(result.path).name}  ·  top-1 class {index}", font(13), text_w),
+            fill=(70, 70, 70),
+            font=font(13),
+        )
+    for row, row_tiles in zip(layout["cells"], rows):
         for (tile_x, tile_y), (title, pixels) in zip(row, row_tiles):
             sheet.paste(Image.fromarray(pixels), (tile_x, tile_y))
             if title == "original" and not full:
                 scale_x, scale_y = size[0] / original_w, size[1] / original_h
                 draw.rectangle(
-                    [tile_x + box_left * scale_x, tile_y + box_top * scale_y,
-                     tile_x + box_right * scale_x - 1, tile_y + box_bottom * scale_y - 1],
-                    outline=(255, 64, 64), width=2,
+                    [
+                        tile_x + box_left * scale_x,
+                        tile_y + box_top * scale_y,
+                        tile_x + box_right * scale_x - 1,
+                        tile_y + box_bottom * scale_y - 1,
+                    ],
+                    outline=(255, 64, 64),
+                    width=2,
                 )
     return sheet
 
@@ -424,7 +521,9 @@ _TEXT_LOCK = threading.Lock()
 
 
 @lru_cache(maxsize=8)
-def _sheet_template(size: tuple[int, int], columns: int, titles: tuple, parts: tuple, colormap: str):
+def _sheet_template(
+    size: tuple[int, int], columns: int, titles: tuple, parts: tuple, colormap: str
+):
     """The parts of a sheet every image of a run shares (titles, option lines, colour bar),
     drawn once: text rendering is a good share of the time of a sheet otherwise."""
     pad, title_h = _PAD, _TITLE_H
@@ -433,9 +532,13 @@ def _sheet_template(size: tuple[int, int], columns: int, titles: tuple, parts: t
     cell_h = title_h + size[1]
     sheet_w = pad + max(columns, 2) * (cell_w + pad)
     colourbar_w = 170 if colormap else 0
-    option_lines = _wrap(list(parts), small_font, sheet_w - 2 * pad)  # below the colour bar: full width
+    option_lines = _wrap(
+        list(parts), small_font, sheet_w - 2 * pad
+    )  # below the colour bar: full width
     header_h = 60 + 18 * len(option_lines) + 6
-    sheet = Image.new("RGB", (sheet_w, header_h + len(titles) * (cell_h + pad) + pad), (255, 255, 255))
+    sheet = Image.new(
+        "RGB", (sheet_w, header_h + len(titles) * (cell_h + pad) + pad), (255, 255, 255)
+    )
     draw = ImageDraw.Draw(sheet)
     for number, line in enumerate(option_lines):
         draw.text((pad, 58 + 18 * number), line, fill=(110, 110, 110), font=small_font)
@@ -444,7 +547,9 @@ def _sheet_template(size: tuple[int, int], columns: int, titles: tuple, parts: t
         bar_x = sheet_w - pad - colourbar_w + 20
         sheet.paste(Image.fromarray(bar), (bar_x, 14))
         draw.text((bar_x, 30), "low", fill=(90, 90, 90), font=small_font)
-        draw.text((bar_x + bar.shape[1], 30), "high", fill=(90, 90, 90), font=small_font, anchor="ra")
+        draw.text(
+            (bar_x + bar.shape[1], 30), "high", fill=(90, 90, 90), font=small_font, anchor="ra"
+        )
     draw.line([(pad, header_h - 4), (sheet_w - pad, header_h - 4)], fill=(220, 220, 220), width=1)
     cells = []
     for row_index, row in enumerate(titles):
@@ -452,7 +557,13 @@ def _sheet_template(size: tuple[int, int], columns: int, titles: tuple, parts: t
         positions = []
         for column, title in enumerate(row):
             x = pad + column * (cell_w + pad)
-            draw.text((x + cell_w / 2, y + 2), _fit(title, font(14), cell_w), fill=(30, 30, 30), font=font(14), anchor="ma")
+            draw.text(
+                (x + cell_w / 2, y + 2),
+                _fit(title, font(14), cell_w),
+                fill=(30, 30, 30),
+                font=font(14),
+                anchor="ma",
+            )
             positions.append((x + (cell_w - size[0]) // 2, y + title_h))
         cells.append(positions)
     text_w = sheet_w - 2 * pad - colourbar_w - (pad if colourbar_w else 0)
@@ -495,7 +606,9 @@ def prepare_out_dir(out_dir: str | Path) -> Path:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise InputError(f"--out {out_dir}: cannot create the folder ({error.strerror or error}); pick another --out") from None
+        raise InputError(
+            f"--out {out_dir}: cannot create the folder ({error.strerror or error}); pick another --out"
+        ) from None
     return out_dir
 
 
@@ -519,7 +632,9 @@ def png_bytes(image: Image.Image | np.ndarray) -> bytes:
         image = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
     pixels = np.asarray(image)
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3 or 0 in pixels.shape:
-        raise ValueError(f"png_bytes needs a non-empty (h, w, 3) uint8 array, got {pixels.dtype} {pixels.shape}")
+        raise ValueError(
+            f"png_bytes needs a non-empty (h, w, 3) uint8 array, got {pixels.dtype} {pixels.shape}"
+        )
     height, width = pixels.shape[:2]
     rows = np.ascontiguousarray(pixels).reshape(height, width * 3)
     filtered = np.empty((height, width * 3 + 1), dtype=np.uint8)
@@ -529,7 +644,12 @@ def png_bytes(image: Image.Image | np.ndarray) -> bytes:
     compressor = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
     data = compressor.compress(filtered.data) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, not interlaced
-    return _PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
+    return (
+        _PNG_SIGNATURE
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", data)
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -550,11 +670,16 @@ def maps_arrays(result) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _write_maps(folder: Path, arrays: dict[str, np.ndarray], maps_format: str, metadata: dict) -> list[str]:
+def _write_maps(
+    folder: Path, arrays: dict[str, np.ndarray], maps_format: str, metadata: dict
+) -> list[str]:
     if maps_format == "safetensors":
         from safetensors.numpy import save
 
-        write_atomic(folder / "maps.safetensors", save(arrays, metadata={k: json.dumps(v) for k, v in metadata.items()}))
+        write_atomic(
+            folder / "maps.safetensors",
+            save(arrays, metadata={k: json.dumps(v) for k, v in metadata.items()}),
+        )
         return ["maps.safetensors"]
     written = []
     for name, array in arrays.items():
@@ -580,7 +705,9 @@ def _display_fits(result, tile: int) -> bool:
     if result.display is None:
         return False
     size = (result.display.shape[1], result.display.shape[0])
-    return size == display_size(result.geometry.original_size, tile) or size == tuple(result.geometry.original_size)
+    return size == display_size(result.geometry.original_size, tile) or size == tuple(
+        result.geometry.original_size
+    )
 
 
 def write_image_outputs(result, folder: Path, context: RunContext) -> IndexEntry:
@@ -608,7 +735,10 @@ def write_image_outputs(result, folder: Path, context: RunContext) -> IndexEntry
         arrays = maps_arrays(result)
         grid = list(result.grid_size)
         files["maps"] = _write_maps(
-            folder, arrays, context.maps_format, {"layers": result.layers, "grid": grid, "token_order": TOKEN_ORDER}
+            folder,
+            arrays,
+            context.maps_format,
+            {"layers": result.layers, "grid": grid, "token_order": TOKEN_ORDER},
         )
         index, label, score = result.top[0]
         query_note = (
@@ -627,10 +757,17 @@ def write_image_outputs(result, folder: Path, context: RunContext) -> IndexEntry
                 "note": "the model input is this (left, top, right, bottom) region of the original, stretched",
             },
             "prediction": {
-                "index": index, "label": label, "score": score,
+                "index": index,
+                "label": label,
+                "score": score,
                 "top5": [{"index": i, "label": l, "score": s} for i, l, s in result.top],
             },
-            "options": {**context.options, **options.to_dict(), "maps_format": context.maps_format, "per_head": context.per_head},
+            "options": {
+                **context.options,
+                **options.to_dict(),
+                "maps_format": context.maps_format,
+                "per_head": context.per_head,
+            },
             "layers": list(result.layers),
             "num_heads": int(result.heads.shape[1]),
             "patch_size": context.patch_size,
@@ -641,11 +778,15 @@ def write_image_outputs(result, folder: Path, context: RunContext) -> IndexEntry
             "maps": {name: list(array.shape) for name, array in arrays.items()},
             "files": files,
         }
-        write_atomic(folder / "meta.json", (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode())
+        write_atomic(
+            folder / "meta.json", (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode()
+        )
     except ImageDecodeError as error:
         raise RenderError(str(error)) from None
     except OSError as error:
-        raise RenderError(f"{result.path}: cannot write outputs to {folder} ({error.strerror or error})") from None
+        raise RenderError(
+            f"{result.path}: cannot write outputs to {folder} ({error.strerror or error})"
+        ) from None
     return IndexEntry(path=result.path, name=folder.name, label=label, score=score)
 
 
@@ -654,7 +795,9 @@ def write_index_html(out_dir: Path, entries: list[IndexEntry], context: RunConte
     figures, failures = [], []
     for entry in entries:
         if entry.error is not None:
-            failures.append(f"<li><code>{html.escape(entry.path)}</code>: {html.escape(entry.error)}</li>")
+            failures.append(
+                f"<li><code>{html.escape(entry.path)}</code>: {html.escape(entry.error)}</li>"
+            )
             continue
         href = html.escape(urllib.parse.quote(entry.name) + "/sheet.png", quote=True)
         folder = html.escape(urllib.parse.quote(entry.name) + "/", quote=True)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..data.augment import TrainTransform, mix_batch
 from ..data.folder import (
     EpochSampler,
@@ -48,15 +49,24 @@ from ..errors import InputError, TrainingError
 from ..model import ViT, ViTConfig
 from ..model.config import is_variant
 from ..weights.format import atomic_write_bytes, save_model
-from . import distributed
 
 STATE_FORMAT = "vitcli-train-state"
 STATE_VERSION = 1
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
 METRIC_FIELDS = (
-    "epoch", "step", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
-    "images_per_s", "epoch_time_s", "train_images", "skipped_images",
+    "epoch",
+    "step",
+    "lr",
+    "train_loss",
+    "train_top1",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "images_per_s",
+    "epoch_time_s",
+    "train_images",
+    "skipped_images",
 )
 # Parameters that weight decay leaves alone besides biases and norm weights (all ndim <= 1).
 _NO_DECAY_NAMES = ("pos_embed", "cls_token")
@@ -84,7 +94,9 @@ class TrainConfig:
     cutmix: float = 0.0
     randaugment: int = 0  # ops per image; 0 = off
     randaugment_magnitude: int = 9  # 0..10
-    crop_scale: float | None = None  # smallest random-resized-crop area: scratch 0.35, fine-tune 0.5
+    crop_scale: float | None = (
+        None  # smallest random-resized-crop area: scratch 0.35, fine-tune 0.5
+    )
     hflip: bool = True
     # Architecture, from scratch only: the variant's values unless given.
     pos_embed: str = "learned"
@@ -103,7 +115,7 @@ class TrainConfig:
     amp: str = "auto"  # auto: bf16 autocast on CUDA GPUs that support it; off: fp32. Never on CPU.
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
+    def from_dict(cls, data: dict) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -160,7 +172,9 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta2: float = 0.999) -> torch.optim.AdamW:
+def make_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, beta2: float = 0.999
+) -> torch.optim.AdamW:
     return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=(0.9, beta2))
 
 
@@ -191,7 +205,9 @@ def train_step(
     loss.backward()
     # The norm of the all-reduced gradients is the same on every rank, so all ranks agree
     # to stop on a NaN/inf without an extra collective.
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    norm = torch.nn.utils.clip_grad_norm_(
+        model.parameters(), grad_clip if grad_clip > 0 else math.inf
+    )
     return loss.detach(), norm, logits.detach()
 
 
@@ -205,10 +221,17 @@ def _rng_state() -> dict:
     py_version, py_state, py_gauss = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
-        "python": {"version": int(py_version), "state": torch.tensor(py_state, dtype=torch.int64),
-                   "gauss_next": py_gauss},
+        "numpy": {
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "python": {
+            "version": int(py_version),
+            "state": torch.tensor(py_state, dtype=torch.int64),
+            "gauss_next": py_gauss,
+        },
     }
     if torch.cuda.is_available():
         state["cuda"] = list(torch.cuda.get_rng_state_all())
@@ -218,14 +241,28 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     numpy_state = state["numpy"]
-    np.random.set_state((
-        "MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-        numpy_state["has_gauss"], numpy_state["cached_gaussian"],
-    ))
+    np.random.set_state(
+        (
+            "MT19937",
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     python_state = state["python"]
-    random.setstate((python_state["version"], tuple(int(v) for v in python_state["state"].tolist()),
-                     python_state["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+    random.setstate(
+        (
+            python_state["version"],
+            tuple(int(v) for v in python_state["state"].tolist()),
+            python_state["gauss_next"],
+        )
+    )
+    if (
+        "cuda" in state
+        and torch.cuda.is_available()
+        and len(state["cuda"]) == torch.cuda.device_count()
+    ):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
@@ -235,9 +272,13 @@ def read_state(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise TrainingError(f"{path}: no training state here; pass the --out folder of an earlier `vit train` run") from None
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise TrainingError(f"{path}: unreadable training state ({type(error).__name__}: {error}); start a new run") from None
+        raise TrainingError(
+            f"{path}: no training state here; pass the --out folder of an earlier `vit train` run"
+        ) from None
+    except Exception as error:
+        raise TrainingError(
+            f"{path}: unreadable training state ({type(error).__name__}: {error}); start a new run"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise TrainingError(f"{path}: not a vitcli training state; start a new run")
     return state
@@ -263,7 +304,9 @@ def resolve_defaults(config: TrainConfig, finetune: bool) -> TrainConfig:
     if resolved.weight_decay is None:
         resolved.weight_decay = 0.05
     if resolved.warmup_epochs is None:
-        resolved.warmup_epochs = 0.1 * resolved.epochs if finetune else min(5.0, 0.1 * resolved.epochs)
+        resolved.warmup_epochs = (
+            0.1 * resolved.epochs if finetune else min(5.0, 0.1 * resolved.epochs)
+        )
     if resolved.crop_scale is None:
         resolved.crop_scale = 0.5 if finetune else 0.35
     if resolved.workers is None:
@@ -296,19 +339,31 @@ def build_model(config: TrainConfig, classes: list[str]) -> _Setup:
     num_classes = len(classes)
     if is_variant(config.model):
         overrides = {
-            key: value for key, value in (
-                ("depth", config.depth), ("width", config.width), ("num_heads", config.num_heads),
+            key: value
+            for key, value in (
+                ("depth", config.depth),
+                ("width", config.width),
+                ("num_heads", config.num_heads),
                 ("mlp_dim", config.mlp_dim),
-            ) if value is not None
+            )
+            if value is not None
         }
         size = config.image_size or 224
         try:
             model_config = ViTConfig.from_variant(
-                config.model, image_size=size, num_classes=num_classes, pos_embed=config.pos_embed,
-                pool=config.pool, dropout=config.dropout, drop_path=config.drop_path, **overrides,
+                config.model,
+                image_size=size,
+                num_classes=num_classes,
+                pos_embed=config.pos_embed,
+                pool=config.pool,
+                dropout=config.dropout,
+                drop_path=config.drop_path,
+                **overrides,
             )
         except ValueError as error:
-            raise InputError(f"{error}; adjust --model/--depth/--width/--num-heads/--mlp-dim/--image-size") from None
+            raise InputError(
+                f"{error}; adjust --model/--depth/--width/--num-heads/--mlp-dim/--image-size"
+            ) from None
         if overrides:
             model_config = model_config.replace(
                 name=f"{model_config.name}-d{model_config.depth}-w{model_config.width}"
@@ -318,12 +373,20 @@ def build_model(config: TrainConfig, classes: list[str]) -> _Setup:
         # Scratch models squash the whole image to the input size (bilinear, mean/std 0.5):
         # the random-resized-crop they train on also resizes without a fixed aspect, and
         # objects near the border are kept (a center crop would cut them).
-        preprocess = Preprocess(size=model_config.image_size, resize="squash", interpolation="bilinear")
-        return _Setup(model, preprocess, "scratch", f"trained from scratch ({model_config.name})", [])
+        preprocess = Preprocess(
+            size=model_config.image_size, resize="squash", interpolation="bilinear"
+        )
+        return _Setup(
+            model, preprocess, "scratch", f"trained from scratch ({model_config.name})", []
+        )
 
     from ..weights.resolve import load_model
 
-    architecture = [name for name in ("depth", "width", "num_heads", "mlp_dim") if getattr(config, name) is not None]
+    architecture = [
+        name
+        for name in ("depth", "width", "num_heads", "mlp_dim")
+        if getattr(config, name) is not None
+    ]
     if architecture:
         raise InputError(
             f"--{architecture[0].replace('_', '-')} only applies when training from scratch (--model Ti/16 etc.); "
@@ -362,7 +425,12 @@ def build_model(config: TrainConfig, classes: list[str]) -> _Setup:
 def _device(config: TrainConfig) -> torch.device:
     if config.device == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", distributed.local_rank() if distributed.is_distributed() else torch.cuda.current_device())
+            return torch.device(
+                "cuda",
+                distributed.local_rank()
+                if distributed.is_distributed()
+                else torch.cuda.current_device(),
+            )
         return torch.device("cpu")
     try:
         device = torch.device(config.device)
@@ -405,7 +473,9 @@ def _write_json(path: Path, data) -> None:
 
 
 def _write_metrics(out: Path, history: list[dict]) -> None:
-    atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history).encode())
+    atomic_write_bytes(
+        out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history).encode()
+    )
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=METRIC_FIELDS, lineterminator="\n")
     writer.writeheader()
@@ -424,7 +494,11 @@ def _read_history(out: Path, upto_epoch: int) -> list[dict]:
             row = json.loads(line)
         except ValueError:
             continue
-        if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] <= upto_epoch:
+        if (
+            isinstance(row, dict)
+            and isinstance(row.get("epoch"), int)
+            and row["epoch"] <= upto_epoch
+        ):
             rows.append(row)
     return rows
 
@@ -436,7 +510,9 @@ def _save_state_file(path: Path, state: dict) -> None:
 
 
 def _cpu_state_dict(module: torch.nn.Module) -> dict:
-    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in module.state_dict().items()}
+    return {
+        name: tensor.detach().to("cpu", copy=True) for name, tensor in module.state_dict().items()
+    }
 
 
 class _EMA:
@@ -483,7 +559,9 @@ def train(
         distributed.shutdown()
 
 
-def _train(config: TrainConfig, callback: Callback | None, resume: bool, stop_after_epoch: int | None) -> TrainResult:
+def _train(
+    config: TrainConfig, callback: Callback | None, resume: bool, stop_after_epoch: int | None
+) -> TrainResult:
     rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
 
@@ -498,11 +576,15 @@ def _train(config: TrainConfig, callback: Callback | None, resume: bool, stop_af
     else:
         _check_options(config)
         if not config.data:
-            raise InputError("no training data given: pass DATA, a folder with one subfolder per class")
+            raise InputError(
+                "no training data given: pass DATA, a folder with one subfolder per class"
+            )
         if not config.out:
             raise InputError("no output folder given: pass --out DIR")
         if (out / STATE_FILE).exists() or (out / "last.safetensors").exists():
-            raise TrainingError(f"{out}: already holds a training run; pass --resume {out} to continue it, or choose another --out")
+            raise TrainingError(
+                f"{out}: already holds a training run; pass --resume {out} to continue it, or choose another --out"
+            )
         if out.exists() and not out.is_dir():
             raise InputError(f"{out}: exists and is not a folder; choose another --out")
         # Absolute paths in config.json, so --resume works from any working directory.
@@ -513,7 +595,9 @@ def _train(config: TrainConfig, callback: Callback | None, resume: bool, stop_af
         if not is_variant(config.model) and Path(config.model).expanduser().exists():
             config.model = str(Path(config.model).expanduser().resolve())
 
-    train_data, val_data = load_datasets(config.data, val_dir=config.val, val_split=config.val_split, seed=config.seed)
+    train_data, val_data = load_datasets(
+        config.data, val_dir=config.val, val_split=config.val_split, seed=config.seed
+    )
     classes = train_data.classes
     finetune = not is_variant(config.model)
     config = resolve_defaults(config, finetune=finetune)
@@ -544,18 +628,28 @@ def _train(config: TrainConfig, callback: Callback | None, resume: bool, stop_af
 
     # -- data -----------------------------------------------------------------------------
     transform = TrainTransform(
-        setup.preprocess, scale=(config.crop_scale, 1.0), hflip=config.hflip,
-        randaugment_ops=config.randaugment, randaugment_magnitude=config.randaugment_magnitude,
+        setup.preprocess,
+        scale=(config.crop_scale, 1.0),
+        hflip=config.hflip,
+        randaugment_ops=config.randaugment,
+        randaugment_magnitude=config.randaugment_magnitude,
     )
     pin = device.type == "cuda"
     train_set = FolderDataset(train_data, transform, seed=config.seed)
     sampler = EpochSampler(len(train_set), seed=config.seed, rank=rank, world_size=world)
-    train_loader = make_loader(train_set, sampler, config.batch_size, config.workers, seed=config.seed, pin_memory=pin)
+    train_loader = make_loader(
+        train_set, sampler, config.batch_size, config.workers, seed=config.seed, pin_memory=pin
+    )
     val_loader = None
     if val_data is not None:
         val_set = FolderDataset(val_data, setup.preprocess)
         val_loader = make_loader(
-            val_set, ShardSampler(len(val_set), rank, world), config.batch_size, config.workers, seed=config.seed, pin_memory=pin
+            val_set,
+            ShardSampler(len(val_set), rank, world),
+            config.batch_size,
+            config.workers,
+            seed=config.seed,
+            pin_memory=pin,
         )
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * config.epochs
@@ -566,23 +660,51 @@ def _train(config: TrainConfig, callback: Callback | None, resume: bool, stop_af
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / CONFIG_FILE, {
-            **asdict(config), "mode": setup.mode, "classes": classes,
-            "train_images": len(train_data), "val_images": len(val_data) if val_data is not None else 0,
-            "model_config": model.config.to_dict(), "preprocess": setup.preprocess.to_dict(),
-            "world_size": world, "steps_per_epoch": steps_per_epoch, "best_metric": best_name,
-            "torch": torch.__version__,
-        })
-    emit(TrainEvent("start", epoch=start_epoch, epochs=config.epochs, steps=steps_per_epoch, metrics={
-        "mode": setup.mode, "model": model.config.name or config.model, "parameters": model.num_parameters(),
-        "classes": classes, "train_images": len(train_data), "val_images": len(val_data) if val_data is not None else 0,
-        "device": str(device), "bf16": use_bf16, "world_size": world, "resumed_at_epoch": start_epoch if state is not None else None,
-        "notes": setup.notes, "lr": config.lr, "out": str(out),
-    }))
+        _write_json(
+            out / CONFIG_FILE,
+            {
+                **asdict(config),
+                "mode": setup.mode,
+                "classes": classes,
+                "train_images": len(train_data),
+                "val_images": len(val_data) if val_data is not None else 0,
+                "model_config": model.config.to_dict(),
+                "preprocess": setup.preprocess.to_dict(),
+                "world_size": world,
+                "steps_per_epoch": steps_per_epoch,
+                "best_metric": best_name,
+                "torch": torch.__version__,
+            },
+        )
+    emit(
+        TrainEvent(
+            "start",
+            epoch=start_epoch,
+            epochs=config.epochs,
+            steps=steps_per_epoch,
+            metrics={
+                "mode": setup.mode,
+                "model": model.config.name or config.model,
+                "parameters": model.num_parameters(),
+                "classes": classes,
+                "train_images": len(train_data),
+                "val_images": len(val_data) if val_data is not None else 0,
+                "device": str(device),
+                "bf16": use_bf16,
+                "world_size": world,
+                "resumed_at_epoch": start_epoch if state is not None else None,
+                "notes": setup.notes,
+                "lr": config.lr,
+                "out": str(out),
+            },
+        )
+    )
 
     reported: set[tuple[str, int]] = set()
 
@@ -625,18 +747,32 @@ def _train(config: TrainConfig, callback: Callback | None, resume: bool, stop_af
             if mixing:
                 targets = F.one_hot(labels, num_classes).float()
                 pixels, targets = mix_batch(
-                    pixels, targets, config.mixup, config.cutmix,
+                    pixels,
+                    targets,
+                    config.mixup,
+                    config.cutmix,
                     random.Random(f"mix:{config.seed}:{epoch}:{step_in_epoch}:{rank}"),
                 )
             else:
                 targets = labels
             loss, norm, logits = train_step(
-                net, model, optimizer, pixels, targets, label_smoothing=smoothing, grad_clip=config.grad_clip,
-                use_bf16=use_bf16, scale=0.0 if empty else 1.0,
+                net,
+                model,
+                optimizer,
+                pixels,
+                targets,
+                label_smoothing=smoothing,
+                grad_clip=config.grad_clip,
+                use_bf16=use_bf16,
+                scale=0.0 if empty else 1.0,
             )
             loss_value = float(loss.item())
             if not (math.isfinite(loss_value) and math.isfinite(float(norm))):
-                last_good = f"the last good checkpoint (epoch {epoch}) is kept in {out}" if epoch > 0 else "no checkpoint was written yet"
+                last_good = (
+                    f"the last good checkpoint (epoch {epoch}) is kept in {out}"
+                    if epoch > 0
+                    else "no checkpoint was written yet"
+                )
                 what = "the loss" if not math.isfinite(loss_value) else "the gradients"
                 raise TrainingError(
                     f"{what} became NaN/inf at epoch {epoch + 1}, step {step_in_epoch + 1} (lr {lr:.3g}); {last_good}; "
@@ -653,31 +789,54 @@ def _train(config: TrainConfig, callback: Callback | None, resume: bool, stop_af
                 seen += count
             if main and callback is not None:
                 elapsed = time.perf_counter() - started
-                callback(TrainEvent("step", epoch=epoch + 1, epochs=config.epochs, step=step_in_epoch + 1, steps=steps_per_epoch, metrics={
-                    "loss": loss_sum / max(seen, 1), "top1": correct / max(seen, 1), "lr": lr,
-                    "images_per_s": seen * world / elapsed if elapsed > 0 else 0.0,
-                }))
+                callback(
+                    TrainEvent(
+                        "step",
+                        epoch=epoch + 1,
+                        epochs=config.epochs,
+                        step=step_in_epoch + 1,
+                        steps=steps_per_epoch,
+                        metrics={
+                            "loss": loss_sum / max(seen, 1),
+                            "top1": correct / max(seen, 1),
+                            "lr": lr,
+                            "images_per_s": seen * world / elapsed if elapsed > 0 else 0.0,
+                        },
+                    )
+                )
         train_time = time.perf_counter() - started
-        loss_sum, correct, seen, skipped = _all_reduce_sum([loss_sum, correct, seen, skipped], device)
+        loss_sum, correct, seen, skipped = _all_reduce_sum(
+            [loss_sum, correct, seen, skipped], device
+        )
         train_time = _all_reduce_max(train_time, device)
 
         row = {
-            "epoch": epoch + 1, "step": global_step, "lr": lr,
-            "train_loss": loss_sum / seen if seen else None, "train_top1": correct / seen if seen else None,
-            "val_loss": None, "val_top1": None, "val_top5": None,
+            "epoch": epoch + 1,
+            "step": global_step,
+            "lr": lr,
+            "train_loss": loss_sum / seen if seen else None,
+            "train_top1": correct / seen if seen else None,
+            "val_loss": None,
+            "val_top1": None,
+            "val_top5": None,
             "images_per_s": seen / train_time if train_time > 0 else None,
-            "epoch_time_s": None, "train_images": int(seen), "skipped_images": int(skipped),
+            "epoch_time_s": None,
+            "train_images": int(seen),
+            "skipped_images": int(skipped),
         }
         if val_loader is not None:
             eval_model = ema.model if ema is not None else model
             row.update(_validate(eval_model, val_loader, device, use_bf16, report_failures))
         row["epoch_time_s"] = time.perf_counter() - started
         if row["train_loss"] is None:
-            raise TrainingError(f"{config.data}: no image of epoch {epoch + 1} could be decoded; check the files")
+            raise TrainingError(
+                f"{config.data}: no image of epoch {epoch + 1} could be decoded; check the files"
+            )
 
         metric = row[best_name]
         improved = metric is not None and (
-            best_metric is None or (metric > best_metric if best_name == "val_top1" else metric < best_metric)
+            best_metric is None
+            or (metric > best_metric if best_name == "val_top1" else metric < best_metric)
         )
         if improved:
             best_metric, best_epoch = metric, epoch + 1
@@ -688,26 +847,69 @@ def _train(config: TrainConfig, callback: Callback | None, resume: bool, stop_af
             # Order matters for crash safety: state.pt last, so it never points past files
             # that are not there yet; metrics rows beyond state.pt's epoch are dropped on resume.
             _write_metrics(out, history)
-            save_model(saved, out / "last.safetensors", labels=classes, preprocess=setup.preprocess, source=source)
+            save_model(
+                saved,
+                out / "last.safetensors",
+                labels=classes,
+                preprocess=setup.preprocess,
+                source=source,
+            )
             if improved:
-                save_model(saved, out / "best.safetensors", labels=classes, preprocess=setup.preprocess, source=source)
-            _save_state_file(out / STATE_FILE, {
-                "format": STATE_FORMAT, "version": STATE_VERSION,
-                "epoch": epoch + 1, "step": global_step, "classes": list(classes),
-                "model": _cpu_state_dict(model),
-                "ema": _cpu_state_dict(ema.model) if ema is not None else None,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": {"name": "warmup_cosine", "base_lr": config.lr, "min_lr": config.min_lr,
-                              "warmup_steps": warmup_steps, "total_steps": total_steps, "step": global_step},
-                "rng": _rng_state(),
-                "best_metric": best_metric, "best_epoch": best_epoch, "best_metric_name": best_name,
-            })
-        emit(TrainEvent("epoch", epoch=epoch + 1, epochs=config.epochs, steps=steps_per_epoch,
-                        metrics={**row, "best": improved, "best_metric": best_metric, "best_epoch": best_epoch}))
+                save_model(
+                    saved,
+                    out / "best.safetensors",
+                    labels=classes,
+                    preprocess=setup.preprocess,
+                    source=source,
+                )
+            _save_state_file(
+                out / STATE_FILE,
+                {
+                    "format": STATE_FORMAT,
+                    "version": STATE_VERSION,
+                    "epoch": epoch + 1,
+                    "step": global_step,
+                    "classes": list(classes),
+                    "model": _cpu_state_dict(model),
+                    "ema": _cpu_state_dict(ema.model) if ema is not None else None,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": {
+                        "name": "warmup_cosine",
+                        "base_lr": config.lr,
+                        "min_lr": config.min_lr,
+                        "warmup_steps": warmup_steps,
+                        "total_steps": total_steps,
+                        "step": global_step,
+                    },
+                    "rng": _rng_state(),
+                    "best_metric": best_metric,
+                    "best_epoch": best_epoch,
+                    "best_metric_name": best_name,
+                },
+            )
+        emit(
+            TrainEvent(
+                "epoch",
+                epoch=epoch + 1,
+                epochs=config.epochs,
+                steps=steps_per_epoch,
+                metrics={
+                    **row,
+                    "best": improved,
+                    "best_metric": best_metric,
+                    "best_epoch": best_epoch,
+                },
+            )
+        )
     distributed.barrier()
     return TrainResult(
-        out_dir=out, epochs_done=len(history) and history[-1]["epoch"], best_epoch=best_epoch,
-        best_metric=best_metric, best_metric_name=best_name, history=history, stopped_early=stopped_early,
+        out_dir=out,
+        epochs_done=len(history) and history[-1]["epoch"],
+        best_epoch=best_epoch,
+        best_metric=best_metric,
+        best_metric_name=best_name,
+        history=history,
+        stopped_early=stopped_early,
     )
 
 
@@ -739,12 +941,16 @@ def _load_resume(out: Path, overrides: TrainConfig) -> tuple[dict, TrainConfig]:
     """The saved state and configuration of the run in `out`, with --epochs/--workers/DATA
     taken from the new command line when given."""
     if not out.is_dir():
-        raise TrainingError(f"{out}: no such run folder; pass the --out folder of an earlier `vit train` run")
+        raise TrainingError(
+            f"{out}: no such run folder; pass the --out folder of an earlier `vit train` run"
+        )
     config_path = out / CONFIG_FILE
     try:
         saved = json.loads(config_path.read_text())
     except FileNotFoundError:
-        raise TrainingError(f"{config_path}: missing; {out} is not a `vit train` output folder") from None
+        raise TrainingError(
+            f"{config_path}: missing; {out} is not a `vit train` output folder"
+        ) from None
     except ValueError as error:
         raise TrainingError(f"{config_path}: not valid JSON ({error}); cannot resume") from None
     if not (out / STATE_FILE).exists():
@@ -771,6 +977,15 @@ def _load_resume(out: Path, overrides: TrainConfig) -> tuple[dict, TrainConfig]:
 
 
 __all__ = [
-    "TrainConfig", "TrainEvent", "TrainResult", "train", "lr_at", "parameter_groups", "make_optimizer",
-    "read_state", "build_model", "train_step", "resolve_defaults",
+    "TrainConfig",
+    "TrainEvent",
+    "TrainResult",
+    "build_model",
+    "lr_at",
+    "make_optimizer",
+    "parameter_groups",
+    "read_state",
+    "resolve_defaults",
+    "train",
+    "train_step",
 ]

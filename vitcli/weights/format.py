@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from ..data.preprocess import Preprocess
-from ..fileio import atomic_write_bytes
 from ..errors import CheckpointError, ModelNotFoundError
+from ..fileio import atomic_write_bytes
 from ..model import ViT, ViTConfig
 
 FORMAT_NAME = "vitcli"
@@ -124,14 +124,20 @@ def load_state(model: ViT, state: dict[str, torch.Tensor], where: str) -> None:
             parts.append(f"missing {len(missing)} keys ({_sample(missing)})")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} keys ({_sample(unexpected)})")
-        raise CheckpointError(f"{where}: weights do not match the architecture: " + "; ".join(parts))
+        raise CheckpointError(
+            f"{where}: weights do not match the architecture: " + "; ".join(parts)
+        )
     wrong = [
         f"{name} is {tuple(state[name].shape)}, expected {tuple(tensor.shape)}"
         for name, tensor in expected.items()
         if tuple(state[name].shape) != tuple(tensor.shape)
     ]
     if wrong:
-        raise CheckpointError(f"{where}: wrong tensor shapes: " + "; ".join(wrong[:3]) + (" ..." if len(wrong) > 3 else ""))
+        raise CheckpointError(
+            f"{where}: wrong tensor shapes: "
+            + "; ".join(wrong[:3])
+            + (" ..." if len(wrong) > 3 else "")
+        )
     with torch.no_grad():
         model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
 
@@ -155,20 +161,32 @@ def load_vitcli_file(path: str | Path, reference: str = "") -> ModelBundle:
     try:
         version = int(metadata.get("format_version", "0"))
         if version > FORMAT_VERSION:
-            raise CheckpointError(f"{path}: written by a newer vitcli (format {version}); upgrade vitcli")
+            raise CheckpointError(
+                f"{path}: written by a newer vitcli (format {version}); upgrade vitcli"
+            )
         config = ViTConfig.from_json(metadata["config"])
         labels = json.loads(metadata.get("labels", "null")) or default_labels(config.num_classes)
-        preprocess = Preprocess.from_dict(json.loads(metadata["preprocess"])) if "preprocess" in metadata else Preprocess(size=config.image_size)
+        preprocess = (
+            Preprocess.from_dict(json.loads(metadata["preprocess"]))
+            if "preprocess" in metadata
+            else Preprocess(size=config.image_size)
+        )
     except CheckpointError:
         raise
     except (KeyError, ValueError, TypeError) as error:
-        raise CheckpointError(f"{path}: broken vitcli metadata ({error}); re-save or re-convert the file") from None
+        raise CheckpointError(
+            f"{path}: broken vitcli metadata ({error}); re-save or re-convert the file"
+        ) from None
     if len(labels) != config.num_classes:
         raise CheckpointError(f"{path}: {len(labels)} labels for {config.num_classes} classes")
     model = ViT(config)
     load_state(model, tensors, str(path))
     model.eval()
     return ModelBundle(
-        model=model, labels=list(labels), preprocess=preprocess, source_format="vitcli",
-        reference=reference or str(path), extra={"source": metadata.get("source", "")},
+        model=model,
+        labels=list(labels),
+        preprocess=preprocess,
+        source_format="vitcli",
+        reference=reference or str(path),
+        extra={"source": metadata.get("source", "")},
     )

@@ -45,8 +45,12 @@ _BLOCK_RENAMES = {
     "mlp.fc2": "mlp.fc2",
 }
 _QKV = {
-    "attention.attention.query": "q", "attention.attention.key": "k", "attention.attention.value": "v",
-    "attention.q_proj": "q", "attention.k_proj": "k", "attention.v_proj": "v",
+    "attention.attention.query": "q",
+    "attention.attention.key": "k",
+    "attention.attention.value": "v",
+    "attention.q_proj": "q",
+    "attention.k_proj": "k",
+    "attention.v_proj": "v",
 }
 _TOP_RENAMES = {
     "embeddings.cls_token": "cls_token",
@@ -71,9 +75,11 @@ def hf_to_timm(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
     dropped: list[str] = []
     qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
-        name = key[len("vit."):] if key.startswith("vit.") else key
+        name = key[len("vit.") :] if key.startswith("vit.") else key
         if name.startswith("pooler.") or name == "embeddings.mask_token":
-            dropped.append(key)  # ViTModel's pooler / masked-image-modeling token: not a classifier's
+            dropped.append(
+                key
+            )  # ViTModel's pooler / masked-image-modeling token: not a classifier's
             continue
         if name in _TOP_RENAMES:
             out[_TOP_RENAMES[name]] = tensor
@@ -90,7 +96,9 @@ def hf_to_timm(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
         out[key] = tensor
     for (index, kind), parts in qkv.items():
         if set(parts) == {"q", "k", "v"}:
-            out[f"blocks.{index}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+            out[f"blocks.{index}.attn.qkv.{kind}"] = torch.cat(
+                [parts["q"], parts["k"], parts["v"]], dim=0
+            )
         else:  # incomplete: keep the pieces so the error names them
             for part, tensor in parts.items():
                 out[f"blocks.{index}.attn.{part}_proj.{kind}"] = tensor
@@ -108,7 +116,9 @@ def read_hf_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (OSError, ValueError, KeyError, AttributeError) as error:
-            raise CheckpointError(f"{index}: broken shard index ({error}); download the model again") from None
+            raise CheckpointError(
+                f"{index}: broken shard index ({error}); download the model again"
+            ) from None
         tensors: dict[str, torch.Tensor] = {}
         for shard in shards:
             tensors.update(read_safetensors(path / shard)[0])
@@ -157,7 +167,9 @@ def config_from_hf(config: dict, num_classes: int, where: str) -> ViTConfig:
             num_heads=int(config.get("num_attention_heads", 12)),
             mlp_dim=int(config.get("intermediate_size", 3072)),
             qkv_bias=bool(config.get("qkv_bias", True)),
-            ln_eps=float(config.get("layer_norm_eps", 1e-12)),  # HF's default, kept as the source says
+            ln_eps=float(
+                config.get("layer_norm_eps", 1e-12)
+            ),  # HF's default, kept as the source says
             act=HF_ACTS[act],
         )
     except (ValueError, TypeError) as error:
@@ -198,7 +210,9 @@ def preprocess_from_hf(folder: Path, image_size: tuple[int, int]) -> tuple[Prepr
     notes: list[str] = []
     path = folder / "preprocessor_config.json"
     if not path.is_file():
-        notes.append("no preprocessor_config.json: ViTImageProcessor defaults (squash, bilinear, 0.5/0.5)")
+        notes.append(
+            "no preprocessor_config.json: ViTImageProcessor defaults (squash, bilinear, 0.5/0.5)"
+        )
         return Preprocess(size=image_size, resize="squash", interpolation="bilinear"), notes
     try:
         spec = json.loads(path.read_text())
@@ -207,13 +221,18 @@ def preprocess_from_hf(folder: Path, image_size: tuple[int, int]) -> tuple[Prepr
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{path}: not valid JSON ({error})") from None
     resample = spec.get("resample", 2)
-    interpolation = PIL_RESAMPLE.get(resample, resample if isinstance(resample, str) else "bilinear")
+    interpolation = PIL_RESAMPLE.get(
+        resample, resample if isinstance(resample, str) else "bilinear"
+    )
     if spec.get("do_normalize", True):
         mean = spec.get("image_mean", (0.5, 0.5, 0.5))
         std = spec.get("image_std", (0.5, 0.5, 0.5))
     else:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    if not spec.get("do_rescale", True) or abs(float(spec.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
+    if (
+        not spec.get("do_rescale", True)
+        or abs(float(spec.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9
+    ):
         notes.append("rescale other than x/255 is not supported; x/255 is used")
     if not spec.get("do_resize", True):
         notes.append("do_resize is false in the source; images are squashed to the model size")
@@ -230,7 +249,9 @@ def preprocess_from_hf(folder: Path, image_size: tuple[int, int]) -> tuple[Prepr
         elif crop_hw is not None:
             fields.update(size=crop_hw, resize="shorter", crop_pct=min(1.0, crop_hw[0] / edge))
         else:
-            notes.append("shortest_edge resize without a crop is approximated by a center crop to a square")
+            notes.append(
+                "shortest_edge resize without a crop is approximated by a center crop to a square"
+            )
             fields.update(size=(edge, edge), resize="shorter", crop_pct=1.0)
     else:
         height, width = _hw(size, image_size)
@@ -286,6 +307,10 @@ def load_hf_folder(path: Path, config: dict, reference: str) -> ModelBundle:
     if num_classes == 0:
         extra["note"] = "no classifier in this checkpoint (a bare ViTModel): features only"
     return ModelBundle(
-        model=model, labels=labels, preprocess=preprocess, source_format="hf",
-        reference=reference, extra=extra,
+        model=model,
+        labels=labels,
+        preprocess=preprocess,
+        source_format="hf",
+        reference=reference,
+        extra=extra,
     )

@@ -30,7 +30,10 @@ def _cache_dir() -> str | None:
 
 
 def _has_weights(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"))
+    return any(
+        (folder / name).is_file()
+        for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    )
 
 
 def download(repo_id: str, revision: str | None = None, quiet: bool = False) -> Path:
@@ -50,16 +53,22 @@ def download(repo_id: str, revision: str | None = None, quiet: bool = False) -> 
         "or pass a local model folder"
     )
     kwargs = dict(
-        revision=revision, cache_dir=_cache_dir(), local_files_only=offline,
+        revision=revision,
+        cache_dir=_cache_dir(),
+        local_files_only=offline,
     )
     if quiet:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=CONFIG_FILES + SAFETENSORS_FILES, **kwargs))
+        folder = Path(
+            snapshot_download(repo_id, allow_patterns=CONFIG_FILES + SAFETENSORS_FILES, **kwargs)
+        )
         if not _has_weights(folder):
-            folder = Path(snapshot_download(repo_id, allow_patterns=CONFIG_FILES + PICKLE_FILES, **kwargs))
+            folder = Path(
+                snapshot_download(repo_id, allow_patterns=CONFIG_FILES + PICKLE_FILES, **kwargs)
+            )
     except GatedRepoError:
         raise ModelNotFoundError(
             f"{repo_id}: a gated model; accept its terms on huggingface.co and log in with `hf auth login`"
@@ -75,12 +84,16 @@ def download(repo_id: str, revision: str | None = None, quiet: bool = False) -> 
         raise OfflineError(f"{repo_id} is not in the local cache and {state}; {how}") from None
     except (HfHubHTTPError, OSError) as error:
         if offline:
-            raise OfflineError(f"{repo_id} is not in the local cache and HF_HUB_OFFLINE=1; {how}") from None
+            raise OfflineError(
+                f"{repo_id} is not in the local cache and HF_HUB_OFFLINE=1; {how}"
+            ) from None
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise OfflineError(f"{repo_id}: download failed ({first}); {how}") from None
     if not (folder / "config.json").is_file() or not _has_weights(folder):
         if offline:
-            raise OfflineError(f"{repo_id} is only partly in the local cache and HF_HUB_OFFLINE=1; {how}")
+            raise OfflineError(
+                f"{repo_id} is only partly in the local cache and HF_HUB_OFFLINE=1; {how}"
+            )
         raise ModelNotFoundError(
             f"{repo_id}: the repository has no config.json with model.safetensors or pytorch_model.bin"
         )

@@ -51,7 +51,9 @@ def find_prefix(arrays: dict[str, np.ndarray]) -> str:
     for prefix in KNOWN_PREFIXES:
         if f"{prefix}embedding/kernel" in arrays:
             return prefix
-    candidates = sorted(key[: -len("embedding/kernel")] for key in arrays if key.endswith("/embedding/kernel"))
+    candidates = sorted(
+        key[: -len("embedding/kernel")] for key in arrays if key.endswith("/embedding/kernel")
+    )
     if candidates:
         return candidates[0]
     raise CheckpointError(
@@ -75,7 +77,9 @@ def npz_to_timm(arrays: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor],
     def take(name: str) -> np.ndarray:
         key = prefix + name
         if key not in arrays:
-            raise CheckpointError(f"missing array {key!r}: the checkpoint is incomplete or of another model")
+            raise CheckpointError(
+                f"missing array {key!r}: the checkpoint is incomplete or of another model"
+            )
         used.add(key)
         return np.asarray(arrays[key], dtype=np.float32)
 
@@ -83,7 +87,9 @@ def npz_to_timm(arrays: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor],
         return torch.from_numpy(np.ascontiguousarray(array))
 
     if any(key.startswith(prefix + "MAPHead") for key in arrays):
-        raise CheckpointError("attention-pooling (MAP head) checkpoints are not supported; only CLS or average pooling")
+        raise CheckpointError(
+            "attention-pooling (MAP head) checkpoints are not supported; only CLS or average pooling"
+        )
     scanned = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in arrays
     big_vision = prefix.startswith("params/") or f"{prefix}pos_embedding" in arrays or scanned
     state: dict[str, torch.Tensor] = {}
@@ -97,16 +103,24 @@ def npz_to_timm(arrays: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor],
     class_token = prefix + "cls" in arrays
     if class_token:
         state["cls_token"] = t(take("cls").reshape(1, 1, width))
-    pos_name = _pick(arrays, prefix + "Transformer/posembed_input/pos_embedding", prefix + "pos_embedding")
-    facts: dict = {"prefix": prefix, "layout": "big_vision" if big_vision else "vit_jax", "scanned": scanned}
+    pos_name = _pick(
+        arrays, prefix + "Transformer/posembed_input/pos_embedding", prefix + "pos_embedding"
+    )
+    facts: dict = {
+        "prefix": prefix,
+        "layout": "big_vision" if big_vision else "vit_jax",
+        "scanned": scanned,
+    }
     if pos_name in arrays:
-        pos = take(pos_name[len(prefix):])
+        pos = take(pos_name[len(prefix) :])
         pos = pos.reshape(1, -1, width)  # 1,T,D
         state["pos_embed"] = t(pos)
         grid_tokens = pos.shape[1] - int(class_token)
         side = math.isqrt(grid_tokens)
         if side * side != grid_tokens:
-            raise CheckpointError(f"position embedding has {grid_tokens} grid rows, not a square grid")
+            raise CheckpointError(
+                f"position embedding has {grid_tokens} grid rows, not a square grid"
+            )
         facts["pos_embed"] = "learned"
         facts["image_size"] = side * patch
     else:
@@ -136,7 +150,11 @@ def npz_to_timm(arrays: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor],
             return prefix + block + name in arrays
 
         # vit_jax numbers the sub-modules 0..3 in call order, big_vision per type.
-        mha = "MultiHeadDotProductAttention_1/" if has("MultiHeadDotProductAttention_1/query/kernel") else "MultiHeadDotProductAttention_0/"
+        mha = (
+            "MultiHeadDotProductAttention_1/"
+            if has("MultiHeadDotProductAttention_1/query/kernel")
+            else "MultiHeadDotProductAttention_0/"
+        )
         norm2 = "LayerNorm_2/" if has("LayerNorm_2/scale") else "LayerNorm_1/"
         mlp = "MlpBlock_3/" if has("MlpBlock_3/Dense_0/kernel") else "MlpBlock_0/"
         out = f"blocks.{index}."
@@ -145,15 +163,26 @@ def npz_to_timm(arrays: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor],
         query = get(mha + "query/kernel")  # D,nh,Dh
         num_heads = query.shape[1]
         # Each of q, k, v: (D, nh, Dh) -> (D, D) -> transposed to torch's (out, in); stacked q,k,v.
-        state[out + "attn.qkv.weight"] = t(np.concatenate(
-            [get(mha + f"{part}/kernel").reshape(width, width).T for part in ("query", "key", "value")]
-        ))
+        state[out + "attn.qkv.weight"] = t(
+            np.concatenate(
+                [
+                    get(mha + f"{part}/kernel").reshape(width, width).T
+                    for part in ("query", "key", "value")
+                ]
+            )
+        )
         qkv_bias = has(mha + "query/bias")
         if qkv_bias:
-            state[out + "attn.qkv.bias"] = t(np.concatenate(
-                [get(mha + f"{part}/bias").reshape(-1) for part in ("query", "key", "value")]  # nh,Dh -> D
-            ))
-        state[out + "attn.proj.weight"] = t(get(mha + "out/kernel").reshape(width, width).T)  # nh,Dh,D -> D,D
+            state[out + "attn.qkv.bias"] = t(
+                np.concatenate(
+                    [
+                        get(mha + f"{part}/bias").reshape(-1) for part in ("query", "key", "value")
+                    ]  # nh,Dh -> D
+                )
+            )
+        state[out + "attn.proj.weight"] = t(
+            get(mha + "out/kernel").reshape(width, width).T
+        )  # nh,Dh,D -> D,D
         state[out + "attn.proj.bias"] = t(get(mha + "out/bias"))
         state[out + "norm2.weight"] = t(get(norm2 + "scale"))
         state[out + "norm2.bias"] = t(get(norm2 + "bias"))
@@ -189,11 +218,20 @@ def npz_to_timm(arrays: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor],
                 )
     leftovers = sorted(key for key in arrays if key.startswith(prefix) and key not in used)
     if leftovers:
-        shown = ", ".join(leftovers[:4]) + (f", ... {len(leftovers) - 4} more" if len(leftovers) > 4 else "")
+        shown = ", ".join(leftovers[:4]) + (
+            f", ... {len(leftovers) - 4} more" if len(leftovers) > 4 else ""
+        )
         raise CheckpointError(f"unexpected arrays {shown}: not a plain ViT checkpoint")
     facts.update(
-        patch_size=patch, in_channels=channels, width=width, depth=depth, num_heads=num_heads,
-        mlp_dim=mlp_dim, num_classes=num_classes, class_token=class_token, qkv_bias=qkv_bias,
+        patch_size=patch,
+        in_channels=channels,
+        width=width,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_dim=mlp_dim,
+        num_classes=num_classes,
+        class_token=class_token,
+        qkv_bias=qkv_bias,
         dropped=dropped,
     )
     return state, facts
@@ -217,13 +255,27 @@ def load_npz(path: str | Path, reference: str = "") -> ModelBundle:
         raise CheckpointError(f"{path}: arrays with inconsistent shapes ({error})") from None
     try:
         config = ViTConfig(
-            image_size=facts["image_size"], patch_size=facts["patch_size"], in_channels=facts["in_channels"],
-            num_classes=facts["num_classes"], width=facts["width"], depth=facts["depth"],
-            num_heads=facts["num_heads"], mlp_dim=facts["mlp_dim"], pos_embed=facts["pos_embed"],
-            class_token=facts["class_token"], pool="cls" if facts["class_token"] else "mean",
-            qkv_bias=facts["qkv_bias"], ln_eps=1e-6,
+            image_size=facts["image_size"],
+            patch_size=facts["patch_size"],
+            in_channels=facts["in_channels"],
+            num_classes=facts["num_classes"],
+            width=facts["width"],
+            depth=facts["depth"],
+            num_heads=facts["num_heads"],
+            mlp_dim=facts["mlp_dim"],
+            pos_embed=facts["pos_embed"],
+            class_token=facts["class_token"],
+            pool="cls" if facts["class_token"] else "mean",
+            qkv_bias=facts["qkv_bias"],
+            ln_eps=1e-6,
             act="gelu_tanh",  # flax nn.gelu is the tanh approximation; erf would drift ~1e-3
-            name=variant_name(facts["depth"], facts["width"], facts["mlp_dim"], facts["num_heads"], facts["patch_size"]),
+            name=variant_name(
+                facts["depth"],
+                facts["width"],
+                facts["mlp_dim"],
+                facts["num_heads"],
+                facts["patch_size"],
+            ),
         )
     except ValueError as error:
         raise CheckpointError(f"{path}: unusable architecture ({error})") from None
@@ -231,21 +283,32 @@ def load_npz(path: str | Path, reference: str = "") -> ModelBundle:
     load_state(model, state, str(path))
     model.eval()
     # The JAX input pipelines squash to the model size (bilinear) and scale to [-1, 1].
-    preprocess = Preprocess(size=config.image_size, resize="squash", interpolation="bilinear",
-                            mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    preprocess = Preprocess(
+        size=config.image_size,
+        resize="squash",
+        interpolation="bilinear",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+    )
     extra = {key: facts[key] for key in ("prefix", "layout", "scanned")}
     if facts["dropped"]:
         extra["dropped"] = facts["dropped"]
     if "note" in facts:
         extra["note"] = facts["note"]
     if facts["pos_embed"] == "sincos2d":
-        extra["preprocess_notes"] = ["no stored position table: fixed sincos2d, image size 224 assumed"]
+        extra["preprocess_notes"] = [
+            "no stored position table: fixed sincos2d, image size 224 assumed"
+        ]
     labels = default_labels(config.num_classes)
     if config.num_classes == 1000:
         from .timm import imagenet1k_labels
 
         labels = list(imagenet1k_labels())
     return ModelBundle(
-        model=model, labels=labels, preprocess=preprocess, source_format="npz",
-        reference=reference or str(path), extra=extra,
+        model=model,
+        labels=labels,
+        preprocess=preprocess,
+        source_format="npz",
+        reference=reference or str(path),
+        extra=extra,
     )

@@ -86,7 +86,9 @@ def _load_folder(path: Path, reference: str) -> ModelBundle:
         ours = sorted(path.glob("*.safetensors"))
         if len(ours) == 1:
             return _load_file(ours[0], reference)
-        raise ModelNotFoundError(f"{path}: no config.json in this folder; pass a model folder or a weights file")
+        raise ModelNotFoundError(
+            f"{path}: no config.json in this folder; pass a model folder or a weights file"
+        )
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as error:

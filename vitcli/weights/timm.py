@@ -26,7 +26,19 @@ TIMM_SIZES = {
 _PAPER_NAMES = {"tiny": "Ti", "small": "S", "base": "B", "large": "L", "huge": "H"}
 _ARCH = re.compile(r"^(?:vit|deit)_(?P<size>[a-z]+)_patch(?P<patch>\d+)(?P<rest>(?:_[a-z0-9]+)*)$")
 # Architecture suffixes that change the network beyond what ViTConfig describes.
-_UNSUPPORTED = ("clip", "siglip", "reg", "rope", "distilled", "gap", "map", "xp", "ls", "dinov2", "sam")
+_UNSUPPORTED = (
+    "clip",
+    "siglip",
+    "reg",
+    "rope",
+    "distilled",
+    "gap",
+    "map",
+    "xp",
+    "ls",
+    "dinov2",
+    "sam",
+)
 
 
 def parse_architecture(name: str) -> tuple[str, int, tuple[int, int] | None]:
@@ -38,7 +50,11 @@ def parse_architecture(name: str) -> tuple[str, int, tuple[int, int] | None]:
             f"supported: vit_{{{','.join(TIMM_SIZES)}}}_patch{{8,14,16,32}}_{{224,384,...}}"
         )
     words = [word for word in match.group("rest").split("_") if word]
-    odd = [word for word in words if not word.isdigit() and any(word.startswith(u) for u in _UNSUPPORTED)]
+    odd = [
+        word
+        for word in words
+        if not word.isdigit() and any(word.startswith(u) for u in _UNSUPPORTED)
+    ]
     if odd:
         raise CheckpointError(
             f"timm architecture {name!r} has parts this tool does not implement ({', '.join(odd)}); "
@@ -52,7 +68,11 @@ def parse_architecture(name: str) -> tuple[str, int, tuple[int, int] | None]:
 @lru_cache(maxsize=1)
 def imagenet1k_labels() -> tuple[str, ...]:
     """ImageNet-1k class names in index order (sorted WordNet ids), from timm's data files."""
-    text = resources.files("vitcli.weights").joinpath("imagenet1k_labels.txt").read_text(encoding="utf-8")
+    text = (
+        resources.files("vitcli.weights")
+        .joinpath("imagenet1k_labels.txt")
+        .read_text(encoding="utf-8")
+    )
     labels = tuple(line for line in text.splitlines() if line)
     assert len(labels) == 1000, "imagenet1k_labels.txt must hold 1000 names"
     return labels
@@ -67,7 +87,9 @@ def labels_for(config: dict, num_classes: int) -> tuple[list[str], str]:
     return default_labels(num_classes), "generic"
 
 
-def preprocess_from_timm(pretrained: dict, image_size: tuple[int, int]) -> tuple[Preprocess, list[str]]:
+def preprocess_from_timm(
+    pretrained: dict, image_size: tuple[int, int]
+) -> tuple[Preprocess, list[str]]:
     """timm's eval transform: resize (shorter side to size / crop_pct), center crop, normalise."""
     notes: list[str] = []
     input_size = pretrained.get("input_size")
@@ -79,7 +101,9 @@ def preprocess_from_timm(pretrained: dict, image_size: tuple[int, int]) -> tuple
     std = pretrained.get("std") or (0.229, 0.224, 0.225)
     if crop_mode == "squash":
         if crop_pct != 1.0:
-            notes.append(f"timm's squash with crop_pct {crop_pct} is approximated by a plain squash")
+            notes.append(
+                f"timm's squash with crop_pct {crop_pct} is approximated by a plain squash"
+            )
         resize = "squash"
     else:
         if crop_mode != "center":
@@ -87,8 +111,12 @@ def preprocess_from_timm(pretrained: dict, image_size: tuple[int, int]) -> tuple
         resize = "shorter"
     try:
         return Preprocess(
-            size=size, resize=resize, crop_pct=min(crop_pct, 1.0), interpolation=interpolation,
-            mean=mean, std=std,
+            size=size,
+            resize=resize,
+            crop_pct=min(crop_pct, 1.0),
+            interpolation=interpolation,
+            mean=mean,
+            std=std,
         ), notes
     except Exception as error:
         raise CheckpointError(f"unsupported timm preprocessing ({error})") from None
@@ -109,7 +137,9 @@ def load_timm_folder(path: Path, config: dict, reference: str) -> ModelBundle:
         weights = path / "pytorch_model.bin"
         state = read_torch_pickle(weights)
     else:
-        raise CheckpointError(f"{path}: no model.safetensors in this timm folder; download the weights too")
+        raise CheckpointError(
+            f"{path}: no model.safetensors in this timm folder; download the weights too"
+        )
     if "fc_norm.weight" in state or "norm_pre.weight" in state:
         raise CheckpointError(
             f"{weights}: this timm model uses fc_norm/norm_pre layers that plain ViT does not have; not supported"
@@ -120,12 +150,16 @@ def load_timm_folder(path: Path, config: dict, reference: str) -> ModelBundle:
     width = int(args.get("embed_dim", width))
     depth = int(args.get("depth", depth))
     num_heads = int(args.get("num_heads", num_heads))
-    mlp_dim = int(width * float(args["mlp_ratio"])) if "mlp_ratio" in args else (
-        mlp_dim if "embed_dim" not in args else 4 * width
+    mlp_dim = (
+        int(width * float(args["mlp_ratio"]))
+        if "mlp_ratio" in args
+        else (mlp_dim if "embed_dim" not in args else 4 * width)
     )
     patch = int(args.get("patch_size", patch))
     if args.get("class_token") is False or args.get("no_embed_class") or args.get("reg_tokens"):
-        raise CheckpointError(f"{path}: timm model_args {args} describe a ViT variant this tool does not build")
+        raise CheckpointError(
+            f"{path}: timm model_args {args} describe a ViT variant this tool does not build"
+        )
     input_size = pretrained.get("input_size")
     if "img_size" in args:
         image_size = args["img_size"]
@@ -139,15 +173,26 @@ def load_timm_folder(path: Path, config: dict, reference: str) -> ModelBundle:
         tokens = int(pos.shape[1]) - 1 if pos is not None else 196
         side = math.isqrt(tokens)
         image_size = (side * patch, side * patch)
-    num_classes = int(args.get("num_classes", config.get("num_classes", pretrained.get("num_classes", 1000))))
+    num_classes = int(
+        args.get("num_classes", config.get("num_classes", pretrained.get("num_classes", 1000)))
+    )
     global_pool = args.get("global_pool", config.get("global_pool", "token")) or "token"
     if global_pool not in ("token", "avg"):
-        raise CheckpointError(f"{path}: global_pool {global_pool!r} is not supported (use token or avg)")
+        raise CheckpointError(
+            f"{path}: global_pool {global_pool!r} is not supported (use token or avg)"
+        )
     try:
         vit_config = ViTConfig(
-            image_size=image_size, patch_size=patch, num_classes=num_classes, width=width,
-            depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
-            pool="cls" if global_pool == "token" else "mean", ln_eps=1e-6, act="gelu",
+            image_size=image_size,
+            patch_size=patch,
+            num_classes=num_classes,
+            width=width,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_dim=mlp_dim,
+            pool="cls" if global_pool == "token" else "mean",
+            ln_eps=1e-6,
+            act="gelu",
             qkv_bias=bool(args.get("qkv_bias", True)),
             name=f"{_PAPER_NAMES[size]}/{patch}" if size in _PAPER_NAMES and not args else "",
         )
@@ -164,6 +209,10 @@ def load_timm_folder(path: Path, config: dict, reference: str) -> ModelBundle:
     if notes:
         extra["preprocess_notes"] = notes
     return ModelBundle(
-        model=model, labels=labels, preprocess=preprocess, source_format="timm",
-        reference=reference, extra=extra,
+        model=model,
+        labels=labels,
+        preprocess=preprocess,
+        source_format="timm",
+        reference=reference,
+        extra=extra,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
-from ..errors import VitError
+from .errors import VitError
 
 
 def _env_int(name: str, default: int) -> int:
@@ -18,7 +18,9 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value) if value.strip() else default
     except ValueError:
-        raise VitError(f"environment variable {name}={value!r} is not an integer; unset it or fix the launcher") from None
+        raise VitError(
+            f"environment variable {name}={value!r} is not an integer; unset it or fix the launcher"
+        ) from None
 
 
 def _initialized() -> bool:
@@ -81,7 +83,9 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool
         raise VitError(f"RANK={me} is outside WORLD_SIZE={size}; fix the launcher's environment")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend, rank=me, world_size=size, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend=backend, rank=me, world_size=size, timeout=timedelta(seconds=timeout_s)
+    )
     return True
 
 

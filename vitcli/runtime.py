@@ -1,0 +1,151 @@
+"""Where and how a command runs: device, dtype, worker counts, threads, OpenMP policy.
+
+Decided once, here, for every command, so that `--device`, `--dtype` and `--workers` mean the
+same thing in predict, attention, embed, train and eval. Importing this module does not import
+torch; the functions that need it import it when called.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from .errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")  # plus cuda:N
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+# Worker processes beyond this many per CPU only add memory and start-up time.
+MAX_WORKERS_PER_CPU = 1
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (the affinity mask, not the machine's total)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def default_workers() -> int:
+    """Decoding processes that keep the model fed without starving its threads: half the CPUs,
+    at least 1, at most 8."""
+    return max(1, min(8, cpu_count() // 2))
+
+
+def resolve_workers(requested: int | None, what: str = "--workers") -> tuple[int, str | None]:
+    """(workers, warning or None). None picks the default; a request above the CPU count is
+    clamped to it (each worker is a process with its own copy of the decoder and buffers)."""
+    if requested is None:
+        return default_workers(), None
+    if requested < 0:
+        raise InputError(f"{what} must be 0 or more, got {requested}")
+    limit = cpu_count() * MAX_WORKERS_PER_CPU
+    if requested > limit:
+        return limit, f"{what} {requested} is more than the {limit} CPUs here; using {limit}"
+    return requested, None
+
+
+def render_threads() -> int:
+    """Threads for drawing and encoding pictures beside the model: half the CPUs, 1 to 4."""
+    return max(1, min(4, cpu_count() // 2))
+
+
+def prefer_passive_waiting() -> bool:
+    """Set OMP_WAIT_POLICY=PASSIVE unless the user chose a policy or torch is already loaded
+    (OpenMP reads it once, at load). Returns whether it was set.
+
+    Commands that decode images in worker processes while the model runs on the same CPU call
+    this before importing torch: with OpenMP's default (active) waiting, a thread that reaches
+    a barrier first spins, and when a decoder has pre-empted its partner the spinning burns the
+    very core the partner needs. Passive waiting gives the core back (bench/wait_policy.py).
+    """
+    if "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
+        return False
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True
+
+
+def _mps_available() -> bool:
+    import torch
+
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto: CUDA, else Apple MPS, else CPU. `cuda` under torchrun takes the LOCAL_RANK GPU;
+    `cuda:N` takes GPU N."""
+    import torch
+
+    from . import distributed
+
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mps":
+        if not _mps_available():
+            raise InputError(
+                "--device mps: Apple MPS is not available here; use --device cpu or auto"
+            )
+        return torch.device("mps")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise InputError(
+                f"--device {name}: no CUDA GPU is available to this torch build; "
+                "use --device cpu or auto"
+            )
+        count = torch.cuda.device_count()
+        if name == "cuda":
+            return torch.device("cuda", distributed.local_rank() % count)
+        index_text = name.partition(":")[2]
+        if not index_text.isdigit() or int(index_text) >= count:
+            raise InputError(
+                f"--device {name}: no such GPU; this machine has cuda:0 to cuda:{count - 1}"
+            )
+        return torch.device("cuda", int(index_text))
+    raise InputError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when oneDNN reports native bf16 (AVX512-BF16 / AMX); AVX2 machines emulate it slowly."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str | None]:
+    """(dtype, warning or None). auto never picks a dtype the hardware runs slowly: float32 on
+    CPU and MPS, bfloat16 on CUDA GPUs that support it, float16 on older GPUs."""
+    import torch
+
+    if name not in DTYPE_CHOICES:
+        raise InputError(f"unknown dtype {name!r}: use one of {', '.join(DTYPE_CHOICES)}")
+    if name == "auto":
+        if device.type == "cuda":
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16, None
+            major, _ = torch.cuda.get_device_capability(device)
+            return (torch.float16 if major >= 7 else torch.float32), None
+        return torch.float32, None
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    warning = None
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_fast_bf16():
+        warning = (
+            "bfloat16 on this CPU has no native support and runs far slower than float32; "
+            "drop --dtype or use float32"
+        )
+    elif device.type == "cpu" and dtype == torch.float16:
+        warning = (
+            "float16 on a CPU is emulated and runs far slower than float32; "
+            "drop --dtype or use float32"
+        )
+    return dtype, warning
