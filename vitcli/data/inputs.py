@@ -113,3 +113,36 @@ def _expand_one(argument: str) -> list[InputItem]:
             return [InputItem(argument, error=f"{argument}: the pattern matched no images")]
         return result
     return [InputItem(str(path), error=f"{path}: no such file or folder")]
+
+
+def _identity(path: str | Path) -> tuple[int, int] | None:
+    """(device, inode) of what `path` names after following links; None if it does not exist."""
+    try:
+        stat = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def refuse_output_among_inputs(output: str | Path, items: Iterable[InputItem], flag: str) -> None:
+    """Raise InputError when `output` is one of the inputs: the same file by name, through a
+    symlink or as a hard link (same device and inode). Call it before anything is opened for
+    writing, so that `vit predict img.jpg -o img.jpg` never truncates the image it reads."""
+    target = _identity(output)
+    if target is None:
+        return
+    for item in items:
+        if item.error is None and _identity(item.path) == target:
+            raise InputError(
+                f"{flag} {output} is one of the inputs ({item.path}); "
+                "choose an output path that is not an image being read"
+            )
+
+
+def is_within(path: str | Path, folder: str | Path) -> bool:
+    """True when `path` lies inside `folder` (both resolved, links followed)."""
+    try:
+        Path(path).resolve().relative_to(Path(folder).resolve())
+    except ValueError:
+        return False
+    return True
