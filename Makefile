@@ -31,8 +31,8 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check vitcli tests bench weights
-	$(BIN)/ruff format --check vitcli tests bench weights
+	$(BIN)/ruff check vitcli tests bench weights tools
+	$(BIN)/ruff format --check vitcli tests bench weights tools
 	$(BIN)/mypy
 
 # A plain (non-editable) wheel must carry the bundled model and find it from any folder.
