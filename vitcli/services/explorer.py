@@ -127,7 +127,9 @@ def _view_image(
 
 
 def _asset(name: str) -> str:
-    return resources.files(__package__).joinpath(_ASSETS, name).read_text(encoding="utf-8")
+    return (resources.files(__package__ or "vitcli.services") / _ASSETS / name).read_text(
+        encoding="utf-8"
+    )
 
 
 def write_explorer(
