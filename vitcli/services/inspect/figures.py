@@ -255,8 +255,15 @@ def similarity_figure(
     low, high = similarity_range(similarity)
     grid_h, grid_w = similarity.shape[:2]
     gap = 3 if max(grid_h, grid_w) <= 16 else 2 if max(grid_h, grid_w) <= 32 else 1
-    budget = 760
-    cell = max(1, min(24, (budget - (max(grid_h, grid_w) - 1) * gap) // max(grid_h, grid_w) ** 2))
+    budget_w, budget_h = 900, 760  # pixels for the mosaic; cells are whole pixels, square
+    cell = max(
+        1,
+        min(
+            24,
+            (budget_w - (grid_w - 1) * gap) // (grid_w * grid_w),
+            (budget_h - (grid_h - 1) * gap) // (grid_h * grid_h),
+        ),
+    )
     small_w, small_h = grid_w * cell, grid_h * cell
     mosaic_w = grid_w * small_w + (grid_w - 1) * gap
     mosaic_h = grid_h * small_h + (grid_h - 1) * gap
