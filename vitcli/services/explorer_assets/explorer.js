@@ -461,7 +461,11 @@
       const aspect = data.view.width / data.view.height;
       const enlarged = data.view.width * Math.max(1, 720 / Math.max(data.view.width, data.view.height));
       const byHeight = Math.max(240, window.innerHeight - 330) * aspect;
-      view.style.width = Math.min($("stage").clientWidth, enlarged, byHeight) + "px";
+      const room = document.querySelector("main").clientWidth;
+      const beside = room - $("controls").offsetWidth - 28; // the controls sit to the right
+      const width = Math.min(beside >= 360 ? beside : room, enlarged, byHeight);
+      view.style.width = width + "px";
+      $("stage").style.width = Math.max(width, 280) + "px";
     };
     fit();
     window.addEventListener("resize", fit);
