@@ -214,9 +214,13 @@ def run_selftest(page: Path, tmp_path: Path) -> dict:
 
 @needs_chromium
 @pytest.mark.slow
-def test_hovering_two_patches_changes_the_picture_without_errors(tmp_path):
-    grid, prefix = (3, 4), 2  # non-square, CLS plus a register token
-    tokens = prefix + 12
+@pytest.mark.parametrize(
+    ("grid", "prefix"),
+    [((3, 4), 2), ((2, 2), 0)],
+    ids=["non-square-cls-and-register", "no-prefix"],
+)
+def test_hovering_two_patches_changes_the_picture_without_errors(tmp_path, grid, prefix):
+    tokens = prefix + grid[0] * grid[1]
     attentions = softmax_attention(2, 3, tokens, seed=3)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(90, 160, 3), dtype=np.uint8)
@@ -232,8 +236,10 @@ def test_hovering_two_patches_changes_the_picture_without_errors(tmp_path):
     ).path
     report = run_selftest(page, tmp_path)
     assert report["errors"] == []
-    assert report["queries"] == [prefix + 0, prefix + 11]  # the hovered patches, in order
-    assert report["hashes"][0] != report["hashes"][1]
+    last = prefix + grid[0] * grid[1] - 1
+    assert report["queries"] == [prefix, last]  # the hovered patches: first and last
+    assert report["hashes"][0] != report["hashes"][1]  # the picture changed
+    assert report["mapHashes"][0] != report["mapHashes"][1]  # and so did the map itself
     assert report["ok"] is True
 
 

@@ -102,6 +102,8 @@ def _view_image(
 ) -> tuple[Image.Image, bool]:
     """The part of `image` the model saw (a center crop's box, or everything), at most
     `long_side`; and whether it is a crop. `image` may be the original at any scale."""
+    if image.ndim == 2:  # greyscale
+        image = np.repeat(image[..., None], 3, axis=2)
     picture = Image.fromarray(np.ascontiguousarray(image[..., :3]).astype(np.uint8), "RGB")
     cropped = False
     if geometry is not None:

@@ -106,6 +106,10 @@
     return maps;
   }
 
+  function currentRow() {
+    return row(state.method, state.layerIndex, state.method === "rollout" ? 0 : state.head, query());
+  }
+
   const maxOf = (values) => values.reduce((a, b) => (b > a ? b : a), 0);
 
   // -- drawing ----------------------------------------------------------------------------
@@ -390,12 +394,16 @@
       clientY: rect.top + ((row + 0.5) / gridH) * rect.height,
       bubbles: true,
     });
-    const report = { hashes: [], queries: [], steps: [] };
+    // hashes: the whole picture; mapHashes: the coloured patch grid alone (the map itself,
+    // without the outline of the hovered patch, which would differ anyway).
+    const report = { hashes: [], mapHashes: [], queries: [], steps: [] };
     const patches = [[0, 0], [gridH - 1, gridW - 1]];
     for (const [r, c] of patches) {
       view.dispatchEvent(new MouseEvent("mousemove", at(r, c)));
       report.queries.push(query());
       report.hashes.push(hashCanvas(view));
+      paintCells(currentRow().patch, maxOf(currentRow().patch));
+      report.mapHashes.push(hashCanvas(cells));
     }
     view.dispatchEvent(new MouseEvent("click", at(patches[1][0], patches[1][1])));
     report.steps.push("pinned " + state.pinned);
@@ -407,7 +415,8 @@
     $("scale").dispatchEvent(new Event("change"));
     view.dispatchEvent(new MouseEvent("mouseleave", {}));
     report.errors = errors.slice();
-    report.ok = report.errors.length === 0 && report.hashes[0] !== report.hashes[1];
+    report.ok = report.errors.length === 0 && report.hashes[0] !== report.hashes[1] &&
+      report.mapHashes[0] !== report.mapHashes[1];
     const out = document.createElement("pre");
     out.id = "selftest-result";
     out.textContent = JSON.stringify(report);
