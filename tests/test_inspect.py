@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,3 +222,14 @@ def test_cli_refuses_a_folder_without_images(tmp_path, tiny_model_file):
     assert result.exit_code == 1
     assert "no images found" in result.output
     assert not (tmp_path / "out").exists()  # nothing created for a mistake
+
+
+def test_images_inside_the_output_folder_are_left_out(tmp_path, image_folder):
+    from vitcli.services.inspect import choose_images
+
+    out = image_folder / "inspect"
+    out.mkdir()
+    Image.new("RGB", (40, 40)).save(out / "filters_pca.png")  # a previous run's output
+    chosen = choose_images(image_folder, image_size=32, limit=100, exclude=out)
+    names = sorted(Path(p).name for p in chosen.paths)
+    assert names == ["broken.jpg", "img0.png", "img1.png", "img2.png"]

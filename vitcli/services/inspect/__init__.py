@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ..._version import __version__
-from ...data.inputs import collect_inputs
+from ...data.inputs import collect_inputs, is_within
 from ...data.loader import image_batches, normalize
 from ...errors import InputError, VitError
 from ...fileio import atomic_write_bytes
@@ -76,13 +76,23 @@ class InspectSummary:
 
 
 # -- the images ---------------------------------------------------------------------------
-def choose_images(images: str | Path | None, image_size: int, limit: int) -> ImageSet:
+def choose_images(
+    images: str | Path | None, image_size: int, limit: int, exclude: Path | None = None
+) -> ImageSet:
     """`--images` (a folder, file or glob), else the checkout's examples/, else shape images
-    made on the spot by the shapes generator (what the bundled model was trained on)."""
+    made on the spot by the shapes generator (what the bundled model was trained on).
+
+    Images inside `exclude` (the output folder) are left out: a second run into a folder
+    among the images must not average over the first run's PNGs.
+    """
     if limit < 1:
         raise InputError(f"--max-images must be at least 1, got {limit}")
     if images is not None:
-        items = [item for item in collect_inputs([str(images)]) if item.error is None]
+        items = [
+            item
+            for item in collect_inputs([str(images)])
+            if item.error is None and not (exclude is not None and is_within(item.path, exclude))
+        ]
         if not items:
             raise InputError(f"--images {images}: no images found there; pass a folder of images")
         paths = [item.path for item in items][:limit]
@@ -208,7 +218,9 @@ def run_inspect(
             f"unknown --colormap {colormap!r}: use one of {', '.join(figures.colormap_names())}"
         )
     config = bundle.config
-    image_set = choose_images(images, max(config.image_size), max_images)
+    image_set = choose_images(
+        images, max(config.image_size), max_images, exclude=Path(out_dir).expanduser()
+    )
     out = _prepare_out_dir(out_dir)  # after the option checks: a typo creates nothing
     model_name = bundle.reference or config.name or "model"
     describe = (
