@@ -233,3 +233,10 @@ def test_images_inside_the_output_folder_are_left_out(tmp_path, image_folder):
     chosen = choose_images(image_folder, image_size=32, limit=100, exclude=out)
     names = sorted(Path(p).name for p in chosen.paths)
     assert names == ["broken.jpg", "img0.png", "img1.png", "img2.png"]
+
+
+def test_large_models_get_smaller_batches():
+    from vitcli.services.inspect import default_batch_size
+
+    assert default_batch_size(ViTConfig.from_variant("B/16")) == 16
+    assert default_batch_size(ViTConfig.from_variant("L/16", image_size=384)) == 2

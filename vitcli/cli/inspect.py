@@ -33,8 +33,16 @@ def inspect(
         ),
     ] = 128,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", metavar="N", min=1, help="Images per forward pass.")
-    ] = 16,
+        int | None,
+        typer.Option(
+            "--batch-size",
+            "-b",
+            metavar="N",
+            min=1,
+            show_default=False,
+            help="Images per forward pass. \\[default: 16, fewer for large models]",
+        ),
+    ] = None,
     colormap: Annotated[
         str,
         typer.Option(

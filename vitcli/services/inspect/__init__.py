@@ -177,6 +177,15 @@ def attention_distances(
     return np.concatenate(rows), failures
 
 
+def default_batch_size(config, budget_bytes: int = 1 << 30) -> int:
+    """16 images per forward pass, fewer when the float32 attention weights of every layer
+    (all kept until the forward ends) would pass ~1 GiB: B/16 at 224 keeps 16, L/16 at 384
+    gets 2."""
+    tokens = config.num_prefix_tokens + config.num_patches
+    per_image = config.depth * config.num_heads * tokens * tokens * 4
+    return max(1, min(16, budget_bytes // per_image))
+
+
 # -- the job ------------------------------------------------------------------------------
 def _prepare_out_dir(out_dir: str | Path) -> Path:
     out_dir = Path(out_dir).expanduser()
@@ -204,13 +213,15 @@ def run_inspect(
     images: str | Path | None = None,
     *,
     max_images: int = PAPER_IMAGES,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     device: str = "auto",
     colormap: str = "viridis",
     on_progress: ProgressCallback | None = None,
 ) -> InspectSummary:
     """Compute and write the three panels of Fig. 7 and their numbers into `out_dir`."""
     started = time.perf_counter()
+    if batch_size is None:
+        batch_size = default_batch_size(bundle.config)
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     if colormap not in figures.colormap_names():
@@ -362,5 +373,6 @@ __all__: Sequence[str] = [
     "InspectSummary",
     "attention_distances",
     "choose_images",
+    "default_batch_size",
     "run_inspect",
 ]
