@@ -240,3 +240,20 @@ def test_large_models_get_smaller_batches():
 
     assert default_batch_size(ViTConfig.from_variant("B/16")) == 16
     assert default_batch_size(ViTConfig.from_variant("L/16", image_size=384)) == 2
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [("--max-images", "--max-images must be at least 1"), ("-b", "--batch-size must be")],
+)
+def test_cli_refuses_zero_counts_before_writing(tmp_path, tiny_model_file, option, message):
+    from typer.testing import CliRunner
+
+    from vitcli.cli import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["inspect", "--model", str(tiny_model_file), "--out", str(out), option, "0"]
+    )
+    assert result.exit_code == 1 and message in result.output
+    assert not out.exists()
