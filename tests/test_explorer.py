@@ -134,6 +134,8 @@ def test_bad_inputs_are_refused(tmp_path):
         )
     with pytest.raises(ValueError, match="expected"):
         explorer.write_explorer(tmp_path / "x.html", image, None, attentions, grid_size=(3, 3))
+    with pytest.raises(InputError, match="is a folder"):
+        explorer.write_explorer(tmp_path, image, None, attentions, grid_size=(2, 2))
     with pytest.raises(ValueError, match="not given"):
         explorer.write_explorer(
             tmp_path / "x.html", image, None, attentions, grid_size=(2, 2), layers=[4]

@@ -167,6 +167,9 @@ def write_explorer(
     predictions: (label, probability) pairs shown under the title.
     methods: any of "attention" and "rollout".
     """
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give the explorer page a file name (.html)")
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise InputError(f"unknown explorer method(s) {unknown}: use {', '.join(METHODS)}")
@@ -255,7 +258,6 @@ def write_explorer(
         .replace("{{DATA}}", blob)
     )
     encoded = page.encode("utf-8")
-    path = Path(path)
     atomic_write_bytes(path, encoded, durable=False)
     return ExplorerFile(path=path, size=len(encoded), payload=payload)
 
