@@ -192,7 +192,8 @@ def test_a_b16_shaped_page_stays_a_few_megabytes(tmp_path):
 
 
 # -- in a real browser -----------------------------------------------------------------------
-def run_selftest(page: Path, tmp_path: Path) -> dict:
+def dump_dom(page: Path, fragment: str, tmp_path: Path) -> tuple[str, str]:
+    """The page's DOM after it has run, as headless Chromium sees it: (stdout, stderr)."""
     completed = subprocess.run(
         [
             CHROMIUM,
@@ -203,14 +204,19 @@ def run_selftest(page: Path, tmp_path: Path) -> dict:
             f"--user-data-dir={tmp_path / 'chromium-profile'}",
             "--virtual-time-budget=15000",  # lets the page inflate its maps before the dump
             "--dump-dom",
-            page.resolve().as_uri() + "#selftest",
+            page.resolve().as_uri() + fragment,
         ],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    match = re.search(r'<pre id="selftest-result">(.*?)</pre>', completed.stdout, re.S)
-    assert match, f"no self-test result in the page; chromium said: {completed.stderr[-2000:]}"
+    return completed.stdout, completed.stderr
+
+
+def run_selftest(page: Path, tmp_path: Path) -> dict:
+    dom, stderr = dump_dom(page, "#selftest", tmp_path)
+    match = re.search(r'<pre id="selftest-result">(.*?)</pre>', dom, re.S)
+    assert match, f"no self-test result in the page; chromium said: {stderr[-2000:]}"
     return json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
 
 
@@ -234,6 +240,7 @@ def test_hovering_two_patches_changes_the_picture_without_errors(tmp_path, grid,
         attentions,
         grid_size=grid,
         num_prefix_tokens=prefix,
+        prefix_names=["<img src=x onerror=console.error(1)>"][:prefix],  # shown as text
         title="selftest",
     ).path
     report = run_selftest(page, tmp_path)
@@ -243,6 +250,13 @@ def test_hovering_two_patches_changes_the_picture_without_errors(tmp_path, grid,
     assert report["hashes"][0] != report["hashes"][1]  # the picture changed
     assert report["mapHashes"][0] != report["mapHashes"][1]  # and so did the map itself
     assert report["ok"] is True
+    if prefix:  # names reach the readout as text, never as markup
+        dom, _ = dump_dom(page, "#query=0,0", tmp_path)
+        readout = re.search(r'<p id="readout"[^>]*>(.*?)</p>', dom, re.S)
+        assert readout and "Prefix tokens take" in readout.group(1)
+        dom, _ = dump_dom(page, "", tmp_path)  # opens on the first prefix token
+        readout = re.search(r'<p id="readout"[^>]*>(.*?)</p>', dom, re.S)
+        assert readout and "&lt;img" in readout.group(1) and "<img" not in readout.group(1)
 
 
 @needs_chromium

@@ -171,6 +171,12 @@
     return "patch " + k + " (row " + Math.floor(k / gridW) + ", column " + (k % gridW) + ")";
   }
 
+  // Names come from the page's data; the readout is HTML, so they are escaped into it.
+  function escape(text) {
+    const map = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
+    return String(text).replace(/[&<>"']/g, (c) => map[c]);
+  }
+
   function percent(value) { return (100 * value).toFixed(1) + "%"; }
 
   let maps = [];
@@ -192,13 +198,13 @@
     const what = state.method === "rollout"
       ? "Rollout up to layer " + currentLayer()
       : "Layer " + currentLayer() + ", " + (state.head < 0 ? "mean of " + NH + " heads" : "head " + state.head);
-    let text = "<b>" + what + "</b>, query <b>" + tokenName(token) + "</b>" +
+    let text = "<b>" + escape(what) + "</b>, query <b>" + escape(tokenName(token)) + "</b>" +
       (state.hover !== null ? " (hover; click to pin)" : "") + ".<br>" +
       "Largest patch weight " + maxOf(values).toPrecision(3) + " = " + (uniform > 0 ? (maxOf(values) / uniform).toFixed(1) : "–") +
       "× the row's uniform share, at " + tokenName(top + P).replace(/^patch \d+ /, "") + ".";
     if (P > 0) {
       const prefixMass = selected.row.prefix.reduce((a, b) => a + b, 0);
-      text += " " + (P === 1 ? data.prefixNames[0] : "Prefix tokens") + " take" + (P === 1 ? "s " : " ") +
+      text += " " + escape(P === 1 ? data.prefixNames[0] : "Prefix tokens") + " take" + (P === 1 ? "s " : " ") +
         percent(prefixMass) + " of the row, the patches " + percent(patchMass) + ".";
     }
     $("readout").innerHTML = text;
