@@ -1,0 +1,106 @@
+"""`vit inspect`: the paper's Fig. 7 (embedding filters, position similarity, attention
+distance) for any checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import DeviceOption, ModelOption, QuietOption
+
+
+def inspect(
+    out: Annotated[
+        Path, typer.Option("--out", "-o", metavar="DIR", help="Folder for the PNGs and numbers.")
+    ],
+    model: ModelOption = None,
+    images: Annotated[
+        str | None,
+        typer.Option(
+            "--images",
+            metavar="DIR",
+            show_default=False,
+            help="Images to average the attention distance over (a folder, file or glob). "
+            "\\[default: the checkout's examples/, else 12 generated shape images]",
+        ),
+    ] = None,
+    max_images: Annotated[
+        int,
+        typer.Option("--max-images", metavar="N", help="Use at most the first N (the paper: 128)."),
+    ] = 128,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            "-b",
+            metavar="N",
+            show_default=False,
+            help="Images per forward pass. \\[default: 16, fewer for large models]",
+        ),
+    ] = None,
+    colormap: Annotated[
+        str,
+        typer.Option(
+            "--colormap",
+            metavar="NAME",
+            help="Colormap of the similarity panel: viridis, inferno, "
+            "magma, plasma, jet, gray or hot.",
+        ),
+    ] = "viridis",
+    device: DeviceOption = "auto",
+    quiet: QuietOption = False,
+) -> None:
+    """Fig. 7 of the ViT paper for a checkpoint: what its filters, positions and heads learned.
+
+    Writes into DIR:
+
+      filters_pca.png: principal components of the patch-embedding filters
+      position_similarity.png: cosine similarity of the position embeddings
+      attention_distance.png: mean attention distance per head against depth
+      inspect.json, inspect.safetensors: the numbers behind the pictures
+
+    Examples:
+
+        vit inspect --out inspect/
+
+        vit inspect --model google/vit-base-patch16-224 --images photos/ --out inspect-b16/
+    """
+    from rich.markup import escape
+
+    from ..console import err, make_progress, print_warning
+    from ..console import out as stdout
+    from ..services.inspect import run_inspect
+    from ..weights.resolve import load_model
+
+    bundle = load_model(model)
+    with make_progress(quiet=quiet) as bar:
+        task = bar.add_task("attention distance", total=None, rate="")
+
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        summary = run_inspect(
+            bundle,
+            out,
+            images,
+            max_images=max_images,
+            batch_size=batch_size,
+            device=device,
+            colormap=colormap,
+            on_progress=advance,
+        )
+    for failed, message in summary.failures:
+        print_warning(f"skipped {failed}: {message}")
+    if quiet:
+        return
+    err.print(
+        f"attention distance over {summary.used} images: {escape(summary.images.description)}"
+    )
+    for written in summary.files:
+        stdout.print(escape(str(written)))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect")(inspect)
