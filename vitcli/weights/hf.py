@@ -63,6 +63,17 @@ _TOP_RENAMES = {
     "classifier.weight": "head.weight",
     "classifier.bias": "head.bias",
 }
+# Our config fields -> transformers' config.json keys, so errors name what the user sees.
+HF_NAMES = {
+    "image_size": "image_size",
+    "in_channels": "num_channels",
+    "width": "hidden_size",
+    "depth": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "mlp_dim": "intermediate_size",
+    "ln_eps": "layer_norm_eps",
+    "num_classes": "classifier.weight rows",
+}
 _BLOCK_KEY = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$")
 
 
@@ -180,6 +191,7 @@ def config_from_hf(config: dict, num_classes: int, where: str) -> ViTConfig:
             "act": HF_ACTS[act],
         },
         where,
+        names=HF_NAMES,
     )
     try:
         return ViTConfig(**fields)
@@ -246,9 +258,12 @@ def preprocess_from_hf(folder: Path, image_size: tuple[int, int]) -> tuple[Prepr
 def _preprocess_from_spec(spec: dict, image_size: tuple[int, int]) -> tuple[Preprocess, list[str]]:
     notes: list[str] = []
     resample = spec.get("resample", 2)
-    interpolation = PIL_RESAMPLE.get(
-        resample, resample if isinstance(resample, str) else "bilinear"
-    )
+    if isinstance(resample, int) and not isinstance(resample, bool):
+        if resample not in PIL_RESAMPLE:
+            raise ValueError(f"resample {resample} is not a PIL filter (0..5)")
+        interpolation = PIL_RESAMPLE[resample]
+    else:
+        interpolation = resample  # a name, checked by Preprocess
     if spec.get("do_normalize", True):
         mean = spec.get("image_mean", (0.5, 0.5, 0.5))
         std = spec.get("image_std", (0.5, 0.5, 0.5))

@@ -76,12 +76,23 @@ def whole(value: Any, name: str, where: str) -> int:
     return int(value)
 
 
-def check_config(config: ViTConfig | Mapping[str, Any], where: str) -> dict[str, Any]:
+def check_config(
+    config: ViTConfig | Mapping[str, Any],
+    where: str,
+    names: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """Refuse a config (a ViTConfig or its raw fields) that is malformed or absurdly large.
 
-    Fields absent from a mapping are not checked (the loader's defaults apply). Returns the
-    fields with whole numbers as int and image_size as a pair, ready for ViTConfig(**fields).
+    Fields absent from a mapping are not checked (the loader's defaults apply). `names` maps
+    our field names to the file's (width -> hidden_size) so that errors name what the user
+    sees. Returns the fields with whole numbers as int and image_size as a pair, ready for
+    ViTConfig(**fields).
     """
+    names = names or {}
+
+    def field(name: str) -> str:
+        return f"config field {names.get(name, name)}"
+
     if isinstance(config, ViTConfig):
         config = config.to_dict()
     if not isinstance(config, Mapping):
@@ -89,10 +100,10 @@ def check_config(config: ViTConfig | Mapping[str, Any], where: str) -> dict[str,
     fields = dict(config)
     for name, (low, high) in INT_RANGES.items():
         if name in fields:
-            value = whole(fields[name], name, where)
+            value = whole(fields[name], names.get(name, name), where)
             if not low <= value <= high:
                 raise CheckpointError(
-                    f"{where}: config field {name} = {value} is out of range ({low}..{high})"
+                    f"{where}: {field(name)} = {value} is out of range ({low}..{high})"
                 )
             fields[name] = value
     if "image_size" in fields:
@@ -100,12 +111,12 @@ def check_config(config: ViTConfig | Mapping[str, Any], where: str) -> dict[str,
         sides = [size] if not isinstance(size, (list, tuple)) else list(size)
         if len(sides) not in (1, 2):
             raise CheckpointError(
-                f"{where}: config field image_size = {size!r} must be a size or (height, width)"
+                f"{where}: {field('image_size')} = {size!r} must be a size or (height, width)"
             )
-        sides = [whole(side, "image_size", where) for side in sides]
+        sides = [whole(side, names.get("image_size", "image_size"), where) for side in sides]
         if not all(1 <= side <= MAX_IMAGE_SIDE for side in sides):
             raise CheckpointError(
-                f"{where}: config field image_size = {size!r} is out of range "
+                f"{where}: {field('image_size')} = {size!r} is out of range "
                 f"(1..{MAX_IMAGE_SIDE} per side)"
             )
         fields["image_size"] = (sides[0], sides[-1])
@@ -114,12 +125,12 @@ def check_config(config: ViTConfig | Mapping[str, Any], where: str) -> dict[str,
         height, width = fields["image_size"]
         if height % patch or width % patch:
             raise CheckpointError(
-                f"{where}: config field patch_size = {patch} does not divide "
+                f"{where}: {field('patch_size')} = {patch} does not divide "
                 f"image_size {height}x{width}"
             )
     if "width" in fields and "num_heads" in fields and fields["width"] % fields["num_heads"]:
         raise CheckpointError(
-            f"{where}: config field num_heads = {fields['num_heads']} does not divide "
+            f"{where}: {field('num_heads')} = {fields['num_heads']} does not divide "
             f"width {fields['width']}"
         )
     if "ln_eps" in fields:
@@ -131,7 +142,7 @@ def check_config(config: ViTConfig | Mapping[str, Any], where: str) -> dict[str,
             or not 0 < eps <= 1
         ):
             raise CheckpointError(
-                f"{where}: config field ln_eps = {eps!r} must be a number in (0, 1]"
+                f"{where}: {field('ln_eps')} = {eps!r} must be a number in (0, 1]"
             )
         fields["ln_eps"] = float(eps)
     for name in RATE_FIELDS:
@@ -143,19 +154,17 @@ def check_config(config: ViTConfig | Mapping[str, Any], where: str) -> dict[str,
                 or not 0 <= rate < 1  # also false for NaN
             ):
                 raise CheckpointError(
-                    f"{where}: config field {name} = {rate!r} must be a number in [0, 1)"
+                    f"{where}: {field(name)} = {rate!r} must be a number in [0, 1)"
                 )
             fields[name] = float(rate)
     for name in BOOL_FIELDS:
         if name in fields and not isinstance(fields[name], bool):
             raise CheckpointError(
-                f"{where}: config field {name} = {fields[name]!r} must be true or false"
+                f"{where}: {field(name)} = {fields[name]!r} must be true or false"
             )
     for name in TEXT_FIELDS:
         if name in fields and not isinstance(fields[name], str):
-            raise CheckpointError(
-                f"{where}: config field {name} = {fields[name]!r} must be a string"
-            )
+            raise CheckpointError(f"{where}: {field(name)} = {fields[name]!r} must be a string")
     return fields
 
 

@@ -21,6 +21,14 @@ _PAPER_NAMES = {"tiny": "Ti", "small": "S", "base": "B", "large": "L", "huge": "
 TIMM_SIZES = {word: VARIANTS[name] for word, name in _PAPER_NAMES.items()} | {
     "medium": (12, 512, 2048, 8)
 }
+# Our config fields -> timm's model_args keys, so errors name what the user sees.
+TIMM_NAMES = {
+    "image_size": "img_size",
+    "width": "embed_dim",
+    "num_heads": "num_heads",
+    "mlp_dim": "embed_dim x mlp_ratio",
+    "patch_size": "patch_size",
+}
 _ARCH = re.compile(r"^(?:vit|deit)_(?P<size>[a-z]+)_patch(?P<patch>\d+)(?P<rest>(?:_[a-z0-9]+)*)$")
 # Architecture suffixes that change the network beyond what ViTConfig describes.
 _UNSUPPORTED = (
@@ -55,7 +63,8 @@ def parse_architecture(name: str) -> tuple[str, int, tuple[int, int] | None]:
     if odd:
         raise CheckpointError(
             f"timm architecture {name!r} has parts this tool does not implement "
-            f"({', '.join(odd)}); only plain ViTs (class token, learned position embedding) are supported"
+            f"({', '.join(odd)}); only plain ViTs (class token, learned position embedding) "
+            "are supported"
         )
     sizes = [int(word) for word in words if word.isdigit()]
     image_size = (sizes[-1], sizes[-1]) if sizes else None
@@ -239,6 +248,7 @@ def _timm_config(
             "qkv_bias": args.get("qkv_bias", True),
         },
         where,
+        names=TIMM_NAMES if args else {},
     )
     try:
         return ViTConfig(
