@@ -14,13 +14,14 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from vitcli.cli import app
 from vitcli.errors import CheckpointError, VitError
@@ -54,6 +55,9 @@ def refused(reference, *fragments: str) -> str:
     return message
 
 
+savez = cast(Any, np.savez)  # numpy's stubs take **arrays for its own keyword arguments
+
+
 def max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
@@ -74,7 +78,7 @@ def rewrite(source: Path, target: Path, **changes) -> Path:
     return target
 
 
-ABSURD_CONFIGS = {
+ABSURD_CONFIGS: dict[str, tuple[Any, str]] = {
     "width-1e9": ({"width": 10**9}, "width = 1000000000 is out of range"),
     "depth-1e6": ({"depth": 10**6}, "depth = 1000000 is out of range"),
     "classes-1e9": ({"num_classes": 10**9}, "num_classes = 1000000000 is out of range"),
@@ -135,7 +139,7 @@ def tiny_model_file_config(path: Path) -> str:
         return handle.metadata()["config"]
 
 
-BAD_LABELS = {
+BAD_LABELS: dict[str, tuple[Any, str]] = {
     "integers": ([1, 2, 3, 4, 5], "labels must be a list of class names"),
     "mixed": (["cat", 2, "bird", "fish", "frog"], "labels must be a list of class names"),
     "object": ({"0": "cat"}, "labels must be a list of class names"),
@@ -150,7 +154,7 @@ def test_labels_that_are_not_one_string_per_class(tmp_path, tiny_model_file, nev
     refused(path, fragment)
 
 
-BAD_PREPROCESS = {
+BAD_PREPROCESS: dict[str, tuple[Any, str]] = {
     "std-zero": ({"std": [0.0, 0.5, 0.5]}, "std must be positive"),
     "std-negative": ({"std": [-0.5, 0.5, 0.5]}, "std must be positive"),
     "std-nan": ({"std": [float("nan"), 0.5, 0.5]}, "std must be 3 finite numbers"),
@@ -188,8 +192,8 @@ def test_preprocess_rejects_bad_values_directly():
         4: "box",
         5: "hamming",
     }
-    assert Preprocess(size=224).size == (224, 224)
-    assert Preprocess(size=(32.0, 48)).size == (32, 48)  # JSON numbers are floats sometimes
+    assert Preprocess(size=224).size == (224, 224)  # type: ignore[arg-type]
+    assert Preprocess(size=(32.0, 48)).size == (32, 48)  # type: ignore[arg-type]  # JSON numbers are floats sometimes
     for bad in (dict(size=4097), dict(std=(1, 1, 0)), dict(mean=(float("inf"), 0, 0))):
         with pytest.raises(InputError):
             Preprocess(**bad)
@@ -298,7 +302,7 @@ def test_hand_written_hf_folder_loads(tmp_path):
     assert bundle.labels == ["a", "b", "c"] and bundle.config.width == 32
 
 
-HF_CONFIGS = {
+HF_CONFIGS: dict[str, tuple[Any, str]] = {
     "hidden-size-1e9": ({"hidden_size": 10**9}, "hidden_size = 1000000000 is out of range"),
     "layers-1e6": ({"num_hidden_layers": 10**6}, "num_hidden_layers = 1000000 is out of range"),
     "heads-do-not-divide": ({"num_attention_heads": 5}, "num_attention_heads = 5 does not divide"),
@@ -334,7 +338,7 @@ def test_config_json_that_is_not_an_object(tmp_path, text, fragment):
     refused(folder, "config.json", fragment)
 
 
-BAD_PREPROCESSOR = {
+BAD_PREPROCESSOR: dict[str, tuple[Any, str]] = {
     "std-zero": ({"image_std": [0, 0, 0]}, "std must be positive"),
     "mean-nan": ({"image_mean": [float("nan"), 0.5, 0.5]}, "mean must be 3 finite numbers"),
     "size-zero": ({"size": {"height": 0, "width": 0}}, "out of range"),
@@ -422,7 +426,7 @@ def timm_folder(folder: Path, tiny_model, **config) -> Path:
     return folder
 
 
-TIMM_CONFIGS = {
+TIMM_CONFIGS: dict[str, tuple[Any, str]] = {
     "embed-dim-1e9": (
         {"model_args": dict(embed_dim=10**9, depth=2, num_heads=4, patch_size=8, img_size=32)},
         "embed_dim = 1000000000 is out of range",
@@ -498,7 +502,7 @@ def test_npz_deflate_bomb_is_refused_before_decompressing(tmp_path):
 
 def test_npz_that_infers_an_absurd_width(tmp_path):
     path = tmp_path / "wide.npz"
-    np.savez(path, **{"embedding/kernel": np.zeros((1, 1, 1, 10000), np.float32)})
+    savez(path, **{"embedding/kernel": np.zeros((1, 1, 1, 10000), np.float32)})
     refused(path, "width = 10000 is out of range")
 
 
@@ -511,7 +515,7 @@ def test_npz_of_other_files(tmp_path):
 
 def test_npz_object_array_error_never_advises_allow_pickle(tmp_path):
     path = tmp_path / "objects.npz"
-    np.savez(path, **{"embedding/kernel": np.array([{"code": 1}], dtype=object)})
+    savez(path, **{"embedding/kernel": np.array([{"code": 1}], dtype=object)})
     refused(path, "holds Python objects")
 
 
@@ -589,7 +593,7 @@ def test_fifos_never_hang(tmp_path):
     assert all("not a regular file" in line for line in lines), lines
 
 
-def vit(*args) -> object:
+def vit(*args: object) -> Result:
     return CliRunner().invoke(app, [str(arg) for arg in args])
 
 
