@@ -120,6 +120,11 @@ def test_config_not_an_object_or_not_json(tmp_path, tiny_model_file, never_built
     refused(path, "broken vitcli metadata")
 
 
+def test_preprocess_that_is_not_an_object(tmp_path, tiny_model_file, never_built):
+    path = rewrite(tiny_model_file, tmp_path / "m.safetensors", preprocess="[]")
+    refused(path, "preprocessing must be a JSON object, not list")
+
+
 def test_parameter_limit_refuses_a_config_within_field_bounds(
     tmp_path, tiny_model_file, never_built, monkeypatch
 ):
@@ -243,6 +248,18 @@ def test_safetensors_header_lies(tmp_path):
     short = tmp_path / "short.safetensors"
     short.write_bytes(b"\x01\x00")
     refused(short, "not a readable safetensors file")
+
+
+def test_safetensors_header_too_large_or_too_many_tensors(tmp_path, monkeypatch):
+    huge_header = tmp_path / "huge-header.safetensors"
+    with open(huge_header, "wb") as handle:
+        handle.write(struct.pack("<Q", 64 * 1024**2))
+        handle.truncate(8 + 64 * 1024**2)  # sparse: the header is never parsed
+    refused(huge_header, "a safetensors header of 67,108,864 bytes")
+    many = tmp_path / "many.safetensors"
+    save_file({f"t{i}": torch.zeros(1) for i in range(3)}, str(many))
+    monkeypatch.setattr("vitcli.weights.readers.MAX_TENSORS", 2)
+    refused(many, "3 tensors is more than a model holds")
 
 
 def test_safetensors_total_is_checked_against_the_limit(tmp_path, monkeypatch):

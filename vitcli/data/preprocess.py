@@ -113,6 +113,8 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, data: dict) -> Preprocess:
+        if not isinstance(data, dict):
+            raise InputError(f"preprocessing must be a JSON object, not {type(data).__name__}")
         return cls(
             **{
                 k: data[k]

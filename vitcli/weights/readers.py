@@ -29,6 +29,9 @@ from .limits import max_parameters
 
 MAX_JSON_BYTES = 16 * 1024 * 1024  # config.json, preprocessor_config.json, shard indexes
 MAX_NPZ_MEMBERS = 100_000
+# A ViT-H/14 file has ~400 tensors and a 50 kB header; safetensors itself allows 100 MB.
+MAX_TENSORS = 100_000
+MAX_SAFETENSORS_HEADER = 16 * 1024 * 1024
 # Words from libraries' error messages that advise loading unsafely; such text is never shown.
 _UNSAFE_ADVICE = ("weights_only", "allow_pickle", "trust", "unsafe", "pickle")
 
@@ -113,17 +116,29 @@ def read_safetensors(
             f"{path}: this is a pickle/zip (torch.save) file, not safetensors; "
             "rename it to .bin inside its model folder, or convert it with `vit convert`"
         )
-    if len(start) == 8 and int.from_bytes(start, "little") > info.st_size - 8:
+    header_length = int.from_bytes(start, "little") if len(start) == 8 else 0
+    if header_length > info.st_size - 8:
         raise CheckpointError(
             f"{path}: not a readable safetensors file (its header length is beyond the file's "
             f"{info.st_size:,} bytes); the file may be truncated or corrupt, "
             "download or convert it again"
         )
+    if header_length > MAX_SAFETENSORS_HEADER:
+        raise CheckpointError(
+            f"{path}: a safetensors header of {header_length:,} bytes is more than a model's "
+            f"(limit {MAX_SAFETENSORS_HEADER:,}); not a checkpoint vitcli reads"
+        )
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
+            names = list(handle.keys())
+            if len(names) > MAX_TENSORS:
+                raise CheckpointError(
+                    f"{path}: {len(names):,} tensors is more than a model holds "
+                    f"(limit {MAX_TENSORS:,})"
+                )
             shapes: dict[str, tuple[tuple[int, ...], str]] = {}
-            for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+            for name in names:
                 tensor_slice = handle.get_slice(name)
                 shapes[name] = (tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
             total = sum(math.prod(shape) for shape, _ in shapes.values())
