@@ -319,6 +319,14 @@ def test_hand_written_hf_folder_loads(tmp_path):
     assert bundle.labels == ["a", "b", "c"] and bundle.config.width == 32
 
 
+def test_hf_query_key_value_that_do_not_stack(tmp_path):
+    folder = hf_folder(tmp_path / "hf")
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["vit.encoder.layer.0.attention.attention.key.weight"] = torch.zeros(32, 16)
+    save_file(tensors, str(folder / "model.safetensors"))
+    refused(folder, "model.safetensors: block 0 q/k/v weight have shapes", "do not stack")
+
+
 HF_CONFIGS: dict[str, tuple[Any, str]] = {
     "hidden-size-1e9": ({"hidden_size": 10**9}, "hidden_size = 1000000000 is out of range"),
     "layers-1e6": ({"num_hidden_layers": 10**6}, "num_hidden_layers = 1000000 is out of range"),
@@ -642,3 +650,32 @@ def test_parameter_budget_counts_the_skeleton_not_a_real_model():
     shapes = skeleton(config, "test")
     assert sum(math.prod(shape) for shape in shapes.values()) > 600_000_000
     assert max_rss_mb() - before < 100
+
+
+@pytest.mark.slow
+def test_header_checks_stay_cheap_for_every_format(tmp_path, tiny_model, tiny_model_file):
+    """The shape checks run on the meta device without importing torch._dynamo (seconds of
+    start-up for every command): pinned in a fresh process over each kind of checkpoint."""
+    from checkpoints import to_google
+
+    refs = [tiny_model_file, hf_folder(tmp_path / "hf"), timm_folder(tmp_path / "timm", tiny_model)]
+    refs.append(bin_folder(tmp_path / "bin", torch.save))
+    npz = tmp_path / "m.npz"
+    savez(npz, **to_google(tiny_model))
+    refs.append(npz)
+    script = (
+        "import sys\n"
+        "from vitcli.weights.resolve import load_model\n"
+        "for ref in sys.argv[1:]:\n"
+        "    load_model(ref)\n"
+        "print('dynamo' if 'torch._dynamo' in sys.modules else 'no dynamo')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, *map(str, refs)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "no dynamo"

@@ -122,7 +122,10 @@ def build_model(
     check_state(skeleton(config, where), state, where)
     if read is not None:
         state = read()
-    model = ViT(config)
+    try:
+        model = ViT(config)
+    except ValueError as error:  # a family flag combination the model refuses
+        raise CheckpointError(f"{where}: unusable architecture ({error})") from None
     load_state(model, state, where)
     return model.eval()
 

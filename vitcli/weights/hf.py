@@ -108,13 +108,25 @@ def hf_to_timm(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
         out[key] = tensor
     for (index, kind), parts in qkv.items():
         if set(parts) == {"q", "k", "v"}:
-            out[f"blocks.{index}.attn.qkv.{kind}"] = torch.cat(
-                [parts["q"], parts["k"], parts["v"]], dim=0
+            out[f"blocks.{index}.attn.qkv.{kind}"] = _stack_qkv(
+                [parts["q"], parts["k"], parts["v"]], f"block {index} q/k/v {kind}"
             )
         else:  # incomplete: keep the pieces so the error names them
             for part, tensor in parts.items():
                 out[f"blocks.{index}.attn.{part}_proj.{kind}"] = tensor
     return out, dropped
+
+
+def _stack_qkv(parts: list[torch.Tensor], what: str) -> torch.Tensor:
+    """torch.cat(parts, dim=0), checked; on meta tensors (shapes only) without torch.cat,
+    whose meta kernel would import torch._dynamo (seconds) on first use."""
+    if len({tuple(part.shape[1:]) for part in parts}) != 1 or any(p.ndim == 0 for p in parts):
+        shapes = ", ".join(str(tuple(part.shape)) for part in parts)
+        raise CheckpointError(f"{what} have shapes {shapes} that do not stack")
+    if any(part.is_meta for part in parts):
+        shape = (sum(part.shape[0] for part in parts), *parts[0].shape[1:])
+        return torch.empty(shape, dtype=parts[0].dtype, device="meta")
+    return torch.cat(parts, dim=0)
 
 
 def read_hf_weights(path: Path, meta: bool = False) -> tuple[dict[str, torch.Tensor], str]:
@@ -331,7 +343,10 @@ def load_hf_folder(path: Path, config: dict, reference: str) -> ModelBundle:
     path = Path(path)
     where = str(path)
     raw, weights_name = read_hf_weights(path, meta=True)
-    state, dropped = hf_to_timm(raw)
+    try:
+        state, dropped = hf_to_timm(raw)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path / weights_name}: {error}") from None
     head = state.get("head.weight")
     num_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else 0
     vit_config = config_from_hf(config, num_classes, where)

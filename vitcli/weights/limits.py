@@ -171,11 +171,14 @@ def check_config(
 def skeleton(config: ViTConfig, where: str) -> dict[str, torch.Size]:
     """Name -> shape of every tensor `config`'s model holds, computed without allocating."""
     check_config(config, where)
-    try:
-        with torch.device("meta"):
-            model = ViT(config)
-    except ValueError as error:  # e.g. sincos2d with a width not divisible by 4
-        raise CheckpointError(f"{where}: unusable architecture ({error})") from None
+    if config.pos_embed == "sincos2d" and config.width % 4:
+        raise CheckpointError(
+            f"{where}: config field width = {config.width} must be divisible by 4 "
+            "for the sincos2d position embedding"
+        )
+    # A learned table has the fixed table's shape and name; building it skips computing sin/cos.
+    with torch.device("meta"):
+        model = _Skeleton(config.replace(pos_embed="learned"))
     count = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     limit = max_parameters()
     if count > limit:
@@ -184,6 +187,14 @@ def skeleton(config: ViTConfig, where: str) -> dict[str, torch.Size]:
             f"({limit:,}); set {MAX_PARAMETERS_ENV} to raise the limit"
         )
     return {name: tensor.shape for name, tensor in model.state_dict().items()}
+
+
+class _Skeleton(ViT):
+    """A ViT whose parameters are never initialised: on the meta device, the first random
+    init (normal_, erfinv_) would import torch._dynamo, seconds for shapes known at once."""
+
+    def reset_parameters(self) -> None:
+        pass
 
 
 def check_state(
