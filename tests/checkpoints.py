@@ -4,16 +4,27 @@ Google's .npz layout, and a Hugging Face cache populated by hand (no network).""
 from __future__ import annotations
 
 import hashlib
+import json
+import resource
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from vitcli.errors import CheckpointError, VitError
 from vitcli.model import ViT, ViTConfig
+from vitcli.weights.resolve import load_model
 
 TINY = dict(image_size=32, patch_size=8, num_classes=5, width=32, depth=2, num_heads=4, mlp_dim=64)
 TINY_LABELS = ["cat", "dog", "bird", "fish", "frog"]
+# Library advice to load unsafely, which our error messages must never pass on.
+UNSAFE_ADVICE = ("weights_only", "allow_pickle", "trust")
+savez = cast(Any, np.savez)  # numpy's stubs take **arrays for its own keyword arguments
 
 
 def random_vit(seed: int = 0, std: float = 0.2, **overrides: Any) -> ViT:
@@ -97,7 +108,7 @@ def to_google(
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
-    cast(Any, np.savez)(path, **arrays)  # numpy's stubs read **arrays as its keywords
+    savez(path, **arrays)
     return path
 
 
@@ -115,3 +126,116 @@ def populate_hub_cache(cache: Path, repo_id: str, files: dict[str, bytes]) -> Pa
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     return snapshot
+
+
+# -- hostile checkpoints -------------------------------------------------------------------
+def forbid_building(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make building a real (allocating) ViT fail: refusals must come before it."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("ViT(...) was built before the checkpoint was refused")
+
+    monkeypatch.setattr("vitcli.weights.format.ViT", refuse)
+
+
+def refused(reference, *fragments: str) -> str:
+    """load_model(reference) raises one CheckpointError line holding every fragment."""
+    with pytest.raises(VitError) as caught:
+        load_model(str(reference))
+    message = str(caught.value)
+    assert isinstance(caught.value, CheckpointError), message
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    for advice in UNSAFE_ADVICE:
+        assert advice not in message, message
+    return message
+
+
+def max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+def rewrite(source: Path, target: Path, **changes) -> Path:
+    """`source` (our format) with metadata entries replaced: a dict for config/preprocess is
+    merged into the stored fields, a string replaces the entry's text."""
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    for key in ("config", "preprocess"):
+        if isinstance(changes.get(key), dict):
+            data = json.loads(metadata[key])
+            data.update(changes.pop(key))
+            metadata[key] = json.dumps(data)
+    metadata.update(changes)
+    save_file(load_file(str(source)), str(target), metadata=metadata)
+    return target
+
+
+def hf_folder(folder: Path, **config) -> Path:
+    """A tiny transformers ViT folder written by hand (no transformers needed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    width, mlp, classes = 32, 64, 3
+    tensors = {
+        "vit.embeddings.cls_token": torch.zeros(1, 1, width),
+        "vit.embeddings.position_embeddings": torch.zeros(1, 17, width),
+        "vit.embeddings.patch_embeddings.projection.weight": torch.zeros(width, 3, 8, 8),
+        "vit.embeddings.patch_embeddings.projection.bias": torch.zeros(width),
+        "vit.layernorm.weight": torch.ones(width),
+        "vit.layernorm.bias": torch.zeros(width),
+        "classifier.weight": torch.zeros(classes, width),
+        "classifier.bias": torch.zeros(classes),
+    }
+    block = "vit.encoder.layer.0."
+    for part in ("query", "key", "value"):
+        tensors[f"{block}attention.attention.{part}.weight"] = torch.zeros(width, width)
+        tensors[f"{block}attention.attention.{part}.bias"] = torch.zeros(width)
+    for name, shape in {
+        "attention.output.dense": (width, width),
+        "intermediate.dense": (mlp, width),
+        "output.dense": (width, mlp),
+    }.items():
+        tensors[f"{block}{name}.weight"] = torch.zeros(shape)
+        tensors[f"{block}{name}.bias"] = torch.zeros(shape[0])
+    for norm in ("layernorm_before", "layernorm_after"):
+        tensors[f"{block}{norm}.weight"] = torch.ones(width)
+        tensors[f"{block}{norm}.bias"] = torch.zeros(width)
+    save_file(tensors, str(folder / "model.safetensors"))
+    settings = dict(
+        model_type="vit",
+        hidden_size=width,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=mlp,
+        image_size=32,
+        patch_size=8,
+        id2label={"0": "a", "1": "b", "2": "c"},
+    )
+    settings.update(config)
+    (folder / "config.json").write_text(json.dumps(settings))
+    return folder
+
+
+def timm_folder(folder: Path, tiny_model, **config) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in tiny_model.state_dict().items()},
+        str(folder / "model.safetensors"),
+    )
+    settings: dict = dict(
+        architecture="vit_tiny_patch16_224",
+        num_classes=5,
+        model_args=dict(
+            embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0, patch_size=8, img_size=32
+        ),
+    )
+    settings.update(config)
+    (folder / "config.json").write_text(json.dumps(settings))
+    return folder
+
+
+def bin_folder(tmp_path: Path, save: Callable[[dict, Path], object]) -> Path:
+    folder = hf_folder(tmp_path / "hf")
+    tensors = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    save(tensors, folder / "pytorch_model.bin")
+    return folder

@@ -1,83 +1,47 @@
-"""Hostile checkpoints: absurd configs, lying headers, bombs, escaping shard names, FIFOs,
-pickles. Each must end in one CheckpointError line, before anything large is allocated, and
-never pass on a library's advice to load unsafely. Files are tiny and built here."""
+"""Hostile checkpoint files: absurd configs and labels in our format, invalid preprocessing,
+lying safetensors headers, sparse files, npz bombs, pickles, devices. Each must end in one
+CheckpointError line before anything large is allocated, and never pass on a library's advice
+to load unsafely. Files are tiny and built here."""
 
 from __future__ import annotations
 
 import io
 import json
 import math
-import os
-import resource
 import struct
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from checkpoints import (
+    bin_folder,
+    forbid_building,
+    max_rss_mb,
+    refused,
+    rewrite,
+    savez,
+)
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from typer.testing import CliRunner, Result
 
 from vitcli.cli import app
-from vitcli.errors import CheckpointError, VitError
+from vitcli.errors import CheckpointError
 from vitcli.weights.resolve import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-UNSAFE_ADVICE = ("weights_only", "allow_pickle", "trust")
 
 
 @pytest.fixture
 def never_built(monkeypatch):
     """Fail the test if a real (allocating) ViT is constructed: refusals must come first."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("ViT(...) was built before the checkpoint was refused")
-
-    monkeypatch.setattr("vitcli.weights.format.ViT", refuse)
-
-
-def refused(reference, *fragments: str) -> str:
-    """load_model(reference) raises one CheckpointError line holding every fragment."""
-    with pytest.raises(VitError) as caught:
-        load_model(str(reference))
-    message = str(caught.value)
-    assert isinstance(caught.value, CheckpointError), message
-    assert "\n" not in message, message
-    for fragment in fragments:
-        assert fragment in message, message
-    for advice in UNSAFE_ADVICE:
-        assert advice not in message, message
-    return message
-
-
-savez = cast(Any, np.savez)  # numpy's stubs take **arrays for its own keyword arguments
-
-
-def max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+    forbid_building(monkeypatch)
 
 
 # -- our format: metadata ------------------------------------------------------------------
-def rewrite(source: Path, target: Path, **changes) -> Path:
-    """`source` (our format) with metadata entries replaced: a dict for config/preprocess is
-    merged into the stored fields, a string replaces the entry's text."""
-    with safe_open(str(source), framework="pt") as handle:
-        metadata = dict(handle.metadata())
-    for key in ("config", "preprocess"):
-        if isinstance(changes.get(key), dict):
-            data = json.loads(metadata[key])
-            data.update(changes.pop(key))
-            metadata[key] = json.dumps(data)
-    metadata.update(changes)
-    save_file(load_file(str(source)), str(target), metadata=metadata)
-    return target
-
-
 ABSURD_CONFIGS: dict[str, tuple[Any, str]] = {
     "width-1e9": ({"width": 10**9}, "width = 1000000000 is out of range"),
     "depth-1e6": ({"depth": 10**6}, "depth = 1000000 is out of range"),
@@ -269,219 +233,6 @@ def test_safetensors_total_is_checked_against_the_limit(tmp_path, monkeypatch):
     refused(path, "declares 100 numbers, more than vitcli loads (50)")
 
 
-# -- HF folders ----------------------------------------------------------------------------
-def hf_folder(folder: Path, **config) -> Path:
-    """A tiny transformers ViT folder written by hand (no transformers needed)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    width, mlp, classes = 32, 64, 3
-    tensors = {
-        "vit.embeddings.cls_token": torch.zeros(1, 1, width),
-        "vit.embeddings.position_embeddings": torch.zeros(1, 17, width),
-        "vit.embeddings.patch_embeddings.projection.weight": torch.zeros(width, 3, 8, 8),
-        "vit.embeddings.patch_embeddings.projection.bias": torch.zeros(width),
-        "vit.layernorm.weight": torch.ones(width),
-        "vit.layernorm.bias": torch.zeros(width),
-        "classifier.weight": torch.zeros(classes, width),
-        "classifier.bias": torch.zeros(classes),
-    }
-    block = "vit.encoder.layer.0."
-    for part in ("query", "key", "value"):
-        tensors[f"{block}attention.attention.{part}.weight"] = torch.zeros(width, width)
-        tensors[f"{block}attention.attention.{part}.bias"] = torch.zeros(width)
-    for name, shape in {
-        "attention.output.dense": (width, width),
-        "intermediate.dense": (mlp, width),
-        "output.dense": (width, mlp),
-    }.items():
-        tensors[f"{block}{name}.weight"] = torch.zeros(shape)
-        tensors[f"{block}{name}.bias"] = torch.zeros(shape[0])
-    for norm in ("layernorm_before", "layernorm_after"):
-        tensors[f"{block}{norm}.weight"] = torch.ones(width)
-        tensors[f"{block}{norm}.bias"] = torch.zeros(width)
-    save_file(tensors, str(folder / "model.safetensors"))
-    settings = dict(
-        model_type="vit",
-        hidden_size=width,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=mlp,
-        image_size=32,
-        patch_size=8,
-        id2label={"0": "a", "1": "b", "2": "c"},
-    )
-    settings.update(config)
-    (folder / "config.json").write_text(json.dumps(settings))
-    return folder
-
-
-def test_hand_written_hf_folder_loads(tmp_path):
-    bundle = load_model(str(hf_folder(tmp_path / "hf")))
-    assert bundle.labels == ["a", "b", "c"] and bundle.config.width == 32
-
-
-def test_hf_query_key_value_that_do_not_stack(tmp_path):
-    folder = hf_folder(tmp_path / "hf")
-    tensors = load_file(str(folder / "model.safetensors"))
-    tensors["vit.encoder.layer.0.attention.attention.key.weight"] = torch.zeros(32, 16)
-    save_file(tensors, str(folder / "model.safetensors"))
-    refused(folder, "model.safetensors: block 0 q/k/v weight have shapes", "do not stack")
-
-
-HF_CONFIGS: dict[str, tuple[Any, str]] = {
-    "hidden-size-1e9": ({"hidden_size": 10**9}, "hidden_size = 1000000000 is out of range"),
-    "layers-1e6": ({"num_hidden_layers": 10**6}, "num_hidden_layers = 1000000 is out of range"),
-    "heads-do-not-divide": ({"num_attention_heads": 5}, "num_attention_heads = 5 does not divide"),
-    "patch-0": ({"patch_size": 0}, "patch_size = 0 is out of range"),
-    "patch-pair": ({"patch_size": [8, 16]}, "square only"),
-    "image-huge": ({"image_size": 10**7}, "image_size"),
-    "eps-negative": ({"layer_norm_eps": -1}, "layer_norm_eps"),
-    "eps-string": ({"layer_norm_eps": "small"}, "layer_norm_eps"),
-    "integer-labels": ({"id2label": {"0": 1, "1": 2, "2": 3}}, "not a class name"),
-    "label-count": ({"id2label": {"0": "a"}}, "id2label has 1 entries"),
-    "label-keys": ({"id2label": {"x": "a", "y": "b", "z": "c"}}, "keys must be class indices"),
-    "act": ({"hidden_act": ["gelu"]}, "hidden_act"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(HF_CONFIGS))
-def test_hf_config_values_are_checked_first(tmp_path, never_built, case):
-    changes, fragment = HF_CONFIGS[case]
-    refused(hf_folder(tmp_path / "hf", **changes), fragment)
-
-
-@pytest.mark.parametrize(
-    "text,fragment",
-    [
-        ("[]", "expected a JSON object, not list"),
-        ("{oops", "not valid JSON"),
-        ("", "not valid JSON"),
-    ],
-)
-def test_config_json_that_is_not_an_object(tmp_path, text, fragment):
-    folder = hf_folder(tmp_path / "hf")
-    (folder / "config.json").write_text(text)
-    refused(folder, "config.json", fragment)
-
-
-BAD_PREPROCESSOR: dict[str, tuple[Any, str]] = {
-    "std-zero": ({"image_std": [0, 0, 0]}, "std must be positive"),
-    "mean-nan": ({"image_mean": [float("nan"), 0.5, 0.5]}, "mean must be 3 finite numbers"),
-    "size-zero": ({"size": {"height": 0, "width": 0}}, "out of range"),
-    "size-huge": ({"size": {"height": 10**6, "width": 10**6}}, "out of range"),
-    "resample": ({"resample": 99}, "resample 99 is not a PIL filter"),
-    "edge-zero-crop": (
-        {"size": {"shortest_edge": 0}, "do_center_crop": True, "crop_size": 32},
-        "unusable preprocessing",
-    ),
-    "crop-pct": ({"size": {"shortest_edge": 32}, "crop_pct": 0}, "crop_pct"),
-    "not-object": ([], "expected a JSON object"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD_PREPROCESSOR))
-def test_hf_preprocessor_values_are_checked(tmp_path, case):
-    spec, fragment = BAD_PREPROCESSOR[case]
-    folder = hf_folder(tmp_path / "hf")
-    (folder / "preprocessor_config.json").write_text(json.dumps(spec))
-    refused(folder, "preprocessor_config.json", fragment)
-
-
-def sharded(folder: Path, shard_names: list) -> Path:
-    hf_folder(folder)
-    tensors = load_file(str(folder / "model.safetensors"))
-    (folder / "model.safetensors").unlink()
-    save_file(tensors, str(folder / "model-00001-of-00001.safetensors"))
-    weight_map = {name: shard_names[i % len(shard_names)] for i, name in enumerate(tensors)}
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return folder
-
-
-def test_sharded_folder_loads(tmp_path):
-    bundle = load_model(str(sharded(tmp_path / "hf", ["model-00001-of-00001.safetensors"])))
-    assert bundle.extra["weights_file"] == "model.safetensors.index.json"
-
-
-@pytest.mark.parametrize(
-    "shard,fragment",
-    [
-        (7, "shard name 7 is not a string"),
-        (None, "shard name None is not a string"),
-        (["a"], "is not a string"),
-        ("../outside.safetensors", "not a file name in the model folder"),
-        ("/dev/zero", "not a file name in the model folder"),
-        ("sub/model.safetensors", "not a file name in the model folder"),
-        ("..", "not a file name in the model folder"),
-        ("", "not a file name in the model folder"),
-    ],
-)
-def test_shard_names_that_escape_or_are_not_strings(tmp_path, shard, fragment):
-    (tmp_path / "outside.safetensors").write_bytes(b"never read")
-    refused(sharded(tmp_path / "hf", ["model-00001-of-00001.safetensors", shard]), fragment)
-
-
-def test_shard_index_without_a_weight_map(tmp_path):
-    folder = sharded(tmp_path / "hf", ["model-00001-of-00001.safetensors"])
-    for text in ("[]", '{"weight_map": []}', '{"weight_map": {}}'):
-        (folder / "model.safetensors.index.json").write_text(text)
-        refused(folder, "broken shard index")
-
-
-def test_shard_that_is_a_device_is_never_read(tmp_path):
-    folder = sharded(tmp_path / "hf", ["model-00001-of-00001.safetensors", "zero.safetensors"])
-    (folder / "zero.safetensors").symlink_to("/dev/zero")
-    refused(folder, "zero.safetensors", "not a regular file")
-
-
-# -- timm folders --------------------------------------------------------------------------
-def timm_folder(folder: Path, tiny_model, **config) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in tiny_model.state_dict().items()},
-        str(folder / "model.safetensors"),
-    )
-    settings: dict = dict(
-        architecture="vit_tiny_patch16_224",
-        num_classes=5,
-        model_args=dict(
-            embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0, patch_size=8, img_size=32
-        ),
-    )
-    settings.update(config)
-    (folder / "config.json").write_text(json.dumps(settings))
-    return folder
-
-
-TIMM_CONFIGS: dict[str, tuple[Any, str]] = {
-    "embed-dim-1e9": (
-        {"model_args": dict(embed_dim=10**9, depth=2, num_heads=4, patch_size=8, img_size=32)},
-        "embed_dim = 1000000000 is out of range",
-    ),
-    "depth-1e6": (
-        {"model_args": dict(embed_dim=32, depth=10**6, num_heads=4, patch_size=8, img_size=32)},
-        "depth = 1000000 is out of range",
-    ),
-    "mlp-ratio-nan": (
-        {"model_args": dict(embed_dim=32, depth=2, num_heads=4, mlp_ratio=float("nan"))},
-        "unusable timm config",
-    ),
-    "classes-1e9": ({"num_classes": 10**9}, "num_classes = 1000000000 is out of range"),
-    "classes-text": ({"num_classes": "many"}, "num_classes = 'many' is not a whole number"),
-    "model-args-list": ({"model_args": [1, 2]}, "must be JSON objects"),
-    "architecture-number": ({"architecture": 5}, "is not a name"),
-    "integer-label-names": ({"label_names": [1, 2, 3, 4, 5]}, "label_names must be a list"),
-    "input-size-text": ({"pretrained_cfg": {"input_size": "abc"}}, "unusable timm"),
-    "crop-negative": ({"pretrained_cfg": {"crop_pct": -1}}, "crop_pct must be in (0, 1]"),
-    "std-zero": ({"pretrained_cfg": {"std": [0, 0, 0]}}, "std must be positive"),
-    "interpolation": ({"pretrained_cfg": {"interpolation": "magic"}}, "unknown interpolation"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(TIMM_CONFIGS))
-def test_timm_config_values_are_checked(tmp_path, tiny_model, case):
-    changes, fragment = TIMM_CONFIGS[case]
-    refused(timm_folder(tmp_path / "timm", tiny_model, **changes), fragment)
-
-
 # -- npz -----------------------------------------------------------------------------------
 def _npy(shape: tuple, dtype: str) -> bytes:
     """A .npy header (version 1.0) declaring `shape`, without data."""
@@ -545,14 +296,6 @@ def test_npz_object_array_error_never_advises_allow_pickle(tmp_path):
 
 
 # -- torch pickles -------------------------------------------------------------------------
-def bin_folder(tmp_path: Path, save) -> Path:
-    folder = hf_folder(tmp_path / "hf")
-    tensors = load_file(str(folder / "model.safetensors"))
-    (folder / "model.safetensors").unlink()
-    save(tensors, folder / "pytorch_model.bin")
-    return folder
-
-
 def test_torch_bin_loads_memory_mapped(tmp_path):
     bundle = load_model(str(bin_folder(tmp_path, torch.save)))
     assert bundle.extra["weights_file"] == "pytorch_model.bin"
@@ -577,45 +320,20 @@ def test_torch_bin_errors_never_advise_weights_only_false(tmp_path):
     refused(folder, "not a state dict of named tensors")
 
 
-# -- FIFOs, devices and the CLI ------------------------------------------------------------
+# -- devices, limits and the CLI ----------------------------------------------------------
 def test_device_as_model_is_refused_without_reading():
     refused("/dev/zero", "not a regular file")
 
 
-@pytest.mark.slow
-def test_fifos_never_hang(tmp_path):
-    """A FIFO as --model, as a folder's config.json and as its weights: refused at once.
+def test_parameter_budget_counts_the_skeleton_not_a_real_model():
+    from vitcli.model import ViTConfig
+    from vitcli.weights.limits import skeleton
 
-    Run in a subprocess with a timeout, so that a regression fails instead of hanging."""
-    fifo = tmp_path / "model.safetensors"
-    os.mkfifo(fifo)
-    config_fifo = hf_folder(tmp_path / "config-fifo")
-    (config_fifo / "config.json").unlink()
-    os.mkfifo(config_fifo / "config.json")
-    weights_fifo = hf_folder(tmp_path / "weights-fifo")
-    (weights_fifo / "model.safetensors").unlink()
-    os.mkfifo(weights_fifo / "model.safetensors")
-    script = (
-        "import sys\n"
-        "from vitcli.errors import VitError\n"
-        "from vitcli.weights.resolve import load_model\n"
-        "for ref in sys.argv[1:]:\n"
-        "    try:\n"
-        "        load_model(ref)\n"
-        "    except VitError as error:\n"
-        "        print(error)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(fifo), str(config_fifo), str(weights_fifo)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.strip().splitlines()
-    assert len(lines) == 3, done.stdout
-    assert all("not a regular file" in line for line in lines), lines
+    config = ViTConfig.from_variant("H/14")  # 632M parameters: shapes only, no memory
+    before = max_rss_mb()
+    shapes = skeleton(config, "test")
+    assert sum(math.prod(shape) for shape in shapes.values()) > 600_000_000
+    assert max_rss_mb() - before < 100
 
 
 def vit(*args: object) -> Result:
@@ -639,43 +357,3 @@ def test_cli_reports_hostile_checkpoints_in_one_line(tmp_path, tiny_model_file, 
         assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
         assert "Traceback" not in result.output
     assert not (tmp_path / "o.safetensors").exists()
-
-
-def test_parameter_budget_counts_the_skeleton_not_a_real_model():
-    from vitcli.model import ViTConfig
-    from vitcli.weights.limits import skeleton
-
-    config = ViTConfig.from_variant("H/14")  # 632M parameters: shapes only, no memory
-    before = max_rss_mb()
-    shapes = skeleton(config, "test")
-    assert sum(math.prod(shape) for shape in shapes.values()) > 600_000_000
-    assert max_rss_mb() - before < 100
-
-
-@pytest.mark.slow
-def test_header_checks_stay_cheap_for_every_format(tmp_path, tiny_model, tiny_model_file):
-    """The shape checks run on the meta device without importing torch._dynamo (seconds of
-    start-up for every command): pinned in a fresh process over each kind of checkpoint."""
-    from checkpoints import to_google
-
-    refs = [tiny_model_file, hf_folder(tmp_path / "hf"), timm_folder(tmp_path / "timm", tiny_model)]
-    refs.append(bin_folder(tmp_path / "bin", torch.save))
-    npz = tmp_path / "m.npz"
-    savez(npz, **to_google(tiny_model))
-    refs.append(npz)
-    script = (
-        "import sys\n"
-        "from vitcli.weights.resolve import load_model\n"
-        "for ref in sys.argv[1:]:\n"
-        "    load_model(ref)\n"
-        "print('dynamo' if 'torch._dynamo' in sys.modules else 'no dynamo')\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script, *map(str, refs)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "no dynamo"
