@@ -8,14 +8,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_LABELS, random_vit
+from checkpoints import TINY_LABELS, populate_hub_cache, random_vit, to_google
 from safetensors.torch import load_file, save_file
-from test_loaders import populate_hub_cache, to_google
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from vitcli.cli import app
 from vitcli.weights.resolve import load_model
@@ -23,7 +23,7 @@ from vitcli.weights.resolve import load_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def vit(*args: str):
+def vit(*args: object) -> Result:
     return CliRunner().invoke(app, [str(arg) for arg in args])
 
 
@@ -37,7 +37,7 @@ def assert_one_line_error(result, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
-def hf_folder(folder: Path, seed: int = 0, **fields) -> tuple[Path, object]:
+def hf_folder(folder: Path, seed: int = 0, **fields: Any) -> tuple[Path, Any]:
     transformers = pytest.importorskip("transformers")
     settings = dict(
         hidden_size=32,
@@ -82,12 +82,45 @@ def test_info_json(tiny_model, tiny_model_file):
 
 def test_info_says_pre_logits_were_dropped(tmp_path):
     arrays = to_google(random_vit(num_classes=11), pre_logits="zero-head")
-    np.savez(tmp_path / "imagenet21k_ViT-tiny.npz", **arrays)
+    cast(Any, np.savez)(tmp_path / "imagenet21k_ViT-tiny.npz", **arrays)
     result = vit("info", tmp_path / "imagenet21k_ViT-tiny.npz")
     assert result.exit_code == 0, result.output
     text = " ".join(result.stdout.split())
     assert "source format npz" in text and "labels 11: class_0" in text
     assert "dropped pre_logits (a dense + tanh layer" in text and "all zeros" in text
+
+
+def test_info_of_the_bundled_model_by_name_hides_its_build_paths():
+    for name in ("vit-shapes-p16", "bundled"):
+        result = vit("info", name)
+        assert result.exit_code == 0, result.output
+        text = " ".join(result.stdout.split())
+        assert "model vit-shapes-p16" in text
+        # Six labels: all of them, no "..."
+        assert "labels 6: circle | cross | ring | square | star | triangle" in text
+        assert "runs/" not in result.stdout and "best.safetensors" not in result.stdout
+        assert "bundled with vitcli" in text
+    data = json.loads(vit("info", "bundled", "--json").stdout)
+    assert data["reference"] == "vit-shapes-p16" and "runs/" not in json.dumps(data)
+
+
+def test_info_shows_up_to_20_labels_in_full_and_escapes_control_characters(tmp_path):
+    from vitcli.weights.format import save_model
+
+    many = [f"label{i}" for i in range(20)]
+    path = save_model(random_vit(num_classes=20), tmp_path / "twenty.safetensors", labels=many)
+    text = " ".join(vit("info", path).stdout.split())
+    assert "label0 | label1" in text and "label19" in text and "..." not in text
+    path = save_model(
+        random_vit(num_classes=21), tmp_path / "more.safetensors", labels=many + ["x"]
+    )
+    text = " ".join(vit("info", path).stdout.split())
+    assert "labels 21: label0 | label1 | label2 | label3 | label4 | ..." in text
+    hostile = ["\x1b[2Jclear", "cr\rlf", "b", "c", "d"]
+    path = save_model(random_vit(), tmp_path / "esc.safetensors", labels=hostile)
+    result = vit("info", path)
+    assert "\x1b" not in result.stdout and "\r" not in result.stdout
+    assert "\\x1b[2Jclear" in result.stdout
 
 
 # -- vit convert -------------------------------------------------------------------------------

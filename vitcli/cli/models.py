@@ -7,15 +7,33 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from ..errors import InputError
 
+if TYPE_CHECKING:
+    from ..weights.format import ModelBundle
+
+ALL_LABELS_UP_TO = 20  # fewer labels than this are all shown; more: the first SHOWN_LABELS
 SHOWN_LABELS = 5
 
 
-def summarize(bundle) -> dict:
+def printable(text: str) -> str:
+    """Control characters (ESC, CR, ...) from a checkpoint shown as escapes, never sent raw to
+    the terminal, then rich markup escaped."""
+    from rich.markup import escape
+
+    return escape(
+        "".join(
+            char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+            for char in text
+        )
+    )
+
+
+def summarize(bundle: ModelBundle) -> dict:
     """Everything `vit info` shows, as plain JSON-able data."""
     config = bundle.config
     return {
@@ -32,7 +50,6 @@ def summarize(bundle) -> dict:
 
 
 def _render_info(info: dict) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
     from ..console import out
@@ -43,11 +60,12 @@ def _render_info(info: dict) -> None:
     table.add_column()
     height, width = config["image_size"]
     rows = [
-        ("model", escape(info["reference"])),
+        ("model", printable(info["reference"])),
         ("source format", info["source_format"]),
         (
             "architecture",
-            f"{info['name'] or 'custom'} ViT, patch {config['patch_size']}, image {height}x{width}",
+            f"{printable(info['name'] or 'custom')} ViT, patch {config['patch_size']}, "
+            f"image {height}x{width}",
         ),
         (
             "width / depth / heads / mlp",
@@ -61,8 +79,8 @@ def _render_info(info: dict) -> None:
     labels = info["labels"]
     if labels:
         # " | " because ImageNet names contain commas ("tench, Tinca tinca").
-        shown = " | ".join(labels[:SHOWN_LABELS]) + (" | ..." if len(labels) > SHOWN_LABELS else "")
-        rows.append(("labels", f"{len(labels)}: {escape(shown)}"))
+        shown = labels if len(labels) <= ALL_LABELS_UP_TO else labels[:SHOWN_LABELS] + ["..."]
+        rows.append(("labels", f"{len(labels)}: {printable(' | '.join(shown))}"))
     else:
         rows.append(("labels", "none (no classifier head: features only)"))
     size = f"{pre['size'][0]}x{pre['size'][1]}"
@@ -74,10 +92,10 @@ def _render_info(info: dict) -> None:
     rows.append(("mean / std", f"{_triple(pre['mean'])} / {_triple(pre['std'])}"))
     extra = info["extra"]
     for dropped in extra.get("dropped", []):
-        rows.append(("dropped", escape(str(dropped))))
+        rows.append(("dropped", printable(str(dropped))))
     shown_extra = {
         "note": "note",
-        "source": "converted from",
+        "source": "source",
         "architecture": "timm architecture",
         "tag": "timm tag",
         "layout": "npz layout",
@@ -86,9 +104,9 @@ def _render_info(info: dict) -> None:
     }
     for key, title in shown_extra.items():
         if extra.get(key) not in (None, "", False):
-            rows.append((title, escape(str(extra[key]))))
+            rows.append((title, printable(str(extra[key]))))
     for note in extra.get("preprocess_notes", []):
-        rows.append(("preprocessing note", escape(note)))
+        rows.append(("preprocessing note", printable(note)))
     for key, value in rows:
         table.add_row(key, value)
     out.print(table)
@@ -99,19 +117,21 @@ def _count(number: int) -> str:
     return f"{number:,} ({short})"
 
 
-def _triple(values) -> str:
+def _triple(values: list[float]) -> str:
     return "(" + ", ".join(f"{v:g}" for v in values) + ")"
 
 
 def info(
     model: str = typer.Argument(
-        ..., help="Our .safetensors file, an HF or timm folder, a Google .npz, or a hub id."
+        ...,
+        help="Our .safetensors file, an HF or timm folder, a Google .npz, a hub id, "
+        "or vit-shapes-p16 (the bundled model).",
     ),
     as_json: bool = typer.Option(
         False, "--json", help="Print JSON (all labels included) for scripts."
     ),
 ) -> None:
-    """Show a checkpoint's architecture, parameter count, labels, preprocessing and source format."""
+    """Show a checkpoint's architecture, parameters, labels, preprocessing and source format."""
     from ..weights.resolve import load_model
 
     data = summarize(load_model(model))

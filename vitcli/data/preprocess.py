@@ -16,6 +16,8 @@ from PIL import Image
 
 from ..errors import InputError
 
+# The one table of resampling filters: name -> PIL filter. Checkpoints that store PIL's integer
+# codes (transformers' image processors) are read through PIL_RESAMPLE, derived from it.
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -24,9 +26,14 @@ INTERPOLATIONS = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
+PIL_RESAMPLE = {int(code): name for name, code in INTERPOLATIONS.items()}
 RESIZE_MODES = ("squash", "shorter")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Bounds that keep a checkpoint's recipe from asking for absurd images: the model input side,
+# and the side an image is resized to before a center crop (size / crop_pct).
+MAX_SIZE = 4096
+MAX_RESIZED = 8192
 
 
 @dataclass(frozen=True)
@@ -51,22 +58,51 @@ class Preprocess:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     def __post_init__(self) -> None:
-        size = self.size
-        if isinstance(size, int):
-            size = (size, size)
-        object.__setattr__(self, "size", (int(size[0]), int(size[1])))
-        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
-        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
-        if self.resize not in RESIZE_MODES:
+        try:
+            size = self.size
+            if isinstance(size, int):
+                size = (size, size)
+            height, width = (_whole(side, "size") for side in size)
+            object.__setattr__(self, "size", (height, width))
+            object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+            object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+            object.__setattr__(self, "crop_pct", float(self.crop_pct))
+        except (TypeError, ValueError, OverflowError):
+            raise InputError(
+                f"preprocessing values must be numbers: size {self.size!r}, crop_pct "
+                f"{self.crop_pct!r}, mean {self.mean!r}, std {self.std!r}"
+            ) from None
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse values that would divide by zero, give NaN inputs or allocate absurd images."""
+        if not all(1 <= side <= MAX_SIZE for side in self.size):
+            raise InputError(
+                f"preprocessing size {self.size[0]}x{self.size[1]} is out of range: "
+                f"each side must be 1..{MAX_SIZE} pixels"
+            )
+        if not isinstance(self.resize, str) or self.resize not in RESIZE_MODES:
             raise InputError(
                 f"unknown resize mode {self.resize!r}: use one of {', '.join(RESIZE_MODES)}"
             )
-        if self.interpolation not in INTERPOLATIONS:
+        if not isinstance(self.interpolation, str) or self.interpolation not in INTERPOLATIONS:
             raise InputError(
-                f"unknown interpolation {self.interpolation!r}: use one of {', '.join(INTERPOLATIONS)}"
+                f"unknown interpolation {self.interpolation!r}: "
+                f"use one of {', '.join(INTERPOLATIONS)}"
             )
-        if not 0.0 < self.crop_pct <= 1.0:
+        # crop_pct is the fraction of the resized image the center crop keeps (timm's meaning).
+        if not 0.0 < self.crop_pct <= 1.0:  # also false for NaN
             raise InputError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.resize == "shorter" and max(self.size) / self.crop_pct > MAX_RESIZED:
+            raise InputError(
+                f"crop_pct {self.crop_pct:g} with size {max(self.size)} resizes images to more "
+                f"than {MAX_RESIZED} pixels before the crop; use a crop_pct nearer 1"
+            )
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != 3 or not all(math.isfinite(v) for v in values):
+                raise InputError(f"preprocessing {name} must be 3 finite numbers, got {values}")
+        if not all(s > 0 for s in self.std):
+            raise InputError(f"preprocessing std must be positive (it divides), got {self.std}")
 
     # -- serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -77,6 +113,8 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, data: dict) -> Preprocess:
+        if not isinstance(data, dict):
+            raise InputError(f"preprocessing must be a JSON object, not {type(data).__name__}")
         return cls(
             **{
                 k: data[k]
@@ -89,7 +127,7 @@ class Preprocess:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def with_size(self, size: int | tuple[int, int]) -> Preprocess:
-        return replace(self, size=size)
+        return replace(self, size=(size, size) if isinstance(size, int) else size)
 
     # -- geometry -------------------------------------------------------------------------
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
@@ -161,8 +199,11 @@ class Preprocess:
         return self.to_array(self.resize_image(image, original_size))
 
 
-def hf_default() -> Preprocess:
-    return Preprocess(size=(224, 224), resize="squash", interpolation="bilinear")
+def _whole(value: object, name: str) -> int:
+    """An integer given as int or integral float (JSON has one number type); bool is refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(f"{name} {value!r} is not a whole number")
+    return int(value)
 
 
 def timm_default(size: int = 224, crop_pct: float = 0.9) -> Preprocess:

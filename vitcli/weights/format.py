@@ -12,15 +12,28 @@ Metadata (all strings, as safetensors requires):
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..data.preprocess import Preprocess
-from ..errors import CheckpointError, ModelNotFoundError
+from ..errors import CheckpointError, VitError
 from ..fileio import atomic_write_bytes
 from ..model import ViT, ViTConfig
+from .limits import check_config, check_state, skeleton
+from .readers import library_reason, read_safetensors
+
+__all__ = [
+    "ModelBundle",
+    "build_model",
+    "default_labels",
+    "load_state",
+    "load_vitcli_file",
+    "read_safetensors",  # lives in readers.py; importable from here as before
+    "save_model",
+]
 
 FORMAT_NAME = "vitcli"
 FORMAT_VERSION = 1
@@ -86,65 +99,35 @@ def save_model(
     return path
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a .safetensors file, with a clear error for anything else."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    path = Path(path)
-    if not path.exists():
-        raise ModelNotFoundError(f"{path}: no such file")
-    data = path.read_bytes()
-    if data[:2] == b"\x80\x02" or data[:2] == b"PK":
-        raise CheckpointError(
-            f"{path}: this is a pickle/zip (torch.save) file, not safetensors; "
-            "rename it to .bin inside its model folder, or convert it with `vit convert`"
-        )
-    try:
-        tensors = load(data)
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except (SafetensorError, ValueError, OSError) as error:
-        raise CheckpointError(
-            f"{path}: not a readable safetensors file ({error}); the file may be truncated or corrupt, download or convert it again"
-        ) from None
-    return tensors, metadata
-
-
-def load_state(model: ViT, state: dict[str, torch.Tensor], where: str) -> None:
+def load_state(model: ViT, state: Mapping[str, torch.Tensor], where: str) -> None:
     """Copy `state` into `model`, failing with a message that names bad keys and shapes."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys ({_sample(missing)})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys ({_sample(unexpected)})")
-        raise CheckpointError(
-            f"{where}: weights do not match the architecture: " + "; ".join(parts)
-        )
-    wrong = [
-        f"{name} is {tuple(state[name].shape)}, expected {tuple(tensor.shape)}"
-        for name, tensor in expected.items()
-        if tuple(state[name].shape) != tuple(tensor.shape)
-    ]
-    if wrong:
-        raise CheckpointError(
-            f"{where}: wrong tensor shapes: "
-            + "; ".join(wrong[:3])
-            + (" ..." if len(wrong) > 3 else "")
-        )
+    check_state({name: tensor.shape for name, tensor in expected.items()}, state, where)
     with torch.no_grad():
         model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
 
 
-def _sample(names: list[str], limit: int = 4) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... {len(names) - limit} more" if len(names) > limit else "")
+def build_model(
+    config: ViTConfig,
+    state: Mapping[str, torch.Tensor],
+    where: str,
+    read: Callable[[], Mapping[str, torch.Tensor]] | None = None,
+) -> ViT:
+    """The model of `config` with `state` loaded, in eval mode; every check comes first.
+
+    `state` may hold meta tensors (shapes read from a file's header): then `read` returns the
+    real tensors, and is only called once the config is within limits and every name and
+    shape matches the architecture (see limits.py).
+    """
+    check_state(skeleton(config, where), state, where)
+    if read is not None:
+        state = read()
+    try:
+        model = ViT(config)
+    except ValueError as error:  # a family flag combination the model refuses
+        raise CheckpointError(f"{where}: unusable architecture ({error})") from None
+    load_state(model, state, where)
+    return model.eval()
 
 
 def is_vitcli_file(metadata: dict[str, str]) -> bool:
@@ -152,7 +135,9 @@ def is_vitcli_file(metadata: dict[str, str]) -> bool:
 
 
 def load_vitcli_file(path: str | Path, reference: str = "") -> ModelBundle:
-    tensors, metadata = read_safetensors(path)
+    path = Path(path)
+    where = str(path)
+    tensors, metadata = read_safetensors(path, meta=True)  # header only
     if not is_vitcli_file(metadata):
         raise CheckpointError(
             f"{path}: a safetensors file without vitcli metadata; pass its model folder "
@@ -164,29 +149,41 @@ def load_vitcli_file(path: str | Path, reference: str = "") -> ModelBundle:
             raise CheckpointError(
                 f"{path}: written by a newer vitcli (format {version}); upgrade vitcli"
             )
-        config = ViTConfig.from_json(metadata["config"])
-        labels = json.loads(metadata.get("labels", "null")) or default_labels(config.num_classes)
+        fields = check_config(json.loads(metadata["config"]), where)
+        config = ViTConfig.from_dict(fields)
+        labels = check_labels(json.loads(metadata.get("labels", "null")), config.num_classes, where)
         preprocess = (
             Preprocess.from_dict(json.loads(metadata["preprocess"]))
             if "preprocess" in metadata
             else Preprocess(size=config.image_size)
         )
-    except CheckpointError:
-        raise
-    except (KeyError, ValueError, TypeError) as error:
+    except VitError as error:
+        message = str(error)
         raise CheckpointError(
-            f"{path}: broken vitcli metadata ({error}); re-save or re-convert the file"
+            message if message.startswith(where) else f"{where}: {message}"
         ) from None
-    if len(labels) != config.num_classes:
-        raise CheckpointError(f"{path}: {len(labels)} labels for {config.num_classes} classes")
-    model = ViT(config)
-    load_state(model, tensors, str(path))
-    model.eval()
+    except (KeyError, ValueError, TypeError, RecursionError) as error:
+        raise CheckpointError(
+            f"{path}: broken vitcli metadata ({library_reason(error)}); "
+            "re-save or re-convert the file"
+        ) from None
+    model = build_model(config, tensors, where, read=lambda: read_safetensors(path)[0])
     return ModelBundle(
         model=model,
-        labels=list(labels),
+        labels=labels,
         preprocess=preprocess,
         source_format="vitcli",
         reference=reference or str(path),
         extra={"source": metadata.get("source", "")},
     )
+
+
+def check_labels(labels: object, num_classes: int, where: str) -> list[str]:
+    """Class names as stored (a JSON list of strings, one per class); None: generic names."""
+    if labels is None:
+        return default_labels(num_classes)
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise CheckpointError(f"{where}: labels must be a list of class names (strings)")
+    if len(labels) != num_classes:
+        raise CheckpointError(f"{where}: {len(labels)} labels for {num_classes} classes")
+    return list(labels)

@@ -11,16 +11,19 @@ The pooler of a ViTModel is not part of a classifier and is dropped.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
-from ..data.preprocess import Preprocess
-from ..errors import CheckpointError
-from ..model import ViT, ViTConfig
-from .format import ModelBundle, load_state, read_safetensors
+from ..data.preprocess import PIL_RESAMPLE, Preprocess
+from ..errors import CheckpointError, VitError
+from ..model import ViTConfig
+from .format import ModelBundle, build_model
+from .limits import check_config
+from .readers import read_json, read_safetensors, read_torch_pickle
+
+__all__ = ["load_hf_folder", "read_hf_weights", "read_torch_pickle"]  # the last moved to readers
 
 # transformers' hidden_act -> our act. "gelu" is erf GELU; the other three are the tanh form.
 HF_ACTS = {
@@ -30,8 +33,6 @@ HF_ACTS = {
     "gelu_pytorch_tanh": "gelu_tanh",
     "gelu_fast": "gelu_tanh",
 }
-# PIL resample integers as written by transformers' image processors.
-PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 # Per-block renames, legacy and transformers-5 spellings -> timm. q/k/v are fused separately.
 _BLOCK_RENAMES = {
@@ -61,6 +62,17 @@ _TOP_RENAMES = {
     "layernorm.bias": "norm.bias",
     "classifier.weight": "head.weight",
     "classifier.bias": "head.bias",
+}
+# Our config fields -> transformers' config.json keys, so errors name what the user sees.
+HF_NAMES = {
+    "image_size": "image_size",
+    "in_channels": "num_channels",
+    "width": "hidden_size",
+    "depth": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "mlp_dim": "intermediate_size",
+    "ln_eps": "layer_norm_eps",
+    "num_classes": "classifier.weight rows",
 }
 _BLOCK_KEY = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$")
 
@@ -96,8 +108,8 @@ def hf_to_timm(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
         out[key] = tensor
     for (index, kind), parts in qkv.items():
         if set(parts) == {"q", "k", "v"}:
-            out[f"blocks.{index}.attn.qkv.{kind}"] = torch.cat(
-                [parts["q"], parts["k"], parts["v"]], dim=0
+            out[f"blocks.{index}.attn.qkv.{kind}"] = _stack_qkv(
+                [parts["q"], parts["k"], parts["v"]], f"block {index} q/k/v {kind}"
             )
         else:  # incomplete: keep the pieces so the error names them
             for part, tensor in parts.items():
@@ -105,82 +117,105 @@ def hf_to_timm(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
     return out, dropped
 
 
-def read_hf_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """The raw tensors of an HF folder and the file they came from."""
+def _stack_qkv(parts: list[torch.Tensor], what: str) -> torch.Tensor:
+    """torch.cat(parts, dim=0), checked; on meta tensors (shapes only) without torch.cat,
+    whose meta kernel would import torch._dynamo (seconds) on first use."""
+    if len({tuple(part.shape[1:]) for part in parts}) != 1 or any(p.ndim == 0 for p in parts):
+        shapes = ", ".join(str(tuple(part.shape)) for part in parts)
+        raise CheckpointError(f"{what} have shapes {shapes} that do not stack")
+    if any(part.is_meta for part in parts):
+        shape = (sum(part.shape[0] for part in parts), *parts[0].shape[1:])
+        return torch.empty(shape, dtype=parts[0].dtype, device="meta")
+    return torch.cat(parts, dim=0)
+
+
+def read_hf_weights(path: Path, meta: bool = False) -> tuple[dict[str, torch.Tensor], str]:
+    """The raw tensors of an HF folder and the file they came from (meta: shapes only)."""
     single = path / "model.safetensors"
-    if single.is_file():
-        tensors, _ = read_safetensors(single)
+    if single.exists():
+        tensors, _ = read_safetensors(single, meta=meta)
         return tensors, single.name
     index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError) as error:
-            raise CheckpointError(
-                f"{index}: broken shard index ({error}); download the model again"
-            ) from None
-        tensors: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            tensors.update(read_safetensors(path / shard)[0])
+    if index.exists():
+        tensors = {}
+        for shard in shard_names(index):
+            tensors.update(read_safetensors(path / shard, meta=meta)[0])
         return tensors, index.name
     binary = path / "pytorch_model.bin"
-    if binary.is_file():
-        return read_torch_pickle(binary), binary.name
+    if binary.exists():
+        return read_torch_pickle(binary, meta=meta), binary.name
     raise CheckpointError(
-        f"{path}: no model.safetensors or pytorch_model.bin in this folder; download the weights too"
+        f"{path}: no model.safetensors or pytorch_model.bin in this folder; "
+        "download the weights too"
     )
 
 
-def read_torch_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """A torch.save'd state dict, read with weights_only=True: no code from the file runs."""
-    import pickle
+def shard_names(index: Path) -> list[str]:
+    """The shard files a model.safetensors.index.json names: plain file names in its folder.
 
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    A name with a folder part (`../x`, `/dev/zero`, `sub/x`) is refused, never opened.
+    """
+    data = read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(
-            f"{path}: cannot be read as a plain torch state dict ({first}); "
-            "it may be corrupt or contain code, use a .safetensors file instead"
-        ) from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: not a state dict of tensors")
-    return state
+            f"{index}: broken shard index (no weight_map of tensor -> file); "
+            "download the model again"
+        )
+    shards = set()
+    for shard in weight_map.values():
+        if not isinstance(shard, str):
+            raise CheckpointError(
+                f"{index}: broken shard index (shard name {shard!r} is not a string); "
+                "download the model again"
+            )
+        if (
+            shard in ("", ".", "..")
+            or Path(shard).name != shard
+            or any(char in shard for char in "/\\\0")
+        ):
+            raise CheckpointError(
+                f"{index}: shard {shard!r} is not a file name in the model folder; "
+                "refused (download the model again)"
+            )
+        shards.add(shard)
+    return sorted(shards)
 
 
 def config_from_hf(config: dict, num_classes: int, where: str) -> ViTConfig:
     act = config.get("hidden_act", "gelu")
-    if act not in HF_ACTS:
+    if not isinstance(act, str) or act not in HF_ACTS:
         raise CheckpointError(
             f"{where}: hidden_act {act!r} is not supported; use one of {', '.join(HF_ACTS)}"
         )
+    fields = check_config(
+        {
+            "image_size": config.get("image_size", 224),
+            "patch_size": _first(config.get("patch_size", 16), where),
+            "in_channels": config.get("num_channels", 3),
+            "num_classes": num_classes,
+            "width": config.get("hidden_size", 768),
+            "depth": config.get("num_hidden_layers", 12),
+            "num_heads": config.get("num_attention_heads", 12),
+            "mlp_dim": config.get("intermediate_size", 3072),
+            "qkv_bias": config.get("qkv_bias", True),
+            "ln_eps": config.get("layer_norm_eps", 1e-12),  # HF's default, kept as the source says
+            "act": HF_ACTS[act],
+        },
+        where,
+        names=HF_NAMES,
+    )
     try:
-        return ViTConfig(
-            image_size=config.get("image_size", 224),
-            patch_size=int(_first(config.get("patch_size", 16))),
-            in_channels=int(config.get("num_channels", 3)),
-            num_classes=num_classes,
-            width=int(config.get("hidden_size", 768)),
-            depth=int(config.get("num_hidden_layers", 12)),
-            num_heads=int(config.get("num_attention_heads", 12)),
-            mlp_dim=int(config.get("intermediate_size", 3072)),
-            qkv_bias=bool(config.get("qkv_bias", True)),
-            ln_eps=float(
-                config.get("layer_norm_eps", 1e-12)
-            ),  # HF's default, kept as the source says
-            act=HF_ACTS[act],
-        )
+        return ViTConfig(**fields)
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"{where}: unusable ViT config ({error})") from None
 
 
-def _first(value):
+def _first(value, where: str):
     """HF allows patch_size as an int or a pair; ours is square."""
     if isinstance(value, (list, tuple)):
-        if len(set(value)) != 1:
-            raise CheckpointError(f"non-square patch size {value} is not supported")
+        if len(value) not in (1, 2) or value[0] != value[-1]:
+            raise CheckpointError(f"{where}: patch size {value} is not supported (square only)")
         return value[0]
     return value
 
@@ -192,12 +227,19 @@ def labels_from_hf(config: dict, num_classes: int, where: str) -> list[str]:
     if not id2label:
         return [f"class_{i}" for i in range(num_classes)]
     try:
-        labels = {int(key): str(value) for key, value in id2label.items()}
-    except (ValueError, AttributeError):
+        labels = {int(key): value for key, value in id2label.items()}
+    except (ValueError, TypeError, AttributeError):
         raise CheckpointError(f"{where}: id2label keys must be class indices") from None
     if sorted(labels) != list(range(num_classes)):
         raise CheckpointError(
-            f"{where}: id2label has {len(labels)} entries but the classifier has {num_classes} classes"
+            f"{where}: id2label has {len(labels)} entries "
+            f"but the classifier has {num_classes} classes"
+        )
+    odd = [index for index, value in labels.items() if not isinstance(value, str)]
+    if odd:
+        raise CheckpointError(
+            f"{where}: id2label value for class {odd[0]} is {labels[odd[0]]!r}, "
+            "not a class name (string)"
         )
     return [labels[i] for i in range(num_classes)]
 
@@ -214,16 +256,26 @@ def preprocess_from_hf(folder: Path, image_size: tuple[int, int]) -> tuple[Prepr
             "no preprocessor_config.json: ViTImageProcessor defaults (squash, bilinear, 0.5/0.5)"
         )
         return Preprocess(size=image_size, resize="squash", interpolation="bilinear"), notes
+    spec = read_json(path)
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
     try:
-        spec = json.loads(path.read_text())
-        if not isinstance(spec, dict):
-            raise ValueError("expected a JSON object")
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+        return _preprocess_from_spec(spec, image_size)
+    except VitError as error:  # InputError from Preprocess' own checks
+        raise CheckpointError(f"{path}: unusable preprocessing ({error})") from None
+    except (ValueError, TypeError, ArithmeticError, AttributeError, KeyError) as error:
+        raise CheckpointError(f"{path}: unusable preprocessing ({error})") from None
+
+
+def _preprocess_from_spec(spec: dict, image_size: tuple[int, int]) -> tuple[Preprocess, list[str]]:
+    notes: list[str] = []
     resample = spec.get("resample", 2)
-    interpolation = PIL_RESAMPLE.get(
-        resample, resample if isinstance(resample, str) else "bilinear"
-    )
+    if isinstance(resample, int) and not isinstance(resample, bool):
+        if resample not in PIL_RESAMPLE:
+            raise ValueError(f"resample {resample} is not a PIL filter (0..5)")
+        interpolation = PIL_RESAMPLE[resample]
+    else:
+        interpolation = resample  # a name, checked by Preprocess
     if spec.get("do_normalize", True):
         mean = spec.get("image_mean", (0.5, 0.5, 0.5))
         std = spec.get("image_std", (0.5, 0.5, 0.5))
@@ -240,7 +292,7 @@ def preprocess_from_hf(folder: Path, image_size: tuple[int, int]) -> tuple[Prepr
     crop = spec.get("crop_size")
     do_crop = bool(spec.get("do_center_crop", False)) and crop is not None
     crop_hw = _hw(crop, image_size) if do_crop else None
-    fields: dict = dict(interpolation=interpolation, mean=mean, std=std)
+    fields: dict = dict(interpolation=interpolation, mean=tuple(mean), std=tuple(std))
     if isinstance(size, dict) and "shortest_edge" in size:
         edge = int(size["shortest_edge"])
         if "crop_pct" in spec and spec["crop_pct"] is not None:
@@ -259,16 +311,13 @@ def preprocess_from_hf(folder: Path, image_size: tuple[int, int]) -> tuple[Prepr
             # DeiT style: squash to 256x256 then crop 224; shorter-side resize is the same on
             # square photos and close otherwise.
             notes.append(
-                f"squash to {height}x{width} then crop {crop_hw[0]}x{crop_hw[1]} is approximated by "
-                "a shorter-side resize and center crop"
+                f"squash to {height}x{width} then crop {crop_hw[0]}x{crop_hw[1]} is "
+                "approximated by a shorter-side resize and center crop"
             )
             fields.update(size=crop_hw, resize="shorter", crop_pct=min(1.0, crop_hw[0] / height))
         else:
             fields.update(size=(height, width), resize="squash")
-    try:
-        return Preprocess(**fields), notes
-    except Exception as error:  # InputError from an odd interpolation or crop
-        raise CheckpointError(f"{path}: unsupported preprocessing ({error})") from None
+    return Preprocess(**fields), notes
 
 
 def _hw(value, default: tuple[int, int]) -> tuple[int, int]:
@@ -286,19 +335,29 @@ def _hw(value, default: tuple[int, int]) -> tuple[int, int]:
 
 
 def load_hf_folder(path: Path, config: dict, reference: str) -> ModelBundle:
-    """A transformers ViTForImageClassification (or bare ViTModel) folder as a ModelBundle."""
+    """A transformers ViTForImageClassification (or bare ViTModel) folder as a ModelBundle.
+
+    Shapes come from the weights' headers first; tensor data is read only once the config
+    and every shape have been checked (format.build_model).
+    """
     path = Path(path)
     where = str(path)
-    raw, weights_name = read_hf_weights(path)
-    state, dropped = hf_to_timm(raw)
+    raw, weights_name = read_hf_weights(path, meta=True)
+    try:
+        state, dropped = hf_to_timm(raw)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path / weights_name}: {error}") from None
     head = state.get("head.weight")
     num_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else 0
     vit_config = config_from_hf(config, num_classes, where)
     labels = labels_from_hf(config, num_classes, where)
-    model = ViT(vit_config)
-    load_state(model, state, f"{path / weights_name}")
-    model.eval()
     preprocess, notes = preprocess_from_hf(path, vit_config.image_size)
+    model = build_model(
+        vit_config,
+        state,
+        str(path / weights_name),
+        read=lambda: hf_to_timm(read_hf_weights(path)[0])[0],
+    )
     extra: dict = {"weights_file": weights_name}
     if dropped:
         extra["dropped"] = sorted(dropped)

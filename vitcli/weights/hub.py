@@ -52,26 +52,32 @@ def download(repo_id: str, revision: str | None = None, quiet: bool = False) -> 
         f"run `vit fetch {repo_id}` once while online (without HF_HUB_OFFLINE=1), "
         "or pass a local model folder"
     )
-    kwargs = dict(
-        revision=revision,
-        cache_dir=_cache_dir(),
-        local_files_only=offline,
-    )
     if quiet:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-    try:
-        folder = Path(
-            snapshot_download(repo_id, allow_patterns=CONFIG_FILES + SAFETENSORS_FILES, **kwargs)
-        )
-        if not _has_weights(folder):
-            folder = Path(
-                snapshot_download(repo_id, allow_patterns=CONFIG_FILES + PICKLE_FILES, **kwargs)
+
+    def snapshot(patterns: list[str]) -> Path:
+        return Path(
+            str(
+                snapshot_download(
+                    repo_id,
+                    allow_patterns=patterns,
+                    revision=revision,
+                    cache_dir=_cache_dir(),
+                    local_files_only=offline,
+                )
             )
+        )
+
+    try:
+        folder = snapshot(CONFIG_FILES + SAFETENSORS_FILES)
+        if not _has_weights(folder):
+            folder = snapshot(CONFIG_FILES + PICKLE_FILES)
     except GatedRepoError:
         raise ModelNotFoundError(
-            f"{repo_id}: a gated model; accept its terms on huggingface.co and log in with `hf auth login`"
+            f"{repo_id}: a gated model; accept its terms on huggingface.co "
+            "and log in with `hf auth login`"
         ) from None
     except RepositoryNotFoundError:
         raise ModelNotFoundError(
@@ -95,6 +101,7 @@ def download(repo_id: str, revision: str | None = None, quiet: bool = False) -> 
                 f"{repo_id} is only partly in the local cache and HF_HUB_OFFLINE=1; {how}"
             )
         raise ModelNotFoundError(
-            f"{repo_id}: the repository has no config.json with model.safetensors or pytorch_model.bin"
+            f"{repo_id}: the repository has no config.json "
+            "with model.safetensors or pytorch_model.bin"
         )
     return folder

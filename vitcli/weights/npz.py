@@ -17,37 +17,40 @@ reproduces the JAX logits. Layer-norm eps is flax's 1e-6.
 from __future__ import annotations
 
 import math
-import zipfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..data.preprocess import Preprocess
-from ..errors import CheckpointError, ModelNotFoundError
-from ..model import VARIANTS, ViT, ViTConfig
-from .format import ModelBundle, default_labels, load_state
+from ..errors import CheckpointError
+from ..model import VARIANTS, ViTConfig
+from .format import ModelBundle, build_model, default_labels
+from .limits import check_config, max_parameters, skeleton
+from .readers import NpzArchive
 
 KNOWN_PREFIXES = ("", "opt/target/", "params/", "params/img/")
+_CONFIG_FACTS = (
+    "image_size",
+    "patch_size",
+    "in_channels",
+    "num_classes",
+    "width",
+    "depth",
+    "num_heads",
+    "mlp_dim",
+    "qkv_bias",
+)
 
 
-def read_npz(path: Path) -> dict[str, np.ndarray]:
-    """All arrays of an .npz, never unpickling anything."""
-    if not path.is_file():
-        raise ModelNotFoundError(f"{path}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise ValueError("a single .npy array, not an .npz archive")
-            return {key: archive[key] for key in archive.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(
-            f"{path}: not a readable .npz archive of arrays ({first}); download it again"
-        ) from None
+def read_npz(path: Path) -> NpzArchive:
+    """The arrays of an .npz, read lazily after their headers were checked; no pickles."""
+    return NpzArchive(path)
 
 
-def find_prefix(arrays: dict[str, np.ndarray]) -> str:
+def find_prefix(arrays: Mapping[str, Any]) -> str:
     for prefix in KNOWN_PREFIXES:
         if f"{prefix}embedding/kernel" in arrays:
             return prefix
@@ -62,14 +65,91 @@ def find_prefix(arrays: dict[str, np.ndarray]) -> str:
     )
 
 
-def _pick(arrays: dict, *names: str) -> str:
+def describe(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict[str, Any]:
+    """ViTConfig fields read from array shapes alone (the .npy headers), before any data.
+
+    Best effort: what is missing gets a harmless default here, and npz_to_timm reports it
+    by name when the arrays are read.
+    """
+
+    def shape(name: str) -> tuple[int, ...]:
+        return tuple(shapes.get(prefix + name, ()))
+
+    kernel = shape("embedding/kernel")  # P,P,C,D
+    if len(kernel) != 4:
+        raise CheckpointError(f"embedding/kernel has shape {kernel}, expected (P, P, C, D)")
+    patch, channels, width = kernel[0], kernel[2], kernel[3]
+    class_token = prefix + "cls" in shapes
+    pos = shape("Transformer/posembed_input/pos_embedding") or shape("pos_embedding")
+    image_size = 224
+    if pos and width:
+        grid_tokens = math.prod(pos) // width - int(class_token)
+        image_size = max(math.isqrt(max(grid_tokens, 0)), 1) * patch
+    scanned = shape("Transformer/encoderblock/LayerNorm_0/scale")
+    if scanned:
+        depth, block = scanned[0], "Transformer/encoderblock/"
+    else:
+        depth, block = 0, "Transformer/encoderblock_0/"
+        while f"{prefix}Transformer/encoderblock_{depth}/LayerNorm_0/scale" in shapes:
+            depth += 1
+    query = shape(block + "MultiHeadDotProductAttention_1/query/kernel") or shape(
+        block + "MultiHeadDotProductAttention_0/query/kernel"
+    )
+    fc1 = shape(block + "MlpBlock_3/Dense_0/kernel") or shape(block + "MlpBlock_0/Dense_0/kernel")
+    head = shape("head/kernel")
+    return {
+        "image_size": image_size,
+        "patch_size": patch,
+        "in_channels": channels,
+        "num_classes": head[-1] if len(head) == 2 else 0,
+        "width": width,
+        "depth": max(depth, 1),
+        "num_heads": query[-2] if len(query) >= 3 else 1,
+        "mlp_dim": fc1[-1] if len(fc1) >= 2 else 4 * width,
+        "class_token": class_token,
+        "pool": "cls" if class_token else "mean",
+        "pos_embed": "learned" if pos else "sincos2d",
+    }
+
+
+def check_sizes(archive: NpzArchive, prefix: str, where: str) -> None:
+    """Refuse arrays that declare more numbers than the architecture they describe can hold.
+
+    Runs on the .npy headers only, so a small archive that inflates to gigabytes (a deflate
+    bomb) or a header declaring 10^12 elements is refused before anything is decompressed.
+    """
+    declared = sum(
+        math.prod(shape) for key, shape in archive.shapes.items() if key.startswith(prefix)
+    )
+    limit = max_parameters()
+    if declared > limit:
+        raise CheckpointError(
+            f"{where}: the arrays declare {declared:,} numbers, more than vitcli loads "
+            f"({limit:,}); set VITCLI_MAX_PARAMETERS to raise the limit"
+        )
+    fields = check_config(describe(archive.shapes, prefix), where)
+    try:
+        config = ViTConfig(**fields)
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{where}: unusable architecture ({error})") from None
+    expected = sum(math.prod(shape) for shape in skeleton(config, where).values())
+    width = config.width
+    allowance = width * width + width  # a pre_logits layer, which the model drops
+    if declared > expected + allowance:
+        raise CheckpointError(
+            f"{where}: the arrays declare {declared:,} numbers but the architecture they "
+            f"describe has {expected:,}; not a plain ViT checkpoint, or corrupt"
+        )
+
+
+def _pick(arrays: Mapping[str, Any], *names: str) -> str:
     for name in names:
         if name in arrays:
             return name
     return names[0]
 
 
-def npz_to_timm(arrays: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], dict]:
+def npz_to_timm(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], dict]:
     """Google arrays -> (timm-named tensors, facts: prefix, layout, depth, heads, ...)."""
     prefix = find_prefix(arrays)
     used: set[str] = set()
@@ -88,7 +168,8 @@ def npz_to_timm(arrays: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor],
 
     if any(key.startswith(prefix + "MAPHead") for key in arrays):
         raise CheckpointError(
-            "attention-pooling (MAP head) checkpoints are not supported; only CLS or average pooling"
+            "attention-pooling (MAP head) checkpoints are not supported; "
+            "only CLS or average pooling"
         )
     scanned = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in arrays
     big_vision = prefix.startswith("params/") or f"{prefix}pos_embedding" in arrays or scanned
@@ -142,11 +223,11 @@ def npz_to_timm(arrays: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor],
     for index, block in enumerate(block_names):
         layer = index if scanned else None
 
-        def get(name: str) -> np.ndarray:
+        def get(name: str, block: str = block, layer: int | None = layer) -> np.ndarray:
             array = take(block + name)
             return array[layer] if layer is not None else array
 
-        def has(name: str) -> bool:
+        def has(name: str, block: str = block) -> bool:
             return prefix + block + name in arrays
 
         # vit_jax numbers the sub-modules 0..3 in call order, big_vision per type.
@@ -213,8 +294,8 @@ def npz_to_timm(arrays: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor],
             state["head.bias"] = t(head_b)
             if pre_logits:
                 facts["note"] = (
-                    f"the {num_classes}-class head is all zeros (as Google released the 21k files): "
-                    "logits are 0 until you fine-tune"
+                    f"the {num_classes}-class head is all zeros (as Google released the 21k "
+                    "files): logits are 0 until you fine-tune"
                 )
     leftovers = sorted(key for key in arrays if key.startswith(prefix) and key not in used)
     if leftovers:
@@ -246,27 +327,25 @@ def variant_name(depth: int, width: int, mlp_dim: int, num_heads: int, patch: in
 
 def load_npz(path: str | Path, reference: str = "") -> ModelBundle:
     path = Path(path)
-    arrays = read_npz(path)
-    try:
-        state, facts = npz_to_timm(arrays)
-    except CheckpointError as error:
-        raise CheckpointError(f"{path}: {error}") from None
-    except ValueError as error:  # reshape of an array with the wrong size
-        raise CheckpointError(f"{path}: arrays with inconsistent shapes ({error})") from None
+    where = str(path)
+    with read_npz(path) as archive:
+        try:
+            check_sizes(archive, find_prefix(archive.shapes), where)
+            state, facts = npz_to_timm(archive)
+        except CheckpointError as error:
+            message = str(error)
+            raise CheckpointError(
+                message if message.startswith(where) else f"{where}: {message}"
+            ) from None
+        except ValueError as error:  # reshape of an array with the wrong size
+            raise CheckpointError(f"{where}: arrays with inconsistent shapes ({error})") from None
+    fields = check_config({key: facts[key] for key in _CONFIG_FACTS}, where)
     try:
         config = ViTConfig(
-            image_size=facts["image_size"],
-            patch_size=facts["patch_size"],
-            in_channels=facts["in_channels"],
-            num_classes=facts["num_classes"],
-            width=facts["width"],
-            depth=facts["depth"],
-            num_heads=facts["num_heads"],
-            mlp_dim=facts["mlp_dim"],
+            **fields,
             pos_embed=facts["pos_embed"],
             class_token=facts["class_token"],
             pool="cls" if facts["class_token"] else "mean",
-            qkv_bias=facts["qkv_bias"],
             ln_eps=1e-6,
             act="gelu_tanh",  # flax nn.gelu is the tanh approximation; erf would drift ~1e-3
             name=variant_name(
@@ -277,11 +356,9 @@ def load_npz(path: str | Path, reference: str = "") -> ModelBundle:
                 facts["patch_size"],
             ),
         )
-    except ValueError as error:
-        raise CheckpointError(f"{path}: unusable architecture ({error})") from None
-    model = ViT(config)
-    load_state(model, state, str(path))
-    model.eval()
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{where}: unusable architecture ({error})") from None
+    model = build_model(config, state, where)
     # The JAX input pipelines squash to the model size (bilinear) and scale to [-1, 1].
     preprocess = Preprocess(
         size=config.image_size,

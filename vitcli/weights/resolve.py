@@ -1,17 +1,25 @@
 """`--model REF` resolution: our file, an HF or timm folder, a Google .npz, a hub id, or the
-bundled default model."""
+bundled default model (no reference, or one of BUNDLED_NAMES)."""
 
 from __future__ import annotations
 
-import json
+import os
 import re
+import stat
 from importlib import resources
 from pathlib import Path
 
 from ..errors import CheckpointError, ModelNotFoundError
-from .format import ModelBundle, load_vitcli_file, read_safetensors
+from .format import ModelBundle, load_vitcli_file
+from .readers import read_json, read_safetensors
 
 DEFAULT_MODEL_NAME = "vit-shapes-p16.safetensors"
+BUNDLED_NAME = "vit-shapes-p16"
+# Names that always mean the bundled model (a local folder of that name: write ./bundled).
+BUNDLED_NAMES = ("bundled", BUNDLED_NAME, "default")
+# Shown by `vit info` instead of the file's own free-text source, which names a path on the
+# machine that trained it.
+BUNDLED_SOURCE = "bundled with vitcli (six synthetic shapes; recipe in weights/README.md)"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -34,14 +42,20 @@ def default_model_path() -> Path:
 
 def load_model(reference: str | Path | None = None) -> ModelBundle:
     """Load any supported checkpoint; the architecture and preprocessing come from it."""
-    if reference is None or str(reference) in ("", "default"):
-        return load_vitcli_file(default_model_path(), reference="default")
+    if reference is None or str(reference) in ("", *BUNDLED_NAMES):
+        return load_bundled()
     text = str(reference)
     path = Path(text).expanduser()
-    if path.is_file():
+    kind = _kind(path)
+    if kind == "file":
         return _load_file(path, text)
-    if path.is_dir():
+    if kind == "folder":
         return _load_folder(path, text)
+    if kind == "other":
+        raise CheckpointError(
+            f"{text}: not a regular file or folder (a FIFO, device or socket is never read); "
+            "pass a model file or folder"
+        )
     looks_like_file = path.suffix.lower() in (".safetensors", ".npz", ".bin", ".pt", ".pth")
     if _HUB_ID.match(text) and not looks_like_file and not path.parent.is_dir():
         from .hub import download
@@ -49,8 +63,28 @@ def load_model(reference: str | Path | None = None) -> ModelBundle:
         return _load_folder(download(text), text)
     raise ModelNotFoundError(
         f"{text}: no such file or folder; pass a .safetensors/.npz file, a model folder, "
-        "or a hub id such as google/vit-base-patch16-224"
+        f"a hub id such as google/vit-base-patch16-224, or {BUNDLED_NAME} (the bundled model)"
     )
+
+
+def load_bundled() -> ModelBundle:
+    """The bundled model, named so users can type it, without its build machine's paths."""
+    bundle = load_vitcli_file(default_model_path(), reference=BUNDLED_NAME)
+    bundle.extra["source"] = BUNDLED_SOURCE
+    return bundle
+
+
+def _kind(path: Path) -> str:
+    """ "file", "folder", "other" (FIFO, device, socket) or "missing", from stat() alone."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # missing, a broken link, a name too long, a NUL byte
+        return "missing"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    return "other"
 
 
 def _load_file(path: Path, reference: str) -> ModelBundle:
@@ -60,41 +94,40 @@ def _load_file(path: Path, reference: str) -> ModelBundle:
 
         return load_npz(path, reference=reference)
     if suffix == ".safetensors":
-        _, metadata = read_safetensors(path)
+        _, metadata = read_safetensors(path, meta=True)  # the header only
         if metadata.get("format") == "vitcli":
             return load_vitcli_file(path, reference=reference)
-        if (path.parent / "config.json").is_file():
+        if (path.parent / "config.json").exists():
             return _load_folder(path.parent, reference)
         raise CheckpointError(
             f"{path}: a safetensors file without vitcli metadata and no config.json beside it; "
             "pass its model folder (with config.json) instead"
         )
     if suffix in (".bin", ".pt", ".pth"):
-        if (path.parent / "config.json").is_file():
+        if (path.parent / "config.json").exists():
             return _load_folder(path.parent, reference)
         raise CheckpointError(
-            f"{path}: a torch pickle without config.json beside it; pass the model folder that holds it"
+            f"{path}: a torch pickle without config.json beside it; "
+            "pass the model folder that holds it"
         )
     raise CheckpointError(
-        f"{path}: unknown checkpoint type {suffix or '(no extension)'}; use .safetensors, .npz or a model folder"
+        f"{path}: unknown checkpoint type {suffix or '(no extension)'}; "
+        "use .safetensors, .npz or a model folder"
     )
 
 
 def _load_folder(path: Path, reference: str) -> ModelBundle:
     config_path = path / "config.json"
-    if not config_path.is_file():
+    if not config_path.exists():
         ours = sorted(path.glob("*.safetensors"))
         if len(ours) == 1:
             return _load_file(ours[0], reference)
         raise ModelNotFoundError(
             f"{path}: no config.json in this folder; pass a model folder or a weights file"
         )
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{config_path}: not valid JSON ({error})") from None
+    config = read_json(config_path)
     if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path}: expected a JSON object")
+        raise CheckpointError(f"{config_path}: expected a JSON object, not {type(config).__name__}")
     if "architecture" in config or "pretrained_cfg" in config:
         from .timm import load_timm_folder
 
@@ -104,5 +137,6 @@ def _load_folder(path: Path, reference: str) -> ModelBundle:
 
         return load_hf_folder(path, config, reference=reference)
     raise CheckpointError(
-        f"{config_path}: not a ViT config (neither transformers' model_type 'vit' nor timm's 'architecture')"
+        f"{config_path}: not a ViT config "
+        "(neither transformers' model_type 'vit' nor timm's 'architecture')"
     )

@@ -9,21 +9,26 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from ..data.preprocess import Preprocess
-from ..errors import CheckpointError
-from ..model import ViT, ViTConfig
-from .format import ModelBundle, default_labels, load_state
+from ..data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from ..errors import CheckpointError, VitError
+from ..model import VARIANTS, ViTConfig
+from .format import ModelBundle, build_model, default_labels
+from .limits import check_config
+from .readers import read_safetensors, read_torch_pickle
 
-# timm's size words -> (depth, width, mlp_dim, num_heads); the paper's five plus timm's medium.
-TIMM_SIZES = {
-    "tiny": (12, 192, 768, 3),
-    "small": (12, 384, 1536, 6),
-    "medium": (12, 512, 2048, 8),
-    "base": (12, 768, 3072, 12),
-    "large": (24, 1024, 4096, 16),
-    "huge": (32, 1280, 5120, 16),
-}
 _PAPER_NAMES = {"tiny": "Ti", "small": "S", "base": "B", "large": "L", "huge": "H"}
+# timm's size words -> (depth, width, mlp_dim, num_heads): the paper's table plus timm's medium.
+TIMM_SIZES = {word: VARIANTS[name] for word, name in _PAPER_NAMES.items()} | {
+    "medium": (12, 512, 2048, 8)
+}
+# Our config fields -> timm's model_args keys, so errors name what the user sees.
+TIMM_NAMES = {
+    "image_size": "img_size",
+    "width": "embed_dim",
+    "num_heads": "num_heads",
+    "mlp_dim": "embed_dim x mlp_ratio",
+    "patch_size": "patch_size",
+}
 _ARCH = re.compile(r"^(?:vit|deit)_(?P<size>[a-z]+)_patch(?P<patch>\d+)(?P<rest>(?:_[a-z0-9]+)*)$")
 # Architecture suffixes that change the network beyond what ViTConfig describes.
 _UNSUPPORTED = (
@@ -57,8 +62,9 @@ def parse_architecture(name: str) -> tuple[str, int, tuple[int, int] | None]:
     ]
     if odd:
         raise CheckpointError(
-            f"timm architecture {name!r} has parts this tool does not implement ({', '.join(odd)}); "
-            "only plain ViTs (class token, learned position embedding) are supported"
+            f"timm architecture {name!r} has parts this tool does not implement "
+            f"({', '.join(odd)}); only plain ViTs (class token, learned position embedding) "
+            "are supported"
         )
     sizes = [int(word) for word in words if word.isdigit()]
     image_size = (sizes[-1], sizes[-1]) if sizes else None
@@ -78,10 +84,17 @@ def imagenet1k_labels() -> tuple[str, ...]:
     return labels
 
 
-def labels_for(config: dict, num_classes: int) -> tuple[list[str], str]:
-    names = config.get("label_names") or (config.get("pretrained_cfg") or {}).get("label_names")
+def labels_for(config: dict, num_classes: int, where: str = "") -> tuple[list[str], str]:
+    pretrained = config.get("pretrained_cfg") or {}
+    names = config.get("label_names") or (
+        pretrained.get("label_names") if isinstance(pretrained, dict) else None
+    )
+    if names is not None and (
+        not isinstance(names, list) or not all(isinstance(name, str) for name in names)
+    ):
+        raise CheckpointError(f"{where}: label_names must be a list of class names (strings)")
     if names and len(names) == num_classes:
-        return [str(name) for name in names], "label_names"
+        return list(names), "label_names"
     if num_classes == 1000:
         return list(imagenet1k_labels()), "imagenet-1k"
     return default_labels(num_classes), "generic"
@@ -91,14 +104,25 @@ def preprocess_from_timm(
     pretrained: dict, image_size: tuple[int, int]
 ) -> tuple[Preprocess, list[str]]:
     """timm's eval transform: resize (shorter side to size / crop_pct), center crop, normalise."""
+    try:
+        return _preprocess_from_timm(pretrained, image_size)
+    except VitError as error:  # InputError from Preprocess' own checks
+        raise CheckpointError(f"unusable timm preprocessing ({error})") from None
+    except (ValueError, TypeError, ArithmeticError, IndexError, KeyError) as error:
+        raise CheckpointError(f"unusable timm preprocessing ({error})") from None
+
+
+def _preprocess_from_timm(
+    pretrained: dict, image_size: tuple[int, int]
+) -> tuple[Preprocess, list[str]]:
     notes: list[str] = []
     input_size = pretrained.get("input_size")
     size = (int(input_size[-2]), int(input_size[-1])) if input_size else image_size
     crop_pct = float(pretrained.get("crop_pct") or 0.875)  # timm's DEFAULT_CROP_PCT
     crop_mode = pretrained.get("crop_mode") or "center"
     interpolation = pretrained.get("interpolation") or "bicubic"
-    mean = pretrained.get("mean") or (0.485, 0.456, 0.406)
-    std = pretrained.get("std") or (0.229, 0.224, 0.225)
+    mean = tuple(pretrained.get("mean") or IMAGENET_MEAN)
+    std = tuple(pretrained.get("std") or IMAGENET_STD)
     if crop_mode == "squash":
         if crop_pct != 1.0:
             notes.append(
@@ -109,99 +133,48 @@ def preprocess_from_timm(
         if crop_mode != "center":
             notes.append(f"crop_mode {crop_mode!r} is approximated by a center crop")
         resize = "shorter"
-    try:
-        return Preprocess(
-            size=size,
-            resize=resize,
-            crop_pct=min(crop_pct, 1.0),
-            interpolation=interpolation,
-            mean=mean,
-            std=std,
-        ), notes
-    except Exception as error:
-        raise CheckpointError(f"unsupported timm preprocessing ({error})") from None
+    preprocess = Preprocess(
+        size=size,
+        resize=resize,
+        crop_pct=min(crop_pct, 1.0),
+        interpolation=interpolation,
+        mean=mean,
+        std=std,
+    )
+    return preprocess, notes
 
 
 def load_timm_folder(path: Path, config: dict, reference: str) -> ModelBundle:
-    from .format import read_safetensors
-    from .hf import read_torch_pickle
-
+    """A timm hub folder as a ModelBundle; shapes are checked before tensor data is read."""
     path = Path(path)
     arch = config.get("architecture") or ""
+    if not isinstance(arch, str):
+        raise CheckpointError(f"{path}: timm architecture {arch!r} is not a name")
     size, patch, name_size = parse_architecture(arch)
     pretrained = config.get("pretrained_cfg") or {}
+    args = config.get("model_args") or {}  # timm's override of the named architecture
+    if not isinstance(pretrained, dict) or not isinstance(args, dict):
+        raise CheckpointError(f"{path}: pretrained_cfg and model_args must be JSON objects")
     weights = path / "model.safetensors"
-    if weights.is_file():
-        state, _ = read_safetensors(weights)
-    elif (path / "pytorch_model.bin").is_file():
+    if weights.exists():
+        state, _ = read_safetensors(weights, meta=True)
+        read = lambda: read_safetensors(weights)[0]  # noqa: E731
+    elif (path / "pytorch_model.bin").exists():
         weights = path / "pytorch_model.bin"
-        state = read_torch_pickle(weights)
+        state = read_torch_pickle(weights, meta=True)
+        read = lambda: read_torch_pickle(weights)  # noqa: E731
     else:
         raise CheckpointError(
             f"{path}: no model.safetensors in this timm folder; download the weights too"
         )
     if "fc_norm.weight" in state or "norm_pre.weight" in state:
         raise CheckpointError(
-            f"{weights}: this timm model uses fc_norm/norm_pre layers that plain ViT does not have; not supported"
+            f"{weights}: this timm model uses fc_norm/norm_pre layers that plain ViT "
+            "does not have; not supported"
         )
-    depth, width, mlp_dim, num_heads = TIMM_SIZES[size]
-    # timm lets config.json override the named architecture through model_args.
-    args = config.get("model_args") or {}
-    width = int(args.get("embed_dim", width))
-    depth = int(args.get("depth", depth))
-    num_heads = int(args.get("num_heads", num_heads))
-    mlp_dim = (
-        int(width * float(args["mlp_ratio"]))
-        if "mlp_ratio" in args
-        else (mlp_dim if "embed_dim" not in args else 4 * width)
-    )
-    patch = int(args.get("patch_size", patch))
-    if args.get("class_token") is False or args.get("no_embed_class") or args.get("reg_tokens"):
-        raise CheckpointError(
-            f"{path}: timm model_args {args} describe a ViT variant this tool does not build"
-        )
-    input_size = pretrained.get("input_size")
-    if "img_size" in args:
-        image_size = args["img_size"]
-    elif input_size:
-        image_size = (int(input_size[-2]), int(input_size[-1]))
-    else:
-        image_size = name_size
-    if image_size is None:
-        # Neither config nor name says: a square grid from the position table.
-        pos = state.get("pos_embed")
-        tokens = int(pos.shape[1]) - 1 if pos is not None else 196
-        side = math.isqrt(tokens)
-        image_size = (side * patch, side * patch)
-    num_classes = int(
-        args.get("num_classes", config.get("num_classes", pretrained.get("num_classes", 1000)))
-    )
-    global_pool = args.get("global_pool", config.get("global_pool", "token")) or "token"
-    if global_pool not in ("token", "avg"):
-        raise CheckpointError(
-            f"{path}: global_pool {global_pool!r} is not supported (use token or avg)"
-        )
-    try:
-        vit_config = ViTConfig(
-            image_size=image_size,
-            patch_size=patch,
-            num_classes=num_classes,
-            width=width,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_dim=mlp_dim,
-            pool="cls" if global_pool == "token" else "mean",
-            ln_eps=1e-6,
-            act="gelu",
-            qkv_bias=bool(args.get("qkv_bias", True)),
-            name=f"{_PAPER_NAMES[size]}/{patch}" if size in _PAPER_NAMES and not args else "",
-        )
-    except ValueError as error:
-        raise CheckpointError(f"{path}: unusable timm config ({error})") from None
-    model = ViT(vit_config)
-    load_state(model, state, str(weights))
-    model.eval()
-    labels, label_source = labels_for(config, num_classes)
+    vit_config = _timm_config(path, config, args, pretrained, state, size, patch, name_size)
+    model = build_model(vit_config, state, str(weights), read=read)
+    labels, label_source = labels_for(config, vit_config.num_classes, str(path))
     preprocess, notes = preprocess_from_timm(pretrained, vit_config.image_size)
     extra: dict = {"architecture": arch, "labels_from": label_source}
     if pretrained.get("tag"):
@@ -216,3 +189,74 @@ def load_timm_folder(path: Path, config: dict, reference: str) -> ModelBundle:
         reference=reference,
         extra=extra,
     )
+
+
+def _timm_config(
+    path: Path,
+    config: dict,
+    args: dict,
+    pretrained: dict,
+    state: dict,
+    size: str,
+    patch: int,
+    name_size: tuple[int, int] | None,
+) -> ViTConfig:
+    where = str(path)
+    depth, width, mlp_dim, num_heads = TIMM_SIZES[size]
+    if args.get("class_token") is False or args.get("no_embed_class") or args.get("reg_tokens"):
+        raise CheckpointError(
+            f"{path}: timm model_args {args} describe a ViT variant this tool does not build"
+        )
+    global_pool = args.get("global_pool", config.get("global_pool", "token")) or "token"
+    if global_pool not in ("token", "avg"):
+        raise CheckpointError(
+            f"{path}: global_pool {global_pool!r} is not supported (use token or avg)"
+        )
+    try:
+        width = args.get("embed_dim", width)
+        if "mlp_ratio" in args:
+            mlp_dim = int(float(width) * float(args["mlp_ratio"]))
+        elif "embed_dim" in args:
+            mlp_dim = 4 * int(width)
+        input_size = pretrained.get("input_size")
+        if "img_size" in args:
+            image_size = args["img_size"]
+        elif input_size:
+            image_size = (input_size[-2], input_size[-1])
+        else:
+            image_size = name_size
+        patch = args.get("patch_size", patch)
+        if image_size is None:
+            # Neither config nor name says: a square grid from the position table.
+            pos = state.get("pos_embed")
+            tokens = int(pos.shape[1]) - 1 if pos is not None and pos.ndim == 3 else 196
+            side = math.isqrt(max(tokens, 1))
+            image_size = (side * int(patch), side * int(patch))
+    except (ValueError, TypeError, ArithmeticError, IndexError) as error:
+        raise CheckpointError(f"{path}: unusable timm config ({error})") from None
+    fields = check_config(
+        {
+            "image_size": image_size,
+            "patch_size": patch,
+            "num_classes": args.get(
+                "num_classes", config.get("num_classes", pretrained.get("num_classes", 1000))
+            ),
+            "width": width,
+            "depth": args.get("depth", depth),
+            "num_heads": args.get("num_heads", num_heads),
+            "mlp_dim": mlp_dim,
+            "qkv_bias": args.get("qkv_bias", True),
+        },
+        where,
+        names=TIMM_NAMES if args else {},
+    )
+    try:
+        return ViTConfig(
+            **fields,
+            pool="cls" if global_pool == "token" else "mean",
+            ln_eps=1e-6,
+            act="gelu",
+            name=f"{_PAPER_NAMES[size]}/{patch}" if size in _PAPER_NAMES and not args else "",
+        )
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{path}: unusable timm config ({error})") from None
