@@ -2,7 +2,7 @@
 
 Modules, in the order a batch meets them:
 - options:  AttentionOptions, the one frozen object describing a run (validated)
-- run:      run(options, on_progress) -> RunSummary: inputs, model, the loop, threads
+- runner:   run(options, on_progress) -> RunSummary: inputs, model, the loop, threads
 - batches:  decoding workers -> compute_batch per batch -> ImageAttention per image
 - methods:  the shared forward pass and the registry of named map methods (rollout, ...)
 - maps:     the maths (CLS maps, head fusion, rollout, mass masks), pure batched torch
@@ -16,7 +16,7 @@ Modules, in the order a batch meets them:
 from .batches import ImageAttention, attention_batches
 from .methods import METHODS, Forward, Method, class_specific, register
 from .options import AttentionOptions, parse_layers
-from .run import Progress, RunSummary, run
+from .runner import Progress, RunSummary, run
 
 __all__ = [
     "METHODS",

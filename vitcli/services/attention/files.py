@@ -113,16 +113,29 @@ def maps_arrays(result: ImageAttention) -> dict[str, np.ndarray]:
     return arrays
 
 
+def stable_header(blob: bytes) -> bytes:
+    """A safetensors file with its metadata in sorted order. The library writes the metadata
+    from a hash map whose order changes from process to process; sorted, equal maps give
+    byte-equal files. The header keeps its length (same content), so no offset moves."""
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    metadata = header.pop("__metadata__", None)
+    ordered = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    ordered.update(header)
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:  # not the library's compact form: leave the file as it is
+        return blob
+    return blob[:8] + text.ljust(size, b" ") + blob[8 + size :]
+
+
 def _write_maps(
     folder: Path, arrays: dict[str, np.ndarray], maps_format: MapsFormat, metadata: dict
 ) -> list[str]:
     if maps_format == MapsFormat.safetensors:
         from safetensors.numpy import save
 
-        write_atomic(
-            folder / "maps.safetensors",
-            save(arrays, metadata={k: json.dumps(v) for k, v in metadata.items()}),
-        )
+        blob = save(arrays, metadata={k: json.dumps(v) for k, v in metadata.items()})
+        write_atomic(folder / "maps.safetensors", stable_header(blob))
         return ["maps.safetensors"]
     written = []
     for name, array in arrays.items():

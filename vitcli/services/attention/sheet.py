@@ -81,7 +81,6 @@ def render_sheet(
             )
 
     titles = tuple(tuple(title for title, _ in row) for row in rows)
-    index, label, score = result.top[0]
     heatmap = options.style == Style.heatmap
     with _TEXT_LOCK:  # one FreeType face is shared by the rendering threads
         template, layout = _sheet_template(
@@ -94,18 +93,9 @@ def render_sheet(
         sheet = template.copy()
         draw = ImageDraw.Draw(sheet)
         text_w, pad = layout["text_w"], _PAD
-        draw.text(
-            (pad, 8),
-            _fit(f"{readable(label)}  {score:.1%}", font(20), text_w),
-            fill=(20, 20, 20),
-            font=font(20),
-        )
-        draw.text(
-            (pad, 38),
-            _fit(f"{readable(Path(result.path).name)}  ·  top-1 class {index}", font(13), text_w),
-            fill=(70, 70, 70),
-            font=font(13),
-        )
+        title, subtitle = title_lines(result)
+        draw.text((pad, 8), _fit(title, font(20), text_w), fill=(20, 20, 20), font=font(20))
+        draw.text((pad, 38), _fit(subtitle, font(13), text_w), fill=(70, 70, 70), font=font(13))
     for row, row_tiles in zip(layout["cells"], rows):
         for (tile_x, tile_y), (title, pixels) in zip(row, row_tiles):
             sheet.paste(Image.fromarray(pixels), (tile_x, tile_y))
@@ -122,6 +112,18 @@ def render_sheet(
                     width=2,
                 )
     return sheet
+
+
+def title_lines(result: ImageAttention) -> tuple[str, str]:
+    """The sheet's two title lines: the predicted label by name and its score, then the file
+    and what the maps show (attention and rollout are the same whatever the class)."""
+    _, label, score = result.top[0]
+    shown = " and ".join(["attention", *result.methods])
+    return (
+        f"{readable(label)}  {score:.1%}",
+        f"{readable(Path(result.path).name)}  ·  predicted label (top-1)  ·  "
+        f"{shown}: the same for every class",
+    )
 
 
 def header_parts(result: ImageAttention, options: AttentionOptions) -> tuple[str, ...]:
