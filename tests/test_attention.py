@@ -669,3 +669,74 @@ def test_sheet_from_the_decoders_display_equals_the_sheet_from_a_second_decode(t
         assert (tmp_path / "with" / name / "sheet.png").read_bytes() == (
             tmp_path / "without" / name / "sheet.png"
         ).read_bytes()
+
+
+def test_a_registered_method_gets_a_tile_and_an_array(tmp_path):
+    """The plug-in point for new methods: a class-agnostic one reading the shared forward's
+    weights, and a class-specific one using autograd (as gradient methods will)."""
+    from vitcli.services.attention import METHODS, Method, class_specific, register, run
+
+    def last_cls(forward, options):
+        weights = forward.weights[forward.model.config.depth - 1]  # B,nh,T,T
+        return weights.mean(1)[:, 0, forward.prefix :].reshape(-1, *forward.grid_size)
+
+    def gradient_of_target(model, pixels, targets):
+        pixels = pixels.detach().requires_grad_(True)
+        logits = model(pixels)
+        logits.gather(1, targets[:, None]).sum().backward()
+        patch = model.config.patch_size
+        saliency = pixels.grad.abs().sum(1)  # B,H,W
+        return torch.nn.functional.avg_pool2d(saliency[:, None], patch)[:, 0]  # B,Hp,Wp
+
+    register(Method("last-cls", last_cls, layers=lambda depth: [depth - 1]))
+    register(class_specific("saliency", gradient_of_target))
+    try:
+        model_path = save_model(
+            randomised(tiny(depth=2)), tmp_path / "m.safetensors", labels=["a", "b", "c"]
+        )
+        Image.new("RGB", (40, 40), (90, 20, 200)).save(tmp_path / "a.png")
+        options = AttentionOptions(
+            inputs=(str(tmp_path / "a.png"),),
+            out=tmp_path / "o",
+            model=str(model_path),
+            methods=("rollout", "last-cls", "saliency"),
+            workers=0,
+        )
+        summary = run(options)
+        assert not summary.failures
+        from safetensors.numpy import load_file
+
+        maps = load_file(str(tmp_path / "o" / "a" / "maps.safetensors"))
+        heads = maps["heads"]  # (1, nh, 4, 4): the last layer's CLS rows
+        np.testing.assert_allclose(maps["last-cls"], heads[0].mean(0), rtol=1e-5)
+        assert maps["saliency"].shape == (4, 4) and (maps["saliency"] > 0).all()
+        meta = json.loads((tmp_path / "o" / "a" / "meta.json").read_text())
+        assert meta["maps"]["saliency"] == [4, 4]
+        with pytest.raises(InputError, match="unknown method"):
+            AttentionOptions(methods=("nope",))
+    finally:
+        METHODS.pop("last-cls", None)
+        METHODS.pop("saliency", None)
+
+
+def test_help_lists_choices_and_examples():
+    result = CliRunner().invoke(app, ["attention", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for text in ("mean|max|min", "heatmap|mask", "per-map|shared", "safetensors|npy", "Examples"):
+        assert text in result.output
+    for flag in ("--per-head", "--html", "--rollout"):
+        (line,) = [line for line in result.output.splitlines() if f"{flag} " in line][:1]
+        assert "<bool>" not in line
+
+
+def test_building_the_cli_does_not_import_torch():
+    """torch must load after prefer_passive_waiting has set the OpenMP policy (and --help
+    stays fast): the CLI's imports of the attention option Enums must not pull it in."""
+    code = "import sys, vitcli.cli; sys.exit('torch' in sys.modules)"
+    process = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+        capture_output=True,
+    )
+    assert process.returncode == 0, process.stderr

@@ -13,10 +13,46 @@ Modules, in the order a batch meets them:
 - localization: rollout scored against object masks (the pointing game)
 """
 
-from .batches import ImageAttention, attention_batches
-from .methods import METHODS, Forward, Method, class_specific, register
-from .options import AttentionOptions, parse_layers
-from .runner import Progress, RunSummary, run
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Names resolve on first use (PEP 562): the CLI imports the option Enums from this package
+# while building `vit --help`, which must not load torch (and torch must load only after
+# runtime.prefer_passive_waiting has set the OpenMP policy).
+_EXPORTS = {
+    "AttentionOptions": "options",
+    "parse_layers": "options",
+    "ImageAttention": "batches",
+    "attention_batches": "batches",
+    "METHODS": "methods",
+    "Forward": "methods",
+    "Method": "methods",
+    "class_specific": "methods",
+    "register": "methods",
+    "Progress": "runner",
+    "RunSummary": "runner",
+    "run": "runner",
+    "colormaps": "",
+}
+
+if TYPE_CHECKING:
+    from . import colormaps
+    from .batches import ImageAttention, attention_batches
+    from .methods import METHODS, Forward, Method, class_specific, register
+    from .options import AttentionOptions, parse_layers
+    from .runner import Progress, RunSummary, run
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f".{_EXPORTS[name] or name}", __name__)
+    value = module if not _EXPORTS[name] else getattr(module, name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "METHODS",
@@ -28,6 +64,7 @@ __all__ = [
     "RunSummary",
     "attention_batches",
     "class_specific",
+    "colormaps",
     "parse_layers",
     "register",
     "run",
