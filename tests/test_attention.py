@@ -145,6 +145,7 @@ def hf_from_ours(model: ViT):
 
 
 # -- per-head maps against transformers --------------------------------------------------
+@pytest.mark.slow  # imports transformers
 @pytest.mark.parametrize("image_size", [(32, 32), (32, 48)], ids=["square", "non-square"])
 def test_per_head_maps_equal_transformers_eager_attentions(image_size):
     model = randomised(tiny(image_size=image_size))
@@ -398,6 +399,7 @@ def write_images(folder: Path) -> None:
     (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_subprocess(tmp_path):
     model = randomised(tiny(image_size=(32, 48), depth=3))
     model_path = save_model(

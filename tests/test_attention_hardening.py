@@ -157,6 +157,8 @@ def test_a_fifo_named_like_an_image_is_never_opened(tmp_path, tiny_model_file, w
         (["--layer", "last"], "--layer"),
         (["--batch-size", "0"], "--batch-size"),
         (["--batch-size", "100000"], "--batch-size"),
+        (["--device", "cuda:7"], "--device"),
+        (["--device", "tpu"], "device"),
     ],
 )
 def test_absurd_numbers_are_one_line_errors(tmp_path, args, option):

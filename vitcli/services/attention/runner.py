@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ...data.inputs import InputItem, collect_inputs, is_within, refuse_output_among_inputs
 from ...errors import InputError
+from ...runtime import resolve_device
 from ...weights.format import ModelBundle
 from .batches import ImageAttention, attention_batches
 from .files import (
@@ -143,6 +144,7 @@ def prepare(
             f"(--out {readable(str(options.out))} or earlier runs); name files one by one to "
             "use them as inputs"
         )
+    resolve_device(options.device)  # a device that is not there is refused before any file
     bundle = bundle if bundle is not None else load_model(options.model)
     config = bundle.config
     options = replace(options, layers=parse_layers(options.layers, config.depth))
