@@ -293,3 +293,13 @@ def test_maps_files_are_byte_identical_run_after_run(tmp_path):
     with safe_open(str(path), "np") as handle:
         assert handle.metadata() == metadata
         np.testing.assert_array_equal(handle.get_tensor("heads"), arrays["heads"])
+
+
+def test_an_existing_folder_of_the_users_is_not_marked(tmp_path, tiny_model_file):
+    desktop = tmp_path / "desktop"
+    save_images(desktop, 1)
+    (image,) = save_images(tmp_path / "in", 1)
+    run(options(tiny_model_file, [image], desktop))
+    assert not (desktop / MARKER).exists()  # a later scan of tmp_path still sees img0.png
+    summary = run(options(tiny_model_file, [tmp_path / "in"], tmp_path / "fresh"))
+    assert (tmp_path / "fresh" / MARKER).exists() and summary.total == 1

@@ -72,15 +72,18 @@ class IndexEntry:
 
 
 def prepare_out_dir(out_dir: Path) -> Path:
-    """Create the output folder and its marker file (which keeps later scans out of it)."""
+    """Create the output folder, marked as such (MARKER) when it is new or empty: later scans
+    skip marked folders. A folder that already held other files is not marked, so that
+    marking it never hides the user's own images from a later scan."""
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(
             f"--out {readable(str(out_dir))}: exists and is not a folder; pick another --out"
         )
     try:
+        fresh = not out_dir.exists() or next(os.scandir(out_dir), None) is None
         out_dir.mkdir(parents=True, exist_ok=True)
         marker = out_dir / MARKER
-        if not marker.exists():
+        if fresh:
             atomic_write_bytes(
                 marker,
                 b"Written by vit attention. Folders holding this file are skipped when vitcli "
