@@ -32,25 +32,21 @@ import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 # The same generated photo-like JPEGs as the predict benchmark (bench/ is on sys.path when run).
-from predict import make_images  # noqa: E402
+from predict import make_images
 
 from vitcli.data.inputs import collect_inputs
 from vitcli.data.preprocess import timm_default
 from vitcli.model import ViT, ViTConfig
 from vitcli.runtime import default_workers
-from vitcli.services.attention import (
-    AttentionOptions,
-    attention_batches,
-    default_batch_size,
-    run_attention,
-)
+from vitcli.services.attention import AttentionOptions, attention_batches, run
+from vitcli.services.attention.options import default_batch_size
 from vitcli.services.predict import PredictOptions, PredictRun
-from vitcli.services.render import RenderOptions
 from vitcli.weights.format import load_vitcli_file, save_model
 
 
@@ -91,7 +87,9 @@ def main() -> None:
         workers = default_workers() if args.workers is None else args.workers
         predict_batch = args.batch_size or 32
         attention_batch = args.batch_size or default_batch_size(bundle.config)
-        options = AttentionOptions(layers=(-1,), rollout=True)
+        options = AttentionOptions(
+            layers=(-1,), batch_size=attention_batch, workers=workers, out=work / "out"
+        )
 
         def run_predict() -> None:
             run = PredictRun(
@@ -103,36 +101,23 @@ def main() -> None:
         def run_maps_only() -> None:
             count = 0
             for results, failures in attention_batches(
-                bundle,
-                [item.path for item in items],
-                options,
-                batch_size=attention_batch,
-                workers=workers,
+                bundle, [item.path for item in items], options
             ):
                 assert not failures
                 count += len(results)
             assert count == len(items)
 
-        def run_full(render_workers: int | None = None) -> None:
-            out = work / "out"
-            shutil.rmtree(out, ignore_errors=True)
-            summary = run_attention(
-                bundle,
-                items,
-                out,
-                options,
-                RenderOptions(),
-                batch_size=attention_batch,
-                workers=workers,
-                render_workers=render_workers,
-            )
+        def run_full(render_threads: int | None = None) -> None:
+            shutil.rmtree(work / "out", ignore_errors=True)
+            chosen = options if render_threads is None else replace(options, render_threads=0)
+            summary = run(replace(chosen, inputs=(str(images),)), bundle=bundle)
             assert len(summary.written) == len(items), summary.failures
 
         runs = {
             "predict": run_predict,
             "maps only": run_maps_only,
             "attention": run_full,  # the default: drawing overlapped with the next forward
-            "inline": lambda: run_full(render_workers=0),  # drawing after each batch, same thread
+            "inline": lambda: run_full(render_threads=0),  # drawing after each batch, same thread
         }
         times: dict[str, list[float]] = {name: [] for name in runs}
         run_full()  # warm-up: page cache, allocator, fonts
@@ -146,11 +131,13 @@ def main() -> None:
         median = {name: statistics.median(values) for name, values in times.items()}
         print(
             f"{args.variant}, {args.images} JPEGs {width}x{height}, torch {torch.__version__}, "
-            f"{args.threads} threads, {workers} decoding workers, {platform.processor() or platform.machine()}, "
+            f"{args.threads} threads, {workers} decoding workers, "
+            f"{platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} CPUs, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}"
         )
         print(
-            f"batch size: predict {predict_batch}, attention {attention_batch}; best of {args.repeats} (median)"
+            f"batch size: predict {predict_batch}, attention {attention_batch}; "
+            f"best of {args.repeats} (median)"
         )
         for name in runs:
             print(

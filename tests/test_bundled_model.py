@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vitcli.data.shapes import SHAPES, generate
-from vitcli.services.localization import evaluate_localization, shapes_dataset
+from vitcli.services.attention.localization import evaluate_localization, shapes_dataset
 from vitcli.weights.resolve import DEFAULT_MODEL_NAME, default_model_path, load_model
 
 PER_CLASS = 12

@@ -3,7 +3,7 @@
 import numpy as np
 
 from vitcli.data.preprocess import Preprocess
-from vitcli.services.localization import mask_on_grid, score_map
+from vitcli.services.attention.localization import mask_on_grid, score_map
 
 
 def square_mask(size=64, box=(16, 8, 32, 24)):

@@ -15,7 +15,7 @@ import time
 import torch
 
 from vitcli.data.loader import image_batches
-from vitcli.services.localization import evaluate_localization, shapes_dataset
+from vitcli.services.attention.localization import evaluate_localization, shapes_dataset
 from vitcli.weights.format import atomic_write_bytes
 from vitcli.weights.resolve import load_model
 

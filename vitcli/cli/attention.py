@@ -1,122 +1,212 @@
-"""`vit attention`: per-head attention maps and rollout as overlays, plus the raw maps."""
+"""`vit attention`: per-head attention maps and rollout as overlays, plus the raw maps.
+
+Parses the options into one `AttentionOptions`, runs the service with a progress bar, prints
+the summary. Loading the model, collecting inputs and writing happen in the service.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from ..services.attention.options import (
+    Colormap,
+    HeadFusion,
+    Interpolation,
+    MapsFormat,
+    Scale,
+    Style,
+)
+from .common import DeviceOption, ModelOption, QuietOption, WorkersOption
+
+EXAMPLES = """\
+[b]Examples[/b]
+
+  vit attention photos/ --html                 [dim]# a sheet per image, index.html to browse[/dim]
+  vit attention cat.jpg --layer all --per-head [dim]# every layer, one PNG per head[/dim]
+  vit attention cat.jpg --style mask --blur 16 [dim]# the paper's Fig. 6 look[/dim]
+  vit attention cat.jpg --threshold 0.6 -m timm/vit_small_patch16_224.augreg_in21k_ft_in1k
+"""
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    """Control characters (ESC, CR, ...) and undecodable file-name bytes as visible escapes,
+    so that a file name or label can never move the cursor or clear the screen."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        import os
+
+        text = os.fsencode(text).decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
+
 
 def register(app: typer.Typer) -> None:
-    @app.command("attention")
+    @app.command("attention", epilog=EXAMPLES)
     def attention(
-        inputs: list[str] = typer.Argument(
-            ...,
-            metavar="INPUTS",
-            help="Image files, folders (recursive), quoted globs, or '-' for paths on stdin.",
-        ),
-        model: str | None = typer.Option(
-            None, "--model", "-m", help="Model file, folder or hub id; default: the bundled model."
-        ),
-        out: Path = typer.Option(
-            Path("attention"), "--out", "-o", help="Output folder; one subfolder per image."
-        ),
-        layer: list[str] | None = typer.Option(
-            None,
-            "--layer",
-            "-l",
-            help="Layer(s) for per-head maps: an index (negative from the end), repeatable or comma-separated, or 'all'. Default: the last.",
-        ),
-        rollout: bool = typer.Option(
-            True, "--rollout/--no-rollout", help="Compute attention rollout over all layers."
-        ),
-        head_fusion: str = typer.Option(
-            "mean", "--head-fusion", help="Rollout head fusion: mean, max or min."
-        ),
-        discard_ratio: float = typer.Option(
-            0.0,
-            "--discard-ratio",
-            help="Rollout: zero this fraction of the lowest patch weights per row (CLS kept).",
-        ),
-        threshold: float | None = typer.Option(
-            None,
-            "--threshold",
-            help="DINO mass threshold per head, e.g. 0.6: mask of the top patches holding that mass.",
-        ),
-        per_head: bool = typer.Option(
-            False, "--per-head", help="Also write one overlay PNG per head, head mean and rollout."
-        ),
-        style: str = typer.Option(
-            "heatmap",
-            "--style",
-            help="heatmap (colormap blend) or mask (image dimmed where attention is low, Fig. 6).",
-        ),
-        colormap: str = typer.Option(
-            "viridis", "--colormap", help="viridis, inferno, magma, plasma, jet, gray or hot."
-        ),
-        alpha: float | None = typer.Option(
-            None, "--alpha", help="Overlay strength in [0, 1]; default 0.5 heatmap, 1.0 mask."
-        ),
-        interpolation: str = typer.Option(
-            "bilinear", "--interpolation", help="nearest (true patch blocks), bilinear or bicubic."
-        ),
-        scale: str = typer.Option(
-            "per-map",
-            "--scale",
-            help="per-map, or shared: one range for all head maps of an image.",
-        ),
-        blur: float = typer.Option(
-            0.0,
-            "--blur",
-            help="Gaussian blur sigma in original pixels (the paper uses ~ the patch size).",
-        ),
-        tile: int = typer.Option(224, "--tile", help="Long side of each sheet tile, pixels."),
-        html: bool = typer.Option(
-            False, "--html", help="Write index.html, a contact sheet linking every sheet."
-        ),
-        maps_format: str = typer.Option(
-            "safetensors",
-            "--maps-format",
-            help="safetensors (maps.safetensors) or npy (one .npy per array).",
-        ),
-        batch_size: int | None = typer.Option(
-            None,
-            "--batch-size",
-            "-b",
-            min=1,
-            show_default=False,
-            help="Images per forward pass. Default: 32, fewer for large models (attention weights of every layer are kept).",
-        ),
-        workers: int | None = typer.Option(
-            None,
-            "--workers",
-            "-w",
-            min=0,
-            show_default=False,
-            help="Decoding worker processes (0: decode in the main process). Default: half the CPUs, at most 8.",
-        ),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-        quiet: bool = typer.Option(
-            False, "--quiet", "-q", help="No progress bar and no summary unless something failed."
-        ),
+        inputs: Annotated[
+            list[str],
+            typer.Argument(
+                metavar="INPUTS",
+                show_default=False,
+                help="Image files, folders (recursive), quoted globs, or '-' for paths on stdin.",
+            ),
+        ],
+        model: ModelOption = None,
+        out: Annotated[
+            Path,
+            typer.Option(
+                "--out",
+                "-o",
+                metavar="DIR",
+                help="Output folder; one subfolder per image. Scans never read images from it.",
+            ),
+        ] = Path("attention"),
+        layer: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--layer",
+                "-l",
+                metavar="N|all",
+                show_default=False,
+                help="Layers for per-head maps: an index (negative from the end), repeatable "
+                "or comma-separated, or 'all'. \\[default: -1, the last]",
+            ),
+        ] = None,
+        rollout: Annotated[
+            bool,
+            typer.Option(
+                "--rollout/--no-rollout",
+                metavar="",
+                help="Attention rollout over all layers, drawn beside the original.",
+            ),
+        ] = True,
+        head_fusion: Annotated[
+            HeadFusion, typer.Option("--head-fusion", help="Rollout: how heads are fused.")
+        ] = HeadFusion.mean,
+        discard_ratio: Annotated[
+            float,
+            typer.Option(
+                "--discard-ratio",
+                metavar="[0,1)",
+                help="Rollout: zero this fraction of the lowest patch weights per row (CLS kept).",
+            ),
+        ] = 0.0,
+        threshold: Annotated[
+            float | None,
+            typer.Option(
+                "--threshold",
+                metavar="(0,1]",
+                show_default=False,
+                help="Outline, per head, the top patches holding this share of the mass "
+                "(DINO; e.g. 0.6).",
+            ),
+        ] = None,
+        per_head: Annotated[
+            bool,
+            typer.Option(
+                "--per-head",
+                metavar="",
+                help="Also write one overlay PNG per head, head mean and rollout.",
+            ),
+        ] = False,
+        style: Annotated[
+            Style,
+            typer.Option(
+                "--style",
+                help="heatmap: colormap blend; mask: the image dimmed where attention is low "
+                "(the paper's Fig. 6).",
+            ),
+        ] = Style.heatmap,
+        colormap: Annotated[Colormap, typer.Option("--colormap")] = Colormap.viridis,
+        alpha: Annotated[
+            float | None,
+            typer.Option(
+                "--alpha",
+                metavar="[0,1]",
+                show_default=False,
+                help="Overlay strength. \\[default: 0.5 heatmap, 1.0 mask]",
+            ),
+        ] = None,
+        interpolation: Annotated[
+            Interpolation,
+            typer.Option("--interpolation", help="nearest shows the true patch blocks."),
+        ] = Interpolation.bilinear,
+        scale: Annotated[
+            Scale,
+            typer.Option(
+                "--scale", help="shared: one range for all head maps of an image, comparable."
+            ),
+        ] = Scale.per_map,
+        blur: Annotated[
+            float,
+            typer.Option(
+                "--blur",
+                metavar="PIXELS",
+                help="Gaussian blur sigma in original pixels (the paper uses ~ the patch size).",
+            ),
+        ] = 0.0,
+        tile: Annotated[
+            int,
+            typer.Option("--tile", metavar="32..1024", help="Long side of each sheet tile, px."),
+        ] = 224,
+        html: Annotated[
+            bool,
+            typer.Option(
+                "--html", metavar="", help="Write index.html, a contact sheet linking every sheet."
+            ),
+        ] = False,
+        maps_format: Annotated[
+            MapsFormat,
+            typer.Option(
+                "--maps-format", help="maps.safetensors, or one .npy per array (numpy.load)."
+            ),
+        ] = MapsFormat.safetensors,
+        batch_size: Annotated[
+            int | None,
+            typer.Option(
+                "--batch-size",
+                "-b",
+                metavar="N",
+                show_default=False,
+                help="Images per forward pass. \\[default: 32, fewer for large models: the "
+                "attention weights of every layer are kept]",
+            ),
+        ] = None,
+        workers: WorkersOption = None,
+        device: DeviceOption = "auto",
+        quiet: QuietOption = False,
     ) -> None:
         """Attention maps: per-head CLS maps, head means, rollout; overlays on the original image.
 
         Writes OUT/<image stem>/sheet.png, maps.safetensors (or .npy) and meta.json per image.
         """
-        from ..runtime import prefer_passive_waiting
+        from ..runtime import prefer_passive_waiting, resolve_workers
 
         prefer_passive_waiting()  # before torch loads: decoders share the CPU with the model
         from rich.markup import escape
 
-        from ..console import err, make_progress, print_error
-        from ..data.inputs import collect_inputs
-        from ..services.attention import AttentionOptions, parse_layers, run_attention
-        from ..services.render import RenderOptions
-        from ..weights.resolve import load_model
+        from ..console import err, make_progress, print_error, print_warning
+        from ..services.attention import AttentionOptions, Progress, run
 
-        items = collect_inputs(inputs)
-        render_options = RenderOptions(
+        worker_count, warning = resolve_workers(workers)
+        if warning:
+            print_warning(warning)
+        options = AttentionOptions(
+            inputs=tuple(inputs),
+            out=out,
+            model=model,
+            layers=tuple(layer or ("-1",)),
+            methods=("rollout",) if rollout else (),
+            head_fusion=head_fusion,
+            discard_ratio=discard_ratio,
+            threshold=threshold,
+            per_head=per_head,
             style=style,
             colormap=colormap,
             alpha=alpha,
@@ -124,46 +214,34 @@ def register(app: typer.Typer) -> None:
             scale=scale,
             blur=blur,
             tile=tile,
-        )
-        bundle = load_model(model)
-        options = AttentionOptions(
-            layers=parse_layers(layer, bundle.config.depth),
-            rollout=rollout,
-            head_fusion=head_fusion,
-            discard_ratio=discard_ratio,
-            threshold=threshold,
+            html=html,
+            maps_format=maps_format,
+            batch_size="auto" if batch_size is None else batch_size,
+            workers=worker_count,
+            device=device,
         )
         with make_progress(quiet=quiet) as bar:
-            task = bar.add_task("attention", total=len(items), rate="")
+            task = bar.add_task("attention", total=None, rate="")
 
-            def advance(count: int) -> None:
-                bar.advance(task, count)
+            def on_progress(step: Progress) -> None:
+                for _, message in step.failures:
+                    print_error(terminal_safe(message))
+                bar.update(task, total=step.total, completed=step.done)
                 elapsed = bar.tasks[task].elapsed or 0.0
-                done = bar.tasks[task].completed
-                bar.update(task, rate=f"{done / elapsed:.1f} img/s" if elapsed > 0 else "")
+                rate = f"{step.done / elapsed:.1f} img/s" if elapsed > 0 and step.done else ""
+                bar.update(task, rate=rate)
 
-            summary = run_attention(
-                bundle,
-                items,
-                out,
-                options,
-                render_options,
-                per_head=per_head,
-                html=html,
-                maps_format=maps_format,
-                batch_size=batch_size,
-                workers=workers,
-                device=device,
-                progress=advance,
-                on_failure=lambda path, message: print_error(message),
-            )
+            summary = run(options, on_progress)
+        for warning in summary.warnings:
+            print_warning(terminal_safe(warning))
         failed = len(summary.failures)
         if failed or not quiet:
-            line = f"{len(summary.written)} of {summary.total} images written to {escape(str(summary.out_dir))}"
+            where = escape(terminal_safe(str(summary.out_dir)))
+            line = f"{len(summary.written)} of {summary.total} images written to {where}"
             line += f", [red]{failed} failed[/]" if failed else ""
             line += f" in {summary.seconds:.1f} s"
             if summary.index_html is not None:
-                line += f"; contact sheet {escape(str(summary.index_html))}"
+                line += f"; contact sheet {escape(terminal_safe(str(summary.index_html)))}"
             err.print(line, highlight=False, soft_wrap=True)
         if summary.failures:
             raise typer.Exit(1)

@@ -13,16 +13,18 @@ For datasets that carry each object's mask (`vit data shapes` writes them), two 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from ..data.preprocess import Geometry
-from ..errors import DatasetError
-from ..weights.format import ModelBundle
-from .attention import AttentionOptions, attention_batches
+from ...data.preprocess import Geometry
+from ...errors import DatasetError
+from ...runtime import default_workers
+from ...weights.format import ModelBundle
+from .batches import attention_batches
+from .options import AttentionOptions
 
 
 @dataclass
@@ -110,16 +112,23 @@ def evaluate_localization(
     workers: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> LocalizationResult:
-    """Score the rollout of every image against its mask; `labels[i]` is image i's true class."""
+    """Score the rollout of every image against its mask; `labels[i]` is image i's true class.
+
+    `options` (default: rollout, mean fusion) shape the maps; `batch_size` and `workers`
+    (None: the default for this machine) replace its runtime fields.
+    """
     if len(image_paths) != len(mask_paths):
         raise ValueError("one mask per image")
     if not image_paths:
         raise DatasetError("no images to score")
-    options = options or AttentionOptions(layers=(-1,), rollout=True)
+    options = replace(
+        options or AttentionOptions(),
+        methods=("rollout",),
+        batch_size=batch_size,
+        workers=default_workers() if workers is None else workers,
+    )
     result = LocalizationResult()
-    for results, failures in attention_batches(
-        bundle, list(image_paths), options, batch_size=batch_size, workers=workers
-    ):
+    for results, failures in attention_batches(bundle, list(image_paths), options):
         result.failures.extend(message for _, message in failures)
         for item in results:
             try:
@@ -132,7 +141,9 @@ def evaluate_localization(
                     f"{mask_paths[item.index]}: mask size differs from its image"
                 )
                 continue
-            hit, strict, overlap, mass, share = score_map(item.rollout, mask, item.geometry)
+            hit, strict, overlap, mass, share = score_map(
+                item.methods["rollout"], mask, item.geometry
+            )
             result.images += 1
             result.hits += hit
             result.strict_hits += strict
@@ -148,8 +159,8 @@ def evaluate_localization(
 
 def shapes_dataset(data_dir: str | Path) -> tuple[list[str], list[str], list[str]]:
     """(images, masks, labels) of a `vit data shapes` folder, in a stable order."""
-    from ..data.inputs import natural_key
-    from ..data.shapes import mask_path
+    from ...data.inputs import natural_key
+    from ...data.shapes import mask_path
 
     root = Path(data_dir)
     images = sorted((str(p) for p in root.glob("*/*.jpg")), key=natural_key)
@@ -159,6 +170,7 @@ def shapes_dataset(data_dir: str | Path) -> tuple[list[str], list[str], list[str
     missing = [m for m in masks if not Path(m).is_file()]
     if missing:
         raise DatasetError(
-            f"{root}: {len(missing)} images have no mask (e.g. {missing[0]}); regenerate with `vit data shapes`"
+            f"{root}: {len(missing)} images have no mask (e.g. {missing[0]}); "
+            "regenerate with `vit data shapes`"
         )
     return images, masks, [Path(p).parent.name for p in images]

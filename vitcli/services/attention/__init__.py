@@ -1,0 +1,71 @@
+"""`vit attention`: attention maps of a ViT, drawn on the original images and written to disk.
+
+Modules, in the order a batch meets them:
+- options:  AttentionOptions, the one frozen object describing a run (validated)
+- runner:   run(options, on_progress) -> RunSummary: inputs, model, the loop, threads
+- batches:  decoding workers -> compute_batch per batch -> ImageAttention per image
+- methods:  the shared forward pass and the registry of named map methods (rollout, ...)
+- maps:     the maths (CLS maps, head fusion, rollout, mass masks), pure batched torch
+- paint:    sampling grid maps onto pixels, blending overlays; colormaps: the tables
+- sheet:    the contact sheet's layout and text; png: the fast PNG encoder
+- files:    output folder, maps.safetensors / .npy, meta.json, per-head PNGs, index.html
+- names:    output folder names; file names made safe to show or store
+- localization: rollout scored against object masks (the pointing game)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Names resolve on first use (PEP 562): the CLI imports the option Enums from this package
+# while building `vit --help`, which must not load torch (and torch must load only after
+# runtime.prefer_passive_waiting has set the OpenMP policy).
+_EXPORTS = {
+    "AttentionOptions": "options",
+    "parse_layers": "options",
+    "ImageAttention": "batches",
+    "attention_batches": "batches",
+    "METHODS": "methods",
+    "Forward": "methods",
+    "Method": "methods",
+    "class_specific": "methods",
+    "register": "methods",
+    "Progress": "runner",
+    "RunSummary": "runner",
+    "run": "runner",
+    "colormaps": "",
+}
+
+if TYPE_CHECKING:
+    from . import colormaps
+    from .batches import ImageAttention, attention_batches
+    from .methods import METHODS, Forward, Method, class_specific, register
+    from .options import AttentionOptions, parse_layers
+    from .runner import Progress, RunSummary, run
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f".{_EXPORTS[name] or name}", __name__)
+    value = module if not _EXPORTS[name] else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "METHODS",
+    "AttentionOptions",
+    "Forward",
+    "ImageAttention",
+    "Method",
+    "Progress",
+    "RunSummary",
+    "attention_batches",
+    "class_specific",
+    "colormaps",
+    "parse_layers",
+    "register",
+    "run",
+]

@@ -1,0 +1,162 @@
+"""Images in, maps out: batches decoded in worker processes, each through `compute_batch`.
+
+Two guarantees live here. A path that is not a regular file (a FIFO, socket or device named
+like an image) is reported as a failure without ever being opened: opening a FIFO for
+reading blocks until a writer comes. And decoding workers die with the process that started
+them: on Linux each worker asks the kernel for SIGKILL when its parent goes (PR_SET_PDEATHSIG),
+so a `vit attention` killed by SIGKILL or SIGTERM leaves no worker behind (a worker whose
+result pipe is full would otherwise wait on it forever).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import signal
+import stat
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
+
+import numpy as np
+
+from ...data.loader import image_batches, normalize
+from ...data.preprocess import Geometry
+from ...runtime import resolve_device
+from ...weights.format import ModelBundle
+from .methods import compute_batch
+from .options import AttentionOptions, default_batch_size, parse_layers
+
+QUERY_CLS = "cls"
+QUERY_MEAN = "mean"  # fallback for models without a CLS token
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class ImageAttention:
+    index: int  # position in the input list
+    path: str
+    geometry: Geometry
+    grid_size: tuple[int, int]  # (Hp, Wp) of the actual input
+    layers: list[int]
+    heads: np.ndarray  # (layers, nh, Hp, Wp) float32
+    head_mean: np.ndarray  # (layers, Hp, Wp) float32
+    methods: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (Hp, Wp) float32
+    masks: np.ndarray | None = None  # (layers, nh, Hp, Wp) uint8, with a threshold
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (index, label, p), top-5
+    query: str = QUERY_CLS
+    display: np.ndarray | None = None  # (h, w, 3) uint8 original for the sheet, from the decoder
+
+    @property
+    def rollout(self) -> np.ndarray | None:
+        return self.methods.get("rollout")
+
+
+def not_a_regular_file(path: str) -> str | None:
+    """The failure message for a path that must not be opened, or None for a regular file.
+
+    Links are followed (a link to an image is fine). A missing file is left to the decoder,
+    which says so in its own words.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kind = (
+        "a FIFO"
+        if stat.S_ISFIFO(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "a folder"
+        if stat.S_ISDIR(mode)
+        else "not a regular file"
+    )
+    return f"{path}: is {kind}, not an image file; skipped without reading it"
+
+
+def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: the kernel sends SIGKILL to this worker when its parent
+    dies. The worker is forked by the thread that iterates the loader; that thread lives as
+    long as the run (the main thread), which matters because the signal follows the thread."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # no prctl: torch's own watchdog still ends an idle worker
+    if os.getppid() != parent_pid:  # the parent died before the request was in place
+        os._exit(1)
+
+
+def resolve_batch_size(options: AttentionOptions, config) -> int:
+    if options.batch_size == "auto":
+        return default_batch_size(config)
+    return options.batch_size
+
+
+def attention_batches(
+    bundle: ModelBundle,
+    paths: Sequence[str],
+    options: AttentionOptions,
+    *,
+    errors: Sequence[str | None] | None = None,
+    display_long_side: int | None = None,
+) -> Iterator[tuple[list[ImageAttention], list[tuple[int, str]]]]:
+    """Yield (results, failures) per batch, in input order; positions index `paths`.
+
+    `errors[i]`, when not None, is reported as the failure of position i without reading it.
+    `display_long_side`: each result also carries its original scaled to that long side.
+    """
+    model = bundle.model.eval()  # dropout off before any map is taken
+    target = resolve_device(options.device)
+    model.to(target)
+    depth = model.config.depth
+    layers = list(parse_layers(options.layers, depth))  # range-checked, sorted, distinct
+    options = replace(options, layers=tuple(layers))
+    query = QUERY_CLS if model.config.num_prefix_tokens else QUERY_MEAN
+    batch_size = resolve_batch_size(options, bundle.config)
+    known = list(errors) if errors is not None else [None] * len(paths)
+    known = [error or not_a_regular_file(path) for path, error in zip(paths, known)]
+    # Worker start-up is pure cost when there is nothing to overlap with (as predict does).
+    workers = max(0, min(options.workers, math.ceil(len(paths) / batch_size) - 1))
+    loader = image_batches(
+        paths,
+        bundle.preprocess,
+        batch_size=batch_size,
+        workers=workers,
+        pin_memory=target.type == "cuda",
+        errors=known,
+        display_long_side=display_long_side,
+    )
+    if workers:
+        loader.worker_init_fn = partial(die_with_parent, os.getpid())
+    for batch in loader:
+        results: list[ImageAttention] = []
+        if batch.indices:
+            maps = compute_batch(
+                model, normalize(batch.pixels, bundle.preprocess, target), options, bundle.labels
+            )
+            for row, (index, geometry) in enumerate(zip(batch.indices, batch.geometries)):
+                results.append(
+                    ImageAttention(
+                        index=index,
+                        path=paths[index],
+                        geometry=geometry,
+                        grid_size=maps["grid_size"],
+                        layers=layers,
+                        heads=maps["heads"][row].numpy(),
+                        head_mean=maps["head_mean"][row].numpy(),
+                        methods={name: m[row].numpy() for name, m in maps["methods"].items()},
+                        masks=maps["masks"][row].numpy() if "masks" in maps else None,
+                        top=maps["top"][row],
+                        query=query,
+                        display=batch.displays[row] if batch.displays is not None else None,
+                    )
+                )
+        yield results, list(batch.failures)

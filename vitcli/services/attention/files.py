@@ -1,0 +1,299 @@
+"""Writing one image's outputs (sheet.png, maps, meta.json, per-head PNGs), the output
+folder and index.html. Every file is written atomically (temp file + rename): a reader, a
+kill or a full disk never leaves half a file, and a failed write removes its temp file.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import os
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..._version import __version__
+from ...data.images import display_size, open_image
+from ...errors import ImageDecodeError, InputError, VitError
+from ...fileio import atomic_write_bytes
+from ...weights.format import ModelBundle
+from .batches import ImageAttention
+from .names import json_text, readable
+from .options import AttentionOptions, MapsFormat
+from .paint import overlay_tiles
+from .png import png_bytes
+from .sheet import render_sheet
+
+TOKEN_ORDER = "[CLS, patch_0, ..., patch_{N-1}]; patch k covers grid row k // Wp, column k % Wp"
+MARKER = ".vitcli-attention"  # in every output folder: scans for inputs skip such folders
+
+
+class RenderError(VitError):
+    """One image whose outputs could not be drawn or written; the run records it and goes on."""
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every image of a run shares: model facts for meta.json, and the options."""
+
+    model: dict
+    preprocess: dict
+    patch_size: int
+    options: AttentionOptions
+
+    @classmethod
+    def from_bundle(cls, bundle: ModelBundle, options: AttentionOptions) -> RunContext:
+        config = bundle.config
+        model = {
+            "reference": bundle.reference,
+            "format": bundle.source_format,
+            "name": config.name,
+            "config": config.to_dict(),
+        }
+        return cls(
+            model=model,
+            preprocess=bundle.preprocess.to_dict(),
+            patch_size=config.patch_size,
+            options=options,
+        )
+
+
+@dataclass
+class IndexEntry:
+    path: str
+    name: str
+    label: str | None = None
+    score: float | None = None
+    error: str | None = None
+
+
+def prepare_out_dir(out_dir: Path) -> Path:
+    """Create the output folder, marked as such (MARKER) when it is new or empty: later scans
+    skip marked folders. A folder that already held other files is not marked, so that
+    marking it never hides the user's own images from a later scan."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(
+            f"--out {readable(str(out_dir))}: exists and is not a folder; pick another --out"
+        )
+    try:
+        fresh = not out_dir.exists() or next(os.scandir(out_dir), None) is None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        marker = out_dir / MARKER
+        if fresh:
+            atomic_write_bytes(
+                marker,
+                b"Written by vit attention. Folders holding this file are skipped when vitcli "
+                b"scans a folder for input images.\n",
+                durable=False,
+            )
+    except OSError as error:
+        raise InputError(
+            f"--out {readable(str(out_dir))}: cannot write there ({error.strerror or error}); "
+            "pick another --out"
+        ) from None
+    return out_dir
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Atomic, without fsync: a sheet is cheap to redo and a run writes thousands of files."""
+    atomic_write_bytes(path, data, durable=False)
+
+
+def maps_arrays(result: ImageAttention) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {
+        "heads": np.ascontiguousarray(result.heads, dtype=np.float32),  # layers, nh, Hp, Wp
+        "head_mean": np.ascontiguousarray(result.head_mean, dtype=np.float32),  # layers, Hp, Wp
+        "layers": np.asarray(result.layers, dtype=np.int64),
+    }
+    for name, grid_map in result.methods.items():
+        arrays[name] = np.ascontiguousarray(grid_map, dtype=np.float32)  # Hp, Wp
+    if result.masks is not None:
+        arrays["masks"] = np.ascontiguousarray(result.masks, dtype=np.uint8)  # layers, nh, Hp, Wp
+    return arrays
+
+
+def stable_header(blob: bytes) -> bytes:
+    """A safetensors file with its metadata in sorted order. The library writes the metadata
+    from a hash map whose order changes from process to process; sorted, equal maps give
+    byte-equal files. The header keeps its length (same content), so no offset moves."""
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    metadata = header.pop("__metadata__", None)
+    ordered = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    ordered.update(header)
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:  # not the library's compact form: leave the file as it is
+        return blob
+    return blob[:8] + text.ljust(size, b" ") + blob[8 + size :]
+
+
+def _write_maps(
+    folder: Path, arrays: dict[str, np.ndarray], maps_format: MapsFormat, metadata: dict
+) -> list[str]:
+    if maps_format == MapsFormat.safetensors:
+        from safetensors.numpy import save
+
+        blob = save(arrays, metadata={k: json.dumps(v) for k, v in metadata.items()})
+        write_atomic(folder / "maps.safetensors", stable_header(blob))
+        return ["maps.safetensors"]
+    written = []
+    for name, array in arrays.items():
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        write_atomic(folder / f"{name}.npy", buffer.getvalue())
+        written.append(f"{name}.npy")
+    return written
+
+
+def _load_original(path: str, long_side: int) -> Image.Image:
+    def draft_for(width: int, height: int) -> tuple[int, int]:
+        return display_size((width, height), min(long_side, max(width, height)))
+
+    image, _ = open_image(path, draft_for=draft_for)
+    return image
+
+
+def _display_fits(result: ImageAttention, tile: int) -> bool:
+    """Whether the decoder's display image is what a fresh decode would give the sheet: scaled
+    to the tile exactly, or the whole original when that is no larger. (A model whose JPEG
+    draft decode came out smaller than the tile sends less; then the file is read again.)"""
+    if result.display is None:
+        return False
+    size = (result.display.shape[1], result.display.shape[0])
+    return size == display_size(result.geometry.original_size, tile) or size == tuple(
+        result.geometry.original_size
+    )
+
+
+def write_image_outputs(result: ImageAttention, folder: Path, context: RunContext) -> IndexEntry:
+    """sheet.png, the maps, meta.json (and per-head PNGs) for one image, each file atomic."""
+    options = context.options
+    try:
+        original_long = max(result.geometry.original_size)
+        individual_long = min(max(original_long, options.tile), options.individual_size)
+        needed = max(options.tile, individual_long if options.per_head else 0)
+        if (
+            result.display is not None
+            and _display_fits(result, options.tile)
+            and not options.per_head
+        ):
+            # The decoding worker already made the sheet-sized original: no second decode.
+            image = Image.fromarray(result.display)
+        else:
+            image = _load_original(result.path, needed)
+        folder.mkdir(parents=True, exist_ok=True)
+        files: dict = {"sheet": "sheet.png"}
+        write_atomic(folder / "sheet.png", png_bytes(render_sheet(result, image, options)))
+        if options.per_head:
+            size = display_size(result.geometry.original_size, individual_long)
+            individual = []
+            for stem, _, pixels in overlay_tiles(result, image, options, size):
+                write_atomic(folder / f"{stem}.png", png_bytes(pixels))
+                individual.append(f"{stem}.png")
+            files["per_head"] = individual
+        arrays = maps_arrays(result)
+        grid = list(result.grid_size)
+        files["maps"] = _write_maps(
+            folder,
+            arrays,
+            options.maps_format,
+            {"layers": result.layers, "grid": grid, "token_order": TOKEN_ORDER},
+        )
+        index, label, score = result.top[0]
+        query_note = (
+            "CLS query row over the patch keys, A[b, h, 0, 1:]"
+            if result.query == "cls"
+            else "the model has no CLS token: mean over all query tokens of A[b, h, :, :] "
+            "(and of the rollout rows)"
+        )
+        meta = {
+            "vitcli_version": __version__,
+            "input": result.path,
+            "model": context.model,
+            "preprocess": context.preprocess,
+            "geometry": {
+                "original_size": list(result.geometry.original_size),
+                "box": [float(v) for v in result.geometry.box],
+                "note": "the model input is this (left, top, right, bottom) region of the "
+                "original, stretched",
+            },
+            "prediction": {
+                "index": index,
+                "label": label,
+                "score": score,
+                "top5": [{"index": i, "label": name, "score": p} for i, name, p in result.top],
+            },
+            "options": options.meta(),
+            "layers": list(result.layers),
+            "num_heads": int(result.heads.shape[1]),
+            "patch_size": context.patch_size,
+            "grid": grid,
+            "token_order": TOKEN_ORDER,
+            "query": result.query,
+            "query_note": query_note,
+            "maps": {name: list(array.shape) for name, array in arrays.items()},
+            "files": files,
+        }
+        # Non-UTF-8 names stay lossless: their bytes become \udcXX escapes (names.json_text).
+        write_atomic(
+            folder / "meta.json", json_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        )
+    except ImageDecodeError as error:
+        raise RenderError(str(error)) from None
+    except OSError as error:
+        raise RenderError(
+            f"{result.path}: cannot write outputs to {folder} ({error.strerror or error}); "
+            "check the free space and permissions of --out"
+        ) from None
+    return IndexEntry(path=result.path, name=folder.name, label=label, score=score)
+
+
+def _href(name: str, rest: str) -> str:
+    """A relative URL to `name`/`rest` from the name's bytes, so that a file:// page finds a
+    folder whose name is not valid UTF-8."""
+    return html.escape(urllib.parse.quote(os.fsencode(name)) + rest, quote=True)
+
+
+def _text(text: str) -> str:
+    return html.escape(readable(text))
+
+
+def write_index_html(out_dir: Path, entries: list[IndexEntry], context: RunContext) -> Path:
+    """A contact sheet linking every sheet.png, in input order; failures listed at the end."""
+    figures, failures = [], []
+    for entry in entries:
+        if entry.error is not None:
+            failures.append(f"<li><code>{_text(entry.path)}</code>: {_text(entry.error)}</li>")
+            continue
+        href, folder = _href(entry.name, "/sheet.png"), _href(entry.name, "/")
+        figures.append(
+            f'<figure><a href="{href}"><img src="{href}" loading="lazy" '
+            f'alt="{html.escape(readable(entry.name), quote=True)}"></a>'
+            f"<figcaption><b>{_text(entry.label or '')}</b> {entry.score:.1%}<br>"
+            f'<a href="{folder}">{_text(entry.path)}</a></figcaption></figure>'
+        )
+    model = _text(str(context.model.get("reference") or context.model.get("name") or ""))
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>vit attention: {len(figures)} images</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
+main {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(320px, 1fr)); gap: 1em; }}
+figure {{ margin: 0; border: 1px solid #ddd; padding: .5em; }}
+img {{ width: 100%; height: auto; }}
+figcaption {{ font-size: .85em; overflow-wrap: anywhere; }}
+</style></head><body>
+<h1>vit attention</h1>
+<p>model <code>{model}</code> · {len(figures)} images written, {len(failures)} failed</p>
+<main>
+{chr(10).join(figures)}
+</main>
+{"<h2>Failed</h2><ul>" + chr(10).join(failures) + "</ul>" if failures else ""}
+</body></html>
+"""
+    path = out_dir / "index.html"
+    write_atomic(path, page.encode("utf-8"))
+    return path

@@ -1,0 +1,147 @@
+"""The maths of attention maps: per-head CLS maps, head fusion, rollout and DINO mass masks.
+
+Pure torch and batched: every function takes a leading batch dimension B and treats each
+image on its own (no statistic is shared across a batch).
+
+Conventions (REFERENCE.md section 4):
+- tokens are [CLS, patch_0, ..., patch_{N-1}], patch k at row k // Wp, column k % Wp, with
+  (Hp, Wp) = (H // P, W // P) of the actual input; never sqrt(N), never (Wp, Hp);
+- a per-head map is the CLS query row over the patch keys, A[b, h, 0, 1:];
+- rollout (Abnar & Zuidema 2020, Fig. 6 of the ViT paper): per layer fuse the heads, add the
+  identity, renormalise rows (keepdim), R = Ã_L ... Ã_1, map = R[0, 1:].
+
+A model without a CLS token (mean pooling) has no CLS row: its maps fall back to the mean
+over all query tokens (A.mean over queries, and R's rows averaged), and meta.json says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+HEAD_FUSIONS = ("mean", "max", "min")
+
+
+def cls_maps(weights: torch.Tensor, grid_size: tuple[int, int], prefix: int) -> torch.Tensor:
+    """(B, nh, T, T) softmax weights -> (B, nh, Hp, Wp) maps of the CLS query over the patches.
+
+    Without a CLS token (prefix 0) the map is the mean attention each patch receives over all
+    queries, the documented fallback.
+    """
+    batch, num_heads, tokens, _ = weights.shape
+    grid_h, grid_w = grid_size
+    if tokens != prefix + grid_h * grid_w:
+        raise ValueError(
+            f"{tokens} tokens do not match a {grid_h}x{grid_w} grid plus {prefix} prefix tokens"
+        )
+    if prefix:
+        rows = weights[:, :, 0, prefix:]  # B,nh,N: query = CLS, keys = patches
+    else:
+        rows = weights.mean(dim=2)  # B,nh,N: mean over queries
+    return rows.reshape(batch, num_heads, grid_h, grid_w)  # row-major: patch k at (k // Wp, k % Wp)
+
+
+def fuse_heads(weights: torch.Tensor, fusion: str) -> torch.Tensor:
+    """(B, nh, T, T) -> (B, T, T) by mean, max or min over the heads."""
+    if fusion == "mean":
+        return weights.mean(dim=1)
+    if fusion == "max":
+        return weights.amax(dim=1)
+    if fusion == "min":
+        return weights.amin(dim=1)
+    raise ValueError(f"unknown head fusion {fusion!r}")
+
+
+def discard_lowest(fused: torch.Tensor, ratio: float, prefix: int) -> torch.Tensor:
+    """Zero the lowest `ratio` of the patch-key entries of every row of every image.
+
+    Per image and per row (vit-explain did it once over the flattened matrix of the first
+    image only); the CLS key column is never dropped.
+    """
+    num_patches = fused.shape[-1] - prefix
+    drop = int(ratio * num_patches)
+    if drop <= 0:
+        return fused
+    patches = fused[..., prefix:]  # B,T,N: keys = patches
+    _, lowest = patches.topk(drop, dim=-1, largest=False)
+    patches = patches.scatter(-1, lowest, 0.0)
+    return torch.cat([fused[..., :prefix], patches], dim=-1)
+
+
+def rollout_step(fused: torch.Tensor) -> torch.Tensor:
+    """Ã = (Ā + I) with rows renormalised to sum 1 (keepdim: each row divided by its own sum)."""
+    eye = torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
+    augmented = fused + eye  # residual connection: half the signal skips the attention
+    return augmented / augmented.sum(dim=-1, keepdim=True)
+
+
+def rollout(
+    weights: Sequence[torch.Tensor],
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+    prefix: int = 1,
+) -> torch.Tensor:
+    """Layer-ordered (B, nh, T, T) weights -> R = Ã_L ... Ã_1, (B, T, T).
+
+    The full matrix, for tests and analysis; maps use `rollout_rows`, which never forms it.
+    """
+    result = None
+    for layer_weights in weights:  # layer 1 first: each new layer multiplies on the left
+        step = rollout_step(
+            discard_lowest(fuse_heads(layer_weights, head_fusion), discard_ratio, prefix)
+        )
+        result = step if result is None else step @ result
+    if result is None:
+        raise ValueError("rollout needs at least one layer")
+    return result
+
+
+def rollout_rows(
+    weights: Sequence[torch.Tensor],
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+    prefix: int = 1,
+) -> torch.Tensor:
+    """The row of R = Ã_L ... Ã_1 the map needs, (B, T), without forming R.
+
+    e_0^T R (the CLS row; the mean row 1^T R / T without CLS) is a chain of vector-matrix
+    products taken from the left: O(L T^2) instead of O(L T^3) for the full product.
+    """
+    steps = [
+        rollout_step(discard_lowest(fuse_heads(w, head_fusion), discard_ratio, prefix))
+        for w in weights
+    ]
+    if not steps:
+        raise ValueError("rollout needs at least one layer")
+    batch, tokens = steps[0].shape[0], steps[0].shape[-1]
+    if prefix:
+        row = torch.zeros(batch, 1, tokens, dtype=steps[0].dtype, device=steps[0].device)
+        row[:, 0, 0] = 1.0  # e_0: the CLS query
+    else:
+        row = torch.full(
+            (batch, 1, tokens), 1.0 / tokens, dtype=steps[0].dtype, device=steps[0].device
+        )
+    for step in reversed(steps):  # Ã_L first: (e_0^T Ã_L) Ã_{L-1} ...
+        row = row @ step  # B,1,T
+    return row[:, 0]
+
+
+def rollout_map(matrix: torch.Tensor, grid_size: tuple[int, int], prefix: int) -> torch.Tensor:
+    """(B, T, T) rollout -> (B, Hp, Wp): the CLS row over the patches (mean row without CLS)."""
+    batch = matrix.shape[0]
+    rows = matrix[:, 0, prefix:] if prefix else matrix.mean(dim=1)  # B,N
+    return rows.reshape(batch, grid_size[0], grid_size[1])
+
+
+def mass_mask(maps: torch.Tensor, threshold: float) -> torch.Tensor:
+    """DINO: per map keep the largest patches whose cumulative (renormalised) mass reaches t.
+
+    (..., Hp, Wp) -> bool of the same shape.
+    """
+    flat = maps.flatten(-2)  # ...,N
+    values, order = flat.sort(dim=-1)  # ascending
+    values = values / values.sum(dim=-1, keepdim=True)
+    keep_sorted = values.cumsum(dim=-1) > (1.0 - threshold)
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return keep.reshape(maps.shape)
