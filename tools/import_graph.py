@@ -64,6 +64,15 @@ def resolve(importer: str, is_package: bool, level: int, target: str | None) -> 
     return ".".join([*base, *([target] if target else [])])
 
 
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node except those under `if TYPE_CHECKING:` (annotations only, never imported)."""
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped.update(id(child) for stmt in node.body for child in ast.walk(stmt))
+    return [node for node in ast.walk(tree) if id(node) not in skipped]
+
+
 def collect() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     """({module: modules of vitcli it imports}, {module: third-party top-level names})."""
     internal: dict[str, set[str]] = defaultdict(set)
@@ -73,7 +82,8 @@ def collect() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
         name = module_name(path)
         internal[name]
         is_package = path.name == "__init__.py"
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in _runtime_nodes(tree):
             if isinstance(node, ast.ImportFrom):
                 if node.level == 0:
                     top = (node.module or "").split(".")[0]

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 # The one import of the colour tables for inspect and the explorer (it moves with the
 # attention package; change it here only).
-from .. import colormaps
+from ..attention import colormaps
 
 SUPERSAMPLE = 2
 INK = (30, 30, 30)
