@@ -22,8 +22,8 @@ from vitcli.cli import app
 from vitcli.data.folder import scan_image_folder, stratified_split
 from vitcli.errors import DatasetError, TrainingError
 from vitcli.model import ViT, ViTConfig
-from vitcli.services import train as train_service
-from vitcli.services.train import TrainConfig, lr_at, make_optimizer, read_state, train
+from vitcli.services.train import TrainConfig, lr_at, make_optimizer, read_state, run
+from vitcli.services.train import loop as train_loop
 from vitcli.weights.format import load_vitcli_file, save_model
 
 CLASSES = ("red", "green", "blue")
@@ -130,8 +130,8 @@ def test_tiny_model_overfits_a_tiny_batch():
 def test_training_beats_chance_and_writes_a_usable_run(colours, tmp_path):
     out = tmp_path / "run"
     events = []
-    result = train(
-        config(colours, out, epochs=8, batch_size=4, val_split=0.25), callback=events.append
+    result = run(
+        config(colours, out, epochs=8, batch_size=4, val_split=0.25), on_progress=events.append
     )
     val_top1 = [row["val_top1"] for row in result.history]
     assert max(val_top1) >= 0.85, val_top1  # chance is 1/3
@@ -192,11 +192,11 @@ def test_interrupted_and_resumed_run_ends_bitwise_identical(colours, tmp_path):
         ema=0.9,
         val_split=0.25,
     )
-    full = train(config(colours, tmp_path / "full", **extra))
-    first = train(config(colours, tmp_path / "cut", **extra), stop_after_epoch=2)
+    full = run(config(colours, tmp_path / "full", **extra))
+    first = run(config(colours, tmp_path / "cut", **extra), stop_after_epoch=2)
     assert first.stopped_early and read_state(tmp_path / "cut" / "state.pt")["epoch"] == 2
     # Resumed with another number of decoding workers: samples do not depend on who decodes them.
-    resumed = train(TrainConfig(out=str(tmp_path / "cut"), workers=2), resume=True)
+    resumed = run(TrainConfig(resume=str(tmp_path / "cut"), workers=2))
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
     a, b = read_state(tmp_path / "full" / "state.pt"), read_state(tmp_path / "cut" / "state.pt")
     for name in a["model"]:
@@ -314,15 +314,15 @@ def test_two_process_ddp_with_gloo(colours, tmp_path):
 # -- failures ---------------------------------------------------------------------------------
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(colours, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real = train_service.lr_at
+    real = train_loop.lr_at
     steps_per_epoch = 5  # 36 images, batch 8
 
     def exploding(step, *args):  # a learning rate that blows up during epoch 2
         return 1e30 if step >= steps_per_epoch + 1 else real(step, *args)
 
-    monkeypatch.setattr(train_service, "lr_at", exploding)
+    monkeypatch.setattr(train_loop, "lr_at", exploding)
     with pytest.raises(TrainingError, match=r"NaN.*epoch 2.*last good checkpoint \(epoch 1\)"):
-        train(config(colours, out, epochs=3, grad_clip=0.0))
+        run(config(colours, out, epochs=3, grad_clip=0.0))
     assert read_state(out / "state.pt")["epoch"] == 1
     bundle = load_vitcli_file(out / "last.safetensors")
     assert all(torch.isfinite(t).all() for t in bundle.model.state_dict().values())
@@ -406,16 +406,14 @@ def test_folder_order_split_and_unknown_val_classes(tmp_path):
     assert stratified_split(data, 0.2, seed=4)[1].samples != val_part.samples
     other = colour_folder(tmp_path / "v", per_class=1, classes=("class1", "zebra"))
     with pytest.raises(DatasetError, match="zebra"):
-        train(
-            TrainConfig(data=str(root), out=str(tmp_path / "o"), val=str(other), workers=0, **TINY)
-        )
+        run(TrainConfig(data=str(root), out=str(tmp_path / "o"), val=str(other), workers=0, **TINY))
 
 
 def test_bad_images_are_reported_once_and_skipped(tmp_path):
     root = colour_folder(tmp_path / "d", per_class=6)
     (root / "red" / "broken.png").write_bytes(b"not a png at all")
     events = []
-    result = train(config(root, tmp_path / "o", epochs=2, batch_size=4), callback=events.append)
+    result = run(config(root, tmp_path / "o", epochs=2, batch_size=4), on_progress=events.append)
     warnings = [e.message for e in events if e.kind == "warning"]
     assert len(warnings) == 1 and "broken.png" in warnings[0]
     assert [r["skipped_images"] for r in result.history] == [1, 1]
@@ -424,13 +422,13 @@ def test_bad_images_are_reported_once_and_skipped(tmp_path):
 
 def test_existing_run_and_resume_mistakes(colours, tmp_path):
     out = tmp_path / "o"
-    train(config(colours, out, epochs=2))
+    run(config(colours, out, epochs=2))
     with pytest.raises(TrainingError, match="--resume"):
-        train(config(colours, out, epochs=1))
+        run(config(colours, out, epochs=1))
     with pytest.raises(TrainingError, match="larger --epochs"):
-        train(TrainConfig(out=str(out), epochs=1), resume=True)
+        run(TrainConfig(resume=str(out), epochs=1))
     with pytest.raises(TrainingError, match="no such run folder"):
-        train(TrainConfig(out=str(tmp_path / "nothing")), resume=True)
+        run(TrainConfig(resume=str(tmp_path / "nothing")))
     # Options given with --resume that differ from the run's are named, not silently dropped.
     result = CliRunner().invoke(
         app, ["train", "--resume", str(out), "--epochs", "3", "--lr", "1", *TINY_CLI, "-q"]
@@ -445,14 +443,14 @@ def test_existing_run_and_resume_mistakes(colours, tmp_path):
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "config.json").write_text((out / "config.json").read_text())
     with pytest.raises(TrainingError, match="before its first epoch ended"):
-        train(TrainConfig(out=str(tmp_path / "half")), resume=True)
+        run(TrainConfig(resume=str(tmp_path / "half")))
 
 
 # -- fine-tuning ------------------------------------------------------------------------------
 def test_fine_tune_replaces_head_and_resamples_position_embedding(colours, tmp_path):
     source = tiny_model_file(tmp_path / "src.safetensors", ["a", "b", "c", "d", "e"], image_size=32)
     events = []
-    train(
+    run(
         config(
             colours,
             tmp_path / "ft",
@@ -465,7 +463,7 @@ def test_fine_tune_replaces_head_and_resamples_position_embedding(colours, tmp_p
             num_heads=None,
             mlp_dim=None,
         ),
-        callback=events.append,
+        on_progress=events.append,
     )
     start = next(e for e in events if e.kind == "start").metrics
     assert start["mode"] == "finetune" and any("head replaced" in n for n in start["notes"])
@@ -476,7 +474,7 @@ def test_fine_tune_replaces_head_and_resamples_position_embedding(colours, tmp_p
     saved = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert saved["lr"] == 1e-4 and saved["mode"] == "finetune"  # the fine-tune default
     with pytest.raises(Exception, match="only applies when training from scratch"):
-        train(config(colours, tmp_path / "ft2", model=str(source), epochs=1))
+        run(config(colours, tmp_path / "ft2", model=str(source), epochs=1))
 
 
 # -- eval -------------------------------------------------------------------------------------
@@ -544,7 +542,7 @@ def test_augmentation_is_a_function_of_its_rng():
             assert out.size == image.size and out.mode == "RGB", name
     transform = TrainTransform(Preprocess(size=32), randaugment_ops=3)
     first = transform(image, random.Random("1:2:3"))
-    assert first.shape == (3, 32, 32) and first.dtype == np.float32
+    assert first.shape == (3, 32, 32) and first.dtype == np.uint8
     assert np.array_equal(first, transform(image, random.Random("1:2:3")))
     assert not np.array_equal(first, transform(image, random.Random("1:2:4")))
     pixels, targets = torch.randn(4, 3, 8, 8), torch.eye(4)

@@ -12,9 +12,11 @@ exception in a worker; the trainer reports each such file once and trains on the
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..errors import DatasetError, ImageDecodeError
+from ..runtime import die_with_parent
 from .augment import TrainTransform
 from .images import IMAGE_EXTENSIONS, is_image_path, open_image
 from .inputs import natural_key
@@ -39,6 +42,7 @@ class LabelledImages:
     root: str
     classes: list[str]
     samples: list[tuple[str, int]] = field(default_factory=list)  # (path, class index)
+    skipped: list[str] = field(default_factory=list)  # files left out, one message each
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -50,15 +54,49 @@ class LabelledImages:
         return counts
 
 
-def _images_under(folder: str) -> list[str]:
+def class_label(folder_name: str) -> str:
+    """The label of a class folder: its name, with bytes that are not UTF-8 written as \\xNN
+    (labels are text stored in model files; the same mapping in train and eval matches them)."""
+    return os.fsencode(folder_name).decode("utf-8", "backslashreplace")
+
+
+def _images_under(folder: str, skipped: list[str]) -> list[str]:
+    """Regular image files under `folder`, recursively, in natural order. Links to folders are
+    followed once (a link back up the tree is not a loop); anything that is not a regular file
+    (FIFO, socket, device) is never opened: it is named in `skipped`."""
     found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.extend(
-            os.path.join(root, name)
-            for name in files
-            if is_image_path(name) and not name.startswith(".")
+    visited: set[tuple[int, int]] = set()
+
+    def unreadable(error: OSError) -> None:
+        skipped.append(
+            f"{error.filename or folder}: cannot list folder ({error.strerror or error}); "
+            "its images were skipped"
         )
+
+    for root, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable):
+        try:
+            info = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (info.st_dev, info.st_ino) in visited:
+            dirs[:] = []
+            continue
+        visited.add((info.st_dev, info.st_ino))
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if not is_image_path(name) or name.startswith("."):
+                continue
+            path = os.path.join(root, name)
+            try:
+                regular = stat.S_ISREG(os.stat(path).st_mode)
+            except OSError as error:
+                skipped.append(f"{path}: cannot read ({error.strerror or error}); skipped")
+                continue
+            if regular:
+                found.append(path)
+            else:
+                skipped.append(f"{path}: not a regular file (FIFO, socket or device); skipped")
     return sorted(found, key=natural_key)
 
 
@@ -70,7 +108,7 @@ def scan_image_folder(root: str | Path, min_classes: int = 2) -> LabelledImages:
         raise DatasetError(f"{root}: no such folder; {hint}")
     if not root.is_dir():
         raise DatasetError(f"{root}: is a file, not a folder; {hint}")
-    classes = sorted(
+    folders = sorted(
         (
             entry.name
             for entry in os.scandir(root)
@@ -78,6 +116,7 @@ def scan_image_folder(root: str | Path, min_classes: int = 2) -> LabelledImages:
         ),
         key=natural_key,
     )
+    classes = [class_label(name) for name in folders]
     if not classes:
         loose = [
             name for name in os.listdir(root) if is_image_path(name) and not name.startswith(".")
@@ -87,7 +126,10 @@ def scan_image_folder(root: str | Path, min_classes: int = 2) -> LabelledImages:
                 f"{root}: {len(loose)} images sit directly in the folder without class subfolders; {hint}"
             )
         raise DatasetError(f"{root}: empty folder (no class subfolders); {hint}")
-    per_class = {name: _images_under(str(root / name)) for name in classes}
+    skipped: list[str] = []
+    per_class = {
+        label: _images_under(str(root / name), skipped) for label, name in zip(classes, folders)
+    }
     empty = [name for name in classes if not per_class[name]]
     if len(empty) == len(classes):
         raise DatasetError(
@@ -104,7 +146,7 @@ def scan_image_folder(root: str | Path, min_classes: int = 2) -> LabelledImages:
             f"{root}: only one class ({classes[0]}); a classifier needs at least two class subfolders"
         )
     samples = [(path, index) for index, name in enumerate(classes) for path in per_class[name]]
-    return LabelledImages(root=str(root), classes=classes, samples=samples)
+    return LabelledImages(root=str(root), classes=classes, samples=samples, skipped=skipped)
 
 
 def relabel(
@@ -119,7 +161,9 @@ def relabel(
         )
     index = {name: i for i, name in enumerate(classes)}
     samples = [(path, index[data.classes[label]]) for path, label in data.samples]
-    return LabelledImages(root=data.root, classes=list(classes), samples=samples)
+    return LabelledImages(
+        root=data.root, classes=list(classes), samples=samples, skipped=data.skipped
+    )
 
 
 def stratified_split(
@@ -143,7 +187,7 @@ def stratified_split(
         val.extend(s for s in by_class[label] if s[0] in val_set)  # keep natural order inside
         train.extend(s for s in by_class[label] if s[0] not in val_set)
     return (
-        LabelledImages(root=data.root, classes=data.classes, samples=train),
+        LabelledImages(root=data.root, classes=data.classes, samples=train, skipped=data.skipped),
         LabelledImages(root=data.root, classes=data.classes, samples=val),
     )
 
@@ -170,7 +214,9 @@ def item_rng(seed: int, epoch: int, index: int) -> random.Random:
 
 
 class FolderDataset(Dataset):
-    """Keys (index, epoch) or plain indices -> (index, CHW float32 array or None, label, error or None)."""
+    """Keys (index, epoch) or plain indices -> (index, CHW uint8 array or None, label, error or
+    None). Pixels stay uint8 (resized and augmented, not normalised): data.loader.normalize
+    turns a batch into the model input on the device."""
 
     def __init__(
         self,
@@ -203,7 +249,8 @@ class FolderDataset(Dataset):
                 path, draft_for=self._draft_size if self.draft else None
             )
             if isinstance(self.transform, Preprocess):
-                array = self.transform(image, original_size=original_size)
+                resized = self.transform.resize_image(image, original_size)
+                array = self.transform.to_uint8(resized)
             else:
                 array = self.transform(image, item_rng(self.seed, epoch, index))
             return index, array, label, None
@@ -221,9 +268,15 @@ class FolderDataset(Dataset):
 @dataclass
 class LabelledBatch:
     indices: list[int]
-    pixels: torch.Tensor  # (B, C, H, W) float32; B may be 0 when every image failed
+    pixels: torch.Tensor  # (B, C, H, W) uint8, not normalised; B may be 0 (all failed)
     labels: torch.Tensor  # (B,) int64
     failures: list[tuple[int, str]]  # (dataset index, message)
+
+    def pin_memory(self) -> LabelledBatch:
+        """Called by DataLoader(pin_memory=True), which cannot see inside a dataclass."""
+        if self.pixels.numel():
+            self.pixels = self.pixels.pin_memory()
+        return self
 
 
 def collate_labelled(items) -> LabelledBatch:
@@ -281,7 +334,8 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def _seed_worker(worker_id: int) -> None:
+def _init_worker(parent: int, worker_id: int) -> None:
+    die_with_parent(parent)
     # Items carry their own RNG; this only keeps any stray global RNG use reproducible.
     info = torch.utils.data.get_worker_info()
     seed = info.seed % 2**32 if info is not None else worker_id
@@ -306,7 +360,7 @@ def make_loader(
         num_workers=workers,
         collate_fn=collate_labelled,
         pin_memory=pin_memory,
-        worker_init_fn=_seed_worker if workers > 0 else None,
+        worker_init_fn=functools.partial(_init_worker, os.getpid()) if workers > 0 else None,
         generator=generator,
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..fileio import atomic_write_bytes
+from ..runtime import cpu_count, die_with_parent
 
 GENERATOR_VERSION = 3
 SHAPES = ("circle", "cross", "ring", "square", "star", "triangle")
@@ -231,6 +233,8 @@ def generate(
         raise ValueError("per_class must be at least 1")
     if image_size < 32:
         raise ValueError("image_size must be at least 32")
+    if workers < 0:
+        raise ValueError("workers must be 0 or more")
     unknown = sorted(set(classes) - set(SHAPES))
     if unknown:
         raise ValueError(f"unknown shapes {unknown}; known: {', '.join(SHAPES)}")
@@ -246,7 +250,11 @@ def generate(
     ]
     total, done = per_class * len(classes), 0
     if workers > 0 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # Never more processes than CPUs or jobs; each dies with this process (no orphans).
+        count = min(workers, cpu_count(), len(jobs))
+        with ProcessPoolExecutor(
+            max_workers=count, initializer=die_with_parent, initargs=(os.getpid(),)
+        ) as pool:
             futures = [
                 pool.submit(_write_range, out, name, seed, a, b, image_size, quality)
                 for name, a, b in jobs
