@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -79,7 +80,7 @@ def evaluate(
     else:
         _render(result, stdout)
     for path in result.written:
-        err.print(f"wrote {path}", markup=False, soft_wrap=True)
+        err.print(f"wrote {_shown(str(path))}", soft_wrap=True)
     failed = False
     for label in result.failed_classes:
         print_error(f"class {label}: none of its images could be decoded; it has no accuracy")
@@ -94,10 +95,19 @@ def evaluate(
         raise typer.Exit(1)
 
 
+def _shown(text: str) -> str:
+    """Text for the terminal: bytes of a file name that are not UTF-8 shown as \\xNN (a
+    terminal cannot take them raw), markup escaped."""
+    from rich.markup import escape
+
+    return escape(os.fsencode(text).decode("utf-8", "backslashreplace"))
+
+
 def _render(result, console) -> None:
     from rich import box
-    from rich.markup import escape
     from rich.table import Table
+
+    escape = _shown
 
     table = Table(title=escape(f"{result.model} on {result.data}"), box=box.SIMPLE_HEAD)
     table.add_column("class")

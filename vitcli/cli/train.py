@@ -323,8 +323,12 @@ def train(
             markup=False,
         )
     best = Path(result.out_dir) / "best.safetensors"
-    # The model path alone on stdout, unwrapped, for scripts: MODEL=$(vit train ...)
-    typer.echo(str(best) if best.exists() else str(Path(result.out_dir) / "last.safetensors"))
+    model_path = best if best.exists() else Path(result.out_dir) / "last.safetensors"
+    # The model path alone on stdout, unwrapped, for scripts: MODEL=$(vit train ...); as the
+    # exact bytes of the file name, whatever its encoding.
+    stdout = typer.get_binary_stream("stdout")
+    stdout.write(os.fsencode(model_path) + b"\n")
+    stdout.flush()
 
 
 def _interrupted(config, not_main: bool) -> None:

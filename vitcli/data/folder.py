@@ -62,10 +62,18 @@ def class_label(folder_name: str) -> str:
 
 def _images_under(folder: str, skipped: list[str]) -> list[str]:
     """Regular image files under `folder`, recursively, in natural order. Links to folders are
-    followed once (a link back up the tree is not a loop); anything that is not a regular file
+    followed once each, never back up the tree (no loops); anything that is not a regular file
     (FIFO, socket, device) is never opened: it is named in `skipped`."""
     found = []
+    # The folder's ancestors count as visited: a link back up (`loop -> ..`) would otherwise
+    # pull the other classes' images into this one.
     visited: set[tuple[int, int]] = set()
+    for ancestor in Path(os.path.realpath(folder)).parents:
+        try:
+            info = os.stat(ancestor)
+        except OSError:
+            continue
+        visited.add((info.st_dev, info.st_ino))
 
     def unreadable(error: OSError) -> None:
         skipped.append(

@@ -127,13 +127,15 @@ def run(options: EvalOptions, on_progress: Callable[[EvalEvent], None] | None = 
     check(options)
     output = Path(options.output) if options.output else None
     png = Path(options.confusion_png) if options.confusion_png else None
+    device = resolve_device(options.device)  # a bad --device fails before the model loads
+    resolve_workers(options.workers)
     bundle = load_model(options.model)
     result = evaluate(
         options.data,
         bundle,
         batch_size=options.batch_size,
         workers=options.workers,
-        device=options.device,
+        device=device,
         on_progress=on_progress,
     )
     for path, write in ((output, write_report), (png, confusion_png)):
@@ -163,7 +165,7 @@ def evaluate(
     bundle: ModelBundle,
     batch_size: int = 64,
     workers: int | None = None,
-    device: str = "auto",
+    device: str | torch.device = "auto",
     on_progress: Callable[[EvalEvent], None] | None = None,
 ) -> EvalResult:
     """Run the model over every image of an ImageFolder tree with the model's own preprocessing."""
@@ -190,7 +192,7 @@ def evaluate(
         )
     # Dataset indices are model label indices from here on.
     data = relabel(folder, labels, what="evaluation")
-    target = resolve_device(device)
+    target = device if isinstance(device, torch.device) else resolve_device(device)
     model = bundle.model.to(target).eval()
     dataset = FolderDataset(data, bundle.preprocess)
     loader = make_loader(dataset, ShardSampler(len(dataset)), batch_size, workers)

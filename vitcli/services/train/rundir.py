@@ -193,15 +193,18 @@ def metrics_csv(history: Sequence[dict]) -> bytes:
 
 
 def saved_epoch_of(path: Path) -> int | None:
-    """The epoch a last/best.safetensors of ours says it holds (its source ends "epoch N")."""
+    """The epoch a last/best.safetensors of ours says it holds (its source ends "epoch N"),
+    read from the file's JSON header alone (any path, no tensors loaded); None if unreadable."""
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            source = (handle.metadata() or {}).get("source", "")
-    except Exception:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 0 < size <= 100_000_000:
+                return None
+            header = json.loads(handle.read(size))
+        source = header.get("__metadata__", {}).get("source", "")
+    except (OSError, ValueError, AttributeError):
         return None
-    match = _EPOCH_IN_SOURCE.search(source)
+    match = _EPOCH_IN_SOURCE.search(source) if isinstance(source, str) else None
     return int(match.group(1)) if match else None
 
 

@@ -36,6 +36,7 @@ def run(
     run in that folder. `stop_after_epoch` ends the run after that many completed epochs,
     exactly as if it had been killed there (for tests and time-boxed jobs)."""
     check(options)
+    device_for(options)  # a bad --device fails before any data is read
     device_name = options.device.strip().lower()
     on_gpu = torch.cuda.is_available() and (device_name == "auto" or device_name.startswith("cuda"))
     if on_gpu and distributed.is_distributed():
