@@ -1,4 +1,4 @@
-"""`vit train` / `vit eval`: learning, checkpoints, resume, kill, DDP, bad layouts, NaN, eval files."""
+"""`vit train` / `vit eval`: learning, checkpoints, resume, kill, DDP, bad layouts, NaN, eval."""
 
 from __future__ import annotations
 
@@ -109,6 +109,7 @@ def free_port() -> int:
 
 
 # -- learning ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tiny_model_overfits_a_tiny_batch():
     torch.manual_seed(0)
     model = ViT(
@@ -127,6 +128,7 @@ def test_tiny_model_overfits_a_tiny_batch():
     assert (model(pixels).argmax(1) == labels).all()
 
 
+@pytest.mark.slow
 def test_training_beats_chance_and_writes_a_usable_run(colours, tmp_path):
     out = tmp_path / "run"
     events = []
@@ -180,6 +182,7 @@ def test_weight_decay_groups_and_schedule():
 
 
 # -- resume -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_bitwise_identical(colours, tmp_path):
     # Every RNG consumer on: augmentation, mixup/cutmix, dropout, drop-path, EMA.
     extra = dict(
@@ -210,6 +213,7 @@ def test_interrupted_and_resumed_run_ends_bitwise_identical(colours, tmp_path):
     assert full.history[-1]["val_loss"] == resumed.history[-1]["val_loss"]
 
 
+@pytest.mark.slow
 def test_kill_mid_run_leaves_a_readable_checkpoint_and_resume_finishes(colours, tmp_path):
     out = tmp_path / "run"
     command = [
@@ -269,6 +273,7 @@ def test_kill_mid_run_leaves_a_readable_checkpoint_and_resume_finishes(colours, 
     assert read_state(out / "state.pt")["epoch"] == done + 1
 
 
+@pytest.mark.slow
 def test_two_process_ddp_with_gloo(colours, tmp_path):
     out = tmp_path / "ddp"
     command = [
@@ -550,3 +555,60 @@ def test_augmentation_is_a_function_of_its_rng():
         mixed, soft = mix_batch(pixels, targets, mixup, cutmix, random.Random(5))
         assert mixed.shape == pixels.shape and torch.allclose(soft.sum(1), torch.ones(4))
         assert not torch.equal(mixed, pixels)
+
+
+# -- one normalisation ------------------------------------------------------------------------
+def test_training_and_eval_inputs_are_the_documented_normalisation_of_real_images(
+    tmp_path, monkeypatch, examples_dir
+):
+    """Workers send uint8; the model sees (x / 255 - mean) / std, computed on the device by
+    data.loader.normalize, bit for bit what the preprocessing documents."""
+    import shutil
+
+    from vitcli.data.folder import FolderDataset, scan_image_folder
+    from vitcli.data.loader import normalize
+    from vitcli.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+    root = tmp_path / "d"
+    for name, image in (("ring", "shapes-ring.jpg"), ("star", "shapes-star.jpg")):
+        (root / name).mkdir(parents=True)
+        shutil.copy(examples_dir / image, root / name / image)
+    data = scan_image_folder(root)
+
+    def documented(array: np.ndarray, mean, std) -> torch.Tensor:
+        x = array.astype(np.float32) * np.float32(1 / 255)
+        x = (x - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[
+            :, None, None
+        ]
+        return torch.from_numpy(x)
+
+    # Evaluation / validation: resize only, then ImageNet mean/std.
+    preprocess = Preprocess(size=48, resize="shorter", crop_pct=0.875, interpolation="bicubic",
+                            mean=IMAGENET_MEAN, std=IMAGENET_STD)  # fmt: skip
+    _, array, _, error = FolderDataset(data, preprocess)[0]
+    assert error is None and array.dtype == np.uint8 and array.shape == (3, 48, 48)
+    expected = documented(array, IMAGENET_MEAN, IMAGENET_STD)
+    assert torch.equal(normalize(torch.from_numpy(array)[None], preprocess)[0], expected)
+
+    # Training: what train_step receives is the normalised augmented crop of the worker's uint8.
+    seen = []
+    real_step = train_loop.train_step
+
+    def spy(net, model, optimizer, pixels, targets, **options):
+        seen.append(pixels.detach().clone())
+        return real_step(net, model, optimizer, pixels, targets, **options)
+
+    monkeypatch.setattr(train_loop, "train_step", spy)
+    options = config(root, tmp_path / "run", epochs=1, batch_size=1, hflip=False, seed=5)
+    run(options)
+    from vitcli.data.augment import TrainTransform
+
+    scratch = Preprocess(size=32, resize="squash", interpolation="bilinear")  # mean/std 0.5
+    transform = TrainTransform(scratch, scale=(0.35, 1.0), hflip=False)
+    dataset = FolderDataset(data, transform, seed=5)
+    crops = [dataset[(index, 0)][1] for index in range(len(dataset))]
+    assert crops[0].dtype == np.uint8
+    wanted = [documented(crop, (0.5,) * 3, (0.5,) * 3) for crop in crops]
+    assert len(seen) == 2
+    for pixels in seen:
+        assert any(torch.equal(pixels[0], w) for w in wanted)

@@ -275,25 +275,41 @@ class FolderDataset(Dataset):
 
 @dataclass
 class LabelledBatch:
+    """A batch as it crosses the worker boundary: numpy arrays, pickled through the worker's
+    pipe. (A torch tensor would go through torch's shared-memory hand-off, whose receiving side
+    keeps a weak reference per batch and pins freed heap space: the main process would grow
+    with every batch; see data/loader.py.) The tensor is made on this side: `pixel_tensor`."""
+
     indices: list[int]
-    pixels: torch.Tensor  # (B, C, H, W) uint8, not normalised; B may be 0 (all failed)
-    labels: torch.Tensor  # (B,) int64
+    pixels: np.ndarray  # (B, C, H, W) uint8, not normalised; B may be 0 (all failed)
+    labels: np.ndarray  # (B,) int64
     failures: list[tuple[int, str]]  # (dataset index, message)
+    pinned: torch.Tensor | None = None  # `pixels` in pinned memory, when the loader pins
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def pixel_tensor(self) -> torch.Tensor:
+        """(B, C, H, W) uint8 CPU tensor of the pixels, for data.loader.normalize."""
+        return self.pinned if self.pinned is not None else torch.from_numpy(self.pixels)
+
+    def label_tensor(self) -> torch.Tensor:
+        return torch.from_numpy(self.labels)
 
     def pin_memory(self) -> LabelledBatch:
-        """Called by DataLoader(pin_memory=True), which cannot see inside a dataclass."""
-        if self.pixels.numel():
-            self.pixels = self.pixels.pin_memory()
+        """Called by DataLoader(pin_memory=True) in the main process."""
+        if len(self):
+            self.pinned = torch.from_numpy(self.pixels).pin_memory()
         return self
 
 
 def collate_labelled(items) -> LabelledBatch:
     good = [item for item in items if item[3] is None]
-    pixels = torch.from_numpy(np.stack([item[1] for item in good])) if good else torch.empty(0)
+    pixels = np.stack([item[1] for item in good]) if good else np.empty((0,), np.uint8)
     return LabelledBatch(
         indices=[item[0] for item in good],
         pixels=pixels,
-        labels=torch.tensor([item[2] for item in good], dtype=torch.int64),
+        labels=np.asarray([item[2] for item in good], dtype=np.int64),
         failures=[(item[0], item[3]) for item in items if item[3] is not None],
     )
 

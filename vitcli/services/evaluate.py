@@ -212,8 +212,8 @@ def evaluate(
                 failures.append(message)
                 per_class[folder_index[data.samples[index][1]]].failed += 1
                 emit(EvalEvent("warning", message=f"skipped unreadable image: {message}"))
-            if batch.pixels.numel():
-                pixels = normalize(batch.pixels, bundle.preprocess, target)  # B,C,H,W float32
+            if len(batch):
+                pixels = normalize(batch.pixel_tensor(), bundle.preprocess, target)  # B,C,H,W
                 logits = model(pixels).float()
                 top = logits.topk(k, dim=1).indices.cpu()  # B,k
                 for index, true, ranked in zip(batch.indices, batch.labels.tolist(), top.tolist()):

@@ -240,7 +240,7 @@ def train_one_epoch(run: Run, loader, sampler, epoch: int) -> dict:
         lr = lr_at(run.step, config.lr, run.warmup_steps, run.total_steps, config.min_lr)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        empty = batch.pixels.numel() == 0
+        empty = len(batch) == 0
         if empty and run.world == 1:
             run.step += 1
             continue
@@ -248,8 +248,8 @@ def train_one_epoch(run: Run, loader, sampler, epoch: int) -> dict:
             pixels = torch.zeros((1, 3, *run.preprocess.size), device=run.device)
             labels = torch.zeros(1, dtype=torch.int64, device=run.device)
         else:
-            pixels = normalize(batch.pixels, run.preprocess, run.device)  # B,C,H,W float32
-            labels = batch.labels.to(run.device, non_blocking=True)
+            pixels = normalize(batch.pixel_tensor(), run.preprocess, run.device)  # B,C,H,W
+            labels = batch.label_tensor().to(run.device, non_blocking=True)
         targets = labels
         if mixing:
             pixels, targets = mix_batch(
@@ -339,10 +339,10 @@ def validate(run: Run, loader) -> dict:
     loss_sum, top1, top5, seen = 0.0, 0, 0, 0
     for batch in loader:
         run.report_failures(batch, "val")
-        if batch.pixels.numel() == 0:
+        if len(batch) == 0:
             continue
-        pixels = normalize(batch.pixels, run.preprocess, run.device)
-        labels = batch.labels.to(run.device)
+        pixels = normalize(batch.pixel_tensor(), run.preprocess, run.device)  # B,C,H,W
+        labels = batch.label_tensor().to(run.device)
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
             logits = model(pixels)
         logits = logits.float()
