@@ -131,7 +131,8 @@ def scan_image_folder(root: str | Path, min_classes: int = 2) -> LabelledImages:
         ]
         if loose:
             raise DatasetError(
-                f"{root}: {len(loose)} images sit directly in the folder without class subfolders; {hint}"
+                f"{root}: {len(loose)} images sit directly in the folder without class "
+                f"subfolders; {hint}"
             )
         raise DatasetError(f"{root}: empty folder (no class subfolders); {hint}")
     skipped: list[str] = []
@@ -151,7 +152,8 @@ def scan_image_folder(root: str | Path, min_classes: int = 2) -> LabelledImages:
         )
     if len(classes) < min_classes:
         raise DatasetError(
-            f"{root}: only one class ({classes[0]}); a classifier needs at least two class subfolders"
+            f"{root}: only one class ({classes[0]}); "
+            "a classifier needs at least two class subfolders"
         )
     samples = [(path, index) for index, name in enumerate(classes) for path in per_class[name]]
     return LabelledImages(root=str(root), classes=classes, samples=samples, skipped=skipped)
@@ -165,7 +167,8 @@ def relabel(
     if unknown:
         raise DatasetError(
             f"{data.root}: {what} classes {', '.join(unknown[:5])} are not among the known classes "
-            f"({', '.join(list(classes)[:10])}{' ...' if len(classes) > 10 else ''}); use the same class folder names"
+            f"({', '.join(list(classes)[:10])}{' ...' if len(classes) > 10 else ''}); "
+            "use the same class folder names"
         )
     index = {name: i for i, name in enumerate(classes)}
     samples = [(path, index[data.classes[label]]) for path, label in data.samples]
@@ -182,7 +185,8 @@ def stratified_split(
     if not 0.0 <= fraction < 1.0:
         raise DatasetError(f"--val-split must be in [0, 1), got {fraction}")
     rng = random.Random(f"val-split:{seed}")
-    train, val = [], []
+    train: list[tuple[str, int]] = []
+    val: list[tuple[str, int]] = []
     by_class: dict[int, list[tuple[str, int]]] = {}
     for sample in data.samples:
         by_class.setdefault(sample[1], []).append(sample)
@@ -322,8 +326,8 @@ class EpochSampler(Sampler):
     def __init__(
         self, length: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True
     ) -> None:
-        self.inner = DistributedSampler(
-            range(length),
+        self.inner: DistributedSampler = DistributedSampler(
+            range(length),  # type: ignore[arg-type]  # any sized sequence works
             num_replicas=world_size,
             rank=rank,
             shuffle=shuffle,

@@ -203,12 +203,12 @@ def _write_range(
     for index in range(start, stop):
         sample = make_sample(seed, SHAPES.index(name), index, image_size=image_size)
         stem = f"{name}_{index:05d}"
-        for image, path, options in (
-            (sample.image, image_dir / f"{stem}.jpg", {"format": "JPEG", "quality": quality}),
-            (sample.mask, mask_dir / f"{stem}.png", {"format": "PNG", "optimize": True}),
+        for image, path, form, options in (
+            (sample.image, image_dir / f"{stem}.jpg", "JPEG", {"quality": quality}),
+            (sample.mask, mask_dir / f"{stem}.png", "PNG", {"optimize": True}),
         ):
             buffer = io.BytesIO()
-            image.save(buffer, **options)
+            image.save(buffer, format=form, **options)
             atomic_write_bytes(
                 path, buffer.getvalue(), durable=False
             )  # no half-written image on a kill
@@ -283,6 +283,6 @@ def generate(
 
 
 def mask_path(image_path: str | Path) -> Path:
-    """The mask file of a generated image: OUT/<class>/<stem>.jpg -> OUT/.masks/<class>/<stem>.png."""
+    """The mask file of an image: OUT/<class>/<stem>.jpg -> OUT/.masks/<class>/<stem>.png."""
     image_path = Path(image_path)
     return image_path.parent.parent / MASK_DIR / image_path.parent.name / f"{image_path.stem}.png"

@@ -121,7 +121,7 @@ def resolve(config: TrainConfig, image_size: int, workers: int) -> ResolvedConfi
     warmup = config.warmup_epochs
     if warmup is None:
         warmup = 0.1 * epochs if finetune else min(5.0, 0.1 * epochs)
-    values = {
+    values: dict[str, Any] = {
         **asdict(config),
         "epochs": epochs,
         "image_size": image_size,
@@ -178,8 +178,8 @@ def check(config: TrainConfig) -> None:
     if config.weight_decay is not None:
         _number("weight_decay", config.weight_decay, float, 0.0, 1e6)
     if config.warmup_epochs is not None:
-        high = float(config.epochs) if config.epochs is not None else float(MAX_EPOCHS)
-        _number("warmup_epochs", config.warmup_epochs, float, 0.0, high, " (at most --epochs)")
+        most = float(config.epochs) if config.epochs is not None else float(MAX_EPOCHS)
+        _number("warmup_epochs", config.warmup_epochs, float, 0.0, most, " (at most --epochs)")
     _number("beta2", config.beta2, float, 0.0, 1.0)
     if not 0.0 < config.beta2 < 1.0:
         raise InputError(f"--beta2 must be between 0 and 1 (exclusive), got {config.beta2!r}")
@@ -240,7 +240,7 @@ def config_from_saved(data: Any, where: Path) -> ResolvedConfig:
             f"{where}: not a training configuration (a JSON object was expected); "
             "this folder cannot be resumed, start a new run"
         )
-    values = {}
+    values: dict[str, Any] = {}
     for item in fields(ResolvedConfig):
         if item.name == "resume":
             continue

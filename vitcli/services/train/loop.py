@@ -10,7 +10,6 @@ data.loader.normalize, the one normalisation every command uses.
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import time
@@ -40,7 +39,7 @@ from .rundir import (
     rng_state,
     state_bytes,
 )
-from .setup import seed_from
+from .setup import EMA, cpu_state_dict, seed_from
 
 
 @dataclass
@@ -111,23 +110,6 @@ def train_step(
         model.parameters(), grad_clip if grad_clip > 0 else math.inf
     )
     return loss.detach(), norm, logits.detach()
-
-
-class EMA:
-    """Exponential moving average of the weights (Polyak), updated after every step."""
-
-    def __init__(self, model: ViT, decay: float) -> None:
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval()
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: ViT) -> None:
-        ema_params = list(self.model.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - self.decay)
-        for ema_buffer, buffer in zip(self.model.buffers(), model.buffers()):
-            ema_buffer.copy_(buffer)
 
 
 @dataclass
@@ -404,12 +386,6 @@ def training_state(run: Run, epoch: int) -> dict:
         "best_metric": run.best_metric,
         "best_epoch": run.best_epoch,
         "best_metric_name": run.best_name,
-    }
-
-
-def cpu_state_dict(module: torch.nn.Module) -> dict:
-    return {
-        name: tensor.detach().to("cpu", copy=True) for name, tensor in module.state_dict().items()
     }
 
 

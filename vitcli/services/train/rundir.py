@@ -23,6 +23,7 @@ JSON files are UTF-8; a path whose bytes are not UTF-8 keeps them as JSON escape
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -81,7 +82,8 @@ def json_bytes(data: Any, indent: int | None = 2) -> bytes:
 
 # -- RNG state as tensors (torch.load(weights_only=True) can read it back) ----------------------
 def rng_state() -> dict:
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()  # type: ignore[misc]
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    assert isinstance(np_keys, np.ndarray)
     py_version, py_state, py_gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -298,7 +300,7 @@ class RunFolder:
             lines = path.read_text(errors="replace").splitlines()
         except OSError:
             return []
-        rows = []
+        rows: list[dict] = []
         for line in lines:
             try:
                 row = json.loads(line)
@@ -328,10 +330,8 @@ class RunFolder:
             raise self._write_error(epoch, saved_epoch, error) from None
         finally:
             for temp, _ in temps:
-                try:
+                with contextlib.suppress(OSError):  # a read-only folder keeps nothing new
                     temp.unlink(missing_ok=True)
-                except OSError:
-                    pass
         try:  # make the renames durable
             fd = os.open(self.path, os.O_RDONLY)
             try:

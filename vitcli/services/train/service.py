@@ -19,9 +19,9 @@ from ...errors import InputError, TrainingError, VitError
 from ...model import ViT, ViTConfig
 from ...runtime import resolve_workers
 from .config import ARCH_LIMITS, MAX_IMAGE_SIZE, ResolvedConfig, TrainConfig, check, resolve
-from .loop import EMA, Callback, Run, TrainEvent, TrainResult, model_writer, train_epochs
+from .loop import Callback, Run, TrainEvent, TrainResult, model_writer, train_epochs
 from .rundir import CONFIG_FILE, RunFolder, set_rng_state
-from .setup import Built, build_model, device_for, make_loaders, make_optimizer
+from .setup import EMA, Built, build_model, device_for, make_loaders, make_optimizer
 
 # Options a resumed run takes from the new command line; every other one is the run's own.
 RESUME_OVERRIDES = ("data", "out", "resume", "epochs", "workers", "device")
@@ -59,6 +59,7 @@ def _run(
 
     state: dict | None = None
     saved_json: dict = {}
+    wanted: TrainConfig
     if options.resume:
         folder = RunFolder(options.resume)
         if options.out and Path(options.out).resolve() != folder.path.resolve():
@@ -77,7 +78,8 @@ def _run(
     else:
         if not options.data:
             raise InputError(
-                "pass DATA (a folder with one subfolder per class), or --resume DIR to continue a run"
+                "pass DATA (a folder with one subfolder per class), "
+                "or --resume DIR to continue a run"
             )
         if not options.out:
             raise InputError("pass --out DIR: the folder for checkpoints and metrics")

@@ -3,6 +3,7 @@ adapted for fine-tuning), the optimizer, the data loaders and the device."""
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass, field
 
@@ -96,9 +97,11 @@ def _finetune(config: TrainConfig, classes: list[str]) -> Built:
         if sorted(bundle.labels) == sorted(classes):
             # Same label set in another order: permute the trained head rows, keep them.
             order = [bundle.labels.index(name) for name in classes]
+            head = model.head
+            assert isinstance(head, torch.nn.Linear)
             with torch.no_grad():
-                model.head.weight.copy_(model.head.weight[order])
-                model.head.bias.copy_(model.head.bias[order])
+                head.weight.copy_(head.weight[order])
+                head.bias.copy_(head.bias[order])
             notes.append("head rows reordered to the dataset's class order")
         else:
             model.reset_head(len(classes))
@@ -117,6 +120,29 @@ def _finetune(config: TrainConfig, classes: list[str]) -> Built:
         model.load_state_dict(state)
     preprocess = bundle.preprocess.with_size(model.config.image_size)
     return Built(model, preprocess, "finetune", f"fine-tuned from {config.model}", notes)
+
+
+class EMA:
+    """Exponential moving average of the weights (Polyak), updated after every step."""
+
+    def __init__(self, model: ViT, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: ViT) -> None:
+        ema_params: list[torch.Tensor] = list(self.model.parameters())
+        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+        for ema_buffer, buffer in zip(self.model.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)
+
+
+def cpu_state_dict(module: torch.nn.Module) -> dict:
+    return {
+        name: tensor.detach().to("cpu", copy=True) for name, tensor in module.state_dict().items()
+    }
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
