@@ -221,6 +221,30 @@ def test_workers_die_with_a_killed_trainer(colours, tmp_path, kill):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG")
+def test_shapes_workers_die_with_a_killed_generator(tmp_path):
+    command = [*VIT, "data", "shapes", str(tmp_path / "s"), "--per-class", "100000", "-w", "2"]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        workers: set[int] = set()
+        while len(workers) < 2:
+            assert process.poll() is None, process.stderr.read().decode()
+            assert time.monotonic() < deadline, "no drawing processes within 120 s"
+            workers = children_of(process.pid)
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 2.5
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in workers if alive(pid)], "orphaned workers survived"
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+@pytest.mark.slow
 def test_ctrl_c_says_which_epoch_is_saved_and_how_to_resume(colours, tmp_path):
     out = tmp_path / "o"
     command = [*VIT, "train", str(colours), "--out", str(out), *TINY_CLI]
