@@ -484,3 +484,16 @@ def test_eval_fails_when_images_fail_and_a_dead_class_is_an_error(tmp_path, colo
     assert per_class["black"]["accuracy"] is None and per_class["black"]["failed"] == 2
     clean = CliRunner().invoke(app, ["eval", str(colours), "--model", str(path), "-w", "0", "-q"])
     assert clean.exit_code == 0 and "error" not in clean.output, clean.output
+
+
+def test_run_folders_of_earlier_versions_still_resume(finished_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "old"
+    shutil.copytree(finished_run, out)
+    config = json.loads((out / "config.json").read_text())
+    config.update(val=None, image_size=None)  # how runs recorded them before
+    del config["source"]
+    (out / "config.json").write_text(json.dumps(config))
+    result = run(TrainConfig(resume=str(out), epochs=2))
+    assert [row["epoch"] for row in result.history] == [1, 2]

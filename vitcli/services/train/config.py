@@ -232,6 +232,20 @@ def _fits(value: Any, hint: Any) -> bool:
     return False
 
 
+def _upgrade(data: dict) -> dict:
+    """config.json of runs started before the options were resolved in full: `val` was null
+    without a validation folder, and `image_size` null when the model's own was kept."""
+    data = dict(data)
+    if "val" in data and data["val"] is None:
+        data["val"] = ""
+    model_config = data.get("model_config")
+    if data.get("image_size", 0) is None and isinstance(model_config, dict):
+        size = model_config.get("image_size")
+        if isinstance(size, list) and size and isinstance(size[0], int):
+            data["image_size"] = size[0]
+    return data
+
+
 def config_from_saved(data: Any, where: Path) -> ResolvedConfig:
     """The ResolvedConfig stored in a run's config.json, checked field by field: a file edited
     by hand or damaged gives one TrainingError naming the field, never a traceback."""
@@ -240,6 +254,7 @@ def config_from_saved(data: Any, where: Path) -> ResolvedConfig:
             f"{where}: not a training configuration (a JSON object was expected); "
             "this folder cannot be resumed, start a new run"
         )
+    data = _upgrade(data)
     values: dict[str, Any] = {}
     for item in fields(ResolvedConfig):
         if item.name == "resume":
