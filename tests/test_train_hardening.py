@@ -158,6 +158,7 @@ def test_eval_and_data_options_are_checked(colours, tmp_path, arguments, flag):
     one_line_error(CliRunner().invoke(app, arguments), flag)
 
 
+@pytest.mark.slow
 def test_huge_worker_counts_are_clamped_with_a_warning(colours, tmp_path):
     result = CliRunner().invoke(
         app,

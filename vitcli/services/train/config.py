@@ -150,7 +150,8 @@ def _number(name: str, value: Any, kind: type, low: float, high: float, note: st
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
         raise InputError(f"{flag} must be {wanted}, got {value!r}")
     if (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high:
-        raise InputError(f"{flag} must be {wanted} from {low:g} to {high:g}{note}, got {value!r}")
+        span = f"from {low} to {high}" if kind is int else f"from {low:g} to {high:g}"
+        raise InputError(f"{flag} must be {wanted} {span}{note}, got {value!r}")
 
 
 def check(config: TrainConfig) -> None:
@@ -198,8 +199,12 @@ def check(config: TrainConfig) -> None:
     _number("drop_path", config.drop_path, float, 0.0, 0.9)
     _number("seed", config.seed, int, 0, MAX_SEED, " (2^63-1)")
     _number("val_split", config.val_split, float, 0.0, 0.99)
-    if config.workers is not None:
-        _number("workers", config.workers, int, 0, 1_000_000_000)
+    if config.workers is not None and (
+        isinstance(config.workers, bool)
+        or not isinstance(config.workers, int)
+        or config.workers < 0
+    ):
+        raise InputError(f"--workers must be 0 or more, got {config.workers!r}")
     for name, choices in (("pos_embed", PosEmbed), ("pool", Pool), ("amp", Amp)):
         value = getattr(config, name)
         if value not in {choice.value for choice in choices}:

@@ -39,7 +39,7 @@ from .rundir import (
     rng_state,
     state_bytes,
 )
-from .setup import EMA, cpu_state_dict, seed_from
+from .setup import EMA, Loaders, cpu_state_dict, seed_from
 
 
 @dataclass
@@ -156,7 +156,9 @@ class Run:
         return len(batch.failures)
 
 
-def train_epochs(run: Run, loaders, start_epoch: int, stop_after_epoch: int | None) -> bool:
+def train_epochs(
+    run: Run, loaders: Loaders, start_epoch: int, stop_after_epoch: int | None
+) -> bool:
     """Epochs start_epoch+1 .. config.epochs; returns True when stopped early."""
     for epoch in range(start_epoch, run.config.epochs):
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
