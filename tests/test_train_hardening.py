@@ -174,6 +174,10 @@ def test_huge_worker_counts_are_clamped_with_a_warning(colours, tmp_path):
     assert any("--workers 1000000 is more than the" in w for w in warnings), warnings
     start = next(e for e in events if e.kind == "start")
     assert start.metrics["workers"] == len(os.sched_getaffinity(0))
+    run(tiny(colours, tmp_path / "m", epochs=1))
+    model = tmp_path / "m" / "last.safetensors"
+    result = CliRunner().invoke(app, ["eval", str(colours), "-m", str(model), "-w", "1000000"])
+    assert result.exit_code == 0 and "--workers 1000000 is more than the" in result.output
 
 
 # -- processes --------------------------------------------------------------------------------
