@@ -25,6 +25,7 @@ from ...data.augment import mix_batch
 from ...data.folder import LabelledBatch
 from ...data.loader import normalize
 from ...data.preprocess import Preprocess
+from ...errors import TrainingError
 from ...model import ViT
 from ...weights.format import save_model
 from .config import ResolvedConfig
@@ -171,14 +172,7 @@ def train_epochs(
         if row["train_loss"] is None:
             raise_no_images(run, epoch)
         metric = row[run.best_name]
-        improved = metric is not None and (
-            run.best_metric is None
-            or (
-                metric > run.best_metric
-                if run.best_name == "val_top1"
-                else metric < run.best_metric
-            )
-        )
+        improved = is_better(run, metric)
         if improved:
             run.best_metric, run.best_epoch = metric, epoch + 1
         run.history.append(row)
@@ -201,9 +195,18 @@ def train_epochs(
     return False
 
 
-def raise_no_images(run: Run, epoch: int) -> None:
-    from ...errors import TrainingError
+def is_better(run: Run, metric: float | None) -> bool:
+    """Val top-1 higher, or (without validation) train loss lower, than the best so far."""
+    if metric is None:
+        return False
+    if run.best_metric is None:
+        return True
+    if run.best_name == "val_top1":
+        return metric > run.best_metric
+    return metric < run.best_metric
 
+
+def raise_no_images(run: Run, epoch: int) -> None:
     raise TrainingError(
         f"{run.config.data}: no image of epoch {epoch + 1} could be decoded; check the files"
     )
@@ -301,8 +304,6 @@ def train_one_epoch(run: Run, loader, sampler, epoch: int) -> dict:
 
 
 def raise_not_finite(run: Run, epoch: int, step: int, lr: float, loss: float) -> None:
-    from ...errors import TrainingError
-
     last_good = (
         f"the last good checkpoint (epoch {epoch}) is kept in {run.folder}"
         if epoch > 0

@@ -57,35 +57,9 @@ def _run(
         if on_progress is not None and (rank == 0 or event.kind == "warning"):
             on_progress(event)
 
-    state: dict | None = None
-    saved_json: dict = {}
-    wanted: TrainConfig
-    if options.resume:
-        folder = RunFolder(options.resume)
-        if options.out and Path(options.out).resolve() != folder.path.resolve():
-            raise InputError(
-                "--resume continues the run in its own folder; drop --out or pass the same folder"
-            )
-        state, saved, saved_json = folder.load()
-        wanted = _resumed(saved, options, emit)
-        if state["epoch"] > wanted.epochs:
-            raise TrainingError(
-                f"{folder}: already trained {state['epoch']} epochs, more than --epochs "
-                f"{wanted.epochs}; pass a larger --epochs"
-            )
-        if state["epoch"] == wanted.epochs:
-            return _finished(folder, state)
-    else:
-        if not options.data:
-            raise InputError(
-                "pass DATA (a folder with one subfolder per class), "
-                "or --resume DIR to continue a run"
-            )
-        if not options.out:
-            raise InputError("pass --out DIR: the folder for checkpoints and metrics")
-        folder = RunFolder(options.out)
-        folder.check_new()
-        wanted = _absolute(options)
+    folder, wanted, state, saved_json = _open(options, emit)
+    if state is not None and state["epoch"] == wanted.epochs:
+        return _finished(folder, state)
 
     train_data, val_data = load_datasets(
         wanted.data, val_dir=wanted.val or None, val_split=wanted.val_split, seed=wanted.seed
@@ -206,6 +180,35 @@ def _run(
         history=run_.history,
         stopped_early=stopped,
     )
+
+
+def _open(options: TrainConfig, emit: Callback) -> tuple[RunFolder, TrainConfig, dict | None, dict]:
+    """(run folder, the configuration to train with, state.pt or None, config.json or {}):
+    the folder of a run to resume, checked, or a new one that must not hold a run yet."""
+    if not options.resume:
+        if not options.data:
+            raise InputError(
+                "pass DATA (a folder with one subfolder per class), "
+                "or --resume DIR to continue a run"
+            )
+        if not options.out:
+            raise InputError("pass --out DIR: the folder for checkpoints and metrics")
+        folder = RunFolder(options.out)
+        folder.check_new()
+        return folder, _absolute(options), None, {}
+    folder = RunFolder(options.resume)
+    if options.out and Path(options.out).resolve() != folder.path.resolve():
+        raise InputError(
+            "--resume continues the run in its own folder; drop --out or pass the same folder"
+        )
+    state, saved, saved_json = folder.load()
+    wanted = _resumed(saved, options, emit)
+    if state["epoch"] > wanted.epochs:
+        raise TrainingError(
+            f"{folder}: already trained {state['epoch']} epochs, more than --epochs "
+            f"{wanted.epochs}; pass a larger --epochs"
+        )
+    return folder, wanted, state, saved_json
 
 
 def _absolute(options: TrainConfig) -> TrainConfig:
