@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .common import BatchSizeOption, DeviceOption, ModelOption, QuietOption, WorkersOption
+from .common import BatchSizeOption, DeviceOption, ModelOption, WorkersOption
 from .train import JobsAlias
 
 
@@ -33,7 +33,15 @@ def evaluate(
     workers: WorkersOption = None,
     jobs: JobsAlias = None,
     device: DeviceOption = "auto",
-    quiet: QuietOption = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet",
+            "-q",
+            metavar="",
+            help="No progress bar and no tables: the top-1/top-5 line only (and any errors).",
+        ),
+    ] = False,
 ) -> None:
     """Evaluate a model on a labelled image folder: top-1, top-5, per-class accuracy, confusion.
 
