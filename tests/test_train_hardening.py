@@ -461,7 +461,7 @@ def test_non_utf8_names_in_training_and_eval_are_kept_losslessly(tmp_path):
         assert "gr\\xffy" in result.output and "d\\xff" in result.output
     failures = json.loads(report.read_bytes())["failures"]
     assert len(failures) == 1 and os.fsencode(str(bad_file)) in os.fsencode(failures[0])
-    assert "gr\\xffy" in table.read_text(encoding="utf-8")
+    assert "gr\\\\xffy" in table.read_text(encoding="utf-8")  # the label's \\ doubled
 
 
 def test_eval_fails_when_images_fail_and_a_dead_class_is_an_error(tmp_path, colours):
@@ -502,3 +502,26 @@ def test_run_folders_of_earlier_versions_still_resume(finished_run, tmp_path):
     (out / "config.json").write_text(json.dumps(config))
     result = run(TrainConfig(resume=str(out), epochs=2))
     assert [row["epoch"] for row in result.history] == [1, 2]
+
+
+def test_eval_csv_neither_splits_rows_nor_carries_formulas(tmp_path):
+    import csv
+
+    from vitcli.model import ViT, ViTConfig
+    from vitcli.weights.format import save_model
+
+    labels = ["=HYPERLINK(1)", "a\rb"]
+    root = folder_of_colours(tmp_path / "d", per_class=1, classes=tuple(labels))
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(image_size=16, patch_size=8, num_classes=2, width=16, depth=1,
+                          num_heads=2, mlp_dim=32))  # fmt: skip
+    path = save_model(model, tmp_path / "m.safetensors", labels=labels)
+    report = tmp_path / "r.csv"
+    result = CliRunner().invoke(
+        app, ["eval", str(root), "-m", str(path), "-o", str(report), "-w", "0", "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    assert report.read_bytes().count(b"\n") == 4 and b"\r" not in report.read_bytes()
+    with open(report, newline="") as handle:
+        cells = [row[0] for row in csv.reader(handle)]
+    assert cells == ["class", "'=HYPERLINK(1)", "a\\u000db", "(all)"]
