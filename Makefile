@@ -53,7 +53,7 @@ bench: install
 
 # Retrain the bundled default model from scratch with the committed, seeded recipe.
 weights: install
-	bash weights/recipe.sh
+	bash weights/recipe/recipe.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info out .pytest_cache

@@ -8,7 +8,8 @@
    only the model and optimizer are timed. Runs are interleaved in one process, round after
    round; the best and median round of each are reported (the machine may be shared).
 2. End to end (--e2e N): our full `vit train` pipeline (decode JPEGs, random resized crop,
-   flip, normalise in DataLoader workers, train, validate nothing) for one epoch on N
+   flip in DataLoader workers, uint8 batches normalised on the device, train, validate
+   nothing) for one epoch on N
    generated 224x224 shapes images, to show what the data pipeline costs on top of step 1.
 
     python bench/train.py                          # Ti/16 at 224, batch 32, torch's default threads
@@ -56,7 +57,7 @@ def time_ours(model, optimizer, pixels, labels, steps: int) -> float:
     model.train()
     start = time.perf_counter()
     for _ in range(steps):
-        loss, norm, _ = train_step(
+        _, norm, _ = train_step(
             model, model, optimizer, pixels, labels, label_smoothing=0.1, grad_clip=1.0
         )
         float(norm)  # the trainer checks finiteness every step; keep the same sync
@@ -81,13 +82,13 @@ def time_hf(model, optimizer, pixels, labels, steps: int) -> float:
 
 def end_to_end(config: ViTConfig, images: int, batch_size: int, workers: int | None) -> dict:
     from vitcli.data.shapes import generate
-    from vitcli.services.train import TrainConfig, train
+    from vitcli.services.train import TrainConfig, run
 
     with tempfile.TemporaryDirectory() as folder:
         data = Path(folder) / "shapes"
         per_class = max(1, images // 6)
         generate(data, per_class=per_class, image_size=config.image_size[0], seed=0)
-        run = TrainConfig(
+        options = TrainConfig(
             data=str(data),
             out=str(Path(folder) / "run"),
             model=f"Ti/{config.patch_size}",
@@ -100,7 +101,7 @@ def end_to_end(config: ViTConfig, images: int, batch_size: int, workers: int | N
             batch_size=batch_size,
             workers=workers,
         )
-        result = train(run)
+        result = run(options)
         row = result.history[-1]
         return {"images": row["train_images"], "images_per_s": row["images_per_s"]}
 
@@ -152,9 +153,10 @@ def main() -> None:
     labels = torch.randint(0, args.classes, (args.batch_size,))
 
     print(
-        f"{args.variant}{' depth ' + str(args.depth) if args.depth else ''} at {args.image_size}, batch {args.batch_size}, "
-        f"{ours.num_parameters() / 1e6:.2f}M params, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}",
+        f"{args.variant}{' depth ' + str(args.depth) if args.depth else ''} at "
+        f"{args.image_size}, batch {args.batch_size}, "
+        f"{ours.num_parameters() / 1e6:.2f}M params, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
         flush=True,
     )
     time_ours(ours, opt_ours, pixels, labels, 1)  # warm-up (allocator, kernels)
@@ -174,11 +176,13 @@ def main() -> None:
     best = {k: max(v) for k, v in rates.items()}
     median = {k: statistics.median(v) for k, v in rates.items()}
     print(
-        f"training step, img/s   best: vitcli {best['vitcli']:.2f}, transformers {best['transformers']:.2f} "
+        f"training step, img/s   best: vitcli {best['vitcli']:.2f}, "
+        f"transformers {best['transformers']:.2f} "
         f"(ratio {best['vitcli'] / best['transformers']:.2f})"
     )
     print(
-        f"                     median: vitcli {median['vitcli']:.2f}, transformers {median['transformers']:.2f} "
+        f"                     median: vitcli {median['vitcli']:.2f}, "
+        f"transformers {median['transformers']:.2f} "
         f"(ratio {median['vitcli'] / median['transformers']:.2f})"
     )
     if args.e2e:

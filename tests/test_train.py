@@ -1,4 +1,4 @@
-"""`vit train` / `vit eval`: learning, checkpoints, resume, kill, DDP, bad layouts, NaN, eval files."""
+"""`vit train` / `vit eval`: learning, checkpoints, resume, kill, DDP, bad layouts, NaN, eval."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from vitcli.cli import app
 from vitcli.data.folder import scan_image_folder, stratified_split
 from vitcli.errors import DatasetError, TrainingError
 from vitcli.model import ViT, ViTConfig
-from vitcli.services import train as train_service
-from vitcli.services.train import TrainConfig, lr_at, make_optimizer, read_state, train
+from vitcli.services.train import TrainConfig, lr_at, make_optimizer, read_state, run
+from vitcli.services.train import loop as train_loop
 from vitcli.weights.format import load_vitcli_file, save_model
 
 CLASSES = ("red", "green", "blue")
@@ -109,6 +109,7 @@ def free_port() -> int:
 
 
 # -- learning ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tiny_model_overfits_a_tiny_batch():
     torch.manual_seed(0)
     model = ViT(
@@ -127,11 +128,12 @@ def test_tiny_model_overfits_a_tiny_batch():
     assert (model(pixels).argmax(1) == labels).all()
 
 
+@pytest.mark.slow
 def test_training_beats_chance_and_writes_a_usable_run(colours, tmp_path):
     out = tmp_path / "run"
     events = []
-    result = train(
-        config(colours, out, epochs=8, batch_size=4, val_split=0.25), callback=events.append
+    result = run(
+        config(colours, out, epochs=8, batch_size=4, val_split=0.25), on_progress=events.append
     )
     val_top1 = [row["val_top1"] for row in result.history]
     assert max(val_top1) >= 0.85, val_top1  # chance is 1/3
@@ -180,6 +182,7 @@ def test_weight_decay_groups_and_schedule():
 
 
 # -- resume -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_bitwise_identical(colours, tmp_path):
     # Every RNG consumer on: augmentation, mixup/cutmix, dropout, drop-path, EMA.
     extra = dict(
@@ -192,11 +195,11 @@ def test_interrupted_and_resumed_run_ends_bitwise_identical(colours, tmp_path):
         ema=0.9,
         val_split=0.25,
     )
-    full = train(config(colours, tmp_path / "full", **extra))
-    first = train(config(colours, tmp_path / "cut", **extra), stop_after_epoch=2)
+    full = run(config(colours, tmp_path / "full", **extra))
+    first = run(config(colours, tmp_path / "cut", **extra), stop_after_epoch=2)
     assert first.stopped_early and read_state(tmp_path / "cut" / "state.pt")["epoch"] == 2
     # Resumed with another number of decoding workers: samples do not depend on who decodes them.
-    resumed = train(TrainConfig(out=str(tmp_path / "cut"), workers=2), resume=True)
+    resumed = run(TrainConfig(resume=str(tmp_path / "cut"), workers=2))
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
     a, b = read_state(tmp_path / "full" / "state.pt"), read_state(tmp_path / "cut" / "state.pt")
     for name in a["model"]:
@@ -210,6 +213,7 @@ def test_interrupted_and_resumed_run_ends_bitwise_identical(colours, tmp_path):
     assert full.history[-1]["val_loss"] == resumed.history[-1]["val_loss"]
 
 
+@pytest.mark.slow
 def test_kill_mid_run_leaves_a_readable_checkpoint_and_resume_finishes(colours, tmp_path):
     out = tmp_path / "run"
     command = [
@@ -269,6 +273,7 @@ def test_kill_mid_run_leaves_a_readable_checkpoint_and_resume_finishes(colours, 
     assert read_state(out / "state.pt")["epoch"] == done + 1
 
 
+@pytest.mark.slow
 def test_two_process_ddp_with_gloo(colours, tmp_path):
     out = tmp_path / "ddp"
     command = [
@@ -314,15 +319,15 @@ def test_two_process_ddp_with_gloo(colours, tmp_path):
 # -- failures ---------------------------------------------------------------------------------
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(colours, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real = train_service.lr_at
+    real = train_loop.lr_at
     steps_per_epoch = 5  # 36 images, batch 8
 
     def exploding(step, *args):  # a learning rate that blows up during epoch 2
         return 1e30 if step >= steps_per_epoch + 1 else real(step, *args)
 
-    monkeypatch.setattr(train_service, "lr_at", exploding)
+    monkeypatch.setattr(train_loop, "lr_at", exploding)
     with pytest.raises(TrainingError, match=r"NaN.*epoch 2.*last good checkpoint \(epoch 1\)"):
-        train(config(colours, out, epochs=3, grad_clip=0.0))
+        run(config(colours, out, epochs=3, grad_clip=0.0))
     assert read_state(out / "state.pt")["epoch"] == 1
     bundle = load_vitcli_file(out / "last.safetensors")
     assert all(torch.isfinite(t).all() for t in bundle.model.state_dict().values())
@@ -406,16 +411,14 @@ def test_folder_order_split_and_unknown_val_classes(tmp_path):
     assert stratified_split(data, 0.2, seed=4)[1].samples != val_part.samples
     other = colour_folder(tmp_path / "v", per_class=1, classes=("class1", "zebra"))
     with pytest.raises(DatasetError, match="zebra"):
-        train(
-            TrainConfig(data=str(root), out=str(tmp_path / "o"), val=str(other), workers=0, **TINY)
-        )
+        run(TrainConfig(data=str(root), out=str(tmp_path / "o"), val=str(other), workers=0, **TINY))
 
 
 def test_bad_images_are_reported_once_and_skipped(tmp_path):
     root = colour_folder(tmp_path / "d", per_class=6)
     (root / "red" / "broken.png").write_bytes(b"not a png at all")
     events = []
-    result = train(config(root, tmp_path / "o", epochs=2, batch_size=4), callback=events.append)
+    result = run(config(root, tmp_path / "o", epochs=2, batch_size=4), on_progress=events.append)
     warnings = [e.message for e in events if e.kind == "warning"]
     assert len(warnings) == 1 and "broken.png" in warnings[0]
     assert [r["skipped_images"] for r in result.history] == [1, 1]
@@ -424,13 +427,13 @@ def test_bad_images_are_reported_once_and_skipped(tmp_path):
 
 def test_existing_run_and_resume_mistakes(colours, tmp_path):
     out = tmp_path / "o"
-    train(config(colours, out, epochs=2))
+    run(config(colours, out, epochs=2))
     with pytest.raises(TrainingError, match="--resume"):
-        train(config(colours, out, epochs=1))
+        run(config(colours, out, epochs=1))
     with pytest.raises(TrainingError, match="larger --epochs"):
-        train(TrainConfig(out=str(out), epochs=1), resume=True)
+        run(TrainConfig(resume=str(out), epochs=1))
     with pytest.raises(TrainingError, match="no such run folder"):
-        train(TrainConfig(out=str(tmp_path / "nothing")), resume=True)
+        run(TrainConfig(resume=str(tmp_path / "nothing")))
     # Options given with --resume that differ from the run's are named, not silently dropped.
     result = CliRunner().invoke(
         app, ["train", "--resume", str(out), "--epochs", "3", "--lr", "1", *TINY_CLI, "-q"]
@@ -445,14 +448,14 @@ def test_existing_run_and_resume_mistakes(colours, tmp_path):
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "config.json").write_text((out / "config.json").read_text())
     with pytest.raises(TrainingError, match="before its first epoch ended"):
-        train(TrainConfig(out=str(tmp_path / "half")), resume=True)
+        run(TrainConfig(resume=str(tmp_path / "half")))
 
 
 # -- fine-tuning ------------------------------------------------------------------------------
 def test_fine_tune_replaces_head_and_resamples_position_embedding(colours, tmp_path):
     source = tiny_model_file(tmp_path / "src.safetensors", ["a", "b", "c", "d", "e"], image_size=32)
     events = []
-    train(
+    run(
         config(
             colours,
             tmp_path / "ft",
@@ -465,7 +468,7 @@ def test_fine_tune_replaces_head_and_resamples_position_embedding(colours, tmp_p
             num_heads=None,
             mlp_dim=None,
         ),
-        callback=events.append,
+        on_progress=events.append,
     )
     start = next(e for e in events if e.kind == "start").metrics
     assert start["mode"] == "finetune" and any("head replaced" in n for n in start["notes"])
@@ -476,7 +479,7 @@ def test_fine_tune_replaces_head_and_resamples_position_embedding(colours, tmp_p
     saved = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert saved["lr"] == 1e-4 and saved["mode"] == "finetune"  # the fine-tune default
     with pytest.raises(Exception, match="only applies when training from scratch"):
-        train(config(colours, tmp_path / "ft2", model=str(source), epochs=1))
+        run(config(colours, tmp_path / "ft2", model=str(source), epochs=1))
 
 
 # -- eval -------------------------------------------------------------------------------------
@@ -544,7 +547,7 @@ def test_augmentation_is_a_function_of_its_rng():
             assert out.size == image.size and out.mode == "RGB", name
     transform = TrainTransform(Preprocess(size=32), randaugment_ops=3)
     first = transform(image, random.Random("1:2:3"))
-    assert first.shape == (3, 32, 32) and first.dtype == np.float32
+    assert first.shape == (3, 32, 32) and first.dtype == np.uint8
     assert np.array_equal(first, transform(image, random.Random("1:2:3")))
     assert not np.array_equal(first, transform(image, random.Random("1:2:4")))
     pixels, targets = torch.randn(4, 3, 8, 8), torch.eye(4)
@@ -552,3 +555,60 @@ def test_augmentation_is_a_function_of_its_rng():
         mixed, soft = mix_batch(pixels, targets, mixup, cutmix, random.Random(5))
         assert mixed.shape == pixels.shape and torch.allclose(soft.sum(1), torch.ones(4))
         assert not torch.equal(mixed, pixels)
+
+
+# -- one normalisation ------------------------------------------------------------------------
+def test_training_and_eval_inputs_are_the_documented_normalisation_of_real_images(
+    tmp_path, monkeypatch, examples_dir
+):
+    """Workers send uint8; the model sees (x / 255 - mean) / std, computed on the device by
+    data.loader.normalize, bit for bit what the preprocessing documents."""
+    import shutil
+
+    from vitcli.data.folder import FolderDataset, scan_image_folder
+    from vitcli.data.loader import normalize
+    from vitcli.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+    root = tmp_path / "d"
+    for name, image in (("ring", "shapes-ring.jpg"), ("star", "shapes-star.jpg")):
+        (root / name).mkdir(parents=True)
+        shutil.copy(examples_dir / image, root / name / image)
+    data = scan_image_folder(root)
+
+    def documented(array: np.ndarray, mean, std) -> torch.Tensor:
+        x = array.astype(np.float32) * np.float32(1 / 255)
+        x = (x - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[
+            :, None, None
+        ]
+        return torch.from_numpy(x)
+
+    # Evaluation / validation: resize only, then ImageNet mean/std.
+    preprocess = Preprocess(size=48, resize="shorter", crop_pct=0.875, interpolation="bicubic",
+                            mean=IMAGENET_MEAN, std=IMAGENET_STD)  # fmt: skip
+    _, array, _, error = FolderDataset(data, preprocess)[0]
+    assert error is None and array.dtype == np.uint8 and array.shape == (3, 48, 48)
+    expected = documented(array, IMAGENET_MEAN, IMAGENET_STD)
+    assert torch.equal(normalize(torch.from_numpy(array)[None], preprocess)[0], expected)
+
+    # Training: what train_step receives is the normalised augmented crop of the worker's uint8.
+    seen = []
+    real_step = train_loop.train_step
+
+    def spy(net, model, optimizer, pixels, targets, **options):
+        seen.append(pixels.detach().clone())
+        return real_step(net, model, optimizer, pixels, targets, **options)
+
+    monkeypatch.setattr(train_loop, "train_step", spy)
+    options = config(root, tmp_path / "run", epochs=1, batch_size=1, hflip=False, seed=5)
+    run(options)
+    from vitcli.data.augment import TrainTransform
+
+    scratch = Preprocess(size=32, resize="squash", interpolation="bilinear")  # mean/std 0.5
+    transform = TrainTransform(scratch, scale=(0.35, 1.0), hflip=False)
+    dataset = FolderDataset(data, transform, seed=5)
+    crops = [dataset[(index, 0)][1] for index in range(len(dataset))]
+    assert crops[0].dtype == np.uint8
+    wanted = [documented(crop, (0.5,) * 3, (0.5,) * 3) for crop in crops]
+    assert len(seen) == 2
+    for pixels in seen:
+        assert any(torch.equal(pixels[0], w) for w in wanted)

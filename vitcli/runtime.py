@@ -149,3 +149,21 @@ def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str | N
             "drop --dtype or use float32"
         )
     return dtype, warning
+
+
+def die_with_parent(parent: int) -> None:
+    """In a worker process: have Linux SIGKILL it when the process that started it dies, so a
+    `vit` killed with SIGKILL or SIGTERM leaves no orphaned workers. `parent` is the starter's
+    pid, checked after the request in case it died first. A no-op outside Linux."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os._exit(1)

@@ -2,66 +2,110 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from .common import QuietOption
+
 data_app = typer.Typer(help="Dataset utilities.", no_args_is_help=True)
+
+MAX_PER_CLASS = 1_000_000
+MAX_IMAGE_SIZE = 4096
 
 
 @data_app.command("shapes")
 def shapes(
-    out_dir: Path = typer.Argument(
-        ..., help="Folder to write (ImageFolder layout: one subfolder per class)."
-    ),
-    per_class: int = typer.Option(100, "--per-class", min=1, help="Images per class."),
-    image_size: int = typer.Option(
-        224, "--image-size", min=32, help="Side of the square images, in pixels."
-    ),
-    seed: int = typer.Option(
-        0, "--seed", help="Seed; image i of a class depends only on (seed, class, i)."
-    ),
-    workers: int = typer.Option(
-        -1,
-        "--workers",
-        "-j",
-        help="Processes that draw images (-1: one per CPU core; 0: in this process).",
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    out_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder to write (ImageFolder layout: one subfolder per class).",
+            show_default=False,
+        ),
+    ],
+    per_class: Annotated[
+        int, typer.Option("--per-class", metavar="N", help="Images per class, 1 to 1000000.")
+    ] = 100,
+    image_size: Annotated[
+        int,
+        typer.Option(
+            "--image-size", metavar="N", help="Side of the square images, 32 to 4096 pixels."
+        ),
+    ] = 224,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed",
+            metavar="N",
+            help="Seed, 0 to 2^63-1; image i of a class depends only on (seed, class, i).",
+        ),
+    ] = 0,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            "-w",
+            "-j",
+            metavar="N",
+            show_default=False,
+            help="Processes that draw images (0: in this process; at most the CPU count). "
+            "\\[default: one per CPU]",
+        ),
+    ] = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Generate a deterministic synthetic dataset of shapes, with each object's mask.
 
     Six classes (circle, cross, ring, square, star, triangle) of random colour, size, rotation
     and position on gradient, photo-like and textured backgrounds. Images go to
     OUT_DIR/<class>/*.jpg, masks to OUT_DIR/.masks/<class>/*.png, a summary to OUT_DIR/shapes.json.
+
+    [bold]Examples[/]
+
+    vit data shapes shapes-train --per-class 2000 --seed 0
+
+    vit data shapes shapes-test --per-class 200 --seed 2 --workers 2
     """
-    from ..console import err, make_progress
+    from ..console import err, make_progress, print_warning
     from ..data.shapes import SHAPES, generate
     from ..errors import InputError
+    from ..runtime import cpu_count, resolve_workers
 
-    if workers < 0:
-        workers = (
-            len(os.sched_getaffinity(0))
-            if hasattr(os, "sched_getaffinity")
-            else (os.cpu_count() or 1)
-        )
+    if not 1 <= per_class <= MAX_PER_CLASS:
+        raise InputError(f"--per-class must be from 1 to {MAX_PER_CLASS}, got {per_class}")
+    if not 32 <= image_size <= MAX_IMAGE_SIZE:
+        raise InputError(f"--image-size must be from 32 to {MAX_IMAGE_SIZE}, got {image_size}")
+    if not 0 <= seed <= 2**63 - 1:
+        raise InputError(f"--seed must be from 0 to 2^63-1, got {seed}")
+    count, warning = resolve_workers(workers if workers is not None else cpu_count())
+    if warning:
+        print_warning(warning)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder; choose another OUT_DIR")
     with make_progress(quiet=quiet) as progress:
         task = progress.add_task("shapes", total=per_class * len(SHAPES), rate="")
-        summary = generate(
-            out_dir,
-            per_class=per_class,
-            image_size=image_size,
-            seed=seed,
-            workers=workers,
-            progress=lambda done, total: progress.update(task, completed=done),
-        )
+        try:
+            summary = generate(
+                out_dir,
+                per_class=per_class,
+                image_size=image_size,
+                seed=seed,
+                workers=count,
+                progress=lambda done, total: progress.update(task, completed=done),
+            )
+        except OSError as error:
+            raise InputError(
+                f"{out_dir}: cannot write ({error.strerror or error}); "
+                "choose a writable OUT_DIR with free space"
+            ) from None
     if not quiet:
         err.print(
-            f"wrote {summary['images']} images ({per_class} per class, {len(summary['classes'])} classes, "
-            f"{image_size}x{image_size}, seed {seed}) to {out_dir}"
+            f"wrote {summary['images']} images ({per_class} per class, "
+            f"{len(summary['classes'])} classes, {image_size}x{image_size}, seed {seed}) "
+            f"to {out_dir}",
+            markup=False,
+            soft_wrap=True,
         )
 
 

@@ -110,7 +110,8 @@ def rand_augment(
 
 @dataclass(frozen=True)
 class TrainTransform:
-    """Random resized crop + horizontal flip (+ RandAugment), then the model's normalisation."""
+    """Random resized crop + horizontal flip (+ RandAugment) -> (C, H, W) uint8; the model's
+    normalisation happens later, on the device (data.loader.normalize)."""
 
     preprocess: Preprocess  # gives output size, interpolation, mean and std
     scale: tuple[float, float] = (0.35, 1.0)
@@ -128,7 +129,7 @@ class TrainTransform:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self.randaugment_ops > 0:
             image = rand_augment(image, self.randaugment_ops, self.randaugment_magnitude, rng)
-        return self.preprocess.to_array(image)
+        return self.preprocess.to_uint8(image)
 
 
 def mix_batch(

@@ -12,9 +12,11 @@ exception in a worker; the trainer reports each such file once and trains on the
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..errors import DatasetError, ImageDecodeError
+from ..runtime import die_with_parent
 from .augment import TrainTransform
 from .images import IMAGE_EXTENSIONS, is_image_path, open_image
 from .inputs import natural_key
@@ -39,6 +42,7 @@ class LabelledImages:
     root: str
     classes: list[str]
     samples: list[tuple[str, int]] = field(default_factory=list)  # (path, class index)
+    skipped: list[str] = field(default_factory=list)  # files left out, one message each
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -50,15 +54,57 @@ class LabelledImages:
         return counts
 
 
-def _images_under(folder: str) -> list[str]:
+def class_label(folder_name: str) -> str:
+    """The label of a class folder: its name, with bytes that are not UTF-8 written as \\xNN
+    (labels are text stored in model files; the same mapping in train and eval matches them)."""
+    return os.fsencode(folder_name).decode("utf-8", "backslashreplace")
+
+
+def _images_under(folder: str, skipped: list[str]) -> list[str]:
+    """Regular image files under `folder`, recursively, in natural order. Links to folders are
+    followed once each, never back up the tree (no loops); anything that is not a regular file
+    (FIFO, socket, device) is never opened: it is named in `skipped`."""
     found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.extend(
-            os.path.join(root, name)
-            for name in files
-            if is_image_path(name) and not name.startswith(".")
+    # The folder's ancestors count as visited: a link back up (`loop -> ..`) would otherwise
+    # pull the other classes' images into this one.
+    visited: set[tuple[int, int]] = set()
+    for ancestor in Path(os.path.realpath(folder)).parents:
+        try:
+            info = os.stat(ancestor)
+        except OSError:
+            continue
+        visited.add((info.st_dev, info.st_ino))
+
+    def unreadable(error: OSError) -> None:
+        skipped.append(
+            f"{error.filename or folder}: cannot list folder ({error.strerror or error}); "
+            "its images were skipped"
         )
+
+    for root, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable):
+        try:
+            info = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (info.st_dev, info.st_ino) in visited:
+            dirs[:] = []
+            continue
+        visited.add((info.st_dev, info.st_ino))
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if not is_image_path(name) or name.startswith("."):
+                continue
+            path = os.path.join(root, name)
+            try:
+                regular = stat.S_ISREG(os.stat(path).st_mode)
+            except OSError as error:
+                skipped.append(f"{path}: cannot read ({error.strerror or error}); skipped")
+                continue
+            if regular:
+                found.append(path)
+            else:
+                skipped.append(f"{path}: not a regular file (FIFO, socket or device); skipped")
     return sorted(found, key=natural_key)
 
 
@@ -70,7 +116,7 @@ def scan_image_folder(root: str | Path, min_classes: int = 2) -> LabelledImages:
         raise DatasetError(f"{root}: no such folder; {hint}")
     if not root.is_dir():
         raise DatasetError(f"{root}: is a file, not a folder; {hint}")
-    classes = sorted(
+    folders = sorted(
         (
             entry.name
             for entry in os.scandir(root)
@@ -78,16 +124,21 @@ def scan_image_folder(root: str | Path, min_classes: int = 2) -> LabelledImages:
         ),
         key=natural_key,
     )
+    classes = [class_label(name) for name in folders]
     if not classes:
         loose = [
             name for name in os.listdir(root) if is_image_path(name) and not name.startswith(".")
         ]
         if loose:
             raise DatasetError(
-                f"{root}: {len(loose)} images sit directly in the folder without class subfolders; {hint}"
+                f"{root}: {len(loose)} images sit directly in the folder without class "
+                f"subfolders; {hint}"
             )
         raise DatasetError(f"{root}: empty folder (no class subfolders); {hint}")
-    per_class = {name: _images_under(str(root / name)) for name in classes}
+    skipped: list[str] = []
+    per_class = {
+        label: _images_under(str(root / name), skipped) for label, name in zip(classes, folders)
+    }
     empty = [name for name in classes if not per_class[name]]
     if len(empty) == len(classes):
         raise DatasetError(
@@ -101,10 +152,11 @@ def scan_image_folder(root: str | Path, min_classes: int = 2) -> LabelledImages:
         )
     if len(classes) < min_classes:
         raise DatasetError(
-            f"{root}: only one class ({classes[0]}); a classifier needs at least two class subfolders"
+            f"{root}: only one class ({classes[0]}); "
+            "a classifier needs at least two class subfolders"
         )
     samples = [(path, index) for index, name in enumerate(classes) for path in per_class[name]]
-    return LabelledImages(root=str(root), classes=classes, samples=samples)
+    return LabelledImages(root=str(root), classes=classes, samples=samples, skipped=skipped)
 
 
 def relabel(
@@ -115,11 +167,14 @@ def relabel(
     if unknown:
         raise DatasetError(
             f"{data.root}: {what} classes {', '.join(unknown[:5])} are not among the known classes "
-            f"({', '.join(list(classes)[:10])}{' ...' if len(classes) > 10 else ''}); use the same class folder names"
+            f"({', '.join(list(classes)[:10])}{' ...' if len(classes) > 10 else ''}); "
+            "use the same class folder names"
         )
     index = {name: i for i, name in enumerate(classes)}
     samples = [(path, index[data.classes[label]]) for path, label in data.samples]
-    return LabelledImages(root=data.root, classes=list(classes), samples=samples)
+    return LabelledImages(
+        root=data.root, classes=list(classes), samples=samples, skipped=data.skipped
+    )
 
 
 def stratified_split(
@@ -130,7 +185,8 @@ def stratified_split(
     if not 0.0 <= fraction < 1.0:
         raise DatasetError(f"--val-split must be in [0, 1), got {fraction}")
     rng = random.Random(f"val-split:{seed}")
-    train, val = [], []
+    train: list[tuple[str, int]] = []
+    val: list[tuple[str, int]] = []
     by_class: dict[int, list[tuple[str, int]]] = {}
     for sample in data.samples:
         by_class.setdefault(sample[1], []).append(sample)
@@ -143,7 +199,7 @@ def stratified_split(
         val.extend(s for s in by_class[label] if s[0] in val_set)  # keep natural order inside
         train.extend(s for s in by_class[label] if s[0] not in val_set)
     return (
-        LabelledImages(root=data.root, classes=data.classes, samples=train),
+        LabelledImages(root=data.root, classes=data.classes, samples=train, skipped=data.skipped),
         LabelledImages(root=data.root, classes=data.classes, samples=val),
     )
 
@@ -170,7 +226,9 @@ def item_rng(seed: int, epoch: int, index: int) -> random.Random:
 
 
 class FolderDataset(Dataset):
-    """Keys (index, epoch) or plain indices -> (index, CHW float32 array or None, label, error or None)."""
+    """Keys (index, epoch) or plain indices -> (index, CHW uint8 array or None, label, error or
+    None). Pixels stay uint8 (resized and augmented, not normalised): data.loader.normalize
+    turns a batch into the model input on the device."""
 
     def __init__(
         self,
@@ -203,7 +261,8 @@ class FolderDataset(Dataset):
                 path, draft_for=self._draft_size if self.draft else None
             )
             if isinstance(self.transform, Preprocess):
-                array = self.transform(image, original_size=original_size)
+                resized = self.transform.resize_image(image, original_size)
+                array = self.transform.to_uint8(resized)
             else:
                 array = self.transform(image, item_rng(self.seed, epoch, index))
             return index, array, label, None
@@ -220,19 +279,41 @@ class FolderDataset(Dataset):
 
 @dataclass
 class LabelledBatch:
+    """A batch as it crosses the worker boundary: numpy arrays, pickled through the worker's
+    pipe. (A torch tensor would go through torch's shared-memory hand-off, whose receiving side
+    keeps a weak reference per batch and pins freed heap space: the main process would grow
+    with every batch; see data/loader.py.) The tensor is made on this side: `pixel_tensor`."""
+
     indices: list[int]
-    pixels: torch.Tensor  # (B, C, H, W) float32; B may be 0 when every image failed
-    labels: torch.Tensor  # (B,) int64
+    pixels: np.ndarray  # (B, C, H, W) uint8, not normalised; B may be 0 (all failed)
+    labels: np.ndarray  # (B,) int64
     failures: list[tuple[int, str]]  # (dataset index, message)
+    pinned: torch.Tensor | None = None  # `pixels` in pinned memory, when the loader pins
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def pixel_tensor(self) -> torch.Tensor:
+        """(B, C, H, W) uint8 CPU tensor of the pixels, for data.loader.normalize."""
+        return self.pinned if self.pinned is not None else torch.from_numpy(self.pixels)
+
+    def label_tensor(self) -> torch.Tensor:
+        return torch.from_numpy(self.labels)
+
+    def pin_memory(self) -> LabelledBatch:
+        """Called by DataLoader(pin_memory=True) in the main process."""
+        if len(self):
+            self.pinned = torch.from_numpy(self.pixels).pin_memory()
+        return self
 
 
 def collate_labelled(items) -> LabelledBatch:
     good = [item for item in items if item[3] is None]
-    pixels = torch.from_numpy(np.stack([item[1] for item in good])) if good else torch.empty(0)
+    pixels = np.stack([item[1] for item in good]) if good else np.empty((0,), np.uint8)
     return LabelledBatch(
         indices=[item[0] for item in good],
         pixels=pixels,
-        labels=torch.tensor([item[2] for item in good], dtype=torch.int64),
+        labels=np.asarray([item[2] for item in good], dtype=np.int64),
         failures=[(item[0], item[3]) for item in items if item[3] is not None],
     )
 
@@ -245,8 +326,8 @@ class EpochSampler(Sampler):
     def __init__(
         self, length: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True
     ) -> None:
-        self.inner = DistributedSampler(
-            range(length),
+        self.inner: DistributedSampler = DistributedSampler(
+            range(length),  # type: ignore[arg-type]  # any sized sequence works
             num_replicas=world_size,
             rank=rank,
             shuffle=shuffle,
@@ -281,7 +362,8 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def _seed_worker(worker_id: int) -> None:
+def _init_worker(parent: int, worker_id: int) -> None:
+    die_with_parent(parent)
     # Items carry their own RNG; this only keeps any stray global RNG use reproducible.
     info = torch.utils.data.get_worker_info()
     seed = info.seed % 2**32 if info is not None else worker_id
@@ -306,7 +388,7 @@ def make_loader(
         num_workers=workers,
         collate_fn=collate_labelled,
         pin_memory=pin_memory,
-        worker_init_fn=_seed_worker if workers > 0 else None,
+        worker_init_fn=functools.partial(_init_worker, os.getpid()) if workers > 0 else None,
         generator=generator,
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..fileio import atomic_write_bytes
+from ..runtime import cpu_count, die_with_parent
 
 GENERATOR_VERSION = 3
 SHAPES = ("circle", "cross", "ring", "square", "star", "triangle")
@@ -201,12 +203,12 @@ def _write_range(
     for index in range(start, stop):
         sample = make_sample(seed, SHAPES.index(name), index, image_size=image_size)
         stem = f"{name}_{index:05d}"
-        for image, path, options in (
-            (sample.image, image_dir / f"{stem}.jpg", {"format": "JPEG", "quality": quality}),
-            (sample.mask, mask_dir / f"{stem}.png", {"format": "PNG", "optimize": True}),
+        for image, path, form, options in (
+            (sample.image, image_dir / f"{stem}.jpg", "JPEG", {"quality": quality}),
+            (sample.mask, mask_dir / f"{stem}.png", "PNG", {"optimize": True}),
         ):
             buffer = io.BytesIO()
-            image.save(buffer, **options)
+            image.save(buffer, format=form, **options)
             atomic_write_bytes(
                 path, buffer.getvalue(), durable=False
             )  # no half-written image on a kill
@@ -231,6 +233,8 @@ def generate(
         raise ValueError("per_class must be at least 1")
     if image_size < 32:
         raise ValueError("image_size must be at least 32")
+    if workers < 0:
+        raise ValueError("workers must be 0 or more")
     unknown = sorted(set(classes) - set(SHAPES))
     if unknown:
         raise ValueError(f"unknown shapes {unknown}; known: {', '.join(SHAPES)}")
@@ -246,7 +250,11 @@ def generate(
     ]
     total, done = per_class * len(classes), 0
     if workers > 0 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # Never more processes than CPUs or jobs; each dies with this process (no orphans).
+        count = min(workers, cpu_count(), len(jobs))
+        with ProcessPoolExecutor(
+            max_workers=count, initializer=die_with_parent, initargs=(os.getpid(),)
+        ) as pool:
             futures = [
                 pool.submit(_write_range, out, name, seed, a, b, image_size, quality)
                 for name, a, b in jobs
@@ -275,6 +283,6 @@ def generate(
 
 
 def mask_path(image_path: str | Path) -> Path:
-    """The mask file of a generated image: OUT/<class>/<stem>.jpg -> OUT/.masks/<class>/<stem>.png."""
+    """The mask file of an image: OUT/<class>/<stem>.jpg -> OUT/.masks/<class>/<stem>.png."""
     image_path = Path(image_path)
     return image_path.parent.parent / MASK_DIR / image_path.parent.name / f"{image_path.stem}.png"

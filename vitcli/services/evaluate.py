@@ -9,26 +9,60 @@ from __future__ import annotations
 
 import csv
 import io
-import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..data.folder import FolderDataset, ShardSampler, make_loader, relabel, scan_image_folder
+from ..data.folder import (
+    FolderDataset,
+    ShardSampler,
+    class_label,
+    make_loader,
+    relabel,
+    scan_image_folder,
+)
+from ..data.loader import normalize
 from ..errors import DatasetError, InputError
-from ..weights.format import ModelBundle, atomic_write_bytes
+from ..fileio import atomic_write_bytes
+from ..runtime import resolve_device, resolve_workers
+from ..weights.format import ModelBundle
+from .train.rundir import json_bytes
 
 OTHER = "(other)"
+MAX_BATCH = 65_536
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Every option of `vit eval`."""
+
+    data: str
+    model: str | None = None  # None: the bundled model
+    output: str = ""  # FILE.json or FILE.csv
+    confusion_png: str = ""
+    batch_size: int = 64
+    workers: int | None = None  # None: runtime.default_workers()
+    device: str = "auto"
+
+
+@dataclass
+class EvalEvent:
+    kind: str  # "progress" | "warning"
+    done: int = 0
+    total: int = 0
+    message: str = ""
 
 
 @dataclass
 class ClassResult:
     label: str
-    images: int
+    images: int  # decoded and evaluated
     correct: int
     top5_correct: int
+    failed: int = 0  # files of this class that could not be decoded
 
     @property
     def accuracy(self) -> float | None:
@@ -50,18 +84,28 @@ class EvalResult:
     confusion: list[list[int]]  # rows: true class (folder order); columns: confusion_labels
     confusion_labels: list[str]  # folder classes, plus "(other)" when the model has more labels
     failures: list[str] = field(default_factory=list)
+    # Top-1 model label index of each image in folder order (-1: not decoded).
+    predictions: list[int] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+
+    @property
+    def failed_classes(self) -> list[str]:
+        """Classes none of whose images could be decoded: they have no accuracy at all."""
+        return [c.label for c in self.classes if c.images == 0 and c.failed]
 
     def to_dict(self) -> dict:
         return {
             "model": self.model,
             "data": self.data,
             "images": self.images,
+            "failed_images": len(self.failures),
             "top1": self.top1,
             "top5": self.top5,
             "per_class": [
                 {
                     "label": c.label,
                     "images": c.images,
+                    "failed": c.failed,
                     "correct": c.correct,
                     "accuracy": c.accuracy,
                     "top5": c.top5,
@@ -77,34 +121,80 @@ class EvalResult:
         }
 
 
+def run(options: EvalOptions, on_progress: Callable[[EvalEvent], None] | None = None) -> EvalResult:
+    """Load the model, evaluate it on the folder, write the files asked for."""
+    from ..weights.resolve import load_model
+
+    check(options)
+    output = Path(options.output) if options.output else None
+    png = Path(options.confusion_png) if options.confusion_png else None
+    device = resolve_device(options.device)  # a bad --device fails before the model loads
+    resolve_workers(options.workers)
+    bundle = load_model(options.model)
+    result = evaluate(
+        options.data,
+        bundle,
+        batch_size=options.batch_size,
+        workers=options.workers,
+        device=device,
+        on_progress=on_progress,
+    )
+    for path, write in ((output, write_report), (png, confusion_png)):
+        if path is None:
+            continue
+        try:
+            result.written.append(write(result, path))
+        except OSError as error:
+            raise InputError(
+                f"{path}: cannot write ({error.strerror or error}); "
+                "choose a writable place with free space"
+            ) from None
+    return result
+
+
+def check(options: EvalOptions) -> None:
+    if isinstance(options.batch_size, bool) or not 1 <= options.batch_size <= MAX_BATCH:
+        raise InputError(f"--batch-size must be from 1 to {MAX_BATCH}, got {options.batch_size}")
+    if options.output and Path(options.output).suffix.lower() not in (".json", ".csv"):
+        raise InputError(f"--output {options.output}: use a .json or .csv file name")
+    if options.confusion_png and Path(options.confusion_png).suffix.lower() != ".png":
+        raise InputError(f"--confusion-png {options.confusion_png}: use a .png file name")
+
+
 def evaluate(
     data_dir: str | Path,
     bundle: ModelBundle,
     batch_size: int = 64,
-    workers: int = 2,
-    device: str | torch.device | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    warn: Callable[[str], None] | None = None,
+    workers: int | None = None,
+    device: str | torch.device = "auto",
+    on_progress: Callable[[EvalEvent], None] | None = None,
 ) -> EvalResult:
     """Run the model over every image of an ImageFolder tree with the model's own preprocessing."""
     if batch_size < 1:
         raise InputError("--batch-size must be at least 1")
+
+    def emit(event: EvalEvent) -> None:
+        if on_progress is not None:
+            on_progress(event)
+
+    workers, warning = resolve_workers(workers)
+    if warning:
+        emit(EvalEvent("warning", message=warning))
     folder = scan_image_folder(data_dir, min_classes=1)
-    labels = list(bundle.labels)
+    for message in folder.skipped:
+        emit(EvalEvent("warning", message=message))
+    labels = [class_label(name) for name in bundle.labels]
     missing = [name for name in folder.classes if name not in labels]
     if missing:
         raise DatasetError(
             f"{data_dir}: class folder(s) {', '.join(missing[:5])} are not labels of the model "
-            f"({', '.join(labels[:8])}{' ...' if len(labels) > 8 else ''}); name the class folders after the model's labels"
+            f"({', '.join(labels[:8])}{' ...' if len(labels) > 8 else ''}); "
+            "name the class folders after the model's labels"
         )
     # Dataset indices are model label indices from here on.
     data = relabel(folder, labels, what="evaluation")
-    device = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    model = bundle.model.to(device).eval()
+    target = device if isinstance(device, torch.device) else resolve_device(device)
+    model = bundle.model.to(target).eval()
     dataset = FolderDataset(data, bundle.preprocess)
     loader = make_loader(dataset, ShardSampler(len(dataset)), batch_size, workers)
 
@@ -114,18 +204,21 @@ def evaluate(
     confusion = [[0] * len(columns) for _ in folder.classes]
     per_class = [ClassResult(name, 0, 0, 0) for name in folder.classes]
     failures: list[str] = []
+    predictions = [-1] * len(dataset)
     done = 0
     k = min(5, len(labels))
     with torch.inference_mode():
         for batch in loader:
-            for _, message in batch.failures:
+            for index, message in batch.failures:
                 failures.append(message)
-                if warn is not None:
-                    warn(f"skipped unreadable image: {message}")
-            if batch.pixels.numel():
-                logits = model(batch.pixels.to(device)).float()
+                per_class[folder_index[data.samples[index][1]]].failed += 1
+                emit(EvalEvent("warning", message=f"skipped unreadable image: {message}"))
+            if len(batch):
+                pixels = normalize(batch.pixel_tensor(), bundle.preprocess, target)  # B,C,H,W
+                logits = model(pixels).float()
                 top = logits.topk(k, dim=1).indices.cpu()  # B,k
-                for true, ranked in zip(batch.labels.tolist(), top.tolist()):
+                for index, true, ranked in zip(batch.indices, batch.labels.tolist(), top.tolist()):
+                    predictions[index] = ranked[0]
                     row = folder_index[true]
                     result = per_class[row]
                     result.images += 1
@@ -134,8 +227,7 @@ def evaluate(
                     column = folder_index.get(ranked[0], len(columns) - 1)
                     confusion[row][column] += 1
             done += len(batch.indices) + len(batch.failures)
-            if progress is not None:
-                progress(done, len(dataset))
+            emit(EvalEvent("progress", done=done, total=len(dataset)))
     images = sum(c.images for c in per_class)
     if images == 0:
         raise DatasetError(f"{data_dir}: none of the {len(dataset)} images could be decoded")
@@ -149,6 +241,7 @@ def evaluate(
         confusion=confusion,
         confusion_labels=columns,
         failures=failures,
+        predictions=predictions,
     )
 
 
@@ -157,18 +250,27 @@ def write_report(result: EvalResult, path: str | Path) -> Path:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".json":
-        atomic_write_bytes(
-            path, (json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n").encode()
-        )
+        atomic_write_bytes(path, json_bytes(result.to_dict()))
     elif suffix == ".csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["class", "images", "correct", "accuracy", "top5"])
+        writer.writerow(["class", "images", "failed", "correct", "accuracy", "top5"])
         for c in result.classes:
-            writer.writerow([c.label, c.images, c.correct, _fmt(c.accuracy), _fmt(c.top5)])
+            writer.writerow(
+                [_cell(c.label), c.images, c.failed, c.correct, _fmt(c.accuracy), _fmt(c.top5)]
+            )
         correct = sum(c.correct for c in result.classes)
-        writer.writerow(["(all)", result.images, correct, _fmt(result.top1), _fmt(result.top5)])
-        atomic_write_bytes(path, buffer.getvalue().encode())
+        writer.writerow(
+            [
+                "(all)",
+                result.images,
+                len(result.failures),
+                correct,
+                _fmt(result.top1),
+                _fmt(result.top5),
+            ]
+        )
+        atomic_write_bytes(path, buffer.getvalue().encode("utf-8", "backslashreplace"))
     else:
         raise InputError(f"--output {path}: use a .json or .csv file name")
     return path
@@ -176,6 +278,26 @@ def write_report(result: EvalResult, path: str | Path) -> Path:
 
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.6f}"
+
+
+_CSV_UNSAFE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _csv_char(match: re.Match) -> str:
+    code = ord(match.group())
+    if code == 0x5C:
+        return "\\\\"
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, kept by surrogateescape
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\u{code:04x}"
+
+
+def _cell(text: str) -> str:
+    """A label as a CSV cell: a backslash doubled, control characters as \\u00XX (a raw CR
+    would split the row), bytes that are not UTF-8 as \\xHH, and a ' before a leading
+    = + - @ so that no spreadsheet runs it as a formula (OWASP): predict's CSV convention."""
+    text = _CSV_UNSAFE.sub(_csv_char, text)
+    return "'" + text if text.startswith(("=", "+", "-", "@", "'")) else text
 
 
 def confusion_png(result: EvalResult, path: str | Path, cell: int = 36) -> Path:
