@@ -70,3 +70,6 @@ QuietOption = Annotated[
     bool,
     typer.Option("--quiet", "-q", help="No progress bar and no summary unless something failed."),
 ]
+
+# The old short form of --workers (train, eval, data), kept working but out of --help.
+JobsAlias = Annotated[int | None, typer.Option("-j", hidden=True, show_default=False)]

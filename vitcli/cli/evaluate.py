@@ -8,8 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .common import BatchSizeOption, DeviceOption, ModelOption, WorkersOption
-from .train import JobsAlias
+from .common import BatchSizeOption, DeviceOption, JobsAlias, ModelOption, WorkersOption
 
 
 def evaluate(
@@ -151,3 +150,7 @@ def _render(result, console) -> None:
                 *(f"[bold]{v}" if i == row_index else str(v) for i, v in enumerate(row)),
             )
         console.print(matrix)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(evaluate)

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from .common import BatchSizeOption, DeviceOption, WorkersOption
+from .common import BatchSizeOption, DeviceOption, JobsAlias, WorkersOption
 
 
 # The choices of services.train.config, repeated here so that `vit --help` need not import torch.
@@ -32,10 +32,6 @@ class Amp(str, Enum):
 _SCRATCH = "From scratch only"
 _OPT = "Optimisation"
 _AUG = "Augmentation"
-
-# The old short form of --workers, kept working but out of --help.
-JobsAlias = Annotated[int | None, typer.Option("-j", hidden=True, show_default=False)]
-
 
 def _float(flag: str, help: str, panel: str | None = None, metavar: str = "X"):
     return typer.Option(flag, help=help, rich_help_panel=panel, metavar=metavar)
@@ -357,7 +353,4 @@ def _interrupted(config, not_main: bool) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    from .evaluate import evaluate
-
     app.command("train")(train)
-    app.command("eval")(evaluate)
