@@ -423,3 +423,106 @@ def test_class_specific_maps_point_at_the_patch_each_class_reads(method):
     assert result.maps[1].argmax().item() == B, result.maps[1]
     rollout = explain(model, x, "rollout").maps
     assert torch.equal(rollout[0], rollout[1]), "rollout cannot tell the classes apart"
+
+
+# -- scoring ---------------------------------------------------------------------------------
+def test_deleting_the_patch_a_class_reads_first_drops_its_probability_first():
+    from vitcli.services.scoring import perturbation_auc
+
+    model = two_patch_model()
+    x = two_patch_image().expand(2, -1, -1, -1)
+    right = torch.zeros(2, 2, 3)
+    right[0, 0, 2] = 1.0  # patch A first for class 0
+    right[1, 1, 0] = 1.0  # patch B first for class 1
+    wrong = right.flip(0)  # each target's object last... the other object first
+    targets = torch.tensor([0, 1])
+    deletion_right, insertion_right = perturbation_auc(model, x, right, targets, steps=6)
+    deletion_wrong, insertion_wrong = perturbation_auc(model, x, wrong, targets, steps=6)
+    assert (deletion_right < deletion_wrong - 0.05).all()
+    assert (insertion_right > insertion_wrong + 0.05).all()
+    blur = perturbation_auc(model, x, right, targets, steps=6, baseline="blur")
+    assert all(torch.isfinite(curve).all() for curve in blur)
+
+
+@pytest.fixture
+def shapes_model_file(tmp_path):
+    from vitcli.data.shapes import SHAPES
+    from vitcli.weights.format import save_model
+
+    model = random_model(image_size=32, num_classes=len(SHAPES), width=16, depth=2)
+    return save_model(model, tmp_path / "shapes.safetensors", labels=list(SHAPES), source="test")
+
+
+@pytest.mark.slow
+def test_score_reports_every_method_on_one_and_two_object_images(tmp_path, shapes_model_file):
+    import json
+
+    from vitcli.data.shapes import generate
+    from vitcli.services.scoring import ScoreOptions, score_explanations, table_rows
+    from vitcli.weights.resolve import load_model
+
+    classes = ("circle", "cross", "ring")
+    generate(tmp_path / "two", per_class=1, image_size=32, seed=1, classes=classes, objects=2)
+    generate(tmp_path / "two", per_class=1, image_size=32, seed=1, classes=classes)
+    bundle = load_model(shapes_model_file)
+    report = score_explanations(bundle, tmp_path / "two", ScoreOptions(steps=3), batch_size=4)
+    assert report.images == 3 + 3 and not report.failures
+    summary = json.loads(json.dumps(report.to_dict()))["methods"]
+    assert list(summary) == [*METHODS, "random"]
+    for name, scores in summary.items():
+        assert scores["one_object"]["maps"] == 3 and scores["two_objects"]["maps"] == 6, name
+        for group in ("one_object", "two_objects"):
+            assert 0.0 <= scores[group]["pointing"] <= 1.0
+            assert 0.0 <= scores[group]["deletion_auc"] <= 1.0
+    # A class-agnostic map is the same for both targets: on the other object as often.
+    two = summary["rollout"]["two_objects"]
+    assert two["pointing"] == two["pointing_other"]
+    assert len(table_rows(summary)) == len(METHODS) + 1
+
+
+def test_score_refuses_classes_the_model_does_not_know(tmp_path, tiny_model_file):
+    from vitcli.data.shapes import generate
+    from vitcli.errors import DatasetError
+    from vitcli.services.scoring import score_explanations
+    from vitcli.weights.resolve import load_model
+
+    generate(tmp_path / "d", per_class=1, image_size=32, seed=1, classes=("circle", "star"))
+    with pytest.raises(DatasetError, match="does not know the classes circle, star"):
+        score_explanations(load_model(tiny_model_file), tmp_path / "d")
+
+
+def test_score_command_prints_a_table_and_writes_json(tmp_path, shapes_model_file):
+    import json
+
+    from typer.testing import CliRunner
+
+    from vitcli.cli import app
+    from vitcli.data.shapes import generate
+
+    generate(tmp_path / "d", per_class=1, image_size=32, seed=2, objects=2)
+    result = CliRunner().invoke(
+        app,
+        [
+            "score",
+            str(tmp_path / "d"),
+            "--model",
+            str(shapes_model_file),
+            "--method",
+            "gae,rollout",
+            "--steps",
+            "2",
+            "--limit",
+            "4",
+            "-o",
+            str(tmp_path / "scores.json"),
+            "-w",
+            "0",
+            "-q",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "gae" in result.output and "rollout" in result.output and "random" in result.output
+    written = json.loads((tmp_path / "scores.json").read_text())
+    assert written["images"] == 4 and set(written["methods"]) == {"gae", "rollout", "random"}
+    bad = CliRunner().invoke(app, ["score", str(tmp_path / "d"), "--method", "lime"])
+    assert bad.exit_code == 1

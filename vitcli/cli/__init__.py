@@ -59,9 +59,9 @@ def _root(
 
 
 def _register() -> None:
-    from . import attention, data, inspect, models, predict, train
+    from . import attention, data, inspect, models, predict, score, train
 
-    for module in (predict, attention, train, data, models, inspect):
+    for module in (predict, attention, train, data, models, inspect, score):
         module.register(app)
 
 
