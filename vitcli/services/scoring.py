@@ -374,10 +374,11 @@ TABLE_HEADERS = (
     "point 1-obj",
     "point 2-obj",
     "point other",
-    "top-2: t=top1",
-    "top-2: t=top2",
-    "mass/share tgt",
-    "mass/share other",
+    "2-obj t=top1",
+    "2-obj t=top2",
+    "both top-2: t1 / t2 (images)",
+    "mass ratio tgt",
+    "mass ratio other",
     "deletion AUC",
     "insertion AUC",
 )
@@ -386,9 +387,12 @@ TABLE_HEADERS = (
 def table_rows(summary: dict) -> list[list[str]]:
     """`ScoreReport.summary()` -> rows of TABLE_HEADERS as text ('-' where there is nothing).
 
-    Pointing on two-object images counts both targets of every image; the "top-2" columns
-    keep the images whose two classes are the model's top two, split by the target's rank.
-    Deletion and insertion AUC are over every map (one- and two-object images).
+    "point 2-obj" counts both targets of every two-object image, "point other" how often the
+    peak lands on the other object instead; "2-obj t=top1/t=top2" split the two-object maps by
+    the target's rank in the model's logits; "both top-2" keeps the images whose two classes
+    are the model's top two (the issue's goal), split by rank, with their number. Mass ratios
+    are on two-object images (one-object when there are none); deletion and insertion AUC are
+    over every map.
     """
 
     def pct(value: float | None) -> str:
@@ -404,10 +408,17 @@ def table_rows(summary: dict) -> list[list[str]]:
         auc = {
             key: None
             if not maps
-            else (one.get(key) or 0.0) * one.get("maps", 0) / maps
-            + (two.get(key) or 0.0) * two.get("maps", 0) / maps
+            else (
+                (one.get(key) or 0.0) * one.get("maps", 0)
+                + (two.get(key) or 0.0) * two.get("maps", 0)
+            )
+            / maps
             for key in ("deletion_auc", "insertion_auc")
         }
+        both = (
+            f"{pct(top2.get('pointing_top1_target'))} / {pct(top2.get('pointing_top2_target'))}"
+            f" ({top2.get('maps', 0) // 2})"
+        )
         rows.append(
             [
                 name,
@@ -415,8 +426,9 @@ def table_rows(summary: dict) -> list[list[str]]:
                 pct(one.get("pointing")),
                 pct(two.get("pointing")),
                 pct(two.get("pointing_other")),
-                pct(top2.get("pointing_top1_target")),
-                pct(top2.get("pointing_top2_target")),
+                pct(two.get("pointing_top1_target")),
+                pct(two.get("pointing_top2_target")),
+                both,
                 num(two.get("target_mass_ratio") or one.get("target_mass_ratio"), 2),
                 num(two.get("other_mass_ratio"), 2),
                 num(auc["deletion_auc"]),
