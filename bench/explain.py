@@ -99,7 +99,7 @@ def figure(bundle, images: list[str], masks: list[dict], path: Path) -> str:
             blend = 0.45 * np.asarray(original) + 0.55 * apply(values, "jet")
             sheet.paste(Image.fromarray(blend.astype(np.uint8)), (column * tile, top))
     path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
+    sheet.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
     return image
 
 

@@ -526,3 +526,13 @@ def test_score_command_prints_a_table_and_writes_json(tmp_path, shapes_model_fil
     assert written["images"] == 4 and set(written["methods"]) == {"gae", "rollout", "random"}
     bad = CliRunner().invoke(app, ["score", str(tmp_path / "d"), "--method", "lime"])
     assert bad.exit_code == 1
+
+
+@pytest.mark.parametrize("method", ["gae", "attribution", "gradcam"])
+def test_class_specific_maps_work_inside_a_callers_inference_mode(method):
+    model = random_model()
+    x = images(batch=2)
+    expected = explain(model, x, method, targets="top1").maps
+    with torch.inference_mode():
+        inside = explain(model, x.clone(), method, targets="top1").maps
+    assert torch.equal(inside, expected)

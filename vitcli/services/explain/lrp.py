@@ -39,11 +39,11 @@ from .methods import (
     TargetLike,
     _target_score,
     chain,
-    frozen,
     grid_of,
     patch_grid,
     prefix_tokens,
     readout,
+    recording,
 )
 
 _EPS = 1e-9
@@ -230,8 +230,7 @@ def attribution_maps(
     handles.append(model.norm.register_forward_hook(lambda m, a, out: final.append(out.detach())))
     bars: dict[int, torch.Tensor] = {}
     try:
-        with frozen(model), torch.enable_grad():
-            x = images.detach().requires_grad_(True)
+        with recording(model, images) as x:
             logits, weights = model.forward_with_attention(x, layers=range(depth))
             score, indices = _target_score(logits, targets, labels)
             with torch.no_grad():

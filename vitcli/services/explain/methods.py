@@ -123,6 +123,15 @@ def frozen(model: ViT) -> Iterator[None]:
         model.train(was_training)
 
 
+@contextmanager
+def recording(model: ViT, images: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Frozen model and grad mode on, even inside a caller's no_grad or inference_mode; yields
+    the input as the only leaf that records the graph."""
+    with torch.inference_mode(False), frozen(model), torch.enable_grad():
+        # A copy: the caller's tensor may be an inference tensor, which autograd cannot save.
+        yield images.detach().clone().requires_grad_(True)
+
+
 def _target_score(
     logits: torch.Tensor, targets: TargetLike, labels: Sequence[str]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,8 +207,7 @@ def gae_maps(
     depth = len(model.blocks)
     prefix = prefix_tokens(model)
     bars: dict[int, torch.Tensor] = {}
-    with frozen(model), torch.enable_grad():
-        x = images.detach().requires_grad_(True)  # the only leaf that records the graph
+    with recording(model, images) as x:
         logits, weights = model.forward_with_attention(x, layers=range(depth))
         score, indices = _target_score(logits, targets, labels)
         for index, attention in weights.items():
@@ -241,8 +249,7 @@ def gradcam_maps(
     norm = cast(Block, model.blocks[-1]).norm1
     handle = norm.register_forward_hook(lambda module, args, output: captured.append(output))
     try:
-        with frozen(model), torch.enable_grad():
-            x = images.detach().requires_grad_(True)
+        with recording(model, images) as x:
             logits = model(x)
             score, indices = _target_score(logits, targets, labels)
             activations = captured[-1]  # B,T,D
