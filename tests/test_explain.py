@@ -56,7 +56,7 @@ def close(batched: torch.Tensor, reference: torch.Tensor) -> None:
 
 # -- plain references: one image, loops, the paper's formulas as written ---------------------
 def prefix(model: ViT) -> int:
-    return model.config.num_prefix_tokens
+    return getattr(model, "num_prefix_tokens", model.config.num_prefix_tokens)
 
 
 def one_image_attention(model: ViT, image: torch.Tensor):
@@ -230,6 +230,42 @@ def reference_attribution(model, image, target):
     return to_grid(start_row(model, tokens) @ rollout, model, image)
 
 
+class RegisterViT(ViT):
+    """Our ViT with learned register tokens after CLS (as DINOv2 with registers, no position
+    embedding for them): test-only, to check the prefix handling with num_prefix_tokens > 1."""
+
+    def __init__(self, config: ViTConfig, registers: int) -> None:
+        super().__init__(config)
+        self.registers = torch.nn.Parameter(torch.zeros(1, registers, config.width))
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 + self.registers.shape[1]
+
+    def forward_features(self, x, attn_layers=()):
+        explicit = self._layer_indices(attn_layers)
+        x, grid_size = self.patch_embed(x)  # B,N,D
+        x = x + self._pos_embed_for(grid_size)[:, 1:]
+        batch = x.shape[0]
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(batch, -1, -1)
+        x = torch.cat([cls, self.registers.expand(batch, -1, -1), x], dim=1)  # B,1+R+N,D
+        weights = {}
+        for index, block in enumerate(self.blocks):
+            x, layer_weights = block(x, return_weights=index in explicit)
+            if layer_weights is not None:
+                weights[index] = layer_weights
+        return self.norm(x), weights
+
+
+def register_model(registers=2) -> RegisterViT:
+    reference = random_model()
+    model = RegisterViT(reference.config, registers).eval()
+    model.load_state_dict(reference.state_dict(), strict=False)
+    with torch.no_grad():
+        model.registers.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(3))
+    return model
+
+
 REFERENCES = {
     "gae": reference_gae,
     "attribution": reference_attribution,
@@ -239,9 +275,13 @@ REFERENCES = {
 
 # -- parity ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["gae", "attribution", "gradcam"])
-@pytest.mark.parametrize("pool", ["cls", "mean"])
+@pytest.mark.parametrize("pool", ["cls", "mean", "mean+cls"])
 def test_batched_class_specific_maps_equal_the_one_image_reference(method, pool):
-    overrides = {} if pool == "cls" else dict(pool="mean", class_token=False)
+    overrides = {
+        "cls": {},
+        "mean": dict(pool="mean", class_token=False),
+        "mean+cls": dict(pool="mean", class_token=True),
+    }[pool]
     model = random_model(**overrides)
     x = images()
     targets = torch.tensor([2, 0, 3])
@@ -251,6 +291,25 @@ def test_batched_class_specific_maps_equal_the_one_image_reference(method, pool)
     for i in range(3):
         close(result.maps[i], REFERENCES[method](model, x[i], int(targets[i])))
     assert float(result.maps.abs().max()) > 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_register_tokens_are_prefix_tokens_for_every_method(method):
+    model = register_model(registers=2)
+    x = images()
+    targets = torch.tensor([1, 3, 0])
+    result = explain(model, x, method, targets=targets, layer=1)
+    assert result.maps.shape == (3, 3, 5)
+    for i in range(3):
+        if method == "raw":
+            expected = reference_raw(model, x[i], layer=1)
+        elif method == "rollout":
+            expected = reference_rollout(model, x[i])
+        else:
+            expected = REFERENCES[method](model, x[i], int(targets[i]))
+        close(result.maps[i], expected)
+    plain = explain(random_model(), x, method, targets=targets, layer=1)
+    assert not torch.allclose(plain.maps, result.maps), "the registers take part"
 
 
 def test_raw_and_rollout_equal_the_one_image_reference():
