@@ -384,6 +384,14 @@ def test_methods_parse_comma_lists_and_refuse_unknown_names():
         parse_methods(["lime"])
 
 
+def test_class_specific_methods_refuse_a_model_without_a_head():
+    model = random_model(num_classes=0)
+    assert explain(model, images(), "rollout").maps.shape == (3, 3, 5)
+    for method in ("gae", "attribution", "gradcam"):
+        with pytest.raises(InputError, match="no classifier head"):
+            explain(model, images(), method)
+
+
 def test_attribution_refuses_parts_it_has_no_rule_for():
     model = random_model()
     model.blocks[0].mlp.act = torch.nn.ReLU()

@@ -44,6 +44,7 @@ from .methods import (
     prefix_tokens,
     readout,
     recording,
+    require_head,
 )
 
 _EPS = 1e-9
@@ -218,6 +219,7 @@ def attribution_maps(
 ) -> Explanation:
     """Transformer Attribution maps (see the module docstring), one forward, one LRP pass,
     one backward; batched. Holds every layer's (B, nh, T, T) relevance until the backward."""
+    require_head(model)
     check_supported(model)
     depth = len(model.blocks)
     prefix = prefix_tokens(model)

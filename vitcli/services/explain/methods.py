@@ -41,7 +41,7 @@ from .targets import Target, resolve_targets
 
 @dataclass
 class Explanation:
-    maps: torch.Tensor  # (B, Hp, Wp) float32 on the CPU, unnormalised, >= 0 for gae/gradcam
+    maps: torch.Tensor  # (B, Hp, Wp) float32 on the CPU, unnormalised, non-negative
     logits: torch.Tensor  # (B, K) from the same forward pass
     targets: torch.Tensor | None  # (B,) explained classes; None for class-agnostic methods
 
@@ -123,10 +123,19 @@ def frozen(model: ViT) -> Iterator[None]:
         model.train(was_training)
 
 
+def require_head(model: ViT) -> None:
+    if not getattr(model.config, "num_classes", 1):
+        raise InputError(
+            "gae, attribution and gradcam explain a class, and this model has no classifier "
+            "head: use --method raw or rollout"
+        )
+
+
 @contextmanager
 def recording(model: ViT, images: torch.Tensor) -> Iterator[torch.Tensor]:
     """Frozen model and grad mode on, even inside a caller's no_grad or inference_mode; yields
     the input as the only leaf that records the graph."""
+    require_head(model)
     with torch.inference_mode(False), frozen(model), torch.enable_grad():
         # A copy: the caller's tensor may be an inference tensor, which autograd cannot save.
         yield images.detach().clone().requires_grad_(True)
