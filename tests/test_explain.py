@@ -377,6 +377,17 @@ def test_bad_targets_are_input_errors(spec):
         parse_target(spec, ["cat", "dog", "bird"])
 
 
+def test_map_function_is_the_attention_plug_in_shape():
+    from vitcli.services.explain import map_function
+
+    model = random_model()
+    x, targets = images(), torch.tensor([1, 0, 2])
+    compute = map_function("gae")
+    assert torch.equal(compute(model, x, targets), explain(model, x, "gae", targets=targets).maps)
+    with pytest.raises(ValueError, match="not class-specific"):
+        map_function("rollout")
+
+
 def test_methods_parse_comma_lists_and_refuse_unknown_names():
     assert parse_methods(["gae,rollout", "gae", "GradCAM"]) == ("gae", "rollout", "gradcam")
     assert parse_methods(None) == ("rollout",)

@@ -11,11 +11,12 @@ when to use which.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ...errors import InputError
+from ...model.vit import ViT
 from ...model.vit import ViT
 from .lrp import attribution_maps, check_supported
 from .methods import (
@@ -44,6 +45,7 @@ __all__ = [
     "explain",
     "frozen",
     "gae_maps",
+    "map_function",
     "gradcam_maps",
     "parse_methods",
     "parse_target",
@@ -68,6 +70,18 @@ def parse_methods(specs: Sequence[str] | None) -> tuple[str, ...]:
             if name not in chosen:
                 chosen.append(name)
     return tuple(chosen) or ("rollout",)
+
+
+def map_function(method: str) -> Callable[[ViT, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`fn(model, pixels, targets) -> (B, Hp, Wp)` of a class-specific method, the shape of
+    `vit attention`'s plug-in: `register(class_specific("gae", map_function("gae")))`."""
+    if method not in CLASS_SPECIFIC:
+        raise ValueError(f"{method!r} is not class-specific: use one of {sorted(CLASS_SPECIFIC)}")
+
+    def compute(model: ViT, pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return explain(model, pixels, method, targets=targets).maps
+
+    return compute
 
 
 def explain(
