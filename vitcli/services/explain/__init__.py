@@ -17,7 +17,6 @@ import torch
 
 from ...errors import InputError
 from ...model.vit import ViT
-from ...model.vit import ViT
 from .lrp import attribution_maps, check_supported
 from .methods import (
     Explanation,
@@ -45,8 +44,8 @@ __all__ = [
     "explain",
     "frozen",
     "gae_maps",
-    "map_function",
     "gradcam_maps",
+    "map_function",
     "parse_methods",
     "parse_target",
     "prefix_tokens",
