@@ -61,7 +61,7 @@ def figure(bundle, images: list[str], masks: list[dict], path: Path) -> str:
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from vitcli.services.colormaps import apply
+    from vitcli.services.attention.colormaps import apply
 
     labels = list(bundle.labels)
     chosen = None

@@ -38,8 +38,8 @@ from ..data.loader import image_batches, normalize
 from ..errors import DatasetError, InputError
 from ..model.vit import ViT
 from ..weights.format import ModelBundle
+from .attention.localization import score_map
 from .explain import CLASS_SPECIFIC, METHODS, explain
-from .localization import score_map
 
 BASELINES = ("mean", "blur")
 CONTROL = "random"

@@ -35,7 +35,7 @@ from ...model.vit import Block, ViT
 
 # The attention-map maths lives with `vit attention`; imported here only, so a move of that
 # module needs one line changed.
-from ..attention import cls_maps, fuse_heads, rollout_rows
+from ..attention.maps import cls_maps, fuse_heads, rollout_rows
 from .targets import Target, resolve_targets
 
 
