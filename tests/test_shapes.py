@@ -77,3 +77,55 @@ def test_parallel_generation_writes_the_same_files(tmp_path):
         assert (tmp_path / "one" / relative).read_bytes() == (
             tmp_path / "two" / relative
         ).read_bytes(), relative
+
+
+def tree(folder):
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_one_object_is_the_default_and_unchanged(tmp_path):
+    generate(tmp_path / "default", per_class=2, image_size=40, seed=4)
+    generate(tmp_path / "one", per_class=2, image_size=40, seed=4, objects=1)
+    assert tree(tmp_path / "default") == tree(tmp_path / "one")
+    summary = json.loads((tmp_path / "one" / "shapes.json").read_text())
+    assert sorted(summary) == sorted(
+        ["generator", "generator_version", "classes", "per_class", "image_size", "seed"]
+        + ["images", "masks"]
+    )
+
+
+def test_two_objects_of_different_classes_with_a_mask_each(tmp_path):
+    from vitcli.data.shapes import make_pair_sample, object_masks
+
+    summary = generate(tmp_path / "d", per_class=1, image_size=96, seed=3, objects=2)
+    pairs = len(SHAPES) * (len(SHAPES) - 1) // 2
+    assert summary["objects"] == 2 and summary["images"] == pairs == len(summary["pairs"])
+    images = sorted((tmp_path / "d").glob("*/*.jpg"))
+    assert len(images) == pairs
+    for path in images:
+        masks = object_masks(path)
+        first, second = path.parent.name.split("+")
+        assert list(masks) == [first, second] and first != second
+        arrays = [np.asarray(Image.open(m)) > 127 for m in masks.values()]
+        assert all(0.005 < a.mean() < 0.3 for a in arrays)
+        assert not (arrays[0] & arrays[1]).any(), "the two objects never overlap"
+    again = make_pair_sample(3, 0, 1, 0, image_size=96)
+    assert again.labels == ("circle", "cross")
+    written = object_masks(tmp_path / "d" / "circle+cross" / "circle+cross_00000.jpg")
+    for mask, label in zip(again.masks, again.labels):
+        assert np.array_equal(np.asarray(Image.open(written[label])), np.asarray(mask))
+
+
+def test_cli_writes_two_object_sets(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "vitcli", "data", "shapes", str(tmp_path / "p")]
+        + ["--per-class", "1", "--image-size", "32", "--objects", "2", "-q", "-j", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(list((tmp_path / "p").glob("*+*/*.jpg"))) == 15
+    assert len(list((tmp_path / "p" / ".masks").glob("*+*/*.png"))) == 30

@@ -59,9 +59,9 @@ def _root(
 
 
 def _register() -> None:
-    from . import attention, data, evaluate, inspect, models, predict, train
+    from . import attention, data, evaluate, inspect, models, predict, score, train
 
-    for module in (predict, attention, train, evaluate, data, models, inspect):
+    for module in (predict, attention, train, evaluate, data, models, inspect, score):
         module.register(app)
 
 

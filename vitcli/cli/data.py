@@ -54,6 +54,15 @@ def shapes(
         ),
     ] = None,
     quiet: QuietOption = False,
+    objects: Annotated[
+        int,
+        typer.Option(
+            "--objects",
+            metavar="N",
+            help="Objects per image. 2: two shapes of different classes, --per-class images "
+            "per pair, in OUT_DIR/<a>+<b>/, masks .masks/<a>+<b>/<stem>.<a>.png and .<b>.png.",
+        ),
+    ] = 1,
 ) -> None:
     """Generate a deterministic synthetic dataset of shapes, with each object's mask.
 
@@ -78,13 +87,16 @@ def shapes(
         raise InputError(f"--image-size must be from 32 to {MAX_IMAGE_SIZE}, got {image_size}")
     if not 0 <= seed <= 2**63 - 1:
         raise InputError(f"--seed must be from 0 to 2^63-1, got {seed}")
+    if objects not in (1, 2):
+        raise InputError(f"--objects must be 1 or 2, got {objects}")
     count, warning = resolve_workers(workers if workers is not None else cpu_count())
     if warning:
         print_warning(warning)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder; choose another OUT_DIR")
     with make_progress(quiet=quiet) as progress:
-        task = progress.add_task("shapes", total=per_class * len(SHAPES), rate="")
+        folders = len(SHAPES) if objects == 1 else len(SHAPES) * (len(SHAPES) - 1) // 2
+        task = progress.add_task("shapes", total=per_class * folders, rate="")
         try:
             summary = generate(
                 out_dir,
@@ -92,6 +104,7 @@ def shapes(
                 image_size=image_size,
                 seed=seed,
                 workers=count,
+                objects=objects,
                 progress=lambda done, total: progress.update(task, completed=done),
             )
         except OSError as error:
@@ -100,8 +113,9 @@ def shapes(
                 "choose a writable OUT_DIR with free space"
             ) from None
     if not quiet:
+        unit = "class" if objects == 1 else "pair"
         err.print(
-            f"wrote {summary['images']} images ({per_class} per class, "
+            f"wrote {summary['images']} images ({per_class} per {unit}, "
             f"{len(summary['classes'])} classes, {image_size}x{image_size}, seed {seed}) "
             f"to {out_dir}",
             markup=False,

@@ -1,14 +1,22 @@
 """A deterministic synthetic dataset: coloured shapes on textured and photo-like backgrounds.
 
-Every image has exactly one object whose pixel mask is saved too, so attention maps can be
-checked against where the object really is. Image i of class c depends only on (seed, c, i):
-asking for more images per class extends a set without changing the ones already there.
+Every image has one object (or two, see below) whose pixel mask is saved too, so attention
+maps can be checked against where the object really is. Image i of class c depends only on
+(seed, c, i): asking for more images per class extends a set without changing the ones already
+there.
 
 Layout written under OUT_DIR (ImageFolder: one subfolder per class):
   OUT_DIR/<class>/<class>_00000.jpg     the images
   OUT_DIR/.masks/<class>/<class>_00000.png   binary object masks (255 = object), hidden so
                                            folder scans and ImageFolder readers skip them
   OUT_DIR/shapes.json                    what was generated (classes, seed, size, counts)
+
+With two objects per image (`generate(objects=2)`, `vit data shapes --objects 2`), every
+image holds two shapes of different classes, and there is one folder per pair of classes:
+  OUT_DIR/<a>+<b>/<a>+<b>_00000.jpg      a and b in the order of SHAPES (circle+square)
+  OUT_DIR/.masks/<a>+<b>/<a>+<b>_00000.<a>.png   the mask of the a object
+  OUT_DIR/.masks/<a>+<b>/<a>+<b>_00000.<b>.png   the mask of the b object
+`object_masks(image)` returns {class: mask file} for either layout.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from ..runtime import cpu_count, die_with_parent
 GENERATOR_VERSION = 3
 SHAPES = ("circle", "cross", "ring", "square", "star", "triangle")
 MASK_DIR = ".masks"
+PAIR_SEPARATOR = "+"  # pair folders: "circle+square"
 SUPERSAMPLE = 2  # shapes are drawn at 2x and reduced, for antialiased edges
 
 
@@ -172,15 +181,18 @@ def make_sample(
     center = (rng.uniform(margin, size - margin), rng.uniform(margin, size - margin))
     angle = rng.uniform(0, 2 * math.pi)
     alpha = _shape_mask(shape, size, center, radius, angle)
+    background = 0.04 + 0.56 * background  # backgrounds stay in the darker part of the range
+    image = _paint(rng, background, alpha, size)
+    image = image + rng.normal(0, 0.02, image.shape)  # sensor noise
+    return ShapeSample(image=_rgb(image), mask=_mask(alpha), label=shape)
+
+
+def _paint(rng: np.random.Generator, image: np.ndarray, alpha: np.ndarray, size: int) -> np.ndarray:
+    """`image` with a shaded object of random hue where `alpha` is, lighter than under it."""
     # The object is always lighter than what is around it (any hue): with a random sign of
     # contrast no single linear feature of a patch says anything about the class, and a ViT
     # trained from scratch sits at chance for thousands of steps before it finds the shapes.
-    background = 0.04 + 0.56 * background  # backgrounds stay in the darker part of the range
-    region = (
-        background[alpha > 0.5].mean(axis=0)
-        if (alpha > 0.5).any()
-        else background.mean(axis=(0, 1))
-    )
+    region = image[alpha > 0.5].mean(axis=0) if (alpha > 0.5).any() else image.mean(axis=(0, 1))
     colour = rng.random(3)
     target = min(_luma(region) + rng.uniform(0.3, 0.45), 0.97)
     if _luma(colour) < target:  # mix towards white until light enough, keeping the hue
@@ -188,25 +200,98 @@ def make_sample(
         colour = colour + mix * (1.0 - colour)
     shading = _smooth_field(rng, size, 3, channels=1) - 0.5
     fill = np.clip(colour[None, None, :] + 0.12 * shading, 0, 1)
-    image = background * (1 - alpha[..., None]) + fill * alpha[..., None]
+    return image * (1 - alpha[..., None]) + fill * alpha[..., None]
+
+
+def _rgb(image: np.ndarray) -> Image.Image:
+    return Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), mode="RGB")
+
+
+def _mask(alpha: np.ndarray) -> Image.Image:
+    return Image.fromarray(((alpha >= 0.5) * 255).astype(np.uint8), mode="L")
+
+
+@dataclass(frozen=True)
+class PairSample:
+    image: Image.Image  # RGB, two objects
+    masks: tuple[Image.Image, Image.Image]  # L, 255 on each object, in `labels` order
+    labels: tuple[str, str]  # two different classes, in the order of `classes`
+
+
+def make_pair_sample(
+    seed: int,
+    first: int,
+    second: int,
+    index: int,
+    image_size: int = 224,
+    classes=SHAPES,
+) -> PairSample:
+    """Image `index` with one `classes[first]` and one `classes[second]` (first < second).
+
+    Both objects are smaller than single ones (diameter 24%..40% of the side) and their
+    bounding circles keep a gap, so the masks never touch. Depends only on the arguments,
+    and never equals a single-object image (its random stream has another key).
+    """
+    if not 0 <= first < second < len(classes):
+        raise ValueError("a pair needs two different classes, first < second")
+    rng = np.random.default_rng([GENERATOR_VERSION, seed, 2, first, second, index])
+    size = image_size
+    background = 0.04 + 0.56 * _background(rng, size)
+    radii = [rng.uniform(0.12, 0.2) * size for _ in range(2)]
+    centers: list[tuple[float, float]] = []
+    for attempt in range(200):
+        if attempt and attempt % 50 == 0:
+            radii = [r * 0.9 for r in radii]  # crowded: shrink both and keep looking
+        centers = [
+            (rng.uniform(r * 1.05, size - r * 1.05), rng.uniform(r * 1.05, size - r * 1.05))
+            for r in radii
+        ]
+        gap = math.dist(centers[0], centers[1]) - radii[0] - radii[1]
+        if gap >= 0.04 * size:
+            break
+    image, alphas = background, []
+    for class_index, center, radius in zip((first, second), centers, radii):
+        alpha = _shape_mask(classes[class_index], size, center, radius, rng.uniform(0, 2 * math.pi))
+        image = _paint(rng, image, alpha, size)
+        alphas.append(alpha)
     image = image + rng.normal(0, 0.02, image.shape)  # sensor noise
-    rgb = Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), mode="RGB")
-    mask = Image.fromarray(((alpha >= 0.5) * 255).astype(np.uint8), mode="L")
-    return ShapeSample(image=rgb, mask=mask, label=shape)
+    return PairSample(
+        image=_rgb(image),
+        masks=(_mask(alphas[0]), _mask(alphas[1])),
+        labels=(classes[first], classes[second]),
+    )
+
+
+def pair_folder(first: str, second: str) -> str:
+    """The folder of the images holding both classes: "circle+square"."""
+    return f"{first}{PAIR_SEPARATOR}{second}"
 
 
 def _write_range(
     out: Path, name: str, seed: int, start: int, stop: int, image_size: int, quality: int
 ) -> int:
-    """Write images start..stop-1 of one class (a unit of work for one process)."""
+    """Write images start..stop-1 of one class or pair folder (a unit of work for a process)."""
     image_dir, mask_dir = out / name, out / MASK_DIR / name
     for index in range(start, stop):
-        sample = make_sample(seed, SHAPES.index(name), index, image_size=image_size)
         stem = f"{name}_{index:05d}"
-        for image, path, form, options in (
-            (sample.image, image_dir / f"{stem}.jpg", "JPEG", {"quality": quality}),
-            (sample.mask, mask_dir / f"{stem}.png", "PNG", {"optimize": True}),
-        ):
+        jpeg = ("JPEG", {"quality": quality})
+        png = ("PNG", {"optimize": True})
+        files: list[tuple[Image.Image, Path, tuple[str, dict]]]
+        if PAIR_SEPARATOR in name:
+            first, second = (SHAPES.index(part) for part in name.split(PAIR_SEPARATOR))
+            pair = make_pair_sample(seed, first, second, index, image_size=image_size)
+            files = [(pair.image, image_dir / f"{stem}.jpg", jpeg)]
+            files += [
+                (mask, mask_dir / f"{stem}.{label}.png", png)
+                for mask, label in zip(pair.masks, pair.labels)
+            ]
+        else:
+            sample = make_sample(seed, SHAPES.index(name), index, image_size=image_size)
+            files = [
+                (sample.image, image_dir / f"{stem}.jpg", jpeg),
+                (sample.mask, mask_dir / f"{stem}.png", png),
+            ]
+        for image, path, (form, options) in files:
             buffer = io.BytesIO()
             image.save(buffer, format=form, **options)
             atomic_write_bytes(
@@ -224,11 +309,16 @@ def generate(
     quality: int = 92,
     progress: Callable[[int, int], None] | None = None,
     workers: int = 0,
+    objects: int = 1,
 ) -> dict:
     """Write the dataset; returns the summary also written to shapes.json.
 
     `workers` > 0 spreads the images over that many processes; the files are the same.
+    `objects=2` writes `per_class` images for every pair of different classes instead, into
+    pair folders (see the module docstring); `objects=1` writes exactly what it always did.
     """
+    if objects not in (1, 2):
+        raise ValueError("objects must be 1 or 2")
     if per_class < 1:
         raise ValueError("per_class must be at least 1")
     if image_size < 32:
@@ -239,16 +329,24 @@ def generate(
     if unknown:
         raise ValueError(f"unknown shapes {unknown}; known: {', '.join(SHAPES)}")
     out = Path(out_dir)
-    for name in classes:
+    ordered = [name for name in SHAPES if name in classes]  # pairs in a fixed order
+    folders = (
+        list(classes)
+        if objects == 1
+        else [pair_folder(a, b) for i, a in enumerate(ordered) for b in ordered[i + 1 :]]
+    )
+    if not folders:
+        raise ValueError("two objects per image need at least two classes")
+    for name in folders:
         (out / name).mkdir(parents=True, exist_ok=True)
         (out / MASK_DIR / name).mkdir(parents=True, exist_ok=True)
     chunk = 50
     jobs = [
         (name, start, min(start + chunk, per_class))
-        for name in classes
+        for name in folders
         for start in range(0, per_class, chunk)
     ]
-    total, done = per_class * len(classes), 0
+    total, done = per_class * len(folders), 0
     if workers > 0 and len(jobs) > 1:
         # Never more processes than CPUs or jobs; each dies with this process (no orphans).
         count = min(workers, cpu_count(), len(jobs))
@@ -278,11 +376,26 @@ def generate(
         "images": total,
         "masks": MASK_DIR,
     }
+    if objects == 2:
+        summary["objects"] = 2
+        summary["pairs"] = folders
     atomic_write_bytes(out / "shapes.json", json.dumps(summary, indent=2).encode())
     return summary
 
 
+def object_masks(image_path: str | Path) -> dict[str, Path]:
+    """{class: mask file} of every object of a generated image, one or two objects."""
+    image_path = Path(image_path)
+    folder = image_path.parent.name
+    if PAIR_SEPARATOR not in folder:
+        return {folder: mask_path(image_path)}
+    mask_dir = image_path.parent.parent / MASK_DIR / folder
+    return {
+        label: mask_dir / f"{image_path.stem}.{label}.png" for label in folder.split(PAIR_SEPARATOR)
+    }
+
+
 def mask_path(image_path: str | Path) -> Path:
-    """The mask file of an image: OUT/<class>/<stem>.jpg -> OUT/.masks/<class>/<stem>.png."""
+    """The mask of a one-object image: OUT/<class>/<stem>.jpg -> OUT/.masks/<class>/<stem>.png."""
     image_path = Path(image_path)
     return image_path.parent.parent / MASK_DIR / image_path.parent.name / f"{image_path.stem}.png"

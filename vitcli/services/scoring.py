@@ -1,0 +1,444 @@
+"""Which explanation is right? Every method scored on shapes images whose object masks are known.
+
+For each image of a `vit data shapes` folder (one object, or two of different classes with
+`--objects 2`) and each object in it, the object's class is the target, and every method's
+map for that target is scored:
+
+- pointing game (Zhang et al. 2016, 15 px tolerance, `localization.score_map`): the map's
+  peak lies on the target's object; and, on two-object images, on the *other* object (a
+  class-specific method must move when the target moves; a class-agnostic one cannot).
+- mass: the share of the map on the target's object vs the object's share of the image (a
+  ratio of 1 is a map with no idea), and the same for the other object.
+- deletion and insertion AUC (Petsiuk et al. 2018, as in Chefer et al.'s perturbation tests):
+  patches are replaced by a baseline in order of relevance, most relevant first, in `steps`
+  equal steps (0%, 10%, ..., 100% of the patches by default); the curve is the target's softmax
+  probability, its AUC the trapezoid mean over the fraction removed. Deletion starts from the
+  image and removes (lower is better), insertion starts from the baseline and restores
+  (higher is better). Baseline "mean": each image's mean colour; "blur": a Gaussian blur of
+  the image (sigma = half a patch). Ties in a map keep raster order.
+- ms per map: the method's own time (forward, backward, LRP), not the scoring's.
+
+A "random" row (a seeded uniform map per image) is the control every method must beat.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..data.loader import image_batches, normalize
+from ..errors import DatasetError, InputError
+from ..model.vit import ViT
+from ..weights.format import ModelBundle
+from .attention.localization import score_map
+from .explain import CLASS_SPECIFIC, METHODS, explain
+
+BASELINES = ("mean", "blur")
+CONTROL = "random"
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    methods: tuple[str, ...] = METHODS
+    tolerance: float = 15.0  # pointing game, pixels of the original
+    steps: int = 10  # perturbation steps from 0% to 100% of the patches
+    baseline: str = "mean"
+    control: bool = True  # also score a random map
+    layer: int = -1  # raw's layer
+    head_fusion: str = "mean"
+    discard_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise InputError(f"unknown method {unknown[0]!r}: use one of {', '.join(METHODS)}")
+        if self.baseline not in BASELINES:
+            raise InputError(f"--baseline {self.baseline!r}: use one of {', '.join(BASELINES)}")
+        if not 1 <= self.steps <= 1000:
+            raise InputError(f"--steps must be in 1..1000, got {self.steps}")
+
+
+@dataclass
+class Record:
+    """One map scored: an image, one of its objects as the target, one method."""
+
+    image: str
+    target: str
+    rank: int  # the target's rank among the model's logits (1 = top-1)
+    objects: int
+    both_top2: bool  # two objects, and their classes are the model's top two
+    hit: bool
+    mass: float
+    share: float
+    other_hit: bool | None
+    other_mass: float | None
+    other_share: float | None
+    deletion: float
+    insertion: float
+
+
+@dataclass
+class ScoreReport:
+    data: str
+    model: str
+    options: dict
+    images: int
+    failures: list[str] = field(default_factory=list)
+    records: dict[str, list[Record]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # method time, summed
+    maps: dict[str, int] = field(default_factory=dict)  # maps computed
+
+    def summary(self) -> dict:
+        """Per method: the scores on one-object images, two-object images, and the two-object
+        images whose two classes are the model's top 2 (the issue's goal), JSON-ready."""
+        out: dict = {}
+        for name, records in self.records.items():
+            seconds = self.seconds.get(name, 0.0)
+            out[name] = {
+                "ms_per_map": 1000.0 * seconds / max(self.maps.get(name, 0), 1),
+                "one_object": _group([r for r in records if r.objects == 1]),
+                "two_objects": _group([r for r in records if r.objects == 2]),
+                "two_objects_top2": _group([r for r in records if r.both_top2]),
+            }
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "data": self.data,
+            "model": self.model,
+            "options": self.options,
+            "images": self.images,
+            "failures": self.failures,
+            "methods": self.summary(),
+        }
+
+    def records_dict(self) -> dict:
+        return {name: [asdict(r) for r in records] for name, records in self.records.items()}
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+def _group(records: Sequence[Record]) -> dict:
+    if not records:
+        return {"maps": 0}
+    two = [r for r in records if r.other_hit is not None]
+    mass, share = _mean([r.mass for r in records]), _mean([r.share for r in records])
+    result = {
+        "maps": len(records),
+        "pointing": _mean([float(r.hit) for r in records]),
+        "pointing_top1_target": _mean([float(r.hit) for r in records if r.rank == 1]),
+        "pointing_top2_target": _mean([float(r.hit) for r in records if r.rank == 2]),
+        "mass_on_target": mass,
+        "target_share": share,
+        "target_mass_ratio": mass / share if mass is not None and share else None,
+        "deletion_auc": _mean([r.deletion for r in records]),
+        "insertion_auc": _mean([r.insertion for r in records]),
+    }
+    if two:
+        other_mass = _mean([r.other_mass or 0.0 for r in two])
+        other_share = _mean([r.other_share or 0.0 for r in two])
+        result.update(
+            pointing_other=_mean([float(bool(r.other_hit)) for r in two]),
+            mass_on_other=other_mass,
+            other_share=other_share,
+            other_mass_ratio=other_mass / other_share
+            if other_mass is not None and other_share
+            else None,
+        )
+    return result
+
+
+# -- data -----------------------------------------------------------------------------------
+def shapes_objects(data_dir: str | Path) -> tuple[list[str], list[dict[str, Path]]]:
+    """(images, {class: mask} per image) of a `vit data shapes` folder, one or two objects."""
+    from ..data.inputs import natural_key
+    from ..data.shapes import object_masks
+
+    root = Path(data_dir)
+    images = sorted((str(p) for p in root.glob("*/*.jpg")), key=natural_key)
+    if not images:
+        raise DatasetError(
+            f"{root}: no images; generate a set with `vit data shapes {root} --objects 2`"
+        )
+    masks = [object_masks(p) for p in images]
+    missing = [str(m) for group in masks for m in group.values() if not m.is_file()]
+    if missing:
+        raise DatasetError(
+            f"{root}: {len(missing)} object masks are missing (e.g. {missing[0]}); "
+            "regenerate the folder with `vit data shapes`"
+        )
+    return images, masks
+
+
+# -- perturbation ---------------------------------------------------------------------------
+def perturbation_baseline(x: torch.Tensor, kind: str, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> what a removed patch shows: the image's mean colour, or a blur."""
+    if kind == "mean":
+        return x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+    sigma = patch_size / 2
+    radius = max(1, math.ceil(2 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    channels = x.shape[1]
+    rows = kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
+    cols = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
+    padded = F.pad(x, (radius, radius, radius, radius), mode="replicate")
+    return F.conv2d(F.conv2d(padded, rows, groups=channels), cols, groups=channels)
+
+
+@torch.no_grad()
+def perturbation_auc(
+    model: ViT,
+    x: torch.Tensor,
+    maps: torch.Tensor,
+    targets: torch.Tensor,
+    steps: int = 10,
+    baseline: str = "mean",
+    chunk: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(deletion AUC, insertion AUC), each (B,), of the target probability as patches are
+    removed (inserted) most relevant first. x (B, C, H, W) normalised, maps (B, Hp, Wp)."""
+    batch, channels, height, width = x.shape
+    grid_h, grid_w = maps.shape[-2:]
+    patch = model.config.patch_size
+    num_patches = grid_h * grid_w
+    order = torch.argsort(-maps.reshape(batch, num_patches).float(), dim=1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(num_patches).expand(batch, -1))  # B,N: 0 = most relevant
+    counts = torch.round(torch.linspace(0, 1, steps + 1) * num_patches).long()  # S+1
+    moved = rank[:, None, :] < counts[None, :, None]  # B,S+1,N
+    moved = moved.reshape(batch, steps + 1, grid_h, grid_w)  # B,S+1,Hp,Wp
+    pixels = moved.repeat_interleave(patch, dim=2).repeat_interleave(patch, dim=3)
+    pixels = F.pad(pixels, (0, width - grid_w * patch, 0, height - grid_h * patch))
+    pixels = pixels[:, :, None].to(x.device)  # B,S+1,1,H,W
+    base = perturbation_baseline(x, baseline, patch)
+    curves = []
+    for start_from_image in (True, False):
+        if start_from_image:  # deletion
+            inputs = torch.where(pixels, base[:, None], x[:, None])
+        else:  # insertion
+            inputs = torch.where(pixels, x[:, None], base[:, None])
+        flat = inputs.reshape(-1, channels, height, width)  # B*(S+1),C,H,W
+        probs = torch.cat(
+            [model(flat[i : i + chunk]).float().softmax(-1) for i in range(0, len(flat), chunk)]
+        ).reshape(batch, steps + 1, -1)
+        curve = probs.gather(2, targets.to(probs.device).view(-1, 1, 1).expand(-1, steps + 1, 1))
+        curve = curve[..., 0]  # B,S+1
+        curves.append(((curve[:, 1:] + curve[:, :-1]) / 2).mean(dim=1).cpu())  # trapezoid
+    return curves[0], curves[1]
+
+
+# -- the run --------------------------------------------------------------------------------
+def score_explanations(
+    bundle: ModelBundle,
+    data_dir: str | Path,
+    options: ScoreOptions | None = None,
+    batch_size: int = 8,
+    workers: int = 0,
+    limit: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ScoreReport:
+    """Score every method (and the random control) on every image of a shapes folder."""
+    options = options or ScoreOptions()
+    model, labels = bundle.model.eval(), list(bundle.labels)
+    images, masks = shapes_objects(data_dir)
+    if limit is not None:
+        images, masks = images[:limit], masks[:limit]
+    unknown = sorted({label for group in masks for label in group} - set(labels))
+    if unknown:
+        raise DatasetError(
+            f"{data_dir}: the model does not know the classes {', '.join(unknown)}; "
+            "score a model trained on these shapes (the bundled model knows all six)"
+        )
+    names = list(options.methods) + ([CONTROL] if options.control else [])
+    report = ScoreReport(
+        data=str(data_dir),
+        model=bundle.reference or "default",
+        options={**asdict(options), "methods": names},
+        images=0,
+        records={name: [] for name in names},
+        seconds=dict.fromkeys(names, 0.0),
+        maps=dict.fromkeys(names, 0),
+    )
+    for batch in image_batches(images, bundle.preprocess, batch_size=batch_size, workers=workers):
+        report.failures.extend(message for _, message in batch.failures)
+        if not batch.indices:
+            continue
+        x = normalize(batch.pixels, bundle.preprocess)
+        _score_batch(model, labels, x, batch, images, masks, names, options, report)
+        report.images += len(batch.indices)
+        if progress is not None:
+            progress(len(batch.indices) + len(batch.failures))
+    return report
+
+
+def _score_batch(model, labels, x, batch, images, masks, names, options, report) -> None:
+    groups = [list(masks[i].items()) for i in batch.indices]  # [(label, mask path), ...]
+    arrays = [[np.asarray(Image.open(path).convert("L")) > 127 for _, path in g] for g in groups]
+    with torch.no_grad():
+        logits = model(x)
+    ranks = logits.argsort(dim=1, descending=True).argsort(dim=1) + 1  # B,K: 1 = top-1
+    class_ids = [[labels.index(label) for label, _ in g] for g in groups]
+    both_top2 = [
+        len(ids) == 2 and sorted(int(ranks[row, i]) for i in ids) == [1, 2]
+        for row, ids in enumerate(class_ids)
+    ]
+    agnostic: dict[str, torch.Tensor] = {}  # class-agnostic maps serve every target
+    for slot in range(max(len(g) for g in groups)):
+        # Images with fewer objects repeat their last one; the repeats are not recorded.
+        targets = torch.tensor([ids[min(slot, len(ids) - 1)] for ids in class_ids])
+        for name in names:
+            if name == CONTROL:
+                maps = _control_maps(model, x, batch.indices)
+            elif name in agnostic:
+                maps = agnostic[name]
+            else:
+                started = time.perf_counter()
+                maps = explain(
+                    model,
+                    x,
+                    name,
+                    targets=targets,
+                    labels=labels,
+                    layer=options.layer,
+                    head_fusion=options.head_fusion,
+                    discard_ratio=options.discard_ratio,
+                ).maps
+                report.seconds[name] += time.perf_counter() - started
+                report.maps[name] += len(batch.indices)
+                if name not in CLASS_SPECIFIC:
+                    agnostic[name] = maps
+            deletion, insertion = perturbation_auc(
+                model, x, maps, targets, steps=options.steps, baseline=options.baseline
+            )
+            for row, index in enumerate(batch.indices):
+                if slot >= len(groups[row]):
+                    continue
+                geometry = batch.geometries[row]
+                heat = maps[row].numpy()
+                hit, _, _, mass, share = score_map(
+                    heat, arrays[row][slot], geometry, options.tolerance
+                )
+                other: tuple = (None, None, None)
+                if len(groups[row]) == 2:
+                    other_hit, _, _, other_mass, other_share = score_map(
+                        heat, arrays[row][1 - slot], geometry, options.tolerance
+                    )
+                    other = (bool(other_hit), float(other_mass), float(other_share))
+                report.records[name].append(
+                    Record(
+                        image=images[index],
+                        target=groups[row][slot][0],
+                        rank=int(ranks[row, targets[row]]),
+                        objects=len(groups[row]),
+                        both_top2=both_top2[row],
+                        hit=bool(hit),
+                        mass=float(mass),
+                        share=float(share),
+                        other_hit=other[0],
+                        other_mass=other[1],
+                        other_share=other[2],
+                        deletion=float(deletion[row]),
+                        insertion=float(insertion[row]),
+                    )
+                )
+
+
+def _control_maps(model: ViT, x: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+    """A uniform random map per image, seeded by its position: the chance level."""
+    patch = model.config.patch_size
+    grid_h, grid_w = x.shape[-2] // patch, x.shape[-1] // patch
+    return torch.stack(
+        [
+            torch.rand(grid_h, grid_w, generator=torch.Generator().manual_seed(1000 + i))
+            for i in indices
+        ]
+    )
+
+
+# -- the table ------------------------------------------------------------------------------
+TABLE_HEADERS = (
+    "method",
+    "ms/map",
+    "point 1-obj",
+    "point 2-obj",
+    "point other",
+    "2-obj t=top1",
+    "2-obj t=top2",
+    "both top-2: t1 / t2 (images)",
+    "mass ratio tgt",
+    "mass ratio other",
+    "deletion AUC",
+    "insertion AUC",
+)
+
+
+def table_rows(summary: dict) -> list[list[str]]:
+    """`ScoreReport.summary()` -> rows of TABLE_HEADERS as text ('-' where there is nothing).
+
+    "point 2-obj" counts both targets of every two-object image, "point other" how often the
+    peak lands on the other object instead; "2-obj t=top1/t=top2" split the two-object maps by
+    the target's rank in the model's logits; "both top-2" keeps the images whose two classes
+    are the model's top two (the issue's goal), split by rank, with their number. Mass ratios
+    are on two-object images (one-object when there are none); deletion and insertion AUC are
+    over every map.
+    """
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.0f}%"
+
+    def num(value: float | None, digits: int = 3) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    rows = []
+    for name, scores in summary.items():
+        one, two, top2 = scores["one_object"], scores["two_objects"], scores["two_objects_top2"]
+        maps = one.get("maps", 0) + two.get("maps", 0)
+        auc = {
+            key: None
+            if not maps
+            else (
+                (one.get(key) or 0.0) * one.get("maps", 0)
+                + (two.get(key) or 0.0) * two.get("maps", 0)
+            )
+            / maps
+            for key in ("deletion_auc", "insertion_auc")
+        }
+        both = (
+            f"{pct(top2.get('pointing_top1_target'))} / {pct(top2.get('pointing_top2_target'))}"
+            f" ({top2.get('maps', 0) // 2})"
+        )
+        rows.append(
+            [
+                name,
+                "-" if name == CONTROL else f"{scores['ms_per_map']:.0f}",
+                pct(one.get("pointing")),
+                pct(two.get("pointing")),
+                pct(two.get("pointing_other")),
+                pct(two.get("pointing_top1_target")),
+                pct(two.get("pointing_top2_target")),
+                both,
+                num(two.get("target_mass_ratio") or one.get("target_mass_ratio"), 2),
+                num(two.get("other_mass_ratio"), 2),
+                num(auc["deletion_auc"]),
+                num(auc["insertion_auc"]),
+            ]
+        )
+    return rows
+
+
+def markdown_table(summary: dict) -> str:
+    lines = ["| " + " | ".join(TABLE_HEADERS) + " |", "|" + "---|" * len(TABLE_HEADERS)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(summary)]
+    return "\n".join(lines)
