@@ -68,5 +68,7 @@ BatchSizeOption = Annotated[
 
 QuietOption = Annotated[
     bool,
-    typer.Option("--quiet", "-q", help="No progress bar and no summary unless something failed."),
+    typer.Option(
+        "--quiet", "-q", metavar="", help="No progress bar and no summary unless something failed."
+    ),
 ]
