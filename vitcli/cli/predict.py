@@ -113,7 +113,7 @@ def predict(
     inputs: Annotated[
         list[str],
         typer.Argument(
-            metavar="INPUTS...",
+            metavar="INPUT",
             show_default=False,
             help="Image files, folders (searched recursively), quoted globs such as "
             "'photos/**/*.jpg', or - to read paths from stdin.",
@@ -164,8 +164,8 @@ def predict(
 ) -> None:
     """Classify images: one record per image, in input order.
 
-    Exit status 0 when every image was classified, 1 when any failed (the others are still
-    written), 2 for a usage error.
+    Exit status 0 when every image was classified, 1 when any failed (the others are \
+written), 2 for a usage error.
 
     Under torchrun each rank classifies its own share and rank 0 writes all results.
     """

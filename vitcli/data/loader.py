@@ -185,7 +185,11 @@ def image_batches(
         prefetch_factor=4 if workers > 0 else None,
     )
     for batch in loader:
-        pixels = torch.from_numpy(np.asarray(batch.pixels))
+        pixels = (
+            batch.pixels
+            if isinstance(batch.pixels, torch.Tensor)
+            else torch.from_numpy(batch.pixels)
+        )
         if not batch.indices:
             batch.pixels = torch.empty((0,), dtype=torch.uint8)
             batch.inputs = torch.empty((0,), dtype=dtype)

@@ -220,9 +220,9 @@ def share_inputs(collect: Callable[[], list[InputItem]]) -> list[InputItem]:
     else:
         payload = distributed.broadcast_object(None)
     status, value = payload
-    if status == "error":
+    if isinstance(value, str) or status == "error":
         raise InputError(str(value))
-    return list(value)
+    return value
 
 
 class PredictRun:
