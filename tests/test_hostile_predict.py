@@ -518,3 +518,48 @@ def test_vitcli_max_pixels_above_pillows_default_really_decodes(tmp_path):
     assert size == (10_000, 9_500)
     with pytest.raises(ImageDecodeError, match="over the 90 MP limit"):
         open_image(image, max_pixels=90_000_000)
+
+
+def test_on_a_terminal_json_ends_above_the_progress_bar(model_file, tmp_path):
+    """stdout and stderr on one terminal: the closing bracket is printed while the bar is
+    live (so above it), never after the bar's last frame."""
+    import pty
+    import re
+
+    image = tiny_image(tmp_path / "a.png")
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vitcli",
+            "predict",
+            str(image),
+            "-m",
+            str(model_file),
+            "-f",
+            "json",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=follower,
+        stderr=follower,
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "120", "TERM": "xterm"},
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert proc.wait(timeout=120) == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+    lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    bracket = max(i for i, line in enumerate(lines) if line == "]")
+    bar = max(i for i, line in enumerate(lines) if line.startswith("predict"))
+    assert bracket < bar, lines

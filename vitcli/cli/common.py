@@ -12,6 +12,7 @@ from enum import Enum
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand
 
 
 class DType(str, Enum):
@@ -55,6 +56,7 @@ WorkersOption = Annotated[
         "--workers",
         "-w",
         metavar="N",
+        min=0,
         show_default=False,
         help="Decoding processes (0 decodes in the main process; at most the CPU count). "
         "\\[default: half the CPUs, 1 to 8]",
@@ -72,3 +74,14 @@ QuietOption = Annotated[
         "--quiet", "-q", metavar="", help="No progress bar and no summary unless something failed."
     ),
 ]
+
+
+class Command(TyperCommand):
+    """A command whose --help shows no `<bool>` placeholder (flags take no value). Use it as
+    `app.command("name", cls=Command)`."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option

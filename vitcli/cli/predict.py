@@ -17,6 +17,7 @@ import typer
 from ..services.outputs import OutputFormat
 from .common import (
     BatchSizeOption,
+    Command,
     DeviceOption,
     DType,
     DTypeOption,
@@ -246,4 +247,4 @@ written), 2 for a usage error.
 
 
 def register(app: typer.Typer) -> None:
-    app.command("predict", epilog=EXAMPLES)(predict)
+    app.command("predict", cls=Command, epilog=EXAMPLES)(predict)
