@@ -135,6 +135,7 @@ def test_collect_inputs_can_exclude_an_output_folder(tmp_path):
 # -- file names that are not UTF-8, or carry control characters --------------------------------
 
 
+@pytest.mark.slow
 def test_names_that_are_not_utf8_are_written_losslessly_in_every_format(model_file, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -146,9 +147,9 @@ def test_names_that_are_not_utf8_are_written_losslessly_in_every_format(model_fi
     common = ["predict", str(folder), "-m", str(model_file), "-w", "0"]
     for fmt in ("json", "jsonl", "csv"):
         target = tmp_path / f"out.{fmt}"
-        result = run_cli(*common, "-o", str(target))
-        assert result.returncode == 1, result.stderr
-        assert b"Traceback" not in result.stderr and b"\x1b" not in result.stderr
+        result = invoke(*common, "-o", str(target))
+        assert result.exit_code == 1, result.output
+        assert "Traceback" not in result.output and "\x1b" not in result.output
         text = target.read_bytes().decode("utf-8")  # valid UTF-8 whatever the names
         if fmt == "csv":
             rows = list(csv.DictReader(io.StringIO(text)))
@@ -172,6 +173,7 @@ def test_names_that_are_not_utf8_are_written_losslessly_in_every_format(model_fi
     assert os.fsencode(json.loads(result.stdout)["path"]) == good
 
 
+@pytest.mark.slow
 def test_control_characters_never_reach_the_terminal(tmp_path, model_file):
     image = tiny_image(tmp_path / "esc\x1b]0;title\x07.png")
     broken = tmp_path / "esc\x1b[2J\u202e.jpg"
@@ -245,6 +247,7 @@ def test_csv_escape_round_trips_every_awkward_string():
 # -- non-regular files ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fifos_sockets_and_devices_are_never_opened(model_file, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -253,20 +256,23 @@ def test_fifos_sockets_and_devices_are_never_opened(model_file, tmp_path):
     server = socket.socket(socket.AF_UNIX)
     server.bind(str(folder / "sock.png"))
     (folder / "dev.jpg").symlink_to("/dev/zero")
+    specials = ("fifo.jpg", "sock.png", "dev.jpg")
     args = ["predict", "-m", str(model_file), "-w", "1", "-b", "2"]
-    for inputs, stdin in (
-        ([str(folder)], None),
-        ([str(folder / "*.*")], None),
-        ([str(folder / "fifo.jpg"), str(folder / "sock.png"), str(folder / "dev.jpg")], None),
-        (["-"], b"".join(os.fsencode(folder / n) + b"\n" for n in ("fifo.jpg", "dev.jpg"))),
-    ):
-        result = run_cli(*args, *inputs, stdin=stdin, timeout=60)
-        assert result.returncode == 1 and b"Traceback" not in result.stderr, result.stderr
-        records = {Path(r["path"]).name: r for r in map(json.loads, result.stdout.splitlines())}
-        for name in ("fifo.jpg", "sock.png", "dev.jpg"):
-            if name in records:
-                assert "not a regular file" in records[name]["error"], records[name]
-        assert ("a.png" in records) == (inputs[0] != "-" and len(inputs) == 1)
+    # A folder scan, a glob and the names themselves in one run; then a stdin list.
+    named = [str(folder / name) for name in specials]
+    result = run_cli(*args, str(folder), str(folder / "*.*"), *named, timeout=60)
+    assert result.returncode == 1 and b"Traceback" not in result.stderr, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    names = [Path(r["path"]).name for r in records]
+    assert names.count("a.png") == 2 and all(names.count(n) == 3 for n in specials), names
+    for record in records:
+        if Path(record["path"]).name in specials:
+            assert "not a regular file" in record["error"], record
+    stdin = b"".join(os.fsencode(folder / name) + b"\n" for name in specials)
+    result = run_cli(*args, "-", stdin=stdin, timeout=60)
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.returncode == 1 and len(records) == 3
+    assert all("not a regular file" in record["error"] for record in records)
     server.close()
     # The decoder itself (attention and train call it directly) refuses without blocking.
     with pytest.raises(ImageDecodeError, match=r"not a regular file \(a FIFO\)"):
@@ -367,6 +373,7 @@ def _limit_file_size(limit: int):
     return apply
 
 
+@pytest.mark.slow
 def test_a_full_disk_mid_run_is_one_line_and_leaves_no_temp_file(model_file, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -486,23 +493,16 @@ def test_usage_errors_exit_2_and_run_errors_exit_1(model_file, tmp_path):
 def test_vitcli_max_pixels_governs_pillows_own_limit(model_file, tmp_path, monkeypatch):
     image = tmp_path / "wide.png"
     Image.new("1", (400, 300)).save(image)  # 120 000 pixels
-    result = run_cli(
-        "predict",
-        str(image),
-        "-m",
-        str(model_file),
-        env={**os.environ, "VITCLI_MAX_PIXELS": "50000"},
-    )
-    assert result.returncode == 1
+    args = ["predict", str(image), "-m", str(model_file), "-w", "0", "-f", "jsonl"]
+    monkeypatch.setenv("VITCLI_MAX_PIXELS", "50000")
+    result = invoke(*args)
+    assert result.exit_code == 1
     assert "over the 50000 pixels limit" in json.loads(result.stdout)["error"]
-    result = run_cli(
-        "predict",
-        str(image),
-        "-m",
-        str(model_file),
-        env={**os.environ, "VITCLI_MAX_PIXELS": "many"},
-    )
-    assert result.returncode == 1 and b"VITCLI_MAX_PIXELS='many'" in result.stderr
+    monkeypatch.setenv("VITCLI_MAX_PIXELS", "many")
+    result = invoke(*args)
+    assert result.exit_code == 1 and "VITCLI_MAX_PIXELS='many'" in result.output
+    monkeypatch.setenv("VITCLI_MAX_PIXELS", "200000")
+    assert invoke(*args).exit_code == 0
     # Pillow's own limit (89 MP by default) no longer decides: ours raises it as well.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     decoded, size = open_image(image, max_pixels=200_000)
@@ -520,6 +520,7 @@ def test_vitcli_max_pixels_above_pillows_default_really_decodes(tmp_path):
         open_image(image, max_pixels=90_000_000)
 
 
+@pytest.mark.slow
 def test_on_a_terminal_json_ends_above_the_progress_bar(model_file, tmp_path):
     """stdout and stderr on one terminal: the closing bracket is printed while the bar is
     live (so above it), never after the bar's last frame."""

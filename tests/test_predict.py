@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -413,12 +412,6 @@ def test_shards_are_disjoint_and_complete():
             assert flat == list(range(count))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_torchrun_two_ranks_write_one_merged_output_in_input_order(folder, model_file, tmp_path):
     """Two ranks under the real torchrun: rank 0 writes every record once, in order, with the
@@ -498,3 +491,7 @@ def test_batches_travel_as_uint8_and_normalise_exactly_as_one_image_at_a_time(fo
         [preprocess(*open_image(path, draft_for=preprocess.resized_size)) for path in paths]
     )
     assert torch.equal(normalize(batch.pixels, preprocess), torch.from_numpy(expected))
+    # Every batch arrives normalised already (no consumer can forget), by the same function.
+    assert batch.inputs is not None and torch.equal(batch.inputs, torch.from_numpy(expected))
+    with pytest.raises(TypeError, match="already normalised"):
+        normalize(batch.inputs, preprocess)
