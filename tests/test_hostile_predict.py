@@ -345,13 +345,23 @@ def test_decoding_workers_die_with_their_parent(model_file, tmp_path):
         assert len(children) >= 2, "the workers never started"
         proc.send_signal(how)
         proc.wait(timeout=30)
-        deadline = time.monotonic() + 20  # workers poll their parent every 5 s
+        deadline = time.monotonic() + 10  # they get SIGKILL with their parent (prctl)
         while time.monotonic() < deadline and any(Path(f"/proc/{c}").exists() for c in children):
             time.sleep(0.2)
         alive = [c for c in children if _alive(c)]
+        described = [_describe(c) for c in alive]
         for pid in alive:
             os.kill(pid, signal.SIGKILL)
-        assert not alive, f"orphaned workers after {how.name}"
+        assert not alive, f"orphaned workers after {how.name}: {described}"
+
+
+def _describe(pid: int) -> str:
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return f"{pid} (gone)"
+    return f"{pid} {stat_line.split(')')[-1].split()[:2]} {command[:120]}"
 
 
 def _alive(pid: int) -> bool:
