@@ -176,9 +176,13 @@ def ours_end_to_end(
 ) -> tuple[float, dict]:
     bundle = load_model(model_path)
     items = collect_inputs([str(folder)])
-    run = PredictRun(
-        bundle, items, PredictOptions(top_k=5, batch_size=batch_size, workers=workers, device="cpu")
+    options = PredictOptions(
+        top_k=5,
+        batch_size=batch_size,
+        workers=default_workers() if workers is None else workers,
+        device="cpu",
     )
+    run = PredictRun(bundle, items, options)
     top1 = {}
     start = time.perf_counter()
     with JsonLinesWriter(os.devnull) as writer:
@@ -255,7 +259,8 @@ def main() -> None:
         make_images(images, args.images, size)
         ours_path, hf_dir = write_models(tmp, args.variant)
         print(
-            f"# {args.images} JPEGs {size[0]}x{size[1]} generated in {time.perf_counter() - start:.0f} s",
+            f"# {args.images} JPEGs {size[0]}x{size[1]} generated in "
+            f"{time.perf_counter() - start:.0f} s",
             file=sys.stderr,
         )
 
@@ -288,11 +293,9 @@ def main() -> None:
             end_to_end = {}
             for workers in worker_counts:
                 rate, top1_ours = ours_end_to_end(ours_path, images, args.batch_size, workers)
-                end_to_end[workers if workers is not None else default_workers()] = rate
-                record(
-                    f"ours end-to-end ({workers if workers is not None else default_workers()} workers)",
-                    rate,
-                )
+                count = workers if workers is not None else default_workers()
+                end_to_end[count] = rate
+                record(f"ours end-to-end ({count} workers)", rate)
             ours_forward = forward_rate(ours, batch, forward_images)
             record("ours model-only", ours_forward)
             hf_forward = forward_rate(theirs, batch, forward_images)
@@ -325,10 +328,11 @@ def main() -> None:
     pipeline_best = max(v for k, v in best.items() if k.startswith("hf pipeline"))
     print()
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{args.threads} threads, {args.variant}, {args.images} JPEGs {size[0]}x{size[1]}, batch {args.batch_size}, "
-        f"default workers {default_workers()}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; "
-        f"best of {args.repeats}"
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {args.threads} threads, {args.variant}, "
+        f"{args.images} JPEGs {size[0]}x{size[1]}, batch {args.batch_size}, "
+        f"default workers {default_workers()}; "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; best of {args.repeats}"
     )
     print()
     print("| run | img/s (best) | all runs |")
@@ -340,7 +344,8 @@ def main() -> None:
     print("|---|---|---|")
     for name, values in paired.items():
         print(
-            f"| {name} | {statistics.median(values):.2f} | {', '.join(f'{v:.2f}' for v in values)} |"
+            f"| {name} | {statistics.median(values):.2f} | "
+            f"{', '.join(f'{v:.2f}' for v in values)} |"
         )
     print()
     print("best over best:")
@@ -348,14 +353,17 @@ def main() -> None:
         f"- end to end vs the best HF pipeline run: {ours_best / pipeline_best:.2f}x (goal >= 1.6x)"
     )
     print(
-        f"- end to end vs our own model-only: {ours_best / best['ours model-only'] * 100:.0f}% (goal >= 80%)"
+        "- end to end vs our own model-only: "
+        f"{ours_best / best['ours model-only'] * 100:.0f}% (goal >= 80%)"
     )
     print(
-        f"- model-only vs transformers: {best['ours model-only'] / best['hf model-only (sdpa)']:.2f}x (goal >= 1.0x)"
+        "- model-only vs transformers: "
+        f"{best['ours model-only'] / best['hf model-only (sdpa)']:.2f}x (goal >= 1.0x)"
     )
     print(
-        f"- top-1 agreement with the pipeline on the same images: {statistics.mean(agreement) * 100:.0f}% "
-        f"(ours decodes large JPEGs in draft mode; max |logit diff| on identical input {difference:.1e})"
+        "- top-1 agreement with the pipeline on the same images: "
+        f"{statistics.mean(agreement) * 100:.0f}% (ours decodes large JPEGs in draft mode; "
+        f"max |logit diff| on identical input {difference:.1e})"
     )
 
 

@@ -187,7 +187,9 @@ def test_decompression_bomb_is_refused_fast_and_small(cases):
 
 def test_our_pixel_limit_refuses_with_what_to_do(cases):
     with pytest.raises(
-        ImageDecodeError, match="over the 0 MP limit; downscale it first or raise VITCLI_MAX_PIXELS"
+        ImageDecodeError,
+        match=r"too large \(3072 pixels\) is over the 1000 pixels limit; downscale it first "
+        "or raise VITCLI_MAX_PIXELS",
     ):
         open_image(cases / "ok.jpg", max_pixels=1000)
 
@@ -251,8 +253,8 @@ def test_unreadable_file_and_folder_are_reported_not_skipped(tmp_path):
     assert lines[0] == f"{tmp_path}/locked.png: permission denied; check the file's read permission"
     assert lines[1] == f"{tmp_path}/locked.png | None"  # listed; reading it fails later, per file
     assert (
-        lines[2]
-        == f"{tmp_path}/sub | {tmp_path}/sub: cannot list folder (permission denied); its images were skipped"
+        lines[2] == f"{tmp_path}/sub | {tmp_path}/sub: cannot list folder (permission denied); "
+        "its images were skipped"
     )
 
 

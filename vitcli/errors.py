@@ -1,7 +1,8 @@
 """Errors a user can cause. Each message says what happened and what to do next.
 
-The CLI turns any VitError into one red line on stderr and exit status 1; anything else is a
-bug and keeps its traceback.
+The CLI turns any VitError into one red line on stderr and exit status 1 (2 for an
+OptionError, as Click does for the usage errors it finds itself); anything else is a bug and
+keeps its traceback.
 """
 
 
@@ -23,6 +24,16 @@ class OfflineError(VitError):
 
 class InputError(VitError):
     """Bad input paths or options."""
+
+
+class OptionError(InputError):
+    """An option value or combination that cannot work, found before any work starts: exit
+    status 2, the status Click gives the usage errors it catches itself (`--top-k 0`)."""
+
+
+class OutputError(VitError):
+    """An output that cannot be written (disk full, read-only, file size limit); partial
+    temporary files are removed before it is raised."""
 
 
 class ImageDecodeError(VitError):

@@ -1,9 +1,16 @@
 """Atomic file writes: a temp file in the target's folder renamed over it, so a reader (or a
-kill at any moment) never sees half a file. Used for every file vitcli writes."""
+kill at any moment) never sees half a file. Used for every file vitcli writes.
+
+Replacing a file behaves as `cp` onto it would: the new file keeps the old one's permission
+bits, and a path that is a symlink is written through to the file it points to (the link
+stays a link). A write that fails (disk full, read-only folder, file size limit) removes its
+temp file before the error propagates.
+"""
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -17,36 +24,63 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+def write_target(path: str | Path) -> Path:
+    """The file a write to `path` replaces: `path` itself, or, when it is a symlink, the file
+    the link points to (followed to the end, created if it does not exist yet)."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _mode_for(target: Path) -> int:
+    """The permission bits of the file being replaced, or what a plain open() would give."""
+    try:
+        existing = os.stat(target)
+    except OSError:
+        return 0o666 & ~_UMASK
+    return stat.S_IMODE(existing.st_mode) if stat.S_ISREG(existing.st_mode) else 0o666 & ~_UMASK
+
+
 def temp_file_beside(path: Path) -> tuple[int, str]:
-    """(fd, temp path) in `path`'s folder, with the mode a plain open() would give (mkstemp
-    alone makes it 0600)."""
+    """(fd, temp path) in the folder of `path`, which must already be resolved with
+    `write_target`; the temp file has the mode the replaced file has (mkstemp alone makes it
+    0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_UMASK)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, _mode_for(path))
+    except BaseException:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return fd, tmp
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename inside `folder` durable (best effort: some filesystems refuse)."""
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> None:
     """Write `data` to `path` atomically. `durable` also fsyncs the file and its folder, so the
     new content survives a power cut (checkpoints); skip it for cheap, numerous outputs."""
-    path = Path(path)
-    fd, tmp = temp_file_beside(path)
+    target = write_target(path)
+    fd, tmp = temp_file_beside(target)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             if durable:
                 handle.flush()
                 os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     if durable:
-        try:  # make the rename itself durable
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            pass
+        fsync_folder(target.parent)

@@ -5,17 +5,22 @@ Nothing here imports torch at module level: `vit --help` and `vit --version` sta
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 from typer.core import TyperGroup
 
 from .._version import __version__
-from ..errors import VitError
+from ..errors import OptionError, VitError
+
+# Exit statuses, the same for every command: 0 success, 1 a VitError (a file, model or image
+# that could not be used; for batch commands, any input that failed), 2 a usage error (Click's
+# own checks such as `--top-k 0`, and our OptionError for values Click cannot check).
+EXIT_FAILED = 1
+EXIT_USAGE = 2
 
 
 class _VitGroup(TyperGroup):
-    """Turns every VitError into one red line and exit status 1; bugs keep their traceback."""
+    """Turns every VitError into one red line and exit status 1 (2 for an OptionError); bugs
+    keep their traceback."""
 
     def invoke(self, ctx):
         try:
@@ -24,7 +29,9 @@ class _VitGroup(TyperGroup):
             from ..console import print_error
 
             print_error(str(error))
-            raise typer.Exit(1) from None
+            raise typer.Exit(
+                EXIT_USAGE if isinstance(error, OptionError) else EXIT_FAILED
+            ) from None
 
 
 app = typer.Typer(

@@ -12,6 +12,7 @@ from enum import Enum
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand
 
 
 class DType(str, Enum):
@@ -55,6 +56,7 @@ WorkersOption = Annotated[
         "--workers",
         "-w",
         metavar="N",
+        min=0,
         show_default=False,
         help="Decoding processes (0 decodes in the main process; at most the CPU count). "
         "\\[default: half the CPUs, 1 to 8]",
@@ -68,8 +70,20 @@ BatchSizeOption = Annotated[
 
 QuietOption = Annotated[
     bool,
-    typer.Option("--quiet", "-q", help="No progress bar and no summary unless something failed."),
+    typer.Option(
+        "--quiet", "-q", metavar="", help="No progress bar and no summary unless something failed."
+    ),
 ]
 
 # The old short form of --workers (train, eval, data), kept working but out of --help.
 JobsAlias = Annotated[int | None, typer.Option("-j", hidden=True, show_default=False)]
+
+class Command(TyperCommand):
+    """A command whose --help shows no `<bool>` placeholder (flags take no value). Use it as
+    `app.command("name", cls=Command)`."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option

@@ -8,7 +8,10 @@ is still at least the size the resize needs, which is several times faster.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import stat
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +19,29 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import ImageDecodeError
+from ..errors import ImageDecodeError, InputError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-MAX_PIXELS = int(os.environ.get("VITCLI_MAX_PIXELS", 100_000_000))  # 100 MP ~ 300 MB as RGB
+DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP ~ 300 MB as RGB
+
+
+def pixel_limit() -> int:
+    """The largest image (width x height) decoded: VITCLI_MAX_PIXELS, else 100 MP. Read at each
+    call, so a command can check it once up front and workers see the same value."""
+    value = os.environ.get("VITCLI_MAX_PIXELS", "").strip().replace("_", "")
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise InputError(
+            f"VITCLI_MAX_PIXELS={os.environ['VITCLI_MAX_PIXELS']!r} is not a positive whole number "
+            "of pixels; unset it (100 MP) or set e.g. VITCLI_MAX_PIXELS=200000000"
+        )
+    return limit
+
 
 # EXIF orientations that swap width and height.
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
@@ -62,10 +84,60 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _open_regular(path: Path):
+    """A binary file object for `path`, which must be a regular file. A FIFO, socket or device
+    is refused from its stat alone; the open itself is non-blocking and checked again with
+    fstat, so that a FIFO swapped in between can still never block the read."""
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise ImageDecodeError(_special(path, mode))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ImageDecodeError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageDecodeError(f"{path}: is a directory, not an image") from None
+    except PermissionError:
+        raise ImageDecodeError(
+            f"{path}: permission denied; check the file's read permission"
+        ) from None
+    except OSError as error:
+        if error.errno == errno.ENAMETOOLONG:
+            raise ImageDecodeError(
+                f"{path}: file name too long for this system; rename or move the file"
+            ) from None
+        raise ImageDecodeError(f"{path}: cannot read image ({error.strerror or error})") from None
+    handle = os.fdopen(fd, "rb")
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        handle.close()
+        raise ImageDecodeError(_special(path, mode))
+    return handle
+
+
+def _pixels(count: int) -> str:
+    return f"{count / 1e6:.4g} MP" if count >= 1_000_000 else f"{count} pixels"
+
+
+def _special(path: Path, mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return f"{path}: is a directory, not an image"
+    kind = (
+        "a FIFO"
+        if stat.S_ISFIFO(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "a special file"
+    )
+    return f"{path}: not a regular file ({kind}); only regular image files are read"
+
+
 def open_image(
     path: str | Path,
     draft_for: Callable[[int, int], tuple[int, int]] | None = None,
-    max_pixels: int = MAX_PIXELS,
+    max_pixels: int | None = None,
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Decode `path` to an RGB image; returns (image, full-resolution (width, height)).
 
@@ -75,24 +147,36 @@ def open_image(
     size is always the full-resolution upright size.
     """
     path = Path(path)
+    limit = max_pixels if max_pixels is not None else pixel_limit()
+    handle = _open_regular(path)
+    with handle:
+        return _decode(path, handle, draft_for, limit)
+
+
+def _decode(
+    path: Path,
+    handle,
+    draft_for: Callable[[int, int], tuple[int, int]] | None,
+    max_pixels: int,
+) -> tuple[Image.Image, tuple[int, int]]:
+    # Pillow's own bomb check (a warning above MAX_IMAGE_PIXELS, an error above twice that)
+    # would otherwise refuse at its default of 89 MP whatever VITCLI_MAX_PIXELS says: it is set
+    # to our limit, its warning dropped, and the size checked below with a clearer message.
+    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
-    except FileNotFoundError:
-        raise ImageDecodeError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageDecodeError(f"{path}: is a directory, not an image") from None
-    except PermissionError:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(handle)
+    except Image.DecompressionBombError as error:
+        # Pillow stops at twice its limit before we see the size; its message carries it.
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        shown = f" ({_pixels(int(found.group(1)))})" if found else ""
         raise ImageDecodeError(
-            f"{path}: permission denied; check the file's read permission"
-        ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageDecodeError(
-            f"{path}: image too large to decode safely (decompression bomb)"
+            f"{path}: image too large{shown} is over the {_pixels(max_pixels)} limit; "
+            "downscale it first or raise VITCLI_MAX_PIXELS"
         ) from None
     except UnidentifiedImageError:
-        size = path.stat().st_size if path.exists() else 0
+        size = os.fstat(handle.fileno()).st_size
         what = (
             "empty file (0 bytes)"
             if size == 0
@@ -100,14 +184,15 @@ def open_image(
         )
         raise ImageDecodeError(f"{path}: {what}") from None
     except OSError as error:
-        raise ImageDecodeError(f"{path}: cannot read image: {error}") from None
+        raise ImageDecodeError(f"{path}: cannot read image ({error.strerror or error})") from None
     try:
         with image:
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageDecodeError(
-                    f"{path}: image is {width}x{height} ({width * height / 1e6:.0f} MP), over the "
-                    f"{max_pixels / 1e6:.0f} MP limit; downscale it first or raise VITCLI_MAX_PIXELS"
+                    f"{path}: image too large: {width}x{height} ({_pixels(width * height)}) is "
+                    f"over the {_pixels(max_pixels)} limit; downscale it first or raise "
+                    "VITCLI_MAX_PIXELS"
                 )
             if image.format != "JPEG":
                 # Draft mode is JPEG-only; decode the rest now, because PNG's getexif() loads
@@ -131,12 +216,19 @@ def open_image(
                 if width >= 2 * want_w and height >= 2 * want_h:
                     image.draft("RGB", (want_w, want_h))
             image.load()
-            if orientation != 1:
-                image = ImageOps.exif_transpose(image)
             upright = (height, width) if transposed else (width, height)
+            if orientation != 1:
+                return _to_rgb(ImageOps.exif_transpose(image)), upright
             return _to_rgb(image), upright
     except ImageDecodeError:
         raise
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        EOFError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as error:
         message = str(error) or type(error).__name__
         raise ImageDecodeError(f"{path}: corrupt or truncated image ({message})") from None

@@ -1,18 +1,34 @@
 """Batches of preprocessed images decoded in DataLoader workers, failures kept per item.
 
 A failed decode never stops the batch: the worker returns the error text for that index and
-the collate function splits successes (stacked into one tensor) from failures.
+the collate function splits successes (stacked into one array) from failures.
 
 Workers resize but do not normalise: a batch travels as uint8, a quarter of the bytes of
-float32, and `normalize` turns it into the model's input on the target device (on a GPU the
-host-to-device copy shrinks by the same factor; on a CPU the workers, which compete with the
-forward pass for cores, do less).
+float32, and `normalize`, the one normalisation in vitcli, turns it into the model's input on
+the target device (on a GPU the host-to-device copy shrinks by the same factor; on a CPU the
+workers, which compete with the forward pass for cores, do less). `image_batches` applies it
+itself: every Batch arrives with `inputs`, ready for the model, so no consumer can forget it.
+
+A batch crosses the worker boundary as a numpy array (pickled through the worker's pipe), not
+as a torch tensor. A tensor travels through torch's shared-memory hand-off, whose receiving
+side keeps a weak reference per batch in `torch.multiprocessing.reductions.shared_cache` and
+sweeps the dead ones only when 128 have piled up. Those dead entries keep small allocations
+alive in the heap that each batch's float input had just been freed to, and glibc could then
+neither reuse nor return that space: the main process grew from 385 MB after 500 images to
+1078 MB after 5000 (224x224, one worker; bench/memory.py). Measured, not guessed:
+malloc_trim(0) gave all of it back, and sweeping shared_cache after every batch kept it flat.
+As arrays there is nothing to sweep, and memory stays flat (357 MB, then 309 MB).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import ctypes
+import os
+import signal
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -27,18 +43,15 @@ from .preprocess import Geometry, Preprocess
 @dataclass
 class Batch:
     indices: list[int]  # positions in the input list of the images in `pixels`, in order
-    pixels: torch.Tensor  # (B, C, H, W) uint8, resized, not yet normalised: see `normalize`
+    pixels: torch.Tensor  # (B, C, H, W) uint8 on the CPU, resized, not normalised
     geometries: list[Geometry]
     failures: list[tuple[int, str]]  # (position, error message)
     # With `display_long_side`: per image in `indices`, the original (EXIF-rotated) scaled to
     # that long side, or as decoded when smaller: (h, w, 3) uint8 for drawing overlays on.
     displays: list[np.ndarray] | None = None
-
-    def pin_memory(self) -> Batch:
-        """Called by DataLoader(pin_memory=True), which cannot see inside a dataclass."""
-        if self.pixels.numel():
-            self.pixels = self.pixels.pin_memory()
-        return self
+    # (B, C, H, W) the model input: `pixels` through `normalize`, on the device and in the
+    # dtype given to `image_batches`. Empty when no image of the batch decoded.
+    inputs: torch.Tensor | None = None
 
 
 def normalize(
@@ -47,11 +60,15 @@ def normalize(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """(B, C, H, W) uint8 -> the model input on `device` in `dtype`.
+    """(B, C, H, W) uint8 -> the model input on `device` in `dtype`: the one normalisation,
+    for inference batches and training batches alike.
 
     The same float32 operations, in the same order, as `Preprocess.to_array` (x / 255, then
     (x - mean) / std), so the result is bitwise identical to normalising image by image.
+    Anything but uint8 is refused: normalising twice would give plausible-looking garbage.
     """
+    if pixels.dtype != torch.uint8:
+        raise TypeError(f"normalize takes uint8 pixels, got {pixels.dtype}: already normalised?")
     x = pixels.to(device, non_blocking=True) if device is not None else pixels
     mean = torch.tensor(preprocess.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(preprocess.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
@@ -123,21 +140,46 @@ class ImageFiles(Dataset):
 
 
 def collate(items) -> Batch:
+    """Runs in the worker. `pixels` stays a numpy array here (see the module docstring);
+    `image_batches` makes it a tensor in the main process."""
     good = [item for item in items if item[4] is None]
     if good:
-        pixels = torch.from_numpy(np.stack([item[1] for item in good]))
+        pixels = np.stack([item[1] for item in good])
     else:
-        pixels = torch.empty(0)
+        pixels = np.empty((0,), np.uint8)
     displays = [item[3] for item in good]
     return Batch(
         indices=[item[0] for item in good],
-        pixels=pixels,
+        pixels=pixels,  # type: ignore[arg-type]  # a tensor once it reaches the main process
         geometries=[item[2] for item in good],
         failures=[(item[0], item[4]) for item in items if item[4] is not None],
         displays=displays
         if displays and all(display is not None for display in displays)
         else None,
     )
+
+
+def _die_with_parent(worker_id: int, *, parent: int) -> None:
+    """DataLoader worker_init_fn: the worker is killed the moment the main process dies.
+
+    torch's own check is not enough: a worker polls the parent it sees at start-up every 5 s,
+    so a worker whose parent died while it was starting watches init instead and waits
+    forever; and a worker with a batch still queued for a dead parent may block at exit on a
+    pipe that nobody reads (its siblings hold the read end open). Linux's parent-death
+    signal needs no cooperation (it follows the thread that started the workers, which is the
+    one iterating); elsewhere torch's check is what there is.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    # `parent` was taken before the fork: if it died in between (its pid is no longer ours'
+    # parent), no signal will come, and torch's poll would watch the wrong parent too.
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def image_batches(
@@ -149,23 +191,42 @@ def image_batches(
     pin_memory: bool = False,
     errors: Sequence[str | None] | None = None,
     display_long_side: int | None = None,
-) -> DataLoader:
-    """An ordered iterator of Batch; decoding overlaps the forward pass when workers > 0.
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Iterator[Batch]:
+    """An ordered iterator of Batch, each with `inputs` normalised on `device` (default the
+    CPU) in `dtype`; decoding overlaps the forward pass when workers > 0.
 
     Batch k always covers positions [k * batch_size, (k + 1) * batch_size) of `paths`;
     `errors[i]`, when given and not None, is reported as the failure of position i unread.
     `display_long_side` also returns each original scaled to that long side (Batch.displays).
+    `pin_memory` stages each uint8 batch in page-locked memory before a CUDA copy.
     """
     dataset = ImageFiles(
         paths, preprocess, draft=draft, errors=errors, display_long_side=display_long_side
     )
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
         collate_fn=collate,
-        pin_memory=pin_memory,
+        worker_init_fn=partial(_die_with_parent, parent=os.getpid()) if workers > 0 else None,
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
     )
+    for batch in loader:
+        pixels = (
+            batch.pixels
+            if isinstance(batch.pixels, torch.Tensor)
+            else torch.from_numpy(batch.pixels)
+        )
+        if not batch.indices:
+            batch.pixels = torch.empty((0,), dtype=torch.uint8)
+            batch.inputs = torch.empty((0,), dtype=dtype)
+            yield batch
+            continue
+        batch.pixels = pixels
+        staged = pixels.pin_memory() if pin_memory else pixels
+        batch.inputs = normalize(staged, preprocess, device, dtype)
+        yield batch

@@ -4,21 +4,45 @@ Every writer streams: records are written as batches arrive and never collected.
 flushed after every batch, so an interrupted run keeps every finished record. json and csv
 files go to a temporary file beside the target that is renamed over it only when the run
 finishes, so a reader never sees half a file (an interrupted run leaves the old file alone).
+A write that fails (disk full, read-only folder, file size limit) removes the temporary file
+and raises OutputError: one line, no traceback.
+
+Text that cannot go into a file as it is, is escaped reversibly (docs/predict.md):
+- JSON: characters that are valid JSON but unsafe or unencodable (a name that is not UTF-8
+  holds lone surrogates; DEL and C1 controls; bidi overrides) are written as \\uXXXX escapes,
+  which every JSON reader turns back into the same string (Python: os.fsencode gives the bytes).
+- CSV: a backslash is doubled, a control character becomes \\u00XX, a byte that is not UTF-8
+  becomes \\xHH; then a cell that starts with = + - @ or ' gets a ' in front, so that no
+  spreadsheet runs it as a formula (OWASP's advice). Scores are plain numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import json
 import os
+import re
 from collections.abc import Iterable
+from enum import Enum
 from pathlib import Path
 from typing import TextIO
 
-from ..errors import InputError
-from ..fileio import temp_file_beside
+from ..errors import InputError, OutputError
+from ..fileio import temp_file_beside, write_target
 
-FORMATS = ("table", "json", "jsonl", "csv")
+
+class OutputFormat(str, Enum):
+    """How records are written: a table on a terminal, or a machine-readable format."""
+
+    table = "table"
+    json = "json"
+    jsonl = "jsonl"
+    csv = "csv"
+
+
+FORMATS = tuple(fmt.value for fmt in OutputFormat)
 FILE_FORMATS = ("json", "jsonl", "csv")
 _SUFFIX_FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 
@@ -28,12 +52,94 @@ def format_for_path(path: str | Path) -> str | None:
     return _SUFFIX_FORMATS.get(Path(path).suffix.lower())
 
 
+def choose_format(
+    chosen: str | None, output: str | Path | None, stdout_is_terminal: bool
+) -> OutputFormat:
+    """--format when given; else from the --output suffix (jsonl if none); else a table on a
+    terminal and jsonl in a pipe."""
+    if chosen is not None:
+        return OutputFormat(chosen)
+    if output is not None:
+        return OutputFormat(format_for_path(output) or "jsonl")
+    return OutputFormat.table if stdout_is_terminal else OutputFormat.jsonl
+
+
+# -- escaping ----------------------------------------------------------------------------------
+
+_BIDI = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029"
+# Only ever inside JSON strings (the syntax is ASCII), where \uXXXX means the same character.
+_JSON_UNSAFE = re.compile(f"[\x7f-\x9f\ud800-\udfff{_BIDI}]")
+
+
+def json_line(record: dict) -> str:
+    """One record as compact JSON text that encodes to UTF-8 whatever the file name, never
+    with a bare NaN or Infinity (ValueError instead: a record must not carry one)."""
+    text = json.dumps(record, ensure_ascii=False, allow_nan=False)
+    return _JSON_UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+
+
+def _csv_escape_char(match: re.Match) -> str:
+    code = ord(match.group())
+    if code == 0x5C:
+        return "\\\\"
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, kept by surrogateescape
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\u{code:04x}"
+
+
+_CSV_UNSAFE = re.compile(f"[\\\\\x00-\x1f\x7f-\x9f\ud800-\udfff{_BIDI}]")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def csv_text(value: str) -> str:
+    """A text cell for CSV: reversibly escaped (see the module docstring) and never a formula."""
+    value = _CSV_UNSAFE.sub(_csv_escape_char, value)
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
+_CSV_ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4})")
+
+
+def csv_unescape(cell: str) -> str:
+    """The text `csv_text` was given (with os.fsencode, a path's original bytes)."""
+    if cell.startswith("'"):
+        cell = cell[1:]
+
+    def one(match: re.Match) -> str:
+        code = match.group(1)
+        if code == "\\":
+            return "\\"
+        if code[0] == "x":
+            return chr(0xDC00 + int(code[1:], 16))
+        return chr(int(code[1:], 16))
+
+    return _CSV_ESCAPE.sub(one, cell)
+
+
+# -- targets -----------------------------------------------------------------------------------
+
+
+def _cannot_write(path: Path | None, error: OSError) -> OutputError:
+    where = f"--output {path}" if path is not None else "standard output"
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free some space or write somewhere else"
+    elif error.errno == errno.EFBIG:
+        hint = "the file size limit (ulimit -f) was reached; raise it or write somewhere else"
+    elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = "choose a folder you can write to"
+    else:
+        hint = "choose another path"
+    kept = " (nothing was replaced)" if path is not None else ""
+    return OutputError(f"{where}: cannot write ({reason}){kept}; {hint}")
+
+
 class _AtomicTextFile:
-    """A text file written beside `path` and renamed over it on commit()."""
+    """A text file written beside `path` (a symlink's target) and renamed over it on commit()."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        fd, self.tmp = temp_file_beside(path)
+        self.path = write_target(path)
+        fd, self.tmp = temp_file_beside(self.path)
         self.handle = os.fdopen(fd, "w", encoding="utf-8", newline="")
 
     def commit(self) -> None:
@@ -43,7 +149,8 @@ class _AtomicTextFile:
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        self.handle.close()
+        with contextlib.suppress(OSError):  # closing flushes into the error that got us here
+            self.handle.close()
         Path(self.tmp).unlink(missing_ok=True)
 
 
@@ -60,6 +167,7 @@ def _open_target(path: Path | None, stream: TextIO | None, atomic: bool):
             target = _AtomicTextFile(path)
             return target.handle, target, False
         path.parent.mkdir(parents=True, exist_ok=True)
+        # A plain open follows a symlink and keeps the file's mode, as the atomic path does.
         return open(path, "w", encoding="utf-8", newline=""), None, True
     except OSError as error:
         raise InputError(
@@ -76,12 +184,19 @@ class RecordWriter:
         self.path = Path(path) if path is not None else None
         self.handle, self._atomic, self._owned = _open_target(self.path, stream, self.atomic)
         self.count = 0
+        self._ended = False  # closed or aborted: abort() again does nothing
 
     def write(self, records: Iterable[dict]) -> None:
-        for record in records:
-            self._write_one(record)
-            self.count += 1
-        self.handle.flush()
+        try:
+            for record in records:
+                self._write_one(record)
+                self.count += 1
+            self.handle.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            self.abort()
+            raise _cannot_write(self.path, error) from None
 
     def _write_one(self, record: dict) -> None:
         raise NotImplementedError
@@ -90,23 +205,38 @@ class RecordWriter:
         """Closing text (json's bracket)."""
 
     def close(self) -> None:
-        self._finish()
-        self.handle.flush()
-        if self._atomic is not None:
-            self._atomic.commit()
-        elif self._owned:
-            self.handle.close()
+        if self._ended:
+            return
+        try:
+            self._finish()
+            self.handle.flush()
+            if self._atomic is not None:
+                self._atomic.commit()
+            elif self._owned:
+                self.handle.close()
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            self.abort()
+            raise _cannot_write(self.path, error) from None
+        self._ended = True
 
     def abort(self) -> None:
         """Stop early: an atomic target is discarded, a streamed one keeps what it has."""
+        if self._ended:
+            return
+        self._ended = True
         if self._atomic is not None:
             self._atomic.abort()
             return
         try:
             self.handle.flush()
+        except (OSError, ValueError):  # ValueError: the stream was closed under us
+            pass
         finally:
             if self._owned:
-                self.handle.close()
+                with contextlib.suppress(OSError):
+                    self.handle.close()
 
     def __enter__(self) -> RecordWriter:
         return self
@@ -122,7 +252,7 @@ class JsonLinesWriter(RecordWriter):
     """One JSON object per line, flushed per batch (not atomic, on purpose)."""
 
     def _write_one(self, record: dict) -> None:
-        self.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.handle.write(json_line(record) + "\n")
 
 
 class JsonWriter(RecordWriter):
@@ -131,9 +261,7 @@ class JsonWriter(RecordWriter):
     atomic = True
 
     def _write_one(self, record: dict) -> None:
-        self.handle.write(
-            ("[\n  " if self.count == 0 else ",\n  ") + json.dumps(record, ensure_ascii=False)
-        )
+        self.handle.write(("[\n  " if self.count == 0 else ",\n  ") + json_line(record))
 
     def _finish(self) -> None:
         self.handle.write("[]\n" if self.count == 0 else "\n]\n")
@@ -149,21 +277,28 @@ class CsvWriter(RecordWriter):
     ) -> None:
         super().__init__(path, stream)
         self.top_k = top_k
+        # Every control character is escaped in the cells (csv_text), so no raw CR or LF can
+        # split a row whatever the line terminator.
         self.csv = csv.writer(self.handle, lineterminator="\n")
         header = ["path"]
         for rank in range(1, top_k + 1):
             header += [f"label_{rank}", f"score_{rank}"]
-        self.csv.writerow(header + ["error"])
+        try:
+            self.csv.writerow(header + ["error"])
+        except OSError as error:
+            self.abort()
+            raise _cannot_write(self.path, error) from None
 
     def _write_one(self, record: dict) -> None:
-        row = [record["path"]]
+        row = [csv_text(record["path"])]
         predictions = record.get("predictions", [])
         for rank in range(self.top_k):
             if rank < len(predictions):
-                row += [predictions[rank]["label"], repr(float(predictions[rank]["score"]))]
+                prediction = predictions[rank]
+                row += [csv_text(prediction["label"]), repr(float(prediction["score"]))]
             else:
                 row += ["", ""]
-        self.csv.writerow(row + [record.get("error", "")])
+        self.csv.writerow(row + [csv_text(record.get("error", ""))])
 
 
 def open_writer(

@@ -1,43 +1,81 @@
 """Classify many images: stream batches decoded in worker processes through the model.
 
+`run(options, on_progress)` is the whole of `vit predict`: it collects the inputs, loads the
+model, joins the torchrun process group when there is one, classifies, writes the records
+and returns a summary. `PredictRun` is the loop underneath, for library use.
+
 Records come out in input order, batch by batch, so a caller can write them as they arrive:
 memory stays flat however many images there are (only a few batches are ever alive). Under
 torchrun each rank classifies a disjoint, strided shard; after every batch the ranks send
 their records to rank 0 (gloo object collectives), which puts them back in input order.
 
 A record is {"path": ..., "predictions": [{"label", "index", "score"}, ...]} or
-{"path": ..., "error": "..."}.
+{"path": ..., "error": "..."}. Probabilities are rounded to 6 significant digits (more is
+noise from the float32 forward pass); `logits` scores keep full float32 precision.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, TextIO
 
 import torch
 
 from .. import distributed
-from ..data.inputs import InputItem
-from ..data.loader import image_batches, normalize
-from ..errors import InputError, VitError
-from ..runtime import default_workers, resolve_device, resolve_dtype
+from ..data.images import pixel_limit
+from ..data.inputs import InputItem, collect_inputs, refuse_output_among_inputs
+from ..data.loader import image_batches
+from ..errors import InputError, OptionError, VitError
+from ..runtime import DTYPE_CHOICES, default_workers, resolve_device, resolve_dtype
 from ..weights.format import ModelBundle
+from .outputs import OutputFormat, open_writer
 
 # on_progress(done, total): images finished so far (all ranks) out of all inputs.
 ProgressCallback = Callable[[int, int], None]
 
+SCORE_DIGITS = 6  # significant digits of probabilities in records
+
 
 @dataclass(frozen=True)
 class PredictOptions:
+    """Everything `vit predict` was asked, defaults resolved. The first group is what a
+    `PredictRun` needs; the second is what `run` adds (inputs, model, where records go)."""
+
     top_k: int = 5
     logits: bool = False  # raw scores instead of softmax probabilities
     batch_size: int = 32
-    workers: int | None = None  # decoding processes; None picks for this machine
-    device: str = "auto"
-    dtype: str = "auto"
+    workers: int = field(default_factory=default_workers)  # decoding processes; 0: in-process
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    dtype: str = "auto"  # auto, float32, bfloat16, float16
     draft: bool = True  # JPEG draft-mode decoding of large sources
+
+    inputs: tuple[str, ...] = ()  # files, folders, globs, '-' for stdin
+    model: str | None = None  # a file, folder or hub id; None is the bundled model
+    format: OutputFormat = OutputFormat.jsonl
+    output: Path | None = None  # None writes to stdout
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise OptionError(f"--top-k must be at least 1, got {self.top_k}")
+        if self.batch_size < 1:
+            raise OptionError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise OptionError(f"--workers must be 0 or more, got {self.workers}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise OptionError(f"--dtype {self.dtype}: use one of {', '.join(DTYPE_CHOICES)}")
+        device = self.device.strip().lower()
+        if device not in ("auto", "cpu", "cuda", "mps") and not (
+            device.startswith("cuda:") and device[5:].isdigit()
+        ):
+            raise OptionError(f"--device {self.device}: use auto, cpu, cuda, cuda:N or mps")
+        if self.format == OutputFormat.table and self.output is not None:
+            raise OptionError(
+                "--format table is for the terminal; use --format json, jsonl or csv with --output"
+            )
 
 
 @dataclass
@@ -52,6 +90,31 @@ class Summary:
         return self.total - self.failed
 
 
+@dataclass(frozen=True)
+class PredictResult:
+    """What a `run` did; `is_main` is False on the ranks other than 0, which wrote nothing."""
+
+    summary: Summary
+    device: str  # e.g. "cpu float32"
+    top_k: int
+    output: Path | None
+    is_main: bool
+
+
+class RecordSink(Protocol):
+    """Where records go: a file writer, or the CLI's table."""
+
+    def write(self, records: list[dict]) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+# table(paths, labels, top_k) -> the sink that draws the table (the CLI's; needs rich).
+TableFactory = Callable[[list[str], list[str], int], RecordSink]
+
+
 # -- the predictor -----------------------------------------------------------------------
 
 
@@ -59,16 +122,11 @@ class Predictor:
     """A model on a device, turning pixel batches into top-k predictions."""
 
     def __init__(self, bundle: ModelBundle, options: PredictOptions) -> None:
-        if options.top_k < 1:
-            raise InputError(f"--top-k must be at least 1, got {options.top_k}")
-        if options.batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, got {options.batch_size}")
-        if options.workers is not None and options.workers < 0:
-            raise InputError(f"--workers must be 0 or more, got {options.workers}")
         num_classes = bundle.config.num_classes
         if num_classes < 1:
             raise VitError(
-                f"{bundle.reference or 'the model'} has no classifier head (num_classes 0); use a classification model"
+                f"{bundle.reference or 'the model'} has no classifier head (num_classes 0); "
+                "use a classification model"
             )
         self.bundle = bundle
         self.options = options
@@ -79,56 +137,70 @@ class Predictor:
         self.model = bundle.model.eval().to(device=self.device, dtype=self.dtype)
 
     @torch.inference_mode()
-    def classify(self, pixels: torch.Tensor) -> list[list[dict]]:
-        """(B, C, H, W) pixels -> per image, the top-k [{"label", "index", "score"}].
-
-        uint8 pixels (as the loader makes them) are normalised here, on the device; float
-        pixels are taken as already normalised.
-        """
-        if pixels.dtype == torch.uint8:
-            x = normalize(pixels, self.bundle.preprocess, self.device, self.dtype)
-        else:
-            x = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
-        scores = self.model(x).float()  # B,K; softmax in float32 whatever the model dtype
+    def classify(self, inputs: torch.Tensor) -> list[list[dict] | str]:
+        """(B, C, H, W) normalised model input -> per image, the top-k [{"label", "index",
+        "score"}], or an error message when the model's output for it is not finite."""
+        scores = self.model(inputs).float()  # B,K; softmax in float32 whatever the model dtype
+        finite = torch.isfinite(scores).all(dim=-1).cpu().tolist()
         if not self.options.logits:
             scores = scores.softmax(dim=-1)
         top = scores.topk(self.top_k, dim=-1)
         values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
-        return [
-            [
-                {"label": self.labels[i], "index": i, "score": s}
-                for s, i in zip(row_scores, row_indices)
-            ]
-            for row_scores, row_indices in zip(values, indices)
-        ]
+        results: list[list[dict] | str] = []
+        for ok, row_scores, row_indices in zip(finite, values, indices):
+            if not ok:
+                results.append(_not_finite(self.bundle))
+                continue
+            if not self.options.logits:
+                row_scores = [float(f"{s:.{SCORE_DIGITS}g}") for s in row_scores]
+            results.append(
+                [
+                    {"label": self.labels[i], "index": i, "score": s}
+                    for s, i in zip(row_scores, row_indices)
+                ]
+            )
+        return results
 
-    def batches(
-        self, items: Sequence[InputItem], workers: int | None = None
-    ) -> Iterator[list[tuple[int, dict]]]:
-        """Per batch, [(position in `items`, record)] in order; batch k covers items [kB, (k+1)B)."""
+    def batches(self, items: Sequence[InputItem]) -> Iterator[list[tuple[int, dict]]]:
+        """Per batch, [(position in `items`, record)] in order; batch k covers positions
+        [kB, (k+1)B)."""
         if not items:
             return
         batch_size = self.options.batch_size
-        workers = default_workers() if workers is None else workers
         # Worker start-up is pure cost when there is nothing to overlap with.
-        workers = min(workers, math.ceil(len(items) / batch_size) - 1)
+        workers = max(0, min(self.options.workers, math.ceil(len(items) / batch_size) - 1))
         loader = image_batches(
             [item.path for item in items],
             self.bundle.preprocess,
             batch_size=batch_size,
-            workers=max(workers, 0),
+            workers=workers,
             draft=self.options.draft,
             pin_memory=self.device.type == "cuda",
             errors=[item.error for item in items],
+            device=self.device,
+            dtype=self.dtype,
         )
         for batch in loader:
             records: dict[int, dict] = {}
             for index, message in batch.failures:
                 records[index] = {"path": items[index].path, "error": message}
             if batch.indices:
-                for index, predictions in zip(batch.indices, self.classify(batch.pixels)):
-                    records[index] = {"path": items[index].path, "predictions": predictions}
+                assert batch.inputs is not None
+                for index, result in zip(batch.indices, self.classify(batch.inputs)):
+                    path = items[index].path
+                    records[index] = (
+                        {"path": path, "error": f"{path}: {result}"}
+                        if isinstance(result, str)
+                        else {"path": path, "predictions": result}
+                    )
             yield sorted(records.items())
+
+
+def _not_finite(bundle: ModelBundle) -> str:
+    return (
+        f"model output is not finite (NaN or infinity); {bundle.reference or 'the model'} "
+        "has broken weights or preprocessing values (std 0?)"
+    )
 
 
 def share_inputs(collect: Callable[[], list[InputItem]]) -> list[InputItem]:
@@ -139,6 +211,7 @@ def share_inputs(collect: Callable[[], list[InputItem]]) -> list[InputItem]:
     if not distributed.is_distributed():
         return collect()
     if distributed.is_main():
+        payload: tuple[str, list[InputItem] | str]
         try:
             payload = ("ok", collect())
         except VitError as error:
@@ -147,8 +220,8 @@ def share_inputs(collect: Callable[[], list[InputItem]]) -> list[InputItem]:
     else:
         payload = distributed.broadcast_object(None)
     status, value = payload
-    if status == "error":
-        raise InputError(value)
+    if isinstance(value, str) or status == "error":
+        raise InputError(str(value))
     return value
 
 
@@ -167,13 +240,13 @@ class PredictRun:
         self,
         bundle: ModelBundle,
         items: Sequence[InputItem],
-        options: PredictOptions = PredictOptions(),
+        options: PredictOptions | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> None:
         self.items = list(items)
-        self.options = options
+        self.options = options if options is not None else PredictOptions()
         self.on_progress = on_progress
-        self.predictor = Predictor(bundle, options)
+        self.predictor = Predictor(bundle, self.options)
         self.summary = Summary(total=len(self.items), world_size=distributed.world_size())
 
     @property
@@ -199,7 +272,7 @@ class PredictRun:
         self.summary.seconds = time.perf_counter() - start
 
     def _local(self) -> Iterator[list[dict]]:
-        for batch in self.predictor.batches(self.items, workers=self.options.workers):
+        for batch in self.predictor.batches(self.items):
             yield [record for _, record in batch]
 
     def _distributed(self) -> Iterator[list[dict]]:
@@ -208,9 +281,7 @@ class PredictRun:
         rounds = math.ceil(
             len(distributed.shard(len(self.items), 0, world)) / self.options.batch_size
         )
-        local = self.predictor.batches(
-            [self.items[p] for p in positions], workers=self.options.workers
-        )
+        local = self.predictor.batches([self.items[p] for p in positions])
         pending: dict[int, dict] = {}
         next_position = 0
         for _ in range(rounds):
@@ -236,10 +307,88 @@ class PredictRun:
 def predict_paths(
     bundle: ModelBundle,
     items: Sequence[InputItem],
-    options: PredictOptions = PredictOptions(),
+    options: PredictOptions | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> Iterator[dict]:
     """Records one by one in input order (a convenience over PredictRun for library users)."""
-    run = PredictRun(bundle, items, options, on_progress)
-    for records in run.records():
+    run_ = PredictRun(bundle, items, options, on_progress)
+    for records in run_.records():
         yield from records
+
+
+# -- the command -------------------------------------------------------------------------
+
+
+def run(
+    options: PredictOptions,
+    on_progress: ProgressCallback | None = None,
+    *,
+    on_warning: Callable[[str], None] | None = None,
+    table: TableFactory | None = None,
+    stdin: Iterable[str] | None = None,
+    stdout: TextIO | None = None,
+) -> PredictResult:
+    """`vit predict`: classify `options.inputs` and write every record, in input order, to
+    `options.output` (or `stdout`, or the `table` sink for the table format).
+
+    Under torchrun, every rank calls this: inputs are collected on rank 0 and shared, each
+    rank classifies its shard, rank 0 writes, and no rank returns before rank 0 has written
+    everything (a launcher stops the whole group as soon as one rank exits with a failure).
+    Progress and warnings are reported on rank 0 only.
+    """
+    import sys
+
+    from ..weights.resolve import load_model
+
+    pixel_limit()  # a bad VITCLI_MAX_PIXELS is one error now, not one per image
+    if options.format == OutputFormat.table and table is None:
+        raise OptionError("the table format needs a terminal renderer; use json, jsonl or csv")
+
+    def collect() -> list[InputItem]:
+        items = collect_inputs(options.inputs, stdin)
+        if options.output is not None:
+            refuse_output_among_inputs(options.output, items, "--output")
+        return items
+
+    distributed.init_from_env(backend="gloo")  # object collectives only: gloo whatever the device
+    try:
+        main = distributed.is_main()
+        items = share_inputs(collect)
+        bundle = load_model(options.model)
+        predict = PredictRun(bundle, items, options, on_progress if main else None)
+        if predict.warning and main and on_warning is not None:
+            on_warning(predict.warning)
+        top_k = predict.predictor.top_k
+        sink: RecordSink | None = None
+        if main:
+            if options.format == OutputFormat.table:
+                assert table is not None
+                sink = table([item.path for item in items], predict.predictor.labels, top_k)
+            else:
+                sink = open_writer(
+                    options.format.value,
+                    path=options.output,
+                    stream=stdout if stdout is not None else sys.stdout,
+                    top_k=top_k,
+                )
+        try:
+            for records in predict.records():
+                if sink is not None:
+                    sink.write(records)
+            if sink is not None:
+                sink.close()  # json's closing bracket, the atomic rename
+        except BaseException:
+            if sink is not None:
+                sink.abort()
+            raise
+        distributed.barrier()
+    finally:
+        distributed.shutdown()
+    dtype = str(predict.predictor.dtype).removeprefix("torch.")
+    return PredictResult(
+        summary=predict.summary,
+        device=f"{predict.predictor.device.type} {dtype}",
+        top_k=top_k,
+        output=options.output,
+        is_main=main,
+    )
