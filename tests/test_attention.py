@@ -556,7 +556,7 @@ def test_cli_mean_pooled_model_and_user_errors(tmp_path):
             str(tmp_path / "o"),
         ]
     )
-    assert code == 1 and "out of range" in output
+    assert code == 2 and "out of range" in output
     code, output = run_cli(
         [
             str(tmp_path / "a.png"),

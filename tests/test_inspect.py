@@ -255,5 +255,5 @@ def test_cli_refuses_zero_counts_before_writing(tmp_path, tiny_model_file, optio
     result = CliRunner().invoke(
         app, ["inspect", "--model", str(tiny_model_file), "--out", str(out), option, "0"]
     )
-    assert result.exit_code == 1 and message in result.output
+    assert result.exit_code == 2 and message in result.output
     assert not out.exists()

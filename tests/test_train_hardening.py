@@ -64,8 +64,9 @@ def colours(tmp_path_factory) -> Path:
     return folder_of_colours(tmp_path_factory.mktemp("data") / "colours")
 
 
-def one_line_error(result, *words: str) -> None:
-    assert result.exit_code == 1, result.output
+def one_line_error(result, *words: str, status: int = 1) -> None:
+    """One `error:` line naming `words`; status 2 for a bad option value (a usage error)."""
+    assert result.exit_code == status, result.output
     assert "Traceback" not in result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
@@ -123,7 +124,7 @@ def test_every_numeric_train_option_is_checked(colours, tmp_path, arguments, fla
     result = CliRunner().invoke(
         app, ["train", str(colours), "--out", str(tmp_path / "o"), "-q", *arguments]
     )
-    one_line_error(result, flag)
+    one_line_error(result, flag, status=2)
     assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
@@ -138,7 +139,7 @@ def test_huge_mixup_is_refused_fast_in_a_real_process(colours, tmp_path, value):
         timeout=60,
         env=ENV,
     )
-    assert done.returncode == 1 and "--mixup" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "--mixup" in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize(
@@ -155,7 +156,7 @@ def test_huge_mixup_is_refused_fast_in_a_real_process(colours, tmp_path, value):
 )
 def test_eval_and_data_options_are_checked(colours, tmp_path, arguments, flag):
     arguments = [a.format(data=colours, out=tmp_path / "s") for a in arguments]
-    one_line_error(CliRunner().invoke(app, arguments), flag)
+    one_line_error(CliRunner().invoke(app, arguments), flag, status=2)
 
 
 @pytest.mark.slow

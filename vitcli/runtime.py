@@ -11,7 +11,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from .errors import InputError
+from .errors import InputError, OptionError
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +42,7 @@ def resolve_workers(requested: int | None, what: str = "--workers") -> tuple[int
     if requested is None:
         return default_workers(), None
     if requested < 0:
-        raise InputError(f"{what} must be 0 or more, got {requested}")
+        raise OptionError(f"{what} must be 0 or more, got {requested}")
     limit = cpu_count() * MAX_WORKERS_PER_CPU
     if requested > limit:
         return limit, f"{what} {requested} is more than the {limit} CPUs here; using {limit}"
@@ -109,7 +109,7 @@ def resolve_device(name: str = "auto") -> torch.device:
                 f"--device {name}: no such GPU; this machine has cuda:0 to cuda:{count - 1}"
             )
         return torch.device("cuda", int(index_text))
-    raise InputError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    raise OptionError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -128,7 +128,7 @@ def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str | N
     import torch
 
     if name not in DTYPE_CHOICES:
-        raise InputError(f"unknown dtype {name!r}: use one of {', '.join(DTYPE_CHOICES)}")
+        raise OptionError(f"unknown dtype {name!r}: use one of {', '.join(DTYPE_CHOICES)}")
     if name == "auto":
         if device.type == "cuda":
             if torch.cuda.is_bf16_supported():

@@ -5,7 +5,11 @@ Nothing here imports torch at module level: `vit --help` and `vit --version` sta
 
 from __future__ import annotations
 
+import sys
+
 import typer
+from typer._click import exceptions as click_errors  # typer 0.29 vendors Click
+from typer._click import utils as click_utils
 from typer.core import TyperGroup
 
 from .._version import __version__
@@ -19,8 +23,30 @@ EXIT_USAGE = 2
 
 
 class _VitGroup(TyperGroup):
-    """Turns every VitError into one red line and exit status 1 (2 for an OptionError); bugs
-    keep their traceback."""
+    """Turns every VitError into one red line and exit status 1 (2 for an OptionError), and
+    Click's own usage errors into the same one-line form with status 2; bugs keep their
+    traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError:
+            sys.exit(EXIT_USAGE)  # the help has been printed (rich prints while formatting)
+        except click_errors.UsageError as error:
+            from ..console import print_error
+
+            where = error.ctx.command_path if error.ctx else "vit"
+            print_error(f"{error.format_message()} (see '{where} --help')")
+            sys.exit(EXIT_USAGE)
+        except click_errors.ClickException as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            click_utils.echo("Aborted.", err=True)
+            sys.exit(EXIT_FAILED)
+        sys.exit(result if isinstance(result, int) else 0)
 
     def invoke(self, ctx):
         try:

@@ -78,6 +78,7 @@ QuietOption = Annotated[
 # The old short form of --workers (train, eval, data), kept working but out of --help.
 JobsAlias = Annotated[int | None, typer.Option("-j", hidden=True, show_default=False)]
 
+
 class Command(TyperCommand):
     """A command whose --help shows no `<bool>` placeholder (flags take no value). Use it as
     `app.command("name", cls=Command)`."""

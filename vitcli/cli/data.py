@@ -78,17 +78,17 @@ def shapes(
     """
     from ..console import err, make_progress, print_warning
     from ..data.shapes import SHAPES, generate
-    from ..errors import InputError
+    from ..errors import InputError, OptionError
     from ..runtime import cpu_count, resolve_workers
 
     if not 1 <= per_class <= MAX_PER_CLASS:
-        raise InputError(f"--per-class must be from 1 to {MAX_PER_CLASS}, got {per_class}")
+        raise OptionError(f"--per-class must be from 1 to {MAX_PER_CLASS}, got {per_class}")
     if not 32 <= image_size <= MAX_IMAGE_SIZE:
-        raise InputError(f"--image-size must be from 32 to {MAX_IMAGE_SIZE}, got {image_size}")
+        raise OptionError(f"--image-size must be from 32 to {MAX_IMAGE_SIZE}, got {image_size}")
     if not 0 <= seed <= 2**63 - 1:
-        raise InputError(f"--seed must be from 0 to 2^63-1, got {seed}")
+        raise OptionError(f"--seed must be from 0 to 2^63-1, got {seed}")
     if objects not in (1, 2):
-        raise InputError(f"--objects must be 1 or 2, got {objects}")
+        raise OptionError(f"--objects must be 1 or 2, got {objects}")
     count, warning = resolve_workers(workers if workers is not None else cpu_count())
     if warning:
         print_warning(warning)

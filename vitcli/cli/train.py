@@ -33,6 +33,7 @@ _SCRATCH = "From scratch only"
 _OPT = "Optimisation"
 _AUG = "Augmentation"
 
+
 def _float(flag: str, help: str, panel: str | None = None, metavar: str = "X"):
     return typer.Option(flag, help=help, rich_help_panel=panel, metavar=metavar)
 

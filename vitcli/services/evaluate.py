@@ -25,7 +25,7 @@ from ..data.folder import (
     scan_image_folder,
 )
 from ..data.loader import normalize
-from ..errors import DatasetError, InputError
+from ..errors import DatasetError, InputError, OptionError
 from ..fileio import atomic_write_bytes
 from ..runtime import resolve_device, resolve_workers
 from ..weights.format import ModelBundle
@@ -154,11 +154,11 @@ def run(options: EvalOptions, on_progress: Callable[[EvalEvent], None] | None = 
 
 def check(options: EvalOptions) -> None:
     if isinstance(options.batch_size, bool) or not 1 <= options.batch_size <= MAX_BATCH:
-        raise InputError(f"--batch-size must be from 1 to {MAX_BATCH}, got {options.batch_size}")
+        raise OptionError(f"--batch-size must be from 1 to {MAX_BATCH}, got {options.batch_size}")
     if options.output and Path(options.output).suffix.lower() not in (".json", ".csv"):
-        raise InputError(f"--output {options.output}: use a .json or .csv file name")
+        raise OptionError(f"--output {options.output}: use a .json or .csv file name")
     if options.confusion_png and Path(options.confusion_png).suffix.lower() != ".png":
-        raise InputError(f"--confusion-png {options.confusion_png}: use a .png file name")
+        raise OptionError(f"--confusion-png {options.confusion_png}: use a .png file name")
 
 
 def evaluate(
@@ -171,7 +171,7 @@ def evaluate(
 ) -> EvalResult:
     """Run the model over every image of an ImageFolder tree with the model's own preprocessing."""
     if batch_size < 1:
-        raise InputError("--batch-size must be at least 1")
+        raise OptionError("--batch-size must be at least 1")
 
     def emit(event: EvalEvent) -> None:
         if on_progress is not None:
@@ -272,7 +272,7 @@ def write_report(result: EvalResult, path: str | Path) -> Path:
         )
         atomic_write_bytes(path, buffer.getvalue().encode("utf-8", "backslashreplace"))
     else:
-        raise InputError(f"--output {path}: use a .json or .csv file name")
+        raise OptionError(f"--output {path}: use a .json or .csv file name")
     return path
 
 
@@ -306,7 +306,7 @@ def confusion_png(result: EvalResult, path: str | Path, cell: int = 36) -> Path:
 
     path = Path(path)
     if path.suffix.lower() != ".png":
-        raise InputError(f"--confusion-png {path}: use a .png file name")
+        raise OptionError(f"--confusion-png {path}: use a .png file name")
     rows, columns = [c.label for c in result.classes], result.confusion_labels
     font = ImageFont.load_default()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..data.loader import image_batches, normalize
-from ..errors import DatasetError, InputError
+from ..errors import DatasetError, InputError, OptionError
 from ..model.vit import ViT
 from ..weights.format import ModelBundle
 from .attention.localization import score_map
@@ -61,9 +61,9 @@ class ScoreOptions:
         if unknown:
             raise InputError(f"unknown method {unknown[0]!r}: use one of {', '.join(METHODS)}")
         if self.baseline not in BASELINES:
-            raise InputError(f"--baseline {self.baseline!r}: use one of {', '.join(BASELINES)}")
+            raise OptionError(f"--baseline {self.baseline!r}: use one of {', '.join(BASELINES)}")
         if not 1 <= self.steps <= 1000:
-            raise InputError(f"--steps must be in 1..1000, got {self.steps}")
+            raise OptionError(f"--steps must be in 1..1000, got {self.steps}")
 
 
 @dataclass

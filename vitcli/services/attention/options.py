@@ -16,7 +16,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
-from ...errors import InputError
+from ...errors import InputError, OptionError
 from ...runtime import default_workers, render_threads
 
 TILE_RANGE = (32, 1024)  # a sheet tile's long side, pixels; larger ones only make huge sheets
@@ -73,16 +73,16 @@ def _choice(enum: Any, value: object, option: str) -> Any:
         return enum(value)
     except ValueError:
         allowed = ", ".join(member.value for member in enum)
-        raise InputError(f"unknown {option} {value!r}: use one of {allowed}") from None
+        raise OptionError(f"unknown {option} {value!r}: use one of {allowed}") from None
 
 
 def _number(value: object, option: str) -> float:
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise InputError(f"{option} must be a number, got {value!r}") from None
+        raise OptionError(f"{option} must be a number, got {value!r}") from None
     if not math.isfinite(number):
-        raise InputError(f"{option} must be a finite number, got {value}")
+        raise OptionError(f"{option} must be a finite number, got {value}")
     return number
 
 
@@ -142,37 +142,37 @@ class AttentionOptions:
 
         discard = _number(self.discard_ratio, "--discard-ratio")
         if not 0.0 <= discard < 1.0:
-            raise InputError(f"--discard-ratio must be in [0, 1), got {self.discard_ratio}")
+            raise OptionError(f"--discard-ratio must be in [0, 1), got {self.discard_ratio}")
         put("discard_ratio", discard)
         if self.threshold is not None:
             threshold = _number(self.threshold, "--threshold")
             if not 0.0 < threshold <= 1.0:
-                raise InputError(f"--threshold must be in (0, 1], got {self.threshold}")
+                raise OptionError(f"--threshold must be in (0, 1], got {self.threshold}")
             put("threshold", threshold)
         if self.alpha is None:
             put("alpha", 0.5 if self.style == Style.heatmap else 1.0)
         else:
             alpha = _number(self.alpha, "--alpha")
             if not 0.0 <= alpha <= 1.0:
-                raise InputError(f"--alpha must be in [0, 1], got {self.alpha}")
+                raise OptionError(f"--alpha must be in [0, 1], got {self.alpha}")
             put("alpha", alpha)
         blur = _number(self.blur, "--blur")
         if not 0.0 <= blur <= MAX_BLUR:
-            raise InputError(
+            raise OptionError(
                 f"--blur must be 0 to {MAX_BLUR:g} pixels of the original, got {self.blur}"
             )
         put("blur", blur)
         low, high = TILE_RANGE
         if not low <= _integer(self.tile, "--tile") <= high:
-            raise InputError(f"--tile must be {low} to {high} pixels, got {self.tile}")
+            raise OptionError(f"--tile must be {low} to {high} pixels, got {self.tile}")
         if not low <= _integer(self.individual_size, "individual_size") <= high:
             raise InputError(f"individual_size must be {low} to {high}, got {self.individual_size}")
         if self.batch_size != "auto" and not (
             1 <= _integer(self.batch_size, "--batch-size") <= MAX_BATCH_SIZE
         ):
-            raise InputError(f"--batch-size must be 1 to {MAX_BATCH_SIZE}, got {self.batch_size}")
+            raise OptionError(f"--batch-size must be 1 to {MAX_BATCH_SIZE}, got {self.batch_size}")
         if _integer(self.workers, "--workers") < 0:
-            raise InputError(f"--workers must be 0 or more, got {self.workers}")
+            raise OptionError(f"--workers must be 0 or more, got {self.workers}")
         if _integer(self.render_threads, "render_threads") < 0:
             raise InputError(f"render_threads must be 0 or more, got {self.render_threads}")
 
@@ -207,7 +207,7 @@ FIELDS = tuple(f.name for f in fields(AttentionOptions))
 
 def _integer(value: object, option: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"{option} must be a whole number, got {value!r}")
+        raise OptionError(f"{option} must be a whole number, got {value!r}")
     return value
 
 
@@ -218,7 +218,7 @@ def _check_layer_syntax(spec: int | str) -> None:
             try:
                 int(part)
             except ValueError:
-                raise InputError(
+                raise OptionError(
                     f"--layer {part!r}: use a layer index (negative counts from the end) or 'all'"
                 ) from None
 
@@ -240,11 +240,11 @@ def parse_layers(specs: Sequence[str | int] | None, depth: int) -> tuple[int, ..
             try:
                 index = int(part)
             except ValueError:
-                raise InputError(
+                raise OptionError(
                     f"--layer {part!r}: use a layer index (negative counts from the end) or 'all'"
                 ) from None
             if not -depth <= index < depth:
-                raise InputError(
+                raise OptionError(
                     f"--layer {index} is out of range: this model has {depth} layers "
                     f"(0..{depth - 1}, or -1..-{depth})"
                 )

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...errors import InputError
+from ...errors import OptionError
 
 _TOP_RE = re.compile(r"^top(\d+)$", re.IGNORECASE)
 
@@ -31,7 +31,7 @@ class Target:
             return torch.full((logits.shape[0],), self.index, dtype=torch.long)
         assert self.rank is not None
         if self.rank > logits.shape[1]:
-            raise InputError(
+            raise OptionError(
                 f"--target {self.spec}: the model has only {logits.shape[1]} classes; "
                 f"use top1..top{logits.shape[1]}"
             )
@@ -49,7 +49,7 @@ def parse_target(spec: str, labels: Sequence[str]) -> Target:
     if match:
         rank = int(match.group(1))
         if not 1 <= rank <= len(labels):
-            raise InputError(
+            raise OptionError(
                 f"--target {text}: use top1..top{len(labels)} "
                 f"(this model has {len(labels)} classes)"
             )
@@ -63,12 +63,12 @@ def parse_target(spec: str, labels: Sequence[str]) -> Target:
         index = int(text)
     except ValueError:
         examples = ", ".join(labels[:3]) + (", ..." if len(labels) > 3 else "")
-        raise InputError(
+        raise OptionError(
             f"--target {text!r}: not a label of this model; use top1, top2, ..., a label "
             f"({examples}) or a class index 0..{len(labels) - 1}"
         ) from None
     if not 0 <= index < len(labels):
-        raise InputError(
+        raise OptionError(
             f"--target {index} is out of range: this model has classes 0..{len(labels) - 1}"
         )
     return Target(spec=text, index=index)

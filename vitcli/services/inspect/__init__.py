@@ -23,7 +23,7 @@ from PIL import Image
 from ..._version import __version__
 from ...data.inputs import collect_inputs, is_within
 from ...data.loader import image_batches, normalize
-from ...errors import InputError, VitError
+from ...errors import InputError, OptionError, VitError
 from ...fileio import atomic_write_bytes
 from ...runtime import resolve_device
 from ...weights.format import ModelBundle
@@ -86,7 +86,7 @@ def choose_images(
     among the images must not average over the first run's PNGs.
     """
     if limit < 1:
-        raise InputError(f"--max-images must be at least 1, got {limit}")
+        raise OptionError(f"--max-images must be at least 1, got {limit}")
     if images is not None:
         items = [
             item
@@ -223,7 +223,7 @@ def run_inspect(
     if batch_size is None:
         batch_size = default_batch_size(bundle.config)
     if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+        raise OptionError(f"--batch-size must be at least 1, got {batch_size}")
     if colormap not in figures.colormap_names():
         raise InputError(
             f"unknown --colormap {colormap!r}: use one of {', '.join(figures.colormap_names())}"

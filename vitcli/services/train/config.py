@@ -16,7 +16,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from ...errors import InputError, TrainingError
+from ...errors import InputError, OptionError, TrainingError
 from ...model.config import is_variant
 
 
@@ -148,10 +148,10 @@ def _number(name: str, value: Any, kind: type, low: float, high: float, note: st
     flag = _flag(name)
     wanted = "an integer" if kind is int else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-        raise InputError(f"{flag} must be {wanted}, got {value!r}")
+        raise OptionError(f"{flag} must be {wanted}, got {value!r}")
     if (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high:
         span = f"from {low} to {high}" if kind is int else f"from {low:g} to {high:g}"
-        raise InputError(f"{flag} must be {wanted} {span}{note}, got {value!r}")
+        raise OptionError(f"{flag} must be {wanted} {span}{note}, got {value!r}")
 
 
 def check(config: TrainConfig) -> None:
@@ -169,10 +169,10 @@ def check(config: TrainConfig) -> None:
     if config.lr is not None:
         _number("lr", config.lr, float, 0.0, math.inf)
         if config.lr <= 0:
-            raise InputError(f"--lr must be a positive number, got {config.lr!r}")
+            raise OptionError(f"--lr must be a positive number, got {config.lr!r}")
     _number("min_lr", config.min_lr, float, 0.0, math.inf)
     if config.lr is not None and config.min_lr > config.lr:
-        raise InputError(
+        raise OptionError(
             f"--min-lr {config.min_lr:g} is above --lr {config.lr:g}; "
             "the cosine goes down to --min-lr, so pass a smaller one"
         )
@@ -183,7 +183,7 @@ def check(config: TrainConfig) -> None:
         _number("warmup_epochs", config.warmup_epochs, float, 0.0, most, " (at most --epochs)")
     _number("beta2", config.beta2, float, 0.0, 1.0)
     if not 0.0 < config.beta2 < 1.0:
-        raise InputError(f"--beta2 must be between 0 and 1 (exclusive), got {config.beta2!r}")
+        raise OptionError(f"--beta2 must be between 0 and 1 (exclusive), got {config.beta2!r}")
     _number("label_smoothing", config.label_smoothing, float, 0.0, 0.99)
     _number("grad_clip", config.grad_clip, float, 0.0, 1e12, " (0 turns clipping off)")
     _number("ema", config.ema, float, 0.0, 0.99999999, " (a decay such as 0.999; 0 is off)")
@@ -194,7 +194,7 @@ def check(config: TrainConfig) -> None:
     if config.crop_scale is not None:
         _number("crop_scale", config.crop_scale, float, 0.0, 1.0)
         if config.crop_scale <= 0:
-            raise InputError(f"--crop-scale must be above 0 (at most 1), got {config.crop_scale}")
+            raise OptionError(f"--crop-scale must be above 0 (at most 1), got {config.crop_scale}")
     _number("dropout", config.dropout, float, 0.0, 0.9)
     _number("drop_path", config.drop_path, float, 0.0, 0.9)
     _number("seed", config.seed, int, 0, MAX_SEED, " (2^63-1)")
@@ -204,19 +204,19 @@ def check(config: TrainConfig) -> None:
         or not isinstance(config.workers, int)
         or config.workers < 0
     ):
-        raise InputError(f"--workers must be 0 or more, got {config.workers!r}")
+        raise OptionError(f"--workers must be 0 or more, got {config.workers!r}")
     for name, choices in (("pos_embed", PosEmbed), ("pool", Pool), ("amp", Amp)):
         value = getattr(config, name)
         if value not in {choice.value for choice in choices}:
             allowed = ", ".join(choice.value for choice in choices)
-            raise InputError(f"{_flag(name)} must be one of {allowed}, got {value!r}")
+            raise OptionError(f"{_flag(name)} must be one of {allowed}, got {value!r}")
     if not isinstance(config.hflip, bool):
-        raise InputError(f"--hflip must be true or false, got {config.hflip!r}")
+        raise OptionError(f"--hflip must be true or false, got {config.hflip!r}")
     for name in ("data", "out", "resume", "model", "val", "device"):
         if not isinstance(getattr(config, name), str):
-            raise InputError(f"{_flag(name)} must be text, got {getattr(config, name)!r}")
+            raise OptionError(f"{_flag(name)} must be text, got {getattr(config, name)!r}")
     if config.val and config.val_split > 0:
-        raise InputError("pass either --val DIR or --val-split F, not both")
+        raise OptionError("pass either --val DIR or --val-split F, not both")
 
 
 # -- config.json of a run ---------------------------------------------------------------------

@@ -19,7 +19,7 @@ from ...data.folder import (
     make_loader,
 )
 from ...data.preprocess import Preprocess
-from ...errors import InputError
+from ...errors import InputError, OptionError
 from ...model import ViT, ViTConfig
 from ...runtime import resolve_device
 from .config import ARCH_LIMITS, ResolvedConfig, TrainConfig
@@ -65,7 +65,7 @@ def _scratch(config: TrainConfig, num_classes: int) -> Built:
             **overrides,
         )
     except ValueError as error:
-        raise InputError(
+        raise OptionError(
             f"{error}; adjust --model/--depth/--width/--heads/--mlp-dim/--image-size"
         ) from None
     if overrides:
