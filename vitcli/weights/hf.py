@@ -171,6 +171,7 @@ def config_from_hf(config: dict, num_classes: int, where: str) -> ViTConfig:
                 config.get("layer_norm_eps", 1e-12)
             ),  # HF's default, kept as the source says
             act=HF_ACTS[act],
+            pos_resample="bicubic",  # transformers' interpolate_pos_encoding: no antialiasing
         )
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"{where}: unusable ViT config ({error})") from None

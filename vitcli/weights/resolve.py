@@ -99,6 +99,11 @@ def _load_folder(path: Path, reference: str) -> ModelBundle:
         from .timm import load_timm_folder
 
         return load_timm_folder(path, config, reference=reference)
+    from .hf_families import FAMILY_TYPES, load_hf_family, refuse_unsupported_hf
+
+    if config.get("model_type") in FAMILY_TYPES:
+        return load_hf_family(path, config, reference=reference)
+    refuse_unsupported_hf(config, str(config_path))
     if config.get("model_type") == "vit" or "hidden_size" in config:
         from .hf import load_hf_folder
 
