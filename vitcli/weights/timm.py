@@ -126,8 +126,13 @@ def load_timm_folder(path: Path, config: dict, reference: str) -> ModelBundle:
     from .format import read_safetensors
     from .hf import read_torch_pickle
 
+    from .timm_families import is_family_architecture, load_timm_family, refuse_unsupported_timm
+
     path = Path(path)
     arch = config.get("architecture") or ""
+    refuse_unsupported_timm(arch, str(path))
+    if is_family_architecture(arch):
+        return load_timm_family(path, config, reference=reference)
     size, patch, name_size = parse_architecture(arch)
     pretrained = config.get("pretrained_cfg") or {}
     weights = path / "model.safetensors"
