@@ -59,6 +59,10 @@ def _load_file(path: Path, reference: str) -> ModelBundle:
         from .npz import load_npz
 
         return load_npz(path, reference=reference)
+    if path.name.startswith("open_clip_"):
+        from .originals import load_openclip
+
+        return load_openclip(path, reference=reference)
     if suffix == ".safetensors":
         _, metadata = read_safetensors(path)
         if metadata.get("format") == "vitcli":
@@ -72,9 +76,9 @@ def _load_file(path: Path, reference: str) -> ModelBundle:
     if suffix in (".bin", ".pt", ".pth"):
         if (path.parent / "config.json").is_file():
             return _load_folder(path.parent, reference)
-        raise CheckpointError(
-            f"{path}: a torch pickle without config.json beside it; pass the model folder that holds it"
-        )
+        from .originals import load_dino_pth  # a DINO / DINOv2 release, else a clear error
+
+        return load_dino_pth(path, reference=reference)
     raise CheckpointError(
         f"{path}: unknown checkpoint type {suffix or '(no extension)'}; use .safetensors, .npz or a model folder"
     )
@@ -82,6 +86,11 @@ def _load_file(path: Path, reference: str) -> ModelBundle:
 
 def _load_folder(path: Path, reference: str) -> ModelBundle:
     config_path = path / "config.json"
+    openclip = sorted(path.glob("open_clip_*model.safetensors")) or sorted(
+        path.glob("open_clip_*.bin")
+    )
+    if not config_path.is_file() and openclip:
+        return _load_file(openclip[0], reference)
     if not config_path.is_file():
         ours = sorted(path.glob("*.safetensors"))
         if len(ours) == 1:

@@ -135,9 +135,13 @@ def config_from_state(
     mlp_dim = int(fc2.shape[1])
     swiglu = int(fc1.shape[0]) == 2 * mlp_dim
     if num_heads is None:
-        if width not in HEADS_BY_WIDTH:
-            raise CheckpointError(f"{where}: width {width} is not a published ViT's; give heads")
-        num_heads = HEADS_BY_WIDTH[width]
+        # Published widths by table, else 64-wide heads (every DINO/DINOv2/CLIP ViT uses 64).
+        num_heads = HEADS_BY_WIDTH.get(width) or (width // 64 if width % 64 == 0 else None)
+        if num_heads is None:
+            raise CheckpointError(
+                f"{where}: cannot tell the number of heads of width {width}; "
+                "give num_heads in the config (timm model_args)"
+            )
     head = state.get("head.weight")
     num_classes = int(head.shape[0]) if head is not None else 0
     if "attn_pool.latent" in state:
@@ -229,7 +233,7 @@ def load_timm_family(path: Path, config: dict, reference: str) -> ModelBundle:
         state,
         str(weights),
         num_heads=int(args["num_heads"]) if "num_heads" in args else None,
-        image_size=image_size,  # type: ignore[arg-type]
+        image_size=image_size,
         pool={"token": "cls", "avg": "mean", "map": "map"}[global_pool],
         name=arch.split(".")[0],
         **hints,
