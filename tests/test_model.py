@@ -292,3 +292,19 @@ def test_resampling_rules_give_the_asked_grid(mode):
     torch.testing.assert_close(out[:, 0], table[:, 0])
     plain = resample_grid(table, (4, 4), (3, 7), num_prefix_tokens=1, mode="bicubic")
     assert (mode == "bicubic") == torch.equal(out, plain)
+
+
+def test_describe_family_for_vit_info():
+    from vitcli.model import describe_family
+
+    plain = describe_family(tiny())
+    assert plain["family"] == "vit" and plain["prefix"] == "CLS" and plain["layer_scale"] is None
+    regs = describe_family(
+        tiny(reg_tokens=4, no_embed_class=True, layer_scale=1e-5, num_classes=0, family="dinov2")
+    )
+    assert (regs["prefix_tokens"], regs["prefix"]) == (5, "CLS + 4 registers")
+    assert regs["head"] == "none (features only)" and regs["layer_scale"] == 1e-5
+    assert "no position for prefix tokens" in regs["extras"]
+    clip = describe_family(tiny(head_kind="projection", num_classes=12, act="quick_gelu"))
+    assert clip["embedding_dim"] == 12 and clip["mlp"] == "QuickGELU"
+    assert describe_family(tiny(pool="cls+mean"))["embedding_dim"] == 64

@@ -211,3 +211,57 @@ class ViTConfig:
 
 def is_variant(text: str) -> bool:
     return bool(_VARIANT_RE.match(text.strip()))
+
+
+_POOL_TEXT = {
+    "cls": "CLS token",
+    "mean": "mean of the patch tokens",
+    "cls+mean": "CLS and the patch-token mean, concatenated",
+    "map": "attention-pooling probe (MAP)",
+    "dist": "mean of the CLS head and the distillation head",
+}
+
+
+def describe_family(config: ViTConfig) -> dict:
+    """What `vit info` shows about a model's family, as plain values (JSON-ready)."""
+    prefix = []
+    if config.class_token:
+        prefix.append("CLS")
+    if config.dist_token:
+        prefix.append("dist")
+    if config.reg_tokens:
+        prefix.append(f"{config.reg_tokens} registers")
+    if config.num_classes == 0:
+        head = "none (features only)"
+    elif config.head_kind == "projection":
+        head = f"projection to {config.num_classes} dimensions (no classifier)"
+    else:
+        head = f"classifier, {config.num_classes} classes" + (
+            " (two heads, averaged)" if config.pool == "dist" else ""
+        )
+    extras = [
+        name
+        for name, present in (
+            ("LN before the blocks", config.pre_norm),
+            ("LN after pooling", config.fc_norm),
+            ("no patch bias", not config.patch_bias),
+            ("no position for prefix tokens", config.no_embed_class and config.num_prefix_tokens),
+        )
+        if present
+    ]
+    return {
+        "family": config.family,
+        "prefix_tokens": config.num_prefix_tokens,
+        "prefix": " + ".join(prefix) or "none",
+        "pooling": _POOL_TEXT[config.pool],
+        "embedding_dim": (
+            config.num_classes if config.head_kind == "projection" else config.pooled_dim
+        ),
+        "head": head,
+        "layer_scale": config.layer_scale,
+        "mlp": {"gelu": "GELU", "gelu_tanh": "GELU (tanh)", "quick_gelu": "QuickGELU"}.get(
+            config.act, "SwiGLU (packed)"
+        ),
+        "position_resampling": config.pos_resample,
+        "extras": extras,
+    }

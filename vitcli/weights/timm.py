@@ -125,7 +125,6 @@ def preprocess_from_timm(
 def load_timm_folder(path: Path, config: dict, reference: str) -> ModelBundle:
     from .format import read_safetensors
     from .hf import read_torch_pickle
-
     from .timm_families import is_family_architecture, load_timm_family, refuse_unsupported_timm
 
     path = Path(path)
