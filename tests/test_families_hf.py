@@ -260,3 +260,30 @@ def test_preprocessing_matches_the_family_image_processor(tmp_path, examples_dir
     ours = preprocess(image)
     assert ours.shape == expected.shape
     np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["clip-full", "siglip-vision", "dinov2-model"])
+def test_config_json_without_the_class_defaults(tmp_path, kind):
+    """Older config.json files leave out what equals the config class's defaults."""
+    import json
+
+    reference = _build(kind)
+    reference.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    vision = config.get("vision_config", config)
+    removed = []
+    for key in ("hidden_act", "layer_norm_eps", "num_channels", "layerscale_value"):
+        default = getattr(type(reference.config)(), key, None)
+        if kind == "clip-full":
+            default = getattr(transformers.CLIPVisionConfig(), key, None)
+        if key in vision and vision[key] == default:
+            removed.append(vision.pop(key))
+    assert "layer_norm_eps" not in vision and len(removed) >= 2
+    path.write_text(json.dumps(config))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected, _, _ = _reference(reference, kind, x, native=True)
+        torch.testing.assert_close(
+            load_model(str(tmp_path)).model.embed(x), expected, atol=TOL, rtol=0
+        )

@@ -179,14 +179,35 @@ def hf_family_to_timm(
     return out, dropped
 
 
+# transformers' config-class defaults: older config.json files leave out what equals them.
+_BASE = dict(
+    hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_channels=3, image_size=224
+)
+_DEFAULTS = {
+    "deit": dict(_BASE, intermediate_size=3072, hidden_act="gelu", layer_norm_eps=1e-12,
+                 patch_size=16),
+    "dinov2": dict(_BASE, mlp_ratio=4, hidden_act="gelu", layer_norm_eps=1e-6, patch_size=14,
+                   layerscale_value=1.0),
+    "dinov2_with_registers": dict(_BASE, mlp_ratio=4, hidden_act="gelu", layer_norm_eps=1e-6,
+                                  patch_size=16, layerscale_value=1.0, num_register_tokens=4),
+    "clip": dict(_BASE, intermediate_size=3072, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                 patch_size=32),
+    "siglip": dict(_BASE, intermediate_size=3072, hidden_act="gelu_pytorch_tanh",
+                   layer_norm_eps=1e-6, patch_size=16),
+}  # fmt: skip
+
+
 def _vision_config(config: dict, where: str) -> dict:
-    """The vision part of a config: itself, or `vision_config` of a full CLIP/SigLIP folder."""
-    if config.get("model_type") in ("clip", "siglip"):
+    """The vision part of a config over its class defaults; `vision_config` of a full CLIP or
+    SigLIP folder."""
+    model_type = config.get("model_type", "")
+    if model_type in ("clip", "siglip"):
         vision = config.get("vision_config")
         if not isinstance(vision, dict):
-            raise CheckpointError(f"{where}: a {config['model_type']} folder without vision_config")
-        return vision
-    return config
+            raise CheckpointError(f"{where}: a {model_type} folder without vision_config")
+    else:
+        vision = config
+    return {**_DEFAULTS[model_type.removesuffix("_vision_model")], **vision}
 
 
 def _patch_size(value) -> int:
@@ -203,30 +224,30 @@ def config_from_hf_family(
     """Our ViTConfig for a transformers family folder; tensor shapes settle what configs omit."""
     model_type = config.get("model_type", "")
     vision = _vision_config(config, where)
-    act = vision.get("hidden_act", "gelu")
+    act = vision["hidden_act"]
     if act not in HF_ACTS and act != "quick_gelu":
         raise CheckpointError(f"{where}: hidden_act {act!r} is not supported")
-    width = int(vision.get("hidden_size", 768))
+    width = int(vision["hidden_size"])
     fc1 = state.get("blocks.0.mlp.fc1.weight")
     swiglu = bool(vision.get("use_swiglu_ffn", False))
     if fc1 is not None:
         mlp_dim = int(fc1.shape[0]) // (2 if swiglu else 1)
     else:
-        mlp_dim = int(vision.get("intermediate_size", width * vision.get("mlp_ratio", 4)))
+        mlp_dim = int(vision.get("intermediate_size") or width * vision["mlp_ratio"])
     head = state.get("head.weight")
     num_classes = int(head.shape[0]) if head is not None else 0
     notes: list[str] = []
     fields: dict = dict(
-        image_size=vision.get("image_size", 224),
-        patch_size=_patch_size(vision.get("patch_size", 16)),
-        in_channels=int(vision.get("num_channels", 3)),
+        image_size=vision["image_size"],
+        patch_size=_patch_size(vision["patch_size"]),
+        in_channels=int(vision["num_channels"]),
         num_classes=num_classes,
         width=width,
-        depth=int(vision.get("num_hidden_layers", 12)),
-        num_heads=int(vision.get("num_attention_heads", 12)),
+        depth=int(vision["num_hidden_layers"]),
+        num_heads=int(vision["num_attention_heads"]),
         mlp_dim=mlp_dim,
         qkv_bias=bool(vision.get("qkv_bias", True)),
-        ln_eps=float(vision.get("layer_norm_eps", 1e-12)),
+        ln_eps=float(vision["layer_norm_eps"]),
         act="quick_gelu" if act == "quick_gelu" else HF_ACTS[act],
         pos_resample="bicubic",  # transformers' interpolate_pos_encoding: no antialiasing
     )
@@ -234,9 +255,10 @@ def config_from_hf_family(
         distilled = "head_dist.weight" in state
         fields.update(dist_token=True, pool="dist" if distilled else "cls", family="deit")
     elif model_type in ("dinov2", "dinov2_with_registers"):
-        registers = int(vision.get("num_register_tokens", 0) or 0)
+        tokens = state.get("reg_token")
+        registers = int(tokens.shape[1]) if tokens is not None and tokens.ndim == 3 else 0
         fields.update(
-            layer_scale=float(vision.get("layerscale_value", 1.0)),
+            layer_scale=float(vision["layerscale_value"]),
             act="swiglu" if swiglu else fields["act"],
             pool="cls+mean" if num_classes else "cls",
             family="dinov2",
