@@ -38,7 +38,7 @@ UNSUPPORTED_TYPES = {
     "swinv2": "Swin V2 (shifted windows)",
     "dinov3_vit": "DINOv3 (RoPE)",
     "eva": "EVA (RoPE)",
-    "vit_mae": "ViT-MAE (a pre-training decoder; use its encoder as a ViT checkpoint)",
+    "vit_mae": "ViT-MAE (masked-autoencoder pre-training with its decoder)",
     "vit_hybrid": "ViT hybrid (ResNet stem)",
     "dpt": "DPT (dense prediction)",
     "siglip2_vision_model": "SigLIP 2 NaFlex (variable patch grids)",
