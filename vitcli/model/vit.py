@@ -356,7 +356,8 @@ class ViT(nn.Module):
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Encoder output after the final LN, (B, T, D), and the chosen layers' softmax weights.
 
-        Only the layers in `attn_layers` take the explicit attention path; each returns
+        (With fc_norm the LN comes after pooling instead.) Only the layers in `attn_layers`
+        take the explicit attention path; each returns
         (B, nh, T, T) with T = prefix + Hp*Wp and tokens ordered [CLS, dist or registers,
         patch_0, ...] row-major; `config.num_prefix_tokens` counts the prefix.
         """
