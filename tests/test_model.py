@@ -134,3 +134,177 @@ def test_training_mode_backward_and_drop_path():
     loss = model(torch.randn(4, 3, 32, 32)).logsumexp(-1).mean()
     loss.backward()
     assert model.patch_embed.proj.weight.grad is not None
+
+
+# -- the families after the paper: flags of the same ViT ---------------------------------
+FAMILIES = {
+    "deit-distilled": dict(dist_token=True, pool="dist"),
+    "deit3": dict(no_embed_class=True, layer_scale=1e-6),
+    "dinov2-reg": dict(reg_tokens=4, no_embed_class=True, layer_scale=1e-5, patch_size=8),
+    "dinov2-giant-swiglu": dict(act="swiglu", layer_scale=1e-5, pool="cls+mean"),
+    "clip": dict(pre_norm=True, patch_bias=False, act="quick_gelu", head_kind="projection"),
+    "siglip-map": dict(class_token=False, pool="map", act="gelu_tanh"),
+    "siglip-gap": dict(class_token=False, pool="mean", act="gelu_tanh"),
+    "timm-avg-fc-norm": dict(pool="mean", fc_norm=True),
+    "registers-with-positions": dict(reg_tokens=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_family_runs_and_its_explicit_attention_matches_the_fused_path(name):
+    config = tiny(image_size=(32, 48), **FAMILIES[name])
+    model = randomised(config, std=0.1)
+    for layer in model.modules():  # layer scale far from its tiny init, so it matters
+        if hasattr(layer, "gamma"):
+            layer.gamma.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 32, 48)
+    tokens_count = config.num_prefix_tokens + 24
+    with torch.no_grad():
+        fast = model(x)
+        explicit, weights = model.forward_with_attention(x, layers=[0, 1, 2])
+        other = model(torch.randn(1, 3, 48, 32))  # non-native grid: resampled table
+    assert fast.shape == (2, 5) and other.shape == (1, 5) and torch.isfinite(fast).all()
+    torch.testing.assert_close(fast, explicit, atol=1e-5, rtol=1e-5)
+    for layer_weights in weights.values():
+        assert layer_weights.shape == (2, 4, tokens_count, tokens_count)
+    assert ViTConfig.from_json(config.to_json()) == config
+
+
+def test_prefix_token_order_and_position_rows():
+    config = tiny(reg_tokens=3, no_embed_class=True)
+    model = ViT(config)
+    assert config.num_prefix_tokens == 4 and config.pos_prefix_tokens == 0
+    assert model.pos_embed.shape == (1, 16, 32) and model.reg_token.shape == (1, 3, 32)
+    with torch.no_grad():
+        model.cls_token.fill_(7.0)
+        model.reg_token.fill_(-7.0)
+        model.pos_embed.fill_(100.0)
+        for block in model.blocks:  # blocks as identity: zero both residual branches
+            block.attn.proj.weight.zero_(), block.attn.proj.bias.zero_()
+            block.mlp.fc2.weight.zero_(), block.mlp.fc2.bias.zero_()
+        model.norm = torch.nn.Identity()
+        tokens, _ = model.forward_features(torch.zeros(1, 3, 32, 32))
+    assert (tokens[0, 0] == 7).all() and (tokens[0, 1:4] == -7).all()  # no position added
+    assert (tokens[0, 4:] == 100).all()
+    distilled = tiny(dist_token=True, pool="dist")
+    assert distilled.num_prefix_tokens == 2 and ViT(distilled).pos_embed.shape == (1, 18, 32)
+
+
+def test_distilled_logits_average_both_heads_and_cls_mean_doubles_the_head():
+    model = randomised(tiny(dist_token=True, pool="dist"))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        tokens, _ = model.forward_features(x)
+        both = (model.head(tokens[:, 0]) + model.head_dist(tokens[:, 1])) / 2
+        torch.testing.assert_close(model(x), both)
+    assert ViT(tiny(pool="cls+mean")).head.in_features == 64
+    model.reset_head(3)
+    assert model.head.out_features == 3 and model.head_dist.out_features == 3
+
+
+def test_quick_gelu_and_swiglu_follow_their_formulas():
+    from vitcli.model.vit import MLP
+
+    x = torch.randn(4, 8)
+    mlp = MLP(8, 6, act="quick_gelu", dropout=0.0)
+    hidden = mlp.fc1(x)
+    torch.testing.assert_close(mlp(x), mlp.fc2(hidden * torch.sigmoid(1.702 * hidden)))
+    glu = MLP(8, 6, act="swiglu", dropout=0.0)
+    assert glu.fc1.out_features == 12 and glu.fc2.in_features == 6
+    gate, value = glu.fc1(x).split(6, dim=-1)
+    torch.testing.assert_close(glu(x), glu.fc2(torch.nn.functional.silu(gate) * value))
+
+
+def test_map_pool_attention_and_projection_embedding():
+    model = randomised(tiny(class_token=False, pool="map"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens, _ = model.forward_features(x)
+        weights = model.map_attention(tokens)
+        assert weights.shape == (2, 4, 1, 16)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 1))
+        assert model.embed(x).shape == (2, 32)
+        clip = randomised(tiny(head_kind="projection", num_classes=12))
+        assert clip.embed(x).shape == (2, 12)
+    with pytest.raises(ValueError, match="pool 'map'"):
+        randomised(tiny()).map_attention(tokens)
+
+
+def test_old_metadata_without_family_fields_loads_as_the_plain_vit():
+    old = {
+        k: v
+        for k, v in tiny().to_dict().items()
+        if k
+        in (
+            "image_size",
+            "patch_size",
+            "in_channels",
+            "num_classes",
+            "width",
+            "depth",
+            "num_heads",
+            "mlp_dim",
+            "pos_embed",
+            "class_token",
+            "pool",
+            "qkv_bias",
+            "ln_eps",
+            "act",
+            "dropout",
+            "attn_dropout",
+            "drop_path",
+            "name",
+        )
+    }
+    config = ViTConfig.from_dict(old)
+    assert config == tiny() and config.num_prefix_tokens == 1 and config.family == "vit"
+    assert sorted(ViT(config).state_dict()) == sorted(ViT(tiny()).state_dict())
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(pool="dist"), "needs dist_token"),
+        (dict(class_token=False, pool="cls+mean"), "needs class_token"),
+        (dict(dist_token=True, reg_tokens=2), "no reg_tokens"),
+        (dict(layer_scale=0.0), "layer_scale"),
+        (dict(act="relu"), "act must be"),
+        (dict(pos_resample="nearest"), "pos_resample"),
+    ],
+)
+def test_invalid_family_configs_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**fields)
+
+
+def test_sanity_problems_flag_absurd_configs():
+    assert tiny().sanity_problems() == []
+    assert ViTConfig.from_variant("H/14").sanity_problems() == []
+    assert tiny(mlp_dim=4096).sanity_problems()
+    assert tiny(depth=1000).sanity_problems()
+
+
+@pytest.mark.parametrize("mode", ["bicubic-antialias", "bicubic", "bicubic-offset"])
+def test_resampling_rules_give_the_asked_grid(mode):
+    table = torch.randn(1, 1 + 16, 8)
+    out = resample_grid(table, (4, 4), (3, 7), num_prefix_tokens=1, mode=mode)
+    assert out.shape == (1, 1 + 21, 8)
+    torch.testing.assert_close(out[:, 0], table[:, 0])
+    plain = resample_grid(table, (4, 4), (3, 7), num_prefix_tokens=1, mode="bicubic")
+    assert (mode == "bicubic") == torch.equal(out, plain)
+
+
+def test_describe_family_for_vit_info():
+    from vitcli.model import describe_family
+
+    plain = describe_family(tiny())
+    assert plain["family"] == "vit" and plain["prefix"] == "CLS" and plain["layer_scale"] is None
+    regs = describe_family(
+        tiny(reg_tokens=4, no_embed_class=True, layer_scale=1e-5, num_classes=0, family="dinov2")
+    )
+    assert (regs["prefix_tokens"], regs["prefix"]) == (5, "CLS + 4 registers")
+    assert regs["head"] == "none (features only)" and regs["layer_scale"] == 1e-5
+    assert "no position for prefix tokens" in regs["extras"]
+    clip = describe_family(tiny(head_kind="projection", num_classes=12, act="quick_gelu"))
+    assert clip["embedding_dim"] == 12 and clip["mlp"] == "QuickGELU"
+    assert describe_family(tiny(pool="cls+mean"))["embedding_dim"] == 64

@@ -36,11 +36,15 @@ def resample_grid(
     old_grid: tuple[int, int],
     new_grid: tuple[int, int],
     num_prefix_tokens: int,
+    mode: str = "bicubic-antialias",
 ) -> torch.Tensor:
     """Resize a learned (1, prefix + Hp*Wp, D) table to another patch grid.
 
-    The prefix (CLS) rows are kept as they are; the grid rows are laid out as (Hp, Wp, D)
-    row-major, interpolated bicubically with antialiasing and flattened back.
+    The prefix rows are kept as they are; the grid rows are laid out as (Hp, Wp, D) row-major,
+    interpolated bicubically in float32 and flattened back. `mode` is the home library's rule:
+    "bicubic-antialias" (timm), "bicubic" (transformers), "bicubic-offset" (the DINO and DINOv2
+    originals, which pass the scale factor (n + 0.1) / n_old instead of the output size; the
+    result differs from a plain resize because the sampling positions follow the factor).
     """
     if tuple(old_grid) == tuple(new_grid):
         return pos_embed
@@ -53,8 +57,18 @@ def resample_grid(
         )
     dtype = grid.dtype
     grid = grid.reshape(1, old_h, old_w, width).permute(0, 3, 1, 2).float()  # 1,D,Hp,Wp
-    grid = F.interpolate(
-        grid, size=tuple(new_grid), mode="bicubic", antialias=True, align_corners=False
-    )
+    if mode == "bicubic-offset":
+        factor = ((new_grid[0] + 0.1) / old_h, (new_grid[1] + 0.1) / old_w)
+        grid = F.interpolate(grid, scale_factor=factor, mode="bicubic", align_corners=False)
+    else:
+        grid = F.interpolate(
+            grid,
+            size=tuple(new_grid),
+            mode="bicubic",
+            antialias=mode == "bicubic-antialias",
+            align_corners=False,
+        )
+    if tuple(grid.shape[-2:]) != tuple(new_grid):
+        raise ValueError(f"resampling gave a {tuple(grid.shape[-2:])} grid, not {new_grid}")
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], width).to(dtype)  # 1,N',D
     return torch.cat([prefix, grid], dim=1)

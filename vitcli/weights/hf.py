@@ -206,7 +206,7 @@ def config_from_hf(config: dict, num_classes: int, where: str) -> ViTConfig:
         names=HF_NAMES,
     )
     try:
-        return ViTConfig(**fields)
+        return ViTConfig(**fields, pos_resample="bicubic")  # transformers: no antialiasing
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"{where}: unusable ViT config ({error})") from None
 

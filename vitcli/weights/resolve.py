@@ -93,6 +93,10 @@ def _load_file(path: Path, reference: str) -> ModelBundle:
         from .npz import load_npz
 
         return load_npz(path, reference=reference)
+    if path.name.startswith("open_clip_"):
+        from .originals import load_openclip
+
+        return load_openclip(path, reference=reference)
     if suffix == ".safetensors":
         _, metadata = read_safetensors(path, meta=True)  # the header only
         if metadata.get("format") == "vitcli":
@@ -106,10 +110,9 @@ def _load_file(path: Path, reference: str) -> ModelBundle:
     if suffix in (".bin", ".pt", ".pth"):
         if (path.parent / "config.json").exists():
             return _load_folder(path.parent, reference)
-        raise CheckpointError(
-            f"{path}: a torch pickle without config.json beside it; "
-            "pass the model folder that holds it"
-        )
+        from .originals import load_dino_pth  # a DINO / DINOv2 release, else a clear error
+
+        return load_dino_pth(path, reference=reference)
     raise CheckpointError(
         f"{path}: unknown checkpoint type {suffix or '(no extension)'}; "
         "use .safetensors, .npz or a model folder"
@@ -118,6 +121,11 @@ def _load_file(path: Path, reference: str) -> ModelBundle:
 
 def _load_folder(path: Path, reference: str) -> ModelBundle:
     config_path = path / "config.json"
+    openclip = sorted(path.glob("open_clip_*model.safetensors")) or sorted(
+        path.glob("open_clip_*.bin")
+    )
+    if not config_path.exists() and openclip:
+        return _load_file(openclip[0], reference)
     if not config_path.exists():
         ours = sorted(path.glob("*.safetensors"))
         if len(ours) == 1:
@@ -132,6 +140,11 @@ def _load_folder(path: Path, reference: str) -> ModelBundle:
         from .timm import load_timm_folder
 
         return load_timm_folder(path, config, reference=reference)
+    from .hf_families import FAMILY_TYPES, load_hf_family, refuse_unsupported_hf
+
+    if config.get("model_type") in FAMILY_TYPES:
+        return load_hf_family(path, config, reference=reference)
+    refuse_unsupported_hf(config, str(config_path))
     if config.get("model_type") == "vit" or "hidden_size" in config:
         from .hf import load_hf_folder
 
