@@ -138,7 +138,13 @@ def _load_folder(path: Path, reference: str) -> ModelBundle:
         raise CheckpointError(f"{config_path}: expected a JSON object, not {type(config).__name__}")
     if "architecture" in config or "pretrained_cfg" in config:
         from .timm import load_timm_folder
+        from .timm_families import is_family_architecture, load_timm_family, refuse_unsupported_timm
 
+        arch = config.get("architecture")
+        if isinstance(arch, str):
+            refuse_unsupported_timm(arch, str(path))
+            if is_family_architecture(arch):
+                return load_timm_family(path, config, reference=reference)
         return load_timm_folder(path, config, reference=reference)
     from .hf_families import FAMILY_TYPES, load_hf_family, refuse_unsupported_hf
 

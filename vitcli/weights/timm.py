@@ -146,15 +146,10 @@ def _preprocess_from_timm(
 
 def load_timm_folder(path: Path, config: dict, reference: str) -> ModelBundle:
     """A timm hub folder as a ModelBundle; shapes are checked before tensor data is read."""
-    from .timm_families import is_family_architecture, load_timm_family, refuse_unsupported_timm
-
     path = Path(path)
     arch = config.get("architecture") or ""
     if not isinstance(arch, str):
         raise CheckpointError(f"{path}: timm architecture {arch!r} is not a name")
-    refuse_unsupported_timm(arch, str(path))
-    if is_family_architecture(arch):
-        return load_timm_family(path, config, reference=reference)
     size, patch, name_size = parse_architecture(arch)
     pretrained = config.get("pretrained_cfg") or {}
     args = config.get("model_args") or {}  # timm's override of the named architecture

@@ -76,14 +76,16 @@ def check_supported(model: ViT) -> None:
 
     def check(module: nn.Module, parts: Mapping[str, type], where: str) -> None:
         for name, child in module.named_children():
-            if name == "drop_path":
-                continue
+            if name == "drop_path" or isinstance(child, nn.Identity):
+                continue  # identity in eval mode (drop path, layer scale off): relevance passes
             if name not in parts or not isinstance(child, parts[name]):
                 fail(f"{where}.{name} ({type(child).__name__})")
         for name, _ in module.named_parameters(recurse=False):
             fail(f"a parameter {where}.{name}")
 
-    extra = {name for name, _ in model.named_children()} - _MODEL_PARTS
+    extra = {
+        name for name, child in model.named_children() if not isinstance(child, nn.Identity)
+    } - _MODEL_PARTS
     if extra:
         fail(", ".join(sorted(extra)))
     if not isinstance(model.head, nn.Linear):
