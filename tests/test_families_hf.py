@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vitcli.data.loader import prepare
+
 transformers = pytest.importorskip("transformers")
 
 from vitcli.errors import CheckpointError
@@ -257,7 +259,7 @@ def test_preprocessing_matches_the_family_image_processor(tmp_path, examples_dir
     with Image.open(examples_dir / "chelsea.png") as image:
         expected = processor(images=image.convert("RGB"), return_tensors="np")["pixel_values"][0]
     image, _ = open_image(examples_dir / "chelsea.png")
-    ours = preprocess(image)
+    ours = prepare(image, preprocess).numpy()
     assert ours.shape == expected.shape
     np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
 

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from vitcli.data.loader import prepare
+
 transformers = pytest.importorskip("transformers")
 
 from vitcli.errors import CheckpointError
@@ -205,7 +207,7 @@ def test_preprocessing_matches_vitimageprocessor_pil_backend(
     with Image.open(examples_dir / photo) as image:
         expected = processor(images=image.convert("RGB"), return_tensors="np")["pixel_values"][0]
     image, _ = open_image(examples_dir / photo)  # our decoder, full resolution (no draft mode)
-    ours = preprocess(image)
+    ours = prepare(image, preprocess).numpy()
     assert ours.shape == expected.shape
     np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
 

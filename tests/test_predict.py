@@ -487,9 +487,14 @@ def test_batches_travel_as_uint8_and_normalise_exactly_as_one_image_at_a_time(fo
     preprocess = Preprocess(size=(24, 40), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     (batch,) = list(image_batches(paths, preprocess, batch_size=4, workers=1))
     assert batch.pixels.dtype == torch.uint8 and batch.pixels.shape == (4, 3, 24, 40)
-    expected = np.stack(
-        [preprocess(*open_image(path, draft_for=preprocess.resized_size)) for path in paths]
-    )
+
+    def documented(path):  # x / 255, then (x - mean) / std, written out in numpy
+        image = preprocess.resize_image(*open_image(path, draft_for=preprocess.resized_size))
+        x = np.asarray(image, dtype=np.float32) * np.float32(1.0 / 255.0)  # H,W,C
+        x = (x - np.float32(preprocess.mean)) / np.float32(preprocess.std)
+        return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+    expected = np.stack([documented(path) for path in paths])
     assert torch.equal(normalize(batch.pixels, preprocess), torch.from_numpy(expected))
     # Every batch arrives normalised already (no consumer can forget), by the same function.
     assert batch.inputs is not None and torch.equal(batch.inputs, torch.from_numpy(expected))

@@ -63,9 +63,9 @@ def normalize(
     """(B, C, H, W) uint8 -> the model input on `device` in `dtype`: the one normalisation,
     for inference batches and training batches alike.
 
-    The same float32 operations, in the same order, as `Preprocess.to_array` (x / 255, then
-    (x - mean) / std), so the result is bitwise identical to normalising image by image.
-    Anything but uint8 is refused: normalising twice would give plausible-looking garbage.
+    x / 255, then (x - mean) / std, in float32 whatever the target dtype, elementwise: the
+    result is bitwise identical to normalising image by image (`prepare`). Anything but uint8
+    is refused: normalising twice would give plausible-looking garbage.
     """
     if pixels.dtype != torch.uint8:
         raise TypeError(f"normalize takes uint8 pixels, got {pixels.dtype}: already normalised?")
@@ -74,6 +74,15 @@ def normalize(
     std = torch.tensor(preprocess.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     x = x.to(torch.float32).mul_(1.0 / 255.0).sub_(mean).div_(std)
     return x if dtype == torch.float32 else x.to(dtype)
+
+
+def prepare(
+    image: Image.Image, preprocess: Preprocess, original_size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """One decoded RGB image -> (C, H, W) float32 model input: resize/crop, then `normalize`.
+    The single-image form of what the batch pipeline does (parity tests, notebooks)."""
+    pixels = torch.from_numpy(preprocess.to_uint8(preprocess.resize_image(image, original_size)))
+    return normalize(pixels[None], preprocess)[0]  # C,H,W
 
 
 class ImageFiles(Dataset):

@@ -185,19 +185,6 @@ class Preprocess:
         float32, so cheaper to pass between processes and to a GPU; see `normalize`)."""
         return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
 
-    def to_array(self, image: Image.Image) -> np.ndarray:
-        """(C, H, W) float32, x / 255 then (x - mean) / std."""
-        array = np.asarray(image, dtype=np.float32) * (1.0 / 255.0)  # H,W,C
-        array = (array - np.asarray(self.mean, dtype=np.float32)) / np.asarray(
-            self.std, dtype=np.float32
-        )
-        return np.ascontiguousarray(array.transpose(2, 0, 1))
-
-    def __call__(
-        self, image: Image.Image, original_size: tuple[int, int] | None = None
-    ) -> np.ndarray:
-        return self.to_array(self.resize_image(image, original_size))
-
 
 def _whole(value: object, name: str) -> int:
     """An integer given as int or integral float (JSON has one number type); bool is refused."""

@@ -18,7 +18,6 @@ import stat
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from functools import partial
 
 import numpy as np
 
@@ -134,8 +133,6 @@ def attention_batches(
         errors=known,
         display_long_side=display_long_side,
     )
-    if workers:
-        loader.worker_init_fn = partial(die_with_parent, os.getpid())
     for batch in loader:
         results: list[ImageAttention] = []
         if batch.indices:
