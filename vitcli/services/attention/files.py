@@ -25,7 +25,7 @@ from .options import AttentionOptions, MapsFormat
 from .paint import overlay_tiles, peak_ratio, range_note
 from .png import png_bytes
 from .preview import EXPLORER, PREVIEW, preview, preview_map, write_explorer_page
-from .sheet import render_sheet
+from .sheet import model_phrase, render_sheet
 
 TOKEN_ORDER = "[CLS, patch_0, ..., patch_{N-1}]; patch k covers grid row k // Wp, column k % Wp"
 MARKER = ".vitcli-attention"  # in every output folder: scans for inputs skip such folders
@@ -46,6 +46,7 @@ class RunContext:
     depth: int = 0
     num_heads: int = 0
     num_prefix_tokens: int = 1
+    model_phrase: str = ""  # the sheet's line naming the model (sheet.model_phrase)
 
     @classmethod
     def from_bundle(cls, bundle: ModelBundle, options: AttentionOptions) -> RunContext:
@@ -64,6 +65,9 @@ class RunContext:
             depth=config.depth,
             num_heads=config.num_heads,
             num_prefix_tokens=config.num_prefix_tokens,
+            model_phrase=model_phrase(
+                str(bundle.reference or config.name or "model"), tuple(bundle.labels)
+            ),
         )
 
 
@@ -245,7 +249,10 @@ def write_image_outputs(result: ImageAttention, folder: Path, context: RunContex
             image = _load_original(result.path, needed)
         folder.mkdir(parents=True, exist_ok=True)
         files: dict = {"sheet": "sheet.png"}
-        write_atomic(folder / "sheet.png", png_bytes(render_sheet(result, image, options)))
+        write_atomic(
+            folder / "sheet.png",
+            png_bytes(render_sheet(result, image, options, context.model_phrase)),
+        )
         if options.per_head:
             size = display_size(result.geometry.original_size, individual_long)
             individual = []

@@ -105,9 +105,10 @@ def _place(bands: Sequence[int], columns: int) -> list[tuple[int, int]]:
 
 
 def render_sheet(
-    result: ImageAttention, image: Image.Image, options: AttentionOptions
+    result: ImageAttention, image: Image.Image, options: AttentionOptions, model: str = ""
 ) -> Image.Image:
-    """The header, then the original, each method's maps (a class-specific method: one per
+    """`model`: a phrase naming the model, first of the option lines. The header, then the
+    original, each method's maps (a class-specific method: one per
     target) and per chosen layer its head mean and heads, in bands laid out by `layout`."""
     size = display_size(result.geometry.original_size, options.tile)
     if image.size != size:  # once, for the original and the overlays
@@ -129,7 +130,7 @@ def render_sheet(
             columns,
             rows,
             tuple((place, title) for place, (title, _, _) in zip(places, cells)),
-            header_parts(result, options),
+            ((model,) if model else ()) + header_parts(result, options),
             options.colormap.value if heatmap else "",
         )
         sheet = template.copy()
@@ -188,6 +189,17 @@ def title_lines(result: ImageAttention) -> tuple[str, str]:
             + (", --target does not apply" if result.targets else "")
         )
     return title, "  ·  ".join(parts)
+
+
+def model_phrase(reference: str, labels: tuple[str, ...]) -> str:
+    """ "model vit-shapes-p16 (knows 6 classes: circle, ...)": a model with few classes says
+    them all, so a photo labelled "ring" by a shapes model is read for what it is."""
+    phrase = f"model {readable(reference)}"
+    if 0 < len(labels) <= 12:
+        phrase += f" (knows {len(labels)} classes: {', '.join(map(readable, labels))})"
+    elif labels:
+        phrase += f" ({len(labels)} classes)"
+    return phrase
 
 
 def header_parts(result: ImageAttention, options: AttentionOptions) -> tuple[str, ...]:
