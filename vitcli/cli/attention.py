@@ -113,11 +113,11 @@ def register(app: typer.Typer) -> None:
             list[str] | None,
             typer.Option(
                 "--method",
-                metavar="raw|rollout|gae|attribution|gradcam",
+                metavar="METHOD",
                 show_default=False,
-                help="Maps to draw, repeatable or comma-separated: raw (per-head maps of "
-                "--layer), rollout (all layers), gae, attribution, gradcam (why this class: "
-                "one map per --target). \\[default: raw,rollout]",
+                help="Maps to draw, repeatable or comma-separated: raw, rollout, gae, attribution, "
+                "gradcam. raw: per-head maps of --layer; rollout: all layers; gae, attribution, "
+                "gradcam: why this class, one map per --target. \\[default: raw,rollout]",
             ),
         ] = None,
         target: Annotated[
@@ -125,10 +125,11 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 "--target",
                 "-t",
-                metavar="top1|top2|...|LABEL|INDEX",
+                metavar="CLASS",
                 show_default=False,
-                help="Class a class-specific method explains, repeatable: one map per target. "
-                "raw and rollout are the same for every class. \\[default: top1]",
+                help="Class that gae/attribution/gradcam explain: top1, top2, ..., a label or "
+                "an index; repeatable (one map per target). raw and rollout are the same for every "
+                "class. \\[default: top1]",
             ),
         ] = None,
         rollout: Annotated[

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from ...data.images import display_size, open_image
+from .names import readable
 from .options import AttentionOptions, Style
 from .paint import Painter, Sampler, normalise, value_range
 
@@ -77,7 +78,7 @@ def write_explorer_page(result: ImageAttention, path: Path, context: RunContext)
         layers=sorted(result.attentions),
         num_prefix_tokens=context.num_prefix_tokens,
         patch_size=context.patch_size,
-        title=Path(result.path).name,
+        title=readable(Path(result.path).name),
         subtitle=f"{model} · patch {context.patch_size} · grid "
         f"{result.grid_size[0]}x{result.grid_size[1]}",
         predictions=[(label, score) for _, label, score in result.top],
