@@ -299,3 +299,32 @@ def test_preview_shows_the_first_method(tmp_path, model_file, images):
     )  # fmt: skip
     assert code == 0, output
     assert "<b>gradcam for target top1</b>" in (out / "index.html").read_text()
+
+
+def test_shared_scale_draws_near_flat_maps_flat_and_per_map_does_not():
+    """Heads within 1% of uniform: shared (0..max) paints an even wash; per-map stretches the
+    1% over the whole colormap. Each tile's note says the map is flat either way."""
+    from vitcli.data.preprocess import Geometry
+    from vitcli.services.attention.batches import ImageAttention
+    from vitcli.services.attention.paint import overlay_tiles
+
+    rng = np.random.default_rng(0)
+    heads = (1.0 + 0.01 * rng.standard_normal((1, 4, 4, 4))).astype(np.float32) / 20
+    result = ImageAttention(
+        index=0,
+        path="x.png",
+        geometry=Geometry(original_size=(64, 64), box=(0.0, 0.0, 64.0, 64.0)),
+        grid_size=(4, 4),
+        layers=[1],
+        heads=heads,
+        head_mean=heads.mean(axis=1),
+        top=[(0, "cat", 0.5)],
+    )
+    image = Image.new("RGB", (64, 64), (128, 128, 128))
+    spread = {}
+    for scale in ("shared", "per-map"):
+        options = AttentionOptions(scale=scale, interpolation="nearest")
+        tiles = overlay_tiles(result, image, options, (64, 64))
+        assert [tile.note for tile in tiles][1:] == ["peak 1.0x uniform (flat)"] * 4
+        spread[scale] = max(int(np.ptp(tile.pixels.reshape(-1, 3), axis=0).max()) for tile in tiles)
+    assert spread["shared"] < 20 and spread["per-map"] > 100, spread  # of 255 levels

@@ -251,16 +251,18 @@ def range_note(grid_map: np.ndarray) -> str:
 
 def shared_ranges(result: ImageAttention, style: str) -> dict[str, tuple[float, float]]:
     """--scale shared: one range per quantity of an image, band by band: all per-head and
-    head-mean maps share one, and each method's maps (its targets) share one."""
+    head-mean maps share one, and each method's maps (its targets) share one. The range starts
+    at 0, not at the smallest value: a near-flat set of maps then reads as an even wash
+    instead of its small differences being stretched over the whole colormap."""
     ranges: dict[str, tuple[float, float]] = {}
     if result.heads is not None and result.head_mean is not None:
         heads = list(result.heads.reshape(-1, *result.grid_size)) + list(result.head_mean)
-        ranges["raw"] = value_range(heads, style)
+        ranges["raw"] = value_range(heads, "mask")  # 0..max
     by_method: dict[str, list[np.ndarray]] = {}
     for key, grid_map in result.methods.items():
         by_method.setdefault(result.method_of(key), []).append(grid_map)
     for method, maps in by_method.items():
-        ranges[method] = value_range(maps, style)
+        ranges[method] = value_range(maps, "mask")
     return ranges
 
 

@@ -215,7 +215,7 @@ def header_parts(result: ImageAttention, options: AttentionOptions) -> tuple[str
     if options.scale == Scale.per_map:
         scale += " scale (each tile stretched on its own: read its peak)"
     else:
-        scale += " scale (one range for all heads, one per method)"
+        scale += " scale (0 to the largest value, for all heads together and per method)"
     parts.append(f"{options.interpolation.value}, {scale}")
     parts.append(f"grid {result.grid_size[0]}x{result.grid_size[1]}")
     if result.query != "cls":
