@@ -711,9 +711,10 @@ def test_a_registered_method_gets_a_tile_and_an_array(tmp_path):
         maps = load_file(str(tmp_path / "o" / "a" / "maps.safetensors"))
         heads = maps["heads"]  # (1, nh, 4, 4): the last layer's CLS rows
         np.testing.assert_allclose(maps["last-cls"], heads[0].mean(0), rtol=1e-5)
-        assert maps["saliency"].shape == (4, 4) and (maps["saliency"] > 0).all()
+        # A class-specific map is named after its method and target.
+        assert maps["saliency.top1"].shape == (4, 4) and (maps["saliency.top1"] > 0).all()
         meta = json.loads((tmp_path / "o" / "a" / "meta.json").read_text())
-        assert meta["maps"]["saliency"] == [4, 4]
+        assert meta["maps"]["saliency.top1"] == [4, 4]
         with pytest.raises(InputError, match="unknown method"):
             AttentionOptions(methods=("nope",))
     finally:

@@ -28,6 +28,8 @@ EXAMPLES = """\
   vit attention photos/ --html                 [dim]# a sheet per image, index.html to browse[/dim]
   vit attention cat.jpg --layer all --per-head [dim]# every layer, one PNG per head[/dim]
   vit attention cat.jpg --style mask --blur 16 [dim]# the paper's Fig. 6 look[/dim]
+  vit attention cat.jpg --method rollout,gae -t top1 -t top2 [dim]# why this class[/dim]
+  vit attention photos/ --html --explore       [dim]# + an interactive page per image[/dim]
   vit attention cat.jpg --threshold 0.6 -m timm/vit_small_patch16_224.augreg_in21k_ft_in1k
 """
 
@@ -44,6 +46,35 @@ def terminal_safe(text: str) -> str:
 
         text = os.fsencode(text).decode("utf-8", "backslashreplace")
     return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
+
+
+METHOD_NAMES = ("raw", "rollout", "gae", "attribution", "gradcam")
+
+
+def parse_method_options(specs: list[str] | None, rollout: bool) -> tuple[bool, tuple[str, ...]]:
+    """--method values (repeatable, comma lists) -> (per-head maps wanted, other methods).
+    Without --method: per-head maps and rollout (as before --method existed), or per-head
+    maps only with --no-rollout."""
+    from ..errors import InputError
+
+    if not specs:
+        return True, ("rollout",) if rollout else ()
+    chosen: list[str] = []
+    for spec in specs:
+        for part in spec.split(","):
+            name = part.strip().lower()
+            if not name:
+                continue
+            if name not in METHOD_NAMES:
+                raise InputError(
+                    f"unknown --method {name!r}: use one of {', '.join(METHOD_NAMES)} "
+                    "(repeat it or separate with commas)"
+                )
+            if name not in chosen:
+                chosen.append(name)
+    if not chosen:
+        raise InputError(f"--method needs a value: one of {', '.join(METHOD_NAMES)}")
+    return "raw" in chosen, tuple(name for name in chosen if name != "raw")
 
 
 def register(app: typer.Typer) -> None:
@@ -78,12 +109,36 @@ def register(app: typer.Typer) -> None:
                 "or comma-separated, or 'all'. \\[default: -1, the last]",
             ),
         ] = None,
+        method: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--method",
+                metavar="METHOD",
+                show_default=False,
+                help="Maps to draw, repeatable or comma-separated: raw, rollout, gae, attribution, "
+                "gradcam. raw: per-head maps of --layer; rollout: all layers; gae, attribution, "
+                "gradcam: why this class, one map per --target. \\[default: raw,rollout]",
+            ),
+        ] = None,
+        target: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--target",
+                "-t",
+                metavar="CLASS",
+                show_default=False,
+                help="Class that gae/attribution/gradcam explain: top1, top2, ..., a label or "
+                "an index; repeatable (one map per target). raw and rollout are the same for every "
+                "class. \\[default: top1]",
+            ),
+        ] = None,
         rollout: Annotated[
             bool,
             typer.Option(
                 "--rollout/--no-rollout",
                 metavar="",
-                help="Attention rollout over all layers, drawn beside the original.",
+                help="Without --method: draw rollout beside the per-head maps (--no-rollout: "
+                "per-head maps only).",
             ),
         ] = True,
         head_fusion: Annotated[
@@ -140,9 +195,12 @@ def register(app: typer.Typer) -> None:
         scale: Annotated[
             Scale,
             typer.Option(
-                "--scale", help="shared: one range for all head maps of an image, comparable."
+                "--scale",
+                help="shared: one colour range for all heads of an image and one per method "
+                "(its targets), so weak maps look weak; per-map: each map stretched on its own "
+                "(read the peak printed on each tile).",
             ),
-        ] = Scale.per_map,
+        ] = Scale.shared,
         blur: Annotated[
             float,
             typer.Option(
@@ -159,6 +217,15 @@ def register(app: typer.Typer) -> None:
             bool,
             typer.Option(
                 "--html", metavar="", help="Write index.html, a contact sheet linking every sheet."
+            ),
+        ] = False,
+        explore: Annotated[
+            bool,
+            typer.Option(
+                "--explore",
+                metavar="",
+                help="Also write explorer.html per image: pick a layer, head and query patch "
+                "in the browser (self-contained; linked from index.html).",
             ),
         ] = False,
         maps_format: Annotated[
@@ -182,7 +249,8 @@ def register(app: typer.Typer) -> None:
         device: DeviceOption = "auto",
         quiet: QuietOption = False,
     ) -> None:
-        """Attention maps: per-head CLS maps, head means, rollout; overlays on the original image.
+        """Attention maps: per-head CLS maps, rollout, and class-specific maps (gae, attribution,
+        gradcam) as overlays on the original image.
 
         Writes OUT/<image stem>/sheet.png, maps.safetensors (or .npy) and meta.json per image.
         """
@@ -194,6 +262,7 @@ def register(app: typer.Typer) -> None:
         from ..console import err, make_progress, print_error, print_warning
         from ..services.attention import AttentionOptions, Progress, run
 
+        heads, methods = parse_method_options(method, rollout)
         worker_count, warning = resolve_workers(workers)
         if warning:
             print_warning(warning)
@@ -202,7 +271,9 @@ def register(app: typer.Typer) -> None:
             out=out,
             model=model,
             layers=tuple(layer or ("-1",)),
-            methods=("rollout",) if rollout else (),
+            heads=heads,
+            methods=methods,
+            targets=tuple(target or ("top1",)),
             head_fusion=head_fusion,
             discard_ratio=discard_ratio,
             threshold=threshold,
@@ -215,6 +286,7 @@ def register(app: typer.Typer) -> None:
             blur=blur,
             tile=tile,
             html=html,
+            explore=explore,
             maps_format=maps_format,
             batch_size="auto" if batch_size is None else batch_size,
             workers=worker_count,

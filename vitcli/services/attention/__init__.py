@@ -4,11 +4,14 @@ Modules, in the order a batch meets them:
 - options:  AttentionOptions, the one frozen object describing a run (validated)
 - runner:   run(options, on_progress) -> RunSummary: inputs, model, the loop, threads
 - batches:  decoding workers -> compute_batch per batch -> ImageAttention per image
-- methods:  the shared forward pass and the registry of named map methods (rollout, ...)
+- methods:  the shared forward pass and the registry of named map methods (rollout, and the
+            class-specific gae, attribution, gradcam of services/explain, one map per target)
 - maps:     the maths (CLS maps, head fusion, rollout, mass masks), pure batched torch
 - paint:    sampling grid maps onto pixels, blending overlays; colormaps: the tables
-- sheet:    the contact sheet's layout and text; png: the fast PNG encoder
-- files:    output folder, maps.safetensors / .npy, meta.json, per-head PNGs, index.html
+- sheet:    the contact sheet's band layout and text; png: the fast PNG encoder
+- files:    output folder, maps.safetensors / .npy, meta.json, per-head PNGs
+- preview:  index.html's preview per image, and the --explore page from the batch's attention
+- index:    index.html, the run's contact sheet
 - names:    output folder names; file names made safe to show or store
 - localization: rollout scored against object masks (the pointing game)
 """

@@ -25,7 +25,7 @@ from ...data.loader import image_batches, normalize
 from ...data.preprocess import Geometry
 from ...runtime import resolve_device
 from ...weights.format import ModelBundle
-from .methods import compute_batch
+from .methods import compute_batch, memory_factor
 from .options import AttentionOptions, default_batch_size, parse_layers
 
 QUERY_CLS = "cls"
@@ -39,18 +39,31 @@ class ImageAttention:
     path: str
     geometry: Geometry
     grid_size: tuple[int, int]  # (Hp, Wp) of the actual input
-    layers: list[int]
-    heads: np.ndarray  # (layers, nh, Hp, Wp) float32
-    head_mean: np.ndarray  # (layers, Hp, Wp) float32
-    methods: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (Hp, Wp) float32
+    layers: list[int]  # of the per-head maps; [] without them (options.heads False)
+    heads: np.ndarray | None  # (layers, nh, Hp, Wp) float32; None without per-head maps
+    head_mean: np.ndarray | None  # (layers, Hp, Wp) float32
+    methods: dict[str, np.ndarray] = field(default_factory=dict)  # map name -> (Hp, Wp) float32
+    # map name -> (method, target name or None for a class-agnostic map)
+    map_info: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    # target name (top1, class3) -> (class index, label, probability) of this image
+    targets: dict[str, tuple[int, str, float]] = field(default_factory=dict)
     masks: np.ndarray | None = None  # (layers, nh, Hp, Wp) uint8, with a threshold
     top: list[tuple[int, str, float]] = field(default_factory=list)  # (index, label, p), top-5
     query: str = QUERY_CLS
     display: np.ndarray | None = None  # (h, w, 3) uint8 original for the sheet, from the decoder
+    attentions: dict[int, np.ndarray] | None = None  # layer -> (nh, T, T), with --explore
 
     @property
     def rollout(self) -> np.ndarray | None:
         return self.methods.get("rollout")
+
+    def method_of(self, key: str) -> str:
+        return self.map_info.get(key, (key, None))[0]
+
+    def target_of(self, key: str) -> tuple[int, str, float] | None:
+        """(index, label, p) of the class a map explains; None for a class-agnostic map."""
+        target = self.map_info.get(key, (key, None))[1]
+        return None if target is None else self.targets[target]
 
 
 def not_a_regular_file(path: str) -> str | None:
@@ -95,7 +108,7 @@ def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
 
 def resolve_batch_size(options: AttentionOptions, config) -> int:
     if options.batch_size == "auto":
-        return default_batch_size(config)
+        return default_batch_size(config, factor=memory_factor(options.methods))
     return options.batch_size
 
 
@@ -146,10 +159,17 @@ def attention_batches(
                         path=paths[index],
                         geometry=geometry,
                         grid_size=maps["grid_size"],
-                        layers=layers,
-                        heads=maps["heads"][row].numpy(),
-                        head_mean=maps["head_mean"][row].numpy(),
+                        layers=layers if options.heads else [],
+                        heads=maps["heads"][row].numpy() if "heads" in maps else None,
+                        head_mean=maps["head_mean"][row].numpy() if "heads" in maps else None,
                         methods={name: m[row].numpy() for name, m in maps["methods"].items()},
+                        map_info=dict(maps["map_info"]),
+                        targets={key: per[row] for key, per in maps["targets"].items()},
+                        attentions=(
+                            {i: a[row].numpy() for i, a in maps["attentions"].items()}
+                            if "attentions" in maps
+                            else None
+                        ),
                         masks=maps["masks"][row].numpy() if "masks" in maps else None,
                         top=maps["top"][row],
                         query=query,

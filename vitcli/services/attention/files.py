@@ -5,11 +5,9 @@ kill or a full disk never leaves half a file, and a failed write removes its tem
 
 from __future__ import annotations
 
-import html
 import io
 import json
 import os
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +22,10 @@ from ...weights.format import ModelBundle
 from .batches import ImageAttention
 from .names import json_text, readable
 from .options import AttentionOptions, MapsFormat
-from .paint import overlay_tiles
+from .paint import overlay_tiles, peak_ratio, range_note
 from .png import png_bytes
-from .sheet import render_sheet
+from .preview import EXPLORER, PREVIEW, preview, preview_map, write_explorer_page
+from .sheet import model_phrase, render_sheet
 
 TOKEN_ORDER = "[CLS, patch_0, ..., patch_{N-1}]; patch k covers grid row k // Wp, column k % Wp"
 MARKER = ".vitcli-attention"  # in every output folder: scans for inputs skip such folders
@@ -44,6 +43,10 @@ class RunContext:
     preprocess: dict
     patch_size: int
     options: AttentionOptions
+    depth: int = 0
+    num_heads: int = 0
+    num_prefix_tokens: int = 1
+    model_phrase: str = ""  # the sheet's line naming the model (sheet.model_phrase)
 
     @classmethod
     def from_bundle(cls, bundle: ModelBundle, options: AttentionOptions) -> RunContext:
@@ -59,6 +62,12 @@ class RunContext:
             preprocess=bundle.preprocess.to_dict(),
             patch_size=config.patch_size,
             options=options,
+            depth=config.depth,
+            num_heads=config.num_heads,
+            num_prefix_tokens=config.num_prefix_tokens,
+            model_phrase=model_phrase(
+                str(bundle.reference or config.name or "model"), tuple(bundle.labels)
+            ),
         )
 
 
@@ -69,6 +78,9 @@ class IndexEntry:
     label: str | None = None
     score: float | None = None
     error: str | None = None
+    preview: str | None = None  # file name inside the folder
+    note: str | None = None  # the preview map's range (paint.range_note)
+    explorer: str | None = None
 
 
 def prepare_out_dir(out_dir: Path) -> Path:
@@ -104,11 +116,13 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def maps_arrays(result: ImageAttention) -> dict[str, np.ndarray]:
-    arrays: dict[str, np.ndarray] = {
-        "heads": np.ascontiguousarray(result.heads, dtype=np.float32),  # layers, nh, Hp, Wp
-        "head_mean": np.ascontiguousarray(result.head_mean, dtype=np.float32),  # layers, Hp, Wp
-        "layers": np.asarray(result.layers, dtype=np.int64),
-    }
+    """Array name -> array: "heads", "head_mean", "layers" (raw), then one (Hp, Wp) map per
+    method and target, named as in `compute_batch` ("rollout", "gae.top1", "gae.class3")."""
+    arrays: dict[str, np.ndarray] = {}
+    if result.heads is not None and result.head_mean is not None:
+        arrays["heads"] = np.ascontiguousarray(result.heads, dtype=np.float32)  # L,nh,Hp,Wp
+        arrays["head_mean"] = np.ascontiguousarray(result.head_mean, dtype=np.float32)  # L,Hp,Wp
+        arrays["layers"] = np.asarray(result.layers, dtype=np.int64)
     for name, grid_map in result.methods.items():
         arrays[name] = np.ascontiguousarray(grid_map, dtype=np.float32)  # Hp, Wp
     if result.masks is not None:
@@ -169,6 +183,54 @@ def _display_fits(result: ImageAttention, tile: int) -> bool:
     )
 
 
+def methods_meta(result: ImageAttention, depth: int) -> list[dict]:
+    """meta.json's "methods": per map its array name, method, target and layers."""
+    from .methods import METHODS
+
+    entries = []
+    if result.heads is not None:
+        entries.append(
+            {
+                "method": "raw",
+                "arrays": ["heads", "head_mean"],
+                "class_specific": False,
+                "layers": list(result.layers),
+                "note": "CLS attention of each chosen layer, per head and their mean",
+            }
+        )
+    for key, grid_map in result.methods.items():
+        method, target_name = result.map_info.get(key, (key, None))
+        registered = METHODS.get(method)
+        entry: dict = {
+            "method": method,
+            "array": key,
+            "class_specific": target_name is not None,
+            "layers": layers_read(method, registered, depth),
+            "peak_over_uniform": peak_ratio(grid_map),
+        }
+        if target_name is not None:
+            index, label, score = result.targets[target_name]
+            entry["target"] = {"spec": target_name, "index": index, "label": label, "score": score}
+        entries.append(entry)
+    return entries
+
+
+def layers_read(method: str, registered, depth: int) -> str | list[int]:
+    if method in METHOD_LAYERS:
+        return METHOD_LAYERS[method]
+    return sorted(registered.layers(depth)) if registered is not None else []
+
+
+# Which layers each built-in method reads (the registry knows only the weights a method asks
+# the shared forward pass for; the class-specific ones run their own).
+METHOD_LAYERS = {
+    "rollout": "all",
+    "gae": "all",
+    "attribution": "all",
+    "gradcam": "last (norm1 of the last block)",
+}
+
+
 def write_image_outputs(result: ImageAttention, folder: Path, context: RunContext) -> IndexEntry:
     """sheet.png, the maps, meta.json (and per-head PNGs) for one image, each file atomic."""
     options = context.options
@@ -187,21 +249,35 @@ def write_image_outputs(result: ImageAttention, folder: Path, context: RunContex
             image = _load_original(result.path, needed)
         folder.mkdir(parents=True, exist_ok=True)
         files: dict = {"sheet": "sheet.png"}
-        write_atomic(folder / "sheet.png", png_bytes(render_sheet(result, image, options)))
+        write_atomic(
+            folder / "sheet.png",
+            png_bytes(render_sheet(result, image, options, context.model_phrase)),
+        )
         if options.per_head:
             size = display_size(result.geometry.original_size, individual_long)
             individual = []
-            for stem, _, pixels in overlay_tiles(result, image, options, size):
-                write_atomic(folder / f"{stem}.png", png_bytes(pixels))
-                individual.append(f"{stem}.png")
+            for tile in overlay_tiles(result, image, options, size):
+                write_atomic(folder / f"{tile.stem}.png", png_bytes(tile.pixels))
+                individual.append(f"{tile.stem}.png")
             files["per_head"] = individual
+        if options.html:
+            write_atomic(folder / PREVIEW, png_bytes(preview(result, image, options)))
+            files["preview"] = PREVIEW
+        if options.explore and result.attentions is not None:
+            write_explorer_page(result, folder / EXPLORER, context)
+            files["explorer"] = EXPLORER
         arrays = maps_arrays(result)
         grid = list(result.grid_size)
         files["maps"] = _write_maps(
             folder,
             arrays,
             options.maps_format,
-            {"layers": result.layers, "grid": grid, "token_order": TOKEN_ORDER},
+            {
+                "layers": result.layers,
+                "grid": grid,
+                "token_order": TOKEN_ORDER,
+                "maps": list(result.methods),
+            },
         )
         index, label, score = result.top[0]
         query_note = (
@@ -229,12 +305,13 @@ def write_image_outputs(result: ImageAttention, folder: Path, context: RunContex
             },
             "options": options.meta(),
             "layers": list(result.layers),
-            "num_heads": int(result.heads.shape[1]),
+            "num_heads": context.num_heads,
             "patch_size": context.patch_size,
             "grid": grid,
             "token_order": TOKEN_ORDER,
             "query": result.query,
             "query_note": query_note,
+            "methods": methods_meta(result, context.depth),
             "maps": {name: list(array.shape) for name, array in arrays.items()},
             "files": files,
         }
@@ -249,51 +326,12 @@ def write_image_outputs(result: ImageAttention, folder: Path, context: RunContex
             f"{result.path}: cannot write outputs to {folder} ({error.strerror or error}); "
             "check the free space and permissions of --out"
         ) from None
-    return IndexEntry(path=result.path, name=folder.name, label=label, score=score)
-
-
-def _href(name: str, rest: str) -> str:
-    """A relative URL to `name`/`rest` from the name's bytes, so that a file:// page finds a
-    folder whose name is not valid UTF-8."""
-    return html.escape(urllib.parse.quote(os.fsencode(name)) + rest, quote=True)
-
-
-def _text(text: str) -> str:
-    return html.escape(readable(text))
-
-
-def write_index_html(out_dir: Path, entries: list[IndexEntry], context: RunContext) -> Path:
-    """A contact sheet linking every sheet.png, in input order; failures listed at the end."""
-    figures, failures = [], []
-    for entry in entries:
-        if entry.error is not None:
-            failures.append(f"<li><code>{_text(entry.path)}</code>: {_text(entry.error)}</li>")
-            continue
-        href, folder = _href(entry.name, "/sheet.png"), _href(entry.name, "/")
-        figures.append(
-            f'<figure><a href="{href}"><img src="{href}" loading="lazy" '
-            f'alt="{html.escape(readable(entry.name), quote=True)}"></a>'
-            f"<figcaption><b>{_text(entry.label or '')}</b> {entry.score:.1%}<br>"
-            f'<a href="{folder}">{_text(entry.path)}</a></figcaption></figure>'
-        )
-    model = _text(str(context.model.get("reference") or context.model.get("name") or ""))
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>vit attention: {len(figures)} images</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
-main {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(320px, 1fr)); gap: 1em; }}
-figure {{ margin: 0; border: 1px solid #ddd; padding: .5em; }}
-img {{ width: 100%; height: auto; }}
-figcaption {{ font-size: .85em; overflow-wrap: anywhere; }}
-</style></head><body>
-<h1>vit attention</h1>
-<p>model <code>{model}</code> · {len(figures)} images written, {len(failures)} failed</p>
-<main>
-{chr(10).join(figures)}
-</main>
-{"<h2>Failed</h2><ul>" + chr(10).join(failures) + "</ul>" if failures else ""}
-</body></html>
-"""
-    path = out_dir / "index.html"
-    write_atomic(path, page.encode("utf-8"))
-    return path
+    return IndexEntry(
+        path=result.path,
+        name=folder.name,
+        label=label,
+        score=score,
+        preview=files.get("preview"),
+        note=range_note(preview_map(result)[1]) if "preview" in files else None,
+        explorer=files.get("explorer"),
+    )

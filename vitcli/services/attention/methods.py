@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ...errors import InputError
+from ..explain.targets import Target
 from .maps import cls_maps, mass_mask, rollout_rows
 
 if TYPE_CHECKING:
@@ -101,10 +102,72 @@ def _rollout(forward: Forward, options: AttentionOptions) -> torch.Tensor:
 register(Method("rollout", _rollout, layers=range))
 
 
+def _explained(method: str) -> Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """services/explain's batched map of `method`, imported on first use (its own forward and
+    backward: nothing here runs unless the method is chosen)."""
+
+    def compute(model: Any, pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        from ..explain import map_function
+
+        return map_function(method)(model, pixels, targets)
+
+    return compute
+
+
+for _name in ("gae", "attribution", "gradcam"):
+    register(class_specific(_name, _explained(_name)))
+
+# Peak memory per image of a class-specific method over rollout's (docs/explain.md, ViT-B/16 on
+# the CPU: rollout 39 MB, gradcam 104, gae 134, attribution 192): each keeps the autograd graph
+# of its forward until its backward. A registered method not listed counts as gae.
+MEMORY_FACTOR = {"gradcam": 3, "gae": 4, "attribution": 5}
+
+
+def memory_factor(methods: Sequence[str]) -> int:
+    """How many times rollout's memory per image the chosen methods need at their peak."""
+    factors = [
+        MEMORY_FACTOR.get(name, 4)
+        for name in methods
+        if name in METHODS and METHODS[name].class_specific
+    ]
+    return max(factors, default=1)
+
+
+def target_key(target: Target) -> str:
+    """The name a target takes in map names: top1, top2, ... or class<index> (labels may hold
+    any character; the label itself is in meta.json)."""
+    return f"top{target.rank}" if target.rank is not None else f"class{target.index}"
+
+
+def class_names(labels: Sequence[str], num_classes: int) -> list[str]:
+    return (
+        list(labels)
+        if len(labels) >= num_classes
+        else [
+            *labels,
+            *(f"class_{i}" for i in range(len(labels), num_classes)),
+        ]
+    )
+
+
+def parse_targets(specs: Sequence[str], labels: Sequence[str], num_classes: int) -> list[Target]:
+    """`--target` values -> distinct Targets (by map name), in the order given."""
+    from ..explain import parse_target
+
+    names = class_names(labels, num_classes)
+    targets: dict[str, Target] = {}
+    for spec in specs:
+        target = parse_target(spec, names)
+        targets.setdefault(target_key(target), target)
+    return list(targets.values())
+
+
 def explicit_layers(options: AttentionOptions, depth: int) -> list[int]:
     """The layers that must take the explicit (weights-returning) attention path: those of the
     per-head maps and those the methods declare. `options.layers` must be resolved indices."""
-    needed = {int(index) % depth for index in options.layers}
+    if options.explore:  # the explorer page embeds every layer
+        return list(range(depth))
+    needed = {int(index) % depth for index in options.layers} if options.heads else set()
     for name in options.methods:
         needed.update(METHODS[name].layers(depth))
     return sorted(needed)
@@ -113,24 +176,34 @@ def explicit_layers(options: AttentionOptions, depth: int) -> list[int]:
 def compute_batch(
     model: Any, pixels: torch.Tensor, options: AttentionOptions, labels: Sequence[str]
 ) -> dict[str, Any]:
-    """One batch -> maps on the CPU: "heads" (B, L, nh, Hp, Wp), "head_mean" (B, L, Hp, Wp),
-    "methods" {name: (B, Hp, Wp)}, "masks" with a threshold, "top" and "grid_size".
+    """One batch -> maps on the CPU: "heads" (B, L, nh, Hp, Wp) and "head_mean" (B, L, Hp, Wp)
+    with `options.heads`, "methods" {map name: (B, Hp, Wp)} with "map_info" {map name:
+    (method, target name or None)}, "targets" {target name: per image (index, label, p)},
+    "masks" with a threshold, "attentions" {layer: (B, nh, T, T)} with `explore`, "top" and
+    "grid_size".
 
-    `options.layers` must be resolved (`parse_layers`). Only `explicit_layers` pay for weights.
+    A class-agnostic method gives one map, named after it; a class-specific one gives one per
+    target, named "<method>.<target>" (gae.top1, gae.class3). `options.layers` must be
+    resolved (`parse_layers`). Only `explicit_layers` pay for weights, and only
+    class-specific methods build an autograd graph.
     """
     config = model.config
     depth, prefix, patch = config.depth, config.num_prefix_tokens, config.patch_size
     grid_size = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)  # (Hp, Wp) of this input
     layers = [int(index) % depth for index in options.layers]
+    out: dict[str, Any] = {"map_info": {}, "targets": {}}
     with torch.inference_mode():
         logits, weights = model.forward_with_attention(pixels, explicit_layers(options, depth))
-        heads = torch.stack(
-            [cls_maps(weights[index], grid_size, prefix) for index in layers], dim=1
-        )  # B,L,nh,Hp,Wp
-        out: dict[str, Any] = {
-            "heads": heads.float().cpu(),
-            "head_mean": heads.mean(dim=2).float().cpu(),
-        }
+        if options.heads:
+            heads = torch.stack(
+                [cls_maps(weights[index], grid_size, prefix) for index in layers], dim=1
+            )  # B,L,nh,Hp,Wp
+            out["heads"] = heads.float().cpu()
+            out["head_mean"] = heads.mean(dim=2).float().cpu()
+            if options.threshold is not None:
+                out["masks"] = mass_mask(heads.float(), options.threshold).to(torch.uint8).cpu()
+        if options.explore:
+            out["attentions"] = {index: weights[index].float().cpu() for index in range(depth)}
         forward = Forward(
             model=model,
             pixels=pixels,
@@ -140,29 +213,43 @@ def compute_batch(
             prefix=prefix,
             targets=logits.argmax(dim=-1),
         )
-        out["methods"] = {
-            name: METHODS[name].compute(forward, options).float().cpu()
-            for name in options.methods
-            if not METHODS[name].class_specific
-        }
-        if options.threshold is not None:
-            out["masks"] = mass_mask(heads.float(), options.threshold).to(torch.uint8).cpu()
+        computed: dict[str, torch.Tensor] = {}
+        for name in options.methods:
+            if not METHODS[name].class_specific:
+                computed[name] = METHODS[name].compute(forward, options).float().cpu()
+                out["map_info"][name] = (name, None)
         probabilities = logits.float().softmax(dim=-1)
-    if any(METHODS[name].class_specific for name in options.methods):
+    specific = [name for name in options.methods if METHODS[name].class_specific]
+    if specific:
+        names = class_names(labels, logits.shape[-1])
         # Gradients allowed here: no inference mode, and tensors autograd may save are copied
         # out of it (inference tensors cannot take part in a backward pass).
-        forward = replace(forward, logits=logits.clone(), targets=forward.targets.clone())
-        for name in options.methods:
-            if METHODS[name].class_specific:
-                out["methods"][name] = (
-                    METHODS[name].compute(forward, options).detach().float().cpu()
+        forward = replace(forward, logits=logits.clone(), weights={})
+        for target in parse_targets(options.targets, labels, logits.shape[-1]):
+            key = target_key(target)
+            indices = target.indices(logits).to(logits.device)  # B
+            scores = probabilities.gather(1, indices[:, None])[:, 0].cpu()
+            out["targets"][key] = [
+                (int(i), names[int(i)], float(p)) for i, p in zip(indices.cpu(), scores)
+            ]
+            aimed = replace(forward, targets=indices.clone())
+            for name in specific:
+                computed[f"{name}.{key}"] = (
+                    METHODS[name].compute(aimed, options).detach().float().cpu()
                 )
-    out["methods"] = {name: out["methods"][name] for name in options.methods}  # options order
+                out["map_info"][f"{name}.{key}"] = (name, key)
+    # Options order: each method's maps together, its targets in --target order.
+    order = {name: position for position, name in enumerate(options.methods)}
+    out["methods"] = {
+        key: computed[key] for key in sorted(computed, key=lambda k: order[out["map_info"][k][0]])
+    }
+    out["map_info"] = {key: out["map_info"][key] for key in out["methods"]}
     k = min(TOP_K, probabilities.shape[-1])
     scores, indices = probabilities.topk(k, dim=-1)
+    names = class_names(labels, probabilities.shape[-1])
     out["top"] = [
         [
-            (int(i), labels[int(i)] if int(i) < len(labels) else str(int(i)), float(s))
+            (int(i), names[int(i)] if int(i) < len(labels) else str(int(i)), float(s))
             for s, i in zip(row_s, row_i)
         ]
         for row_s, row_i in zip(scores.cpu(), indices.cpu())

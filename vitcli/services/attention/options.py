@@ -95,8 +95,13 @@ class AttentionOptions:
     model: str | None = None  # None: the bundled model (as `load_model`)
     # Maps
     layers: tuple[int | str, ...] = (-1,)  # per-head maps: indices (negative from the end), "all"
+    heads: bool = True  # "raw": the per-head maps (and head mean) of `layers`
     # Single-map methods (methods.METHODS) drawn beside the original; () for per-head maps only.
+    # "raw" may be named here too: it is taken out and turns `heads` on.
     methods: tuple[str, ...] = ("rollout",)
+    # What class-specific methods explain, one map per target: top1, top2, ..., a label or a
+    # class index (checked against the model's labels in `run`). Class-agnostic ones ignore it.
+    targets: tuple[str, ...] = ("top1",)
     head_fusion: HeadFusion = HeadFusion.mean
     discard_ratio: float = 0.0  # rollout: lowest patch keys zeroed per row, in [0, 1)
     threshold: float | None = None  # DINO mass per head, in (0, 1]; None: no outlines
@@ -106,12 +111,13 @@ class AttentionOptions:
     colormap: Colormap = Colormap.viridis
     alpha: float | None = None  # resolved at construction: 0.5 for heatmap, 1.0 for mask
     interpolation: Interpolation = Interpolation.bilinear
-    scale: Scale = Scale.per_map
+    scale: Scale = Scale.shared  # per image: one range for the heads, one per method
     blur: float = 0.0  # Gaussian sigma in original pixels (the paper blurs with ~P)
     tile: int = 224  # long side of a sheet tile, pixels
     individual_size: int = 1024  # cap on the long side of --per-head PNGs
     # Files
     html: bool = False
+    explore: bool = False  # an explorer page (explorer.py) per image, next to its sheet
     maps_format: MapsFormat = MapsFormat.safetensors
     # Runtime
     batch_size: int | Literal["auto"] = "auto"  # auto: 32, fewer for large models
@@ -126,11 +132,22 @@ class AttentionOptions:
         put("inputs", tuple(str(item) for item in self.inputs))
         put("out", Path(self.out).expanduser())
         put("layers", tuple(self.layers) or (-1,))
-        put("methods", tuple(dict.fromkeys(str(name) for name in self.methods)))
+        names = tuple(dict.fromkeys(str(name).strip().lower() for name in self.methods))
+        if "raw" in names:
+            put("heads", True)
+        put("methods", tuple(name for name in names if name != "raw"))
+        put("heads", bool(self.heads))
+        if not self.heads and not self.methods:
+            raise InputError("no maps asked for: give at least one --method (e.g. rollout)")
         from .methods import check_method  # torch; imported here to keep this module light
 
         for name in self.methods:
             check_method(name)
+        put("targets", tuple(dict.fromkeys(str(spec).strip() for spec in self.targets)))
+        if not self.targets or "" in self.targets:
+            raise InputError("--target needs a value: top1, top2, ..., a label or a class index")
+        if self.threshold is not None and not self.heads:
+            raise InputError("--threshold outlines the per-head maps: add --method raw")
         for spec in self.layers:
             _check_layer_syntax(spec)
         put("head_fusion", _choice(HeadFusion, self.head_fusion, "--head-fusion"))
@@ -186,6 +203,9 @@ class AttentionOptions:
         """The options as meta.json records them (the shape of the maps and pictures)."""
         return {
             "rollout": "rollout" in self.methods,
+            "heads": self.heads,
+            "methods": list(self.methods),
+            "targets": list(self.targets),
             "head_fusion": self.head_fusion.value,
             "discard_ratio": self.discard_ratio,
             "threshold": self.threshold,
@@ -254,9 +274,10 @@ def parse_layers(specs: Sequence[str | int] | None, depth: int) -> tuple[int, ..
     return tuple(sorted(chosen))
 
 
-def default_batch_size(config: Any, budget_bytes: int = 1 << 30) -> int:
+def default_batch_size(config: Any, budget_bytes: int = 1 << 30, factor: int = 1) -> int:
     """Predict's 32, fewer when the float32 weights of every layer (rollout keeps them all
-    until the forward ends) would pass ~1 GiB: B/16 stays at 32, L/16 gets 18."""
+    until the forward ends) would pass ~1 GiB: B/16 stays at 32, L/16 gets 18. `factor`: a
+    method's peak memory per image over rollout's (methods.memory_factor; B/16 with gae: 12)."""
     tokens = config.num_prefix_tokens + config.num_patches
     per_image = config.depth * config.num_heads * tokens * tokens * 4
-    return max(1, min(32, budget_bytes // per_image))
+    return max(1, min(32, budget_bytes // (per_image * max(1, factor))))

@@ -222,10 +222,55 @@ def outline(image: np.ndarray, mask: np.ndarray, colour=(255, 255, 255)) -> np.n
     return image
 
 
+@dataclass(frozen=True)
+class Tile:
+    """One overlay of an image: what the sheet and the --per-head files draw."""
+
+    stem: str  # file stem with --per-head: rollout, gae.top1, layer05_head02
+    title: str  # the sheet's line above the tile
+    note: str  # the line under the title: the map's real range (and its target)
+    pixels: np.ndarray  # (h, w, 3) uint8
+    band: str  # tiles of one band sit together on the sheet: a method, or a layer's heads
+
+
+def peak_ratio(grid_map: np.ndarray) -> float | None:
+    """The map's largest value over its mean (the value of a uniform map with the same total):
+    1.0 for a flat map, Hp*Wp for a map on one patch; None when the map has no positive mass."""
+    mean = float(grid_map.mean())
+    return float(grid_map.max()) / mean if mean > 0 else None
+
+
+def range_note(grid_map: np.ndarray) -> str:
+    """Each tile says how peaked its map really is: colours are stretched per map or image, so
+    a near-flat map would otherwise look as sure as a sharp one."""
+    ratio = peak_ratio(grid_map)
+    if ratio is None:
+        return "no positive values"
+    return f"peak {ratio:.1f}x uniform" + (" (flat)" if ratio < 1.5 else "")
+
+
+def shared_ranges(result: ImageAttention, style: str) -> dict[str, tuple[float, float]]:
+    """--scale shared: one range per quantity of an image, band by band: all per-head and
+    head-mean maps share one, and each method's maps (its targets) share one. The range starts
+    at 0, not at the smallest value: a near-flat set of maps then reads as an even wash
+    instead of its small differences being stretched over the whole colormap."""
+    ranges: dict[str, tuple[float, float]] = {}
+    if result.heads is not None and result.head_mean is not None:
+        heads = list(result.heads.reshape(-1, *result.grid_size)) + list(result.head_mean)
+        ranges["raw"] = value_range(heads, "mask")  # 0..max
+    by_method: dict[str, list[np.ndarray]] = {}
+    for key, grid_map in result.methods.items():
+        by_method.setdefault(result.method_of(key), []).append(grid_map)
+    for method, maps in by_method.items():
+        ranges[method] = value_range(maps, "mask")
+    return ranges
+
+
 def overlay_tiles(
     result: ImageAttention, image: Image.Image, options: AttentionOptions, size: tuple[int, int]
-) -> list[tuple[str, str, np.ndarray]]:
-    """Every overlay of one image at `size`: (file stem, title, pixels) in sheet order."""
+) -> list[Tile]:
+    """Every overlay of one image at `size`, in sheet order: each method's maps (one per
+    target for a class-specific one), then per layer the head mean and every head."""
     base = np.asarray(
         image.resize(size, Image.Resampling.BILINEAR) if image.size != size else image
     )
@@ -235,12 +280,7 @@ def overlay_tiles(
     contour = None
     if result.masks is not None:
         contour = Sampler.build(result.geometry, size, result.grid_size, "nearest")
-    shared = None
-    if options.scale == Scale.shared:
-        shared = value_range(
-            list(result.heads.reshape(-1, *result.grid_size)) + list(result.head_mean),
-            options.style.value,
-        )
+    shared = shared_ranges(result, options.style.value) if options.scale == Scale.shared else {}
 
     painter = Painter(base, sampler.inside, options)
 
@@ -254,24 +294,41 @@ def overlay_tiles(
         return pixels
 
     tiles = []
-    for name, grid_map in result.methods.items():
+    for key, grid_map in result.methods.items():
+        method = result.method_of(key)
+        target = result.target_of(key)
+        if target is None:
+            title = f"{method} · any class"
+        else:
+            title = f"{method} · {target[1]} {target[2]:.1%}"
         # A method's map is a different quantity from the raw weights: scaled on its own.
-        tiles.append((name, name, draw(grid_map, None)))
-    for position, layer in enumerate(result.layers):
         tiles.append(
-            (
+            Tile(key, title, range_note(grid_map), draw(grid_map, shared.get(method)), method)
+        )
+    if result.heads is None or result.head_mean is None:
+        return tiles
+    for position, layer in enumerate(result.layers):
+        band = f"layer{layer:02d}"
+        mean_map = result.head_mean[position]
+        tiles.append(
+            Tile(
                 f"layer{layer:02d}_mean",
-                f"layer {layer} · mean",
-                draw(result.head_mean[position], shared),
+                f"layer {layer} · head mean",
+                range_note(mean_map),
+                draw(mean_map, shared.get("raw")),
+                band,
             )
         )
         for head in range(result.heads.shape[1]):
             mask = result.masks[position, head] if result.masks is not None else None
+            head_map = result.heads[position, head]
             tiles.append(
-                (
+                Tile(
                     f"layer{layer:02d}_head{head:02d}",
                     f"layer {layer} · head {head}",
-                    draw(result.heads[position, head], shared, mask),
+                    range_note(head_map),
+                    draw(head_map, shared.get("raw"), mask),
+                    band,
                 )
             )
     return tiles

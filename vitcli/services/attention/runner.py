@@ -28,10 +28,12 @@ from .files import (
     RunContext,
     prepare_out_dir,
     write_image_outputs,
-    write_index_html,
 )
+from .index import write_index_html
+from .methods import METHODS, parse_targets
 from .names import output_names, readable
 from .options import AttentionOptions, parse_layers
+from .preview import preview_name
 from .sheet import sheet_size
 
 MAX_SHEET_PIXELS = 100_000_000  # ~300 MB as RGB, per sheet
@@ -148,7 +150,15 @@ def prepare(
     bundle = bundle if bundle is not None else load_model(options.model)
     config = bundle.config
     options = replace(options, layers=parse_layers(options.layers, config.depth))
-    width, height = sheet_size(options, config.num_heads, len(options.layers), len(options.methods))
+    specific = [name for name in options.methods if METHODS[name].class_specific]
+    if specific and not config.num_classes:
+        raise InputError(
+            f"{', '.join(specific)} explain a class, and this model has no classifier head: "
+            "use --method raw or rollout"
+        )
+    targets = parse_targets(options.targets, bundle.labels, config.num_classes) if specific else []
+    maps = len(options.methods) - len(specific) + len(specific) * len(targets)
+    width, height = sheet_size(options, config.num_heads, len(options.layers), maps)
     if width * height > MAX_SHEET_PIXELS:
         raise InputError(
             f"each sheet would be {width}x{height} pixels, over "
@@ -243,7 +253,10 @@ def run(
     if options.html:
         try:
             summary.index_html = write_index_html(
-                out_dir, [entry for entry in entries if entry is not None], context
+                out_dir,
+                [entry for entry in entries if entry is not None],
+                context,
+                shown=preview_name(options),
             )
         except OSError as error:
             raise InputError(

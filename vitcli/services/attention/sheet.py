@@ -1,5 +1,7 @@
-"""The contact sheet of one image: a header, the original and each method's map on the first
-row, then per chosen layer the head mean and every head (wrapping after MAX_COLUMNS tiles).
+"""The contact sheet of one image: a header, then the original, each method's maps (one per
+target for a class-specific method) and per chosen layer the head mean and every head, laid
+out in bands that keep rows full where the tile counts allow (`layout`). Every tile says its
+map's real range under its title (`paint.range_note`).
 
 Text is drawn with Pillow's bundled FreeType font; what every sheet of a run shares (titles,
 option lines, colour bar) is drawn once into a cached template.
@@ -8,7 +10,9 @@ option lines, colour bar) is drawn once into a cached template.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from functools import cache, lru_cache
+from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ...data.images import display_size
 from . import colormaps
 from .names import readable
-from .options import AttentionOptions, Style
+from .options import AttentionOptions, Scale, Style
 from .paint import overlay_tiles
 
 if TYPE_CHECKING:
@@ -54,11 +58,58 @@ def _fit(text: str, face, width: float) -> str:
     return text + "…"
 
 
+def layout(
+    bands: Sequence[int], max_columns: int = MAX_COLUMNS
+) -> tuple[int, list[tuple[int, int]]]:
+    """(columns, (row, column) of every tile) for bands of tiles that belong together.
+
+    A band that fits what is left of the current row stays on it; one that does not starts
+    a new row; one wider than the sheet flows on from where the last one ended. Of every
+    width from MIN_COLUMNS to `max_columns` the one leaving the fewest empty cells wins (row
+    breaks inside a band count two; the widest wins a tie), so rows are full where the tiles
+    allow it: original + rollout + a 4-head layer make one row of 7, not a row of 2 above a
+    row of 5; 12 heads (13 tiles) with 2 before them make 3 full rows of 5.
+    """
+    total = sum(bands)
+    if total == 0:
+        return 1, []
+    best: tuple[int, int, list[tuple[int, int]]] | None = None
+    for columns in range(min(max_columns, total), min(MIN_COLUMNS, total) - 1, -1):
+        places = _place(bands, columns)
+        empty = (places[-1][0] + 1) * columns - total
+        # A row break inside a band (a layer's heads on two rows) costs two empty cells: a
+        # narrow sheet would otherwise win by wrapping every layer.
+        start, breaks = 0, 0
+        for size in bands:
+            breaks += places[start + size - 1][0] - places[start][0]
+            start += size
+        cost = empty + 2 * breaks
+        if best is None or cost < best[0]:
+            best = (cost, columns, places)
+    assert best is not None
+    return best[1], best[2]
+
+
+def _place(bands: Sequence[int], columns: int) -> list[tuple[int, int]]:
+    places: list[tuple[int, int]] = []
+    row, column = 0, 0
+    for size in bands:
+        if column and size <= columns and column + size > columns:
+            row, column = row + 1, 0
+        for _ in range(size):
+            if column == columns:
+                row, column = row + 1, 0
+            places.append((row, column))
+            column += 1
+    return places
+
+
 def render_sheet(
-    result: ImageAttention, image: Image.Image, options: AttentionOptions
+    result: ImageAttention, image: Image.Image, options: AttentionOptions, model: str = ""
 ) -> Image.Image:
-    """original | one tile per method on the first row, then per chosen layer: head mean |
-    head 0 ... nh-1."""
+    """`model`: a phrase naming the model, first of the option lines. The header, then the
+    original, each method's maps (a class-specific method: one per
+    target) and per chosen layer its head mean and heads, in bands laid out by `layout`."""
     size = display_size(result.geometry.original_size, options.tile)
     if image.size != size:  # once, for the original and the overlays
         image = image.resize(size, Image.Resampling.BILINEAR)
@@ -67,63 +118,88 @@ def render_sheet(
     box_left, box_top, box_right, box_bottom = result.geometry.box
     original_w, original_h = result.geometry.original_size
     full = box_left <= 0 and box_top <= 0 and box_right >= original_w and box_bottom >= original_h
-    per_layer = result.heads.shape[1] + 1  # head mean + every head
-    columns = min(per_layer, MAX_COLUMNS)  # many heads (B: 12, L: 16) wrap onto more rows
-    rows: list[list[tuple[str, np.ndarray]]] = [[("original", original)]]
-    methods = len(result.methods)
-    rows[0].extend((title, pixels) for _, title, pixels in tiles[:methods])
-    rest = tiles[methods:]
-    for layer_start in range(0, len(rest), per_layer):  # each layer starts a new row
-        layer_tiles = rest[layer_start : layer_start + per_layer]
-        for start in range(0, len(layer_tiles), columns):
-            rows.append(
-                [(title, pixels) for _, title, pixels in layer_tiles[start : start + columns]]
-            )
-
-    titles = tuple(tuple(title for title, _ in row) for row in rows)
+    note = "the model's input outlined" if not full else "what the model saw"
+    cells = [("original", note, original), *((t.title, t.note, t.pixels) for t in tiles)]
+    bands = [1] + [len(list(group)) for _, group in groupby(tiles, key=lambda t: t.band)]
+    columns, places = layout(bands)
+    rows = places[-1][0] + 1
     heatmap = options.style == Style.heatmap
     with _TEXT_LOCK:  # one FreeType face is shared by the rendering threads
-        template, layout = _sheet_template(
+        template, geometry = _sheet_template(
             size,
-            max(columns, len(rows[0])),
-            titles,
-            header_parts(result, options),
+            columns,
+            rows,
+            tuple((place, title) for place, (title, _, _) in zip(places, cells)),
+            ((model,) if model else ()) + header_parts(result, options),
             options.colormap.value if heatmap else "",
         )
         sheet = template.copy()
         draw = ImageDraw.Draw(sheet)
-        text_w, pad = layout["text_w"], _PAD
+        text_w, pad = geometry["text_w"], _PAD
         title, subtitle = title_lines(result)
         draw.text((pad, 8), _fit(title, font(20), text_w), fill=(20, 20, 20), font=font(20))
         draw.text((pad, 38), _fit(subtitle, font(13), text_w), fill=(70, 70, 70), font=font(13))
-    for row, row_tiles in zip(layout["cells"], rows):
-        for (tile_x, tile_y), (title, pixels) in zip(row, row_tiles):
-            sheet.paste(Image.fromarray(pixels), (tile_x, tile_y))
-            if title == "original" and not full:
-                scale_x, scale_y = size[0] / original_w, size[1] / original_h
-                draw.rectangle(
-                    [
-                        tile_x + box_left * scale_x,
-                        tile_y + box_top * scale_y,
-                        tile_x + box_right * scale_x - 1,
-                        tile_y + box_bottom * scale_y - 1,
-                    ],
-                    outline=(255, 64, 64),
-                    width=2,
-                )
+        for (row, column), (_, tile_note, _) in zip(places, cells):
+            x, y = geometry["cell"](row, column)
+            flat = tile_note.endswith("(flat)")
+            draw.text(
+                (x + geometry["cell_w"] / 2, y + 20),
+                _fit(tile_note, font(12), geometry["cell_w"]),
+                fill=(200, 60, 30) if flat else (110, 110, 110),
+                font=font(12),
+                anchor="ma",
+            )
+    for (row, column), (tile_title, _, pixels) in zip(places, cells):
+        x, y = geometry["cell"](row, column)
+        tile_x, tile_y = x + (geometry["cell_w"] - size[0]) // 2, y + _TITLE_H
+        sheet.paste(Image.fromarray(pixels), (tile_x, tile_y))
+        if tile_title == "original" and not full:
+            scale_x, scale_y = size[0] / original_w, size[1] / original_h
+            draw.rectangle(
+                [
+                    tile_x + box_left * scale_x,
+                    tile_y + box_top * scale_y,
+                    tile_x + box_right * scale_x - 1,
+                    tile_y + box_bottom * scale_y - 1,
+                ],
+                outline=(255, 64, 64),
+                width=2,
+            )
     return sheet
 
 
 def title_lines(result: ImageAttention) -> tuple[str, str]:
-    """The sheet's two title lines: the predicted label by name and its score, then the file
-    and what the maps show (attention and rollout are the same whatever the class)."""
+    """The sheet's two title lines: the predicted label by name and its score (and every
+    target a class-specific map explains), then the file and which maps are the same for
+    every class."""
     _, label, score = result.top[0]
-    shown = " and ".join(["attention", *result.methods])
-    return (
-        f"{readable(label)}  {score:.1%}",
-        f"{readable(Path(result.path).name)}  ·  predicted label (top-1)  ·  "
-        f"{shown}: the same for every class",
-    )
+    title = f"{readable(label)}  {score:.1%}"
+    if result.targets:
+        explained = ",  ".join(
+            f"{key} = {readable(name)} {p:.1%}" for key, (_, name, p) in result.targets.items()
+        )
+        title += f"   ·   explained: {explained}"
+    agnostic = [key for key, (_, target) in result.map_info.items() if target is None]
+    agnostic += ["attention (raw)"] if result.heads is not None else []
+    parts = [readable(Path(result.path).name), "predicted label (top-1)"]
+    if agnostic:
+        parts.append(
+            " and ".join(agnostic)
+            + ": the same for every class"
+            + (", --target does not apply" if result.targets else "")
+        )
+    return title, "  ·  ".join(parts)
+
+
+def model_phrase(reference: str, labels: tuple[str, ...]) -> str:
+    """ "model vit-shapes-p16 (knows 6 classes: circle, ...)": a model with few classes says
+    them all, so a photo labelled "ring" by a shapes model is read for what it is."""
+    phrase = f"model {readable(reference)}"
+    if 0 < len(labels) <= 12:
+        phrase += f" (knows {len(labels)} classes: {', '.join(map(readable, labels))})"
+    elif labels:
+        phrase += f" ({len(labels)} classes)"
+    return phrase
 
 
 def header_parts(result: ImageAttention, options: AttentionOptions) -> tuple[str, ...]:
@@ -135,7 +211,12 @@ def header_parts(result: ImageAttention, options: AttentionOptions) -> tuple[str
         )
     heatmap = options.style == Style.heatmap
     parts.append(options.style.value + (f" {options.colormap.value}" if heatmap else ""))
-    parts.append(f"{options.interpolation.value}, {options.scale.value} scale")
+    scale = options.scale.value
+    if options.scale == Scale.per_map:
+        scale += " scale (each tile stretched on its own: read its peak)"
+    else:
+        scale += " scale (0 to the largest value, for all heads together and per method)"
+    parts.append(f"{options.interpolation.value}, {scale}")
     parts.append(f"grid {result.grid_size[0]}x{result.grid_size[1]}")
     if result.query != "cls":
         parts.append("no CLS token: mean over queries")
@@ -145,25 +226,26 @@ def header_parts(result: ImageAttention, options: AttentionOptions) -> tuple[str
 
 
 def sheet_size(
-    options: AttentionOptions, num_heads: int, num_layers: int, methods: int
+    options: AttentionOptions, num_heads: int, num_layers: int, maps: int
 ) -> tuple[int, int]:
     """(width, height) of the largest sheet these options draw (a tall picture's tiles are
-    `tile` high), to refuse absurd ones before any work."""
-    per_layer = num_heads + 1
-    columns = min(per_layer, MAX_COLUMNS)
+    `tile` high), to refuse absurd ones before any work. `maps`: single-map tiles."""
+    bands = [1, maps] + ([num_heads + 1] * num_layers if options.heads else [])
+    columns, places = layout([band for band in bands if band])
+    rows = places[-1][0] + 1
     cell_w = max(options.tile, 150)
-    rows = 1 + num_layers * -(-per_layer // columns)
-    width = _PAD + max(columns, 2, 1 + methods) * (cell_w + _PAD)
+    width = _PAD + max(columns, 2) * (cell_w + _PAD)
     return width, 200 + rows * (_TITLE_H + options.tile + _PAD) + _PAD
 
 
-_PAD, _TITLE_H = 10, 22
+_PAD, _TITLE_H = 10, 38  # the title line and the range line above each tile
+MIN_COLUMNS = 3
 _TEXT_LOCK = threading.Lock()
 
 
 @lru_cache(maxsize=8)
 def _sheet_template(
-    size: tuple[int, int], columns: int, titles: tuple, parts: tuple, colormap: str
+    size: tuple[int, int], columns: int, rows: int, titles: tuple, parts: tuple, colormap: str
 ):
     """The parts of a sheet every image of a run shares (titles, option lines, colour bar),
     drawn once: text rendering is a good share of the time of a sheet otherwise."""
@@ -177,9 +259,7 @@ def _sheet_template(
         list(parts), small_font, sheet_w - 2 * pad
     )  # below the colour bar: full width
     header_h = 60 + 18 * len(option_lines) + 6
-    sheet = Image.new(
-        "RGB", (sheet_w, header_h + len(titles) * (cell_h + pad) + pad), (255, 255, 255)
-    )
+    sheet = Image.new("RGB", (sheet_w, header_h + rows * (cell_h + pad) + pad), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     for number, line in enumerate(option_lines):
         draw.text((pad, 58 + 18 * number), line, fill=(110, 110, 110), font=small_font)
@@ -192,20 +272,18 @@ def _sheet_template(
             (bar_x + bar.shape[1], 30), "high", fill=(90, 90, 90), font=small_font, anchor="ra"
         )
     draw.line([(pad, header_h - 4), (sheet_w - pad, header_h - 4)], fill=(220, 220, 220), width=1)
-    cells = []
-    for row_index, row in enumerate(titles):
-        y = header_h + row_index * (cell_h + pad)
-        positions = []
-        for column, title in enumerate(row):
-            x = pad + column * (cell_w + pad)
-            draw.text(
-                (x + cell_w / 2, y + 2),
-                _fit(title, font(14), cell_w),
-                fill=(30, 30, 30),
-                font=font(14),
-                anchor="ma",
-            )
-            positions.append((x + (cell_w - size[0]) // 2, y + title_h))
-        cells.append(positions)
+
+    def cell(row: int, column: int) -> tuple[int, int]:
+        return pad + column * (cell_w + pad), header_h + row * (cell_h + pad)
+
+    for (row, column), title in titles:
+        x, y = cell(row, column)
+        draw.text(
+            (x + cell_w / 2, y + 2),
+            _fit(title, font(14), cell_w),
+            fill=(30, 30, 30),
+            font=font(14),
+            anchor="ma",
+        )
     text_w = sheet_w - 2 * pad - colourbar_w - (pad if colourbar_w else 0)
-    return sheet, {"cells": cells, "text_w": text_w}
+    return sheet, {"cell": cell, "cell_w": cell_w, "text_w": text_w}
