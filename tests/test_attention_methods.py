@@ -88,7 +88,7 @@ def test_options_check_methods_and_targets():
 def test_bad_targets_fail_before_anything_is_written(tmp_path, model_file, images, target, message):
     out = tmp_path / "out"
     code, output = invoke(images, "-m", model_file, "-o", out, "--method", "gae", "-t", target)
-    assert code == 1 and re.search(message, " ".join(output.split())), output
+    assert code == 2 and re.search(message, " ".join(output.split())), output
     assert not out.exists()
 
 

@@ -22,10 +22,7 @@ As arrays there is nothing to sweep, and memory stays flat (357 MB, then 309 MB)
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -36,6 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ImageDecodeError
+from ..runtime import die_with_parent
 from .images import display_size, open_image
 from .preprocess import Geometry, Preprocess
 
@@ -174,21 +172,10 @@ def _die_with_parent(worker_id: int, *, parent: int) -> None:
     torch's own check is not enough: a worker polls the parent it sees at start-up every 5 s,
     so a worker whose parent died while it was starting watches init instead and waits
     forever; and a worker with a batch still queued for a dead parent may block at exit on a
-    pipe that nobody reads (its siblings hold the read end open). Linux's parent-death
-    signal needs no cooperation (it follows the thread that started the workers, which is the
-    one iterating); elsewhere torch's check is what there is.
+    pipe that nobody reads. Linux's parent-death signal needs no cooperation (it follows the
+    thread that started the workers, which is the one iterating).
     """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        return
-    # `parent` was taken before the fork: if it died in between (its pid is no longer ours'
-    # parent), no signal will come, and torch's poll would watch the wrong parent too.
-    if os.getppid() != parent:
-        os._exit(1)
+    die_with_parent(parent)
 
 
 def image_batches(

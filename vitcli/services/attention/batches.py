@@ -10,12 +10,9 @@ result pipe is full would otherwise wait on it forever).
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
-import signal
 import stat
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -90,20 +87,6 @@ def not_a_regular_file(path: str) -> str | None:
         else "not a regular file"
     )
     return f"{path}: is {kind}, not an image file; skipped without reading it"
-
-
-def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn: the kernel sends SIGKILL to this worker when its parent
-    dies. The worker is forked by the thread that iterates the loader; that thread lives as
-    long as the run (the main thread), which matters because the signal follows the thread."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        except (OSError, AttributeError):
-            pass  # no prctl: torch's own watchdog still ends an idle worker
-    if os.getppid() != parent_pid:  # the parent died before the request was in place
-        os._exit(1)
 
 
 def resolve_batch_size(options: AttentionOptions, config) -> int:
