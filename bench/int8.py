@@ -1,0 +1,150 @@
+"""CPU int8 engines side by side, in one process, on the same weights and the same batch.
+
+    python bench/int8.py                       # B/16, batch 32, 3 interleaved rounds
+    python bench/int8.py --variant S/16 --batch 8 --rounds 5 --profile
+
+Engines: our fp32 ViT (eager), our int8 (vitcli.model.int8: torch._int_mm), torch's
+`quantize_dynamic` (fbgemm/x86 engine), and ONNX Runtime fp32 and dynamic int8 (per-channel,
+reduced range) through `vit export`'s graph. Every round runs each engine once, back to back,
+so a noisy neighbour slows all of them alike; the report is the median over rounds of each
+engine's speed ratio to our fp32 in that round. Random weights: speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from torch import nn
+
+from vitcli.data.preprocess import Preprocess
+from vitcli.model import ViT, ViTConfig
+from vitcli.model.int8 import quantize
+from vitcli.weights.format import ModelBundle
+
+
+def build(variant: str) -> ViT:
+    torch.manual_seed(0)
+    model = ViT(ViTConfig.from_variant(variant, num_classes=1000)).eval()
+    nn.init.trunc_normal_(model.head.weight, std=0.02)  # a zero head would make logits moot
+    return model
+
+
+def ort_session(model: ViT, int8: bool, threads: int):
+    import tempfile
+
+    import onnxruntime as ort
+
+    from vitcli.services.export import export_onnx
+
+    bundle = ModelBundle(model, [str(i) for i in range(1000)], Preprocess())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "model.onnx")
+        export_onnx(bundle, path, int8=int8, verify=False)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {"pixel_values": x.numpy()})[0])
+
+    return run
+
+
+def engines(model: ViT, skip: set[str], threads: int) -> dict:
+    found = {"fp32": model}
+    if "int8" not in skip:
+        found["int8"] = quantize(model)
+    if "torch-dynamic" not in skip or "torch-dynamic-pc" not in skip:
+        import warnings
+
+        from torch.ao import quantization as tq
+
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+    if "torch-dynamic" not in skip:  # per-tensor weights, torch's default
+        found["torch-dynamic"] = tq.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    if "torch-dynamic-pc" not in skip:  # per-channel weights, as ours and ORT's
+        found["torch-dynamic-pc"] = tq.quantize_dynamic(
+            model, {nn.Linear: tq.per_channel_dynamic_qconfig}
+        )
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        print("onnxruntime not installed: ORT engines skipped")
+        return found
+    if "ort-fp32" not in skip:
+        found["ort-fp32"] = ort_session(model, int8=False, threads=threads)
+    if "ort-int8" not in skip:
+        found["ort-int8"] = ort_session(model, int8=True, threads=threads)
+    return found
+
+
+def profile(model: nn.Module, x: torch.Tensor) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch.inference_mode(), torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(x)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", default="B/16")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip", nargs="*", default=[], help="engines to leave out")
+    parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
+    parser.add_argument("--profile", action="store_true", help="op table of fp32 and int8")
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    model = build(args.variant)
+    x = torch.randn(args.batch, 3, *model.config.image_size, generator=torch.Generator().manual_seed(1))
+    runs = engines(model, set(args.skip), threads)
+    print(f"{args.variant}, batch {args.batch}, {threads} threads, engines: {', '.join(runs)}")
+    with torch.inference_mode():
+        reference = model(x)
+        for name, run in runs.items():  # warm-up, and the logit error against fp32
+            out = run(x)
+            agree = float((out.argmax(1) == reference.argmax(1)).float().mean())
+            error = float((out - reference).abs().max() / reference.abs().max())
+            print(f"  {name:16s} max|dlogit|/max|logit| {error:.4f}  top-1 agreement {agree:.3f}")
+        wall: dict[str, list[float]] = {name: [] for name in runs}
+        cpu: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(args.rounds):
+            for name, run in runs.items():
+                start, start_cpu = time.perf_counter(), time.process_time()
+                run(x)
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    # CPU time (all threads of this process) is the steadier clock on a shared machine; wall
+    # time is what a user waits. Both as the median over rounds of the ratio to fp32.
+    print(f"{'engine':16s} {'img/s':>7s} {'x fp32 wall':>12s} {'x fp32 cpu':>11s}  rounds (wall)")
+    for name in runs:
+        ratios = [base / t for base, t in zip(wall["fp32"], wall[name])]
+        cpu_ratio = statistics.median(b / t for b, t in zip(cpu["fp32"], cpu[name]))
+        rate = args.batch / statistics.median(wall[name])
+        shown = " ".join(f"{r:.2f}" for r in ratios)
+        print(
+            f"{name:16s} {rate:7.2f} {statistics.median(ratios):12.2f} {cpu_ratio:11.2f}  {shown}"
+        )
+    if args.profile:
+        for name in ("fp32", "int8"):
+            print(f"--- {name}")
+            profile(runs[name], x)
+
+
+if __name__ == "__main__":
+    main()
