@@ -111,7 +111,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     model = build(args.variant)
-    x = torch.randn(args.batch, 3, *model.config.image_size, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(
+        args.batch, 3, *model.config.image_size, generator=torch.Generator().manual_seed(1)
+    )
     runs = engines(model, set(args.skip), threads)
     print(f"{args.variant}, batch {args.batch}, {threads} threads, engines: {', '.join(runs)}")
     with torch.inference_mode():

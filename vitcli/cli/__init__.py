@@ -63,6 +63,7 @@ def _register() -> None:
 
     for module in (predict, attention, train, data, models):
         module.register(app)
+    __import__(f"{__name__}.export", fromlist=["register"]).register(app)  # vit export
 
 
 _register()

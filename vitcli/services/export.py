@@ -10,6 +10,7 @@ file is written (fp32: max abs diff over 1e-4 is an error); the write is atomic.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import warnings
@@ -80,9 +81,10 @@ class _Exported(nn.Module):
         self.layers = list(layers)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if not self.layers:
-            return (self.model(pixel_values),)
-        logits, weights = self.model.forward_with_attention(pixel_values, self.layers)
+        with torch.no_grad():
+            if not self.layers:
+                return (self.model(pixel_values),)
+            logits, weights = self.model.forward_with_attention(pixel_values, self.layers)
         return (logits, *(weights[layer] for layer in self.layers))
 
 
@@ -98,8 +100,10 @@ def _check_exportable(
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise InputError(f"--opset {opset} is not supported: use {MIN_OPSET} to {MAX_OPSET}")
     height, width = image_size
-    if min(height, width) < config.patch_size or height % config.patch_size or (
-        width % config.patch_size
+    if (
+        min(height, width) < config.patch_size
+        or height % config.patch_size
+        or (width % config.patch_size)
     ):
         raise InputError(
             f"--image-size {height}x{width} is not a positive multiple of the patch size "
@@ -134,7 +138,7 @@ def _trace(module: nn.Module, example: torch.Tensor, outputs: list[str], opset: 
         torch.onnx.export(
             module,
             (example,),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # the TorchScript exporter takes a file object
             input_names=[INPUT_NAME],
             output_names=outputs,
             dynamic_axes=axes,
@@ -147,12 +151,12 @@ def _trace(module: nn.Module, example: torch.Tensor, outputs: list[str], opset: 
 
 def _quantize_linear_layers(graph_bytes: bytes) -> bytes:
     """ORT dynamic int8 on the MatMul/Gemm nodes that multiply by a weight (initializer)."""
-    import onnx
+    import logging
+    import tempfile
 
-    try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-    except ImportError:
-        raise ExportError(f"--int8 export needs onnxruntime: {INSTALL_HINT}") from None
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     graph = onnx.load_from_string(graph_bytes)
     weights = {init.name for init in graph.graph.initializer}
     # Activation x activation products (q k^T, weights v) stay float, as in vitcli.model.int8.
@@ -161,21 +165,27 @@ def _quantize_linear_layers(graph_bytes: bytes) -> bytes:
         for node in graph.graph.node
         if node.op_type in ("MatMul", "Gemm") and any(name in weights for name in node.input[1:2])
     ]
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="vitcli-onnx-") as tmp:
-        source, target = Path(tmp, "fp32.onnx"), Path(tmp, "int8.onnx")
-        source.write_bytes(graph_bytes)
-        quantize_dynamic(
-            source,
-            target,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            reduce_range=True,  # 7-bit weights: no int16 saturation on CPUs without VNNI
-            nodes_to_quantize=linear,
-            op_types_to_quantize=["MatMul", "Gemm"],
-        )
-        return target.read_bytes()
+    # The quantiser logs a root-level hint about ORT's optional pre-processing step, which
+    # does not apply to a graph that the exporter has just constant-folded.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory(prefix="vitcli-onnx-") as tmp:
+            source, target = Path(tmp, "fp32.onnx"), Path(tmp, "int8.onnx")
+            source.write_bytes(graph_bytes)
+            quantize_dynamic(
+                source,
+                target,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                reduce_range=True,  # 7-bit weights: no int16 saturation on CPUs without VNNI
+                nodes_to_quantize=linear,
+                op_types_to_quantize=["MatMul", "Gemm"],
+            )
+            return target.read_bytes()
+    finally:
+        root.setLevel(level)
 
 
 def _metadata(
@@ -241,7 +251,7 @@ def export_onnx(
     opset: int | None = None,
     attention_layers: Sequence[int] = (),
     verify: bool = True,
-    verify_batch: int = 2,
+    verify_batch: int = 0,
     on_stage: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export `bundle` to `path` (.onnx), checked with onnxruntime when it is installed."""
@@ -257,17 +267,23 @@ def export_onnx(
         raise ExportError(f"--int8 export needs onnxruntime: {INSTALL_HINT}")
     path = Path(path)
 
-    model = bundle.model
-    was_training = model.training
-    model.eval()
+    model = original = bundle.model
+    was_training = original.training
+    original.eval()
     try:
         head = "logits" if bundle.config.num_classes > 0 else "features"
         outputs = [head, *(f"attention_{layer}" for layer in layers)]
+        if image_size != bundle.config.image_size:
+            # A copy set to the export size for good: its position table is resampled here,
+            # once, by the same function a forward at that size uses, and the graph holds the
+            # result (the resampling, antialiased bicubic, has no ONNX operator).
+            model = copy.deepcopy(model)
+            model.set_image_size(image_size)
         module = _Exported(model, layers).eval()
-        example = _sample_input(bundle, image_size, max(1, verify_batch))
+        count = verify_batch if verify_batch else (16 if int8 else 2)
+        example = _sample_input(bundle, image_size, count)
         stage("tracing the model")
-        with torch.inference_mode():
-            graph_bytes = _trace(module, example[:1], outputs, opset)
+        graph_bytes = _trace(module, example[:1], outputs, opset)
         if int8:
             stage("quantising the Linear layers (onnxruntime dynamic int8)")
             graph_bytes = _quantize_linear_layers(graph_bytes)
@@ -292,7 +308,7 @@ def export_onnx(
         elif verify:
             result.notes.append(f"not verified: onnxruntime is not installed ({INSTALL_HINT})")
     finally:
-        model.train(was_training)
+        original.train(was_training)
     atomic_write_bytes(path, graph_bytes)
     return result
 
