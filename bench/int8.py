@@ -88,6 +88,54 @@ def engines(model: ViT, skip: set[str], threads: int) -> dict:
     return found
 
 
+def accuracy(folder: Path, batch: int) -> None:
+    """The bundled model, fp32 vs int8, on a held-out shapes set (generated if missing)."""
+    from PIL import Image
+
+    from vitcli.data.shapes import generate
+    from vitcli.weights.resolve import load_model
+
+    bundle = load_model(None)
+    if not folder.exists():
+        generate(folder, per_class=100, seed=2)
+    paths = sorted(p for p in folder.glob("*/*.jpg") if p.parent.name in bundle.labels)
+    truth = torch.tensor([bundle.labels.index(p.parent.name) for p in paths])
+    fp32, int8 = bundle.model.eval(), quantize(bundle.model)
+    layer = bundle.config.depth - 1
+    logits = {"fp32": [], "int8": []}
+    cls_maps = {"fp32": [], "int8": []}
+    with torch.inference_mode():
+        for start in range(0, len(paths), batch):
+            x = torch.stack(
+                [
+                    torch.from_numpy(bundle.preprocess(Image.open(p).convert("RGB")))
+                    for p in paths[start : start + batch]
+                ]
+            )
+            for name, model in (("fp32", fp32), ("int8", int8)):
+                out, weights = model.forward_with_attention(x, [layer])
+                logits[name].append(out)
+                cls_maps[name].append(weights[layer][:, :, 0, 1:].mean(1))  # B,N: CLS row
+    a, b = torch.cat(logits["fp32"]), torch.cat(logits["int8"])
+    ma, mb = torch.cat(cls_maps["fp32"]), torch.cat(cls_maps["int8"])
+    top1 = {
+        name: float((t.argmax(1) == truth).float().mean()) for name, t in (("fp32", a), ("int8", b))
+    }
+    agree = float((a.argmax(1) == b.argmax(1)).float().mean())
+    error = float((a - b).abs().max())
+    print(f"{len(paths)} images of {folder}")
+    print(f"top-1 fp32 {top1['fp32']:.4f}  int8 {top1['int8']:.4f}  agreement {agree:.4f}")
+    print(f"max |logit diff| {error:.4f} (logits up to {float(a.abs().max()):.2f})")
+    map_error = (ma - mb).abs().amax(1) / ma.amax(1)  # per image, relative to the map's peak
+    same_peak = float((ma.argmax(1) == mb.argmax(1)).float().mean())
+    cosine = torch.nn.functional.cosine_similarity(ma, mb, dim=1)
+    print(
+        f"last-layer CLS attention (head mean): max diff / peak median {map_error.median():.4f}"
+        f" max {map_error.max():.4f}; same argmax patch {same_peak:.4f};"
+        f" cosine min {cosine.min():.5f}"
+    )
+
+
 def profile(model: nn.Module, x: torch.Tensor) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -105,7 +153,17 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], help="engines to leave out")
     parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
     parser.add_argument("--profile", action="store_true", help="op table of fp32 and int8")
+    parser.add_argument(
+        "--accuracy",
+        type=Path,
+        metavar="DIR",
+        help="instead of speed: the bundled model fp32 vs int8 on the shapes set in DIR "
+        "(made with seed 2, 100 per class, if missing)",
+    )
     args = parser.parse_args()
+    if args.accuracy:
+        accuracy(args.accuracy, batch=args.batch)
+        return
 
     if args.threads:
         torch.set_num_threads(args.threads)
