@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from ..data.preprocess import Preprocess
 from ..errors import CheckpointError
 from ..fileio import atomic_write_bytes
@@ -72,10 +70,10 @@ def load_quantized(path: str | Path, reference: str = "") -> ModelBundle:
         preprocess = Preprocess.from_dict(json.loads(metadata["preprocess"]))
     except (KeyError, ValueError, TypeError) as error:
         raise CheckpointError(f"{path}: broken vitcli metadata ({error}); convert again") from None
-    # Built on the meta device: no float weights are allocated or initialised only to be
-    # replaced; load_state_dict(assign=True) then adopts the file's tensors as they are.
-    with torch.device("meta"):
-        model = quantized_skeleton(ViT(config))
+    # Not built on the meta device, although that would skip the random init: the first meta
+    # build imports sympy and torch's Python meta kernels (~1 s of CPU here), more than the
+    # init of a small model costs. assign=True adopts the file's tensors without a copy.
+    model = quantized_skeleton(ViT(config))
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     wrong = [
