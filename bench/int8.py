@@ -3,7 +3,7 @@
     python bench/int8.py                       # B/16, batch 32, 3 interleaved rounds
     python bench/int8.py --variant S/16 --batch 8 --rounds 5 --profile
 
-Engines: our fp32 ViT (eager), our int8 (vitcli.model.int8: torch._int_mm), torch's
+Engines: our fp32 ViT (eager), our int8 (vitcli.model.int8, both engines), torch's
 `quantize_dynamic` (fbgemm/x86 engine), and ONNX Runtime fp32 and dynamic int8 (per-channel,
 reduced range) through `vit export`'s graph. Every round runs each engine once, back to back,
 so a noisy neighbour slows all of them alike; the report is the median over rounds of each
@@ -61,8 +61,10 @@ def ort_session(model: ViT, int8: bool, threads: int):
 
 def engines(model: ViT, skip: set[str], threads: int) -> dict:
     found = {"fp32": model}
-    if "int8" not in skip:
+    if "int8" not in skip:  # the default engine: fbgemm on x86
         found["int8"] = quantize(model)
+    if "int8-int_mm" not in skip:  # per-token activations through torch._int_mm
+        found["int8-int_mm"] = quantize(model, engine="int_mm")
     if "torch-dynamic" not in skip or "torch-dynamic-pc" not in skip:
         import warnings
 
@@ -88,7 +90,7 @@ def engines(model: ViT, skip: set[str], threads: int) -> dict:
     return found
 
 
-def accuracy(folder: Path, batch: int) -> None:
+def accuracy(folder: Path, batch: int, engine: str | None) -> None:
     """The bundled model, fp32 vs int8, on a held-out shapes set (generated if missing)."""
     from PIL import Image
 
@@ -100,7 +102,7 @@ def accuracy(folder: Path, batch: int) -> None:
         generate(folder, per_class=100, seed=2)
     paths = sorted(p for p in folder.glob("*/*.jpg") if p.parent.name in bundle.labels)
     truth = torch.tensor([bundle.labels.index(p.parent.name) for p in paths])
-    fp32, int8 = bundle.model.eval(), quantize(bundle.model)
+    fp32, int8 = bundle.model.eval(), quantize(bundle.model, engine=engine)
     layer = bundle.config.depth - 1
     logits = {"fp32": [], "int8": []}
     cls_maps = {"fp32": [], "int8": []}
@@ -162,7 +164,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.accuracy:
-        accuracy(args.accuracy, batch=args.batch)
+        for engine in ("fbgemm", "int_mm"):
+            print(f"--- engine {engine}")
+            accuracy(args.accuracy, batch=args.batch, engine=engine)
         return
 
     if args.threads:
@@ -191,14 +195,20 @@ def main() -> None:
                 cpu[name].append(time.process_time() - start_cpu)
     # CPU time (all threads of this process) is the steadier clock on a shared machine; wall
     # time is what a user waits. Both as the median over rounds of the ratio to fp32.
-    print(f"{'engine':16s} {'img/s':>7s} {'x fp32 wall':>12s} {'x fp32 cpu':>11s}  rounds (wall)")
+    peer = "ort-int8" if "ort-int8" in runs else "fp32"
+    print(
+        f"{'engine':16s} {'img/s':>7s} {'x fp32 wall':>12s} {'x fp32 cpu':>11s} "
+        f"{'x ' + peer + ' cpu':>15s}  rounds (wall)"
+    )
     for name in runs:
         ratios = [base / t for base, t in zip(wall["fp32"], wall[name])]
         cpu_ratio = statistics.median(b / t for b, t in zip(cpu["fp32"], cpu[name]))
+        peer_ratio = statistics.median(b / t for b, t in zip(cpu[peer], cpu[name]))
         rate = args.batch / statistics.median(wall[name])
         shown = " ".join(f"{r:.2f}" for r in ratios)
         print(
-            f"{name:16s} {rate:7.2f} {statistics.median(ratios):12.2f} {cpu_ratio:11.2f}  {shown}"
+            f"{name:16s} {rate:7.2f} {statistics.median(ratios):12.2f} {cpu_ratio:11.2f} "
+            f"{peer_ratio:15.2f}  {shown}"
         )
     if args.profile:
         for name in ("fp32", "int8"):
