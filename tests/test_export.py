@@ -40,6 +40,7 @@ def run_onnx(path, x: torch.Tensor) -> list:
     return [torch.from_numpy(a) for a in session.run(None, {"pixel_values": x.numpy()})]
 
 
+@pytest.mark.slow
 def test_fp32_export_matches_forward_with_dynamic_batch_and_metadata(tmp_path):
     pytest.importorskip("onnxruntime")
     bundle = bundle_for()

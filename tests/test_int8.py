@@ -99,6 +99,17 @@ def test_quantize_inplace_and_features_only_model():
         assert model(images(2)).shape == (2, 64)
 
 
+def test_dtype_round_trip_repacks():
+    model = quantize(tiny(), engine=default_engine())
+    x = images(2)
+    with torch.inference_mode():
+        before = model(x)
+        model.to(torch.bfloat16).to(torch.float32)  # scales and bias pass through bfloat16
+        after = model(x)
+    assert model.blocks[0].attn.qkv.weight.dtype == torch.int8
+    assert float((after - before).abs().max()) < 0.05 * float(before.abs().max())
+
+
 def test_int_mm_answer_does_not_depend_on_the_batch():
     # Per-token activation scales: unlike per-call schemes (the fbgemm engine, torch
     # quantize_dynamic, ONNX Runtime), a loud image cannot coarsen its neighbours' quantisation.
@@ -157,7 +168,9 @@ CAPS = {"int_mm": "ONEDNN_MAX_CPU_ISA", "fbgemm": "FBGEMM_ENABLE_INSTRUCTIONS"}
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 kernels only")
-@pytest.mark.parametrize("capped", [True, False], ids=["AVX2", "native"])
+@pytest.mark.parametrize(
+    "capped", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["AVX2", "native"]
+)
 @pytest.mark.parametrize("engine", ["int_mm", "fbgemm"])
 def test_no_int16_saturation_without_vnni(engine, capped):
     """With the kernel capped at AVX2 (no VNNI) s8 x u8 goes through vpmaddubsw: full 8-bit

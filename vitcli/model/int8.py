@@ -110,7 +110,8 @@ class Int8Linear(nn.Module):
                     torch.zeros(self.out_features, dtype=torch.long),
                     0,
                 )
-                self._packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
+                bias = None if self.bias is None else self.bias.float()
+                self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,6 +135,10 @@ class Int8Linear(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         self._packed = None
         return super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        self._packed = None  # .to(...) may have changed the scales or the bias
+        return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
