@@ -116,6 +116,9 @@ def test_refusals_name_the_reason(tmp_path):
     quantized = ModelBundle(quantize(bundle.model), bundle.labels, bundle.preprocess)
     with pytest.raises(ExportError, match="already vitcli int8"):
         export_onnx(quantized, tmp_path / "m.onnx")
+    meta_model = ViT(bundle.config).to("meta")
+    with pytest.raises(InputError, match="on the CPU"):
+        export_onnx(ModelBundle(meta_model, bundle.labels, bundle.preprocess), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
 
 

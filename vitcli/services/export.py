@@ -97,6 +97,8 @@ def _check_exportable(
             "this model is already vitcli int8, which ONNX cannot express; export the float "
             "model and add --int8"
         )
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        raise InputError("export traces the model on the CPU: move it there first (.cpu())")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise InputError(f"--opset {opset} is not supported: use {MIN_OPSET} to {MAX_OPSET}")
     height, width = image_size
