@@ -138,6 +138,41 @@ def accuracy(folder: Path, batch: int, engine: str | None) -> None:
     )
 
 
+def end_to_end(folder: Path, variant: str, batch: int, rounds: int) -> None:
+    """PredictRun (decoding workers, preprocessing, model, top-k) over 64 large JPEGs."""
+    import numpy as np
+    from PIL import Image
+
+    from vitcli.data.inputs import InputItem
+    from vitcli.services.predict import PredictOptions, PredictRun
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    items = []
+    for index in range(64):
+        path = folder / f"{index:03d}.jpg"
+        if not path.exists():  # smooth noise, 3000x2000: a camera-sized decode
+            small = rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)
+            Image.fromarray(small).resize((3000, 2000), Image.BILINEAR).save(path, quality=90)
+        items.append(InputItem(str(path)))
+    model = build(variant)
+    labels = [str(i) for i in range(model.config.num_classes)]
+    bundles = {
+        "fp32": ModelBundle(model, labels, Preprocess()),
+        "int8": ModelBundle(quantize(model), labels, Preprocess()),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in bundles}
+    for _ in range(rounds):
+        for name, bundle in bundles.items():
+            start = time.perf_counter()
+            for _records in PredictRun(bundle, items, PredictOptions(batch_size=batch)).records():
+                pass
+            seconds[name].append(time.perf_counter() - start)
+    ratios = [a / b for a, b in zip(seconds["fp32"], seconds["int8"])]
+    print(f"{variant}, 64 JPEGs 3000x2000, batch {batch}: seconds {seconds}")
+    print(f"end to end, int8 x fp32: median {statistics.median(ratios):.2f}, rounds {ratios}")
+
+
 def profile(model: nn.Module, x: torch.Tensor) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -162,7 +197,16 @@ def main() -> None:
         help="instead of speed: the bundled model fp32 vs int8 on the shapes set in DIR "
         "(made with seed 2, 100 per class, if missing)",
     )
+    parser.add_argument(
+        "--end-to-end",
+        type=Path,
+        metavar="DIR",
+        help="instead of model-only speed: PredictRun fp32 vs int8 over 64 large JPEGs in DIR",
+    )
     args = parser.parse_args()
+    if args.end_to_end:
+        end_to_end(args.end_to_end, args.variant, batch=args.batch, rounds=args.rounds)
+        return
     if args.accuracy:
         for engine in ("fbgemm", "int_mm"):
             print(f"--- engine {engine}")
