@@ -96,6 +96,7 @@ def _register() -> None:
 
     for module in (predict, attention, train, evaluate, data, models, inspect, score):
         module.register(app)
+    __import__(f"{__name__}.export", fromlist=["register"]).register(app)  # vit export
 
 
 _register()

@@ -1,0 +1,106 @@
+"""`vit export MODEL OUT.onnx`: an ONNX graph with its preprocessing and labels attached.
+
+No torch or onnx at import time: they are imported inside the command.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import typer
+
+from ..errors import InputError
+
+
+def parse_image_size(text: str | None) -> tuple[int, int] | None:
+    """'384' or '384x512' (height x width) -> (384, 384) / (384, 512)."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text)
+    if not match:
+        raise InputError(f"--image-size {text!r}: use N or HxW, e.g. 224 or 384x512")
+    height = int(match.group(1))
+    return height, int(match.group(2) or height)
+
+
+def export(
+    model: str = typer.Argument(
+        ..., help="Model file, folder or hub id (as --model elsewhere; 'default': the bundled one)."
+    ),
+    destination: Path = typer.Argument(..., help="Output file, ending in .onnx."),
+    int8: bool = typer.Option(
+        False,
+        "--int8",
+        help="Quantise the Linear layers (ONNX Runtime dynamic int8, per-channel, reduced range).",
+    ),
+    image_size: str | None = typer.Option(
+        None,
+        "--image-size",
+        metavar="HxW",
+        show_default=False,
+        help="Input size baked into the graph. \\[default: the model's preprocessing size]",
+    ),
+    opset: int | None = typer.Option(
+        None, "--opset", metavar="N", show_default=False, help="ONNX opset (14-20). \\[default: 17]"
+    ),
+    attention_layers: list[int] | None = typer.Option(
+        None,
+        "--attention-layer",
+        metavar="N",
+        show_default=False,
+        help="Also output this layer's softmax attention (B, heads, T, T); repeat for more; "
+        "-1 is the last.",
+    ),
+) -> None:
+    """Export a model to ONNX (dynamic batch), checked against vitcli's own forward."""
+    if destination.suffix.lower() != ".onnx":
+        raise InputError(f"{destination}: the output must end in .onnx")
+    if destination.is_dir():
+        raise InputError(f"{destination}: is a folder; give a file name ending in .onnx")
+    size = parse_image_size(image_size)
+    from ..services.export import require_onnx
+
+    require_onnx()  # before the (slow) model load: say at once what to install
+
+    from ..console import err, out
+    from ..services.export import export_onnx
+    from ..weights.resolve import load_model
+
+    bundle = load_model(None if model == "default" else model)
+
+    def stage(message: str) -> None:
+        err.print(f"[dim]{message}...[/]", highlight=False)
+
+    result = export_onnx(
+        bundle,
+        destination,
+        int8=int8,
+        image_size=size,
+        opset=opset,
+        attention_layers=attention_layers or (),
+        on_stage=stage,
+    )
+    height, width = result.image_size
+    kind = "int8" if result.int8 else "float32"
+    out.print(
+        f"wrote {result.path} ({bundle.config.name or 'custom'}, {kind}, {height}x{width}, "
+        f"opset {result.opset}, outputs {', '.join(result.outputs)}, "
+        f"{result.size_bytes / 1e6:.1f} MB)",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+    if result.verified:
+        line = f"onnxruntime vs vitcli: max abs diff {result.max_abs_diff:.2e}"
+        if result.attention_max_abs_diff is not None:
+            line += f" (attention {result.attention_max_abs_diff:.2e})"
+        if result.int8 and result.top1_agreement is not None:
+            line += f", top-1 agreement with float32 {result.top1_agreement:.0%}"
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
+    for note in result.notes:
+        out.print(note, highlight=False, markup=False, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export)
