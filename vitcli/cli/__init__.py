@@ -6,6 +6,9 @@ Nothing here imports torch at module level: `vit --help` and `vit --version` sta
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
 
 import typer
 from typer._click import exceptions as click_errors  # typer 0.29 vendors Click
@@ -27,11 +30,28 @@ class _VitGroup(TyperGroup):
     Click's own usage errors into the same one-line form with status 2; bugs keep their
     traceback."""
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        run = partial(
+            super().main,
+            args,
+            prog_name,
+            complete_var,
+            standalone_mode=False,
+            windows_expand_args=windows_expand_args,
+            **extra,
+        )
         if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+            return run()
         try:
-            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            result = run()
         except click_errors.NoArgsIsHelpError:
             sys.exit(EXIT_USAGE)  # the help has been printed (rich prints while formatting)
         except click_errors.UsageError as error:
@@ -92,11 +112,10 @@ def _root(
 
 
 def _register() -> None:
-    from . import attention, data, evaluate, inspect, models, predict, score, train
+    from . import attention, data, evaluate, export, inspect, models, predict, score, train
 
-    for module in (predict, attention, train, evaluate, data, models, inspect, score):
+    for module in (predict, attention, train, evaluate, data, models, inspect, score, export):
         module.register(app)
-    __import__(f"{__name__}.export", fromlist=["register"]).register(app)  # vit export
 
 
 _register()
