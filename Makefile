@@ -19,7 +19,7 @@ install: $(BIN)/vit
 
 # The main job on the bundled default model: classify the examples, render attention sheets.
 demo: install
-	$(BIN)/vit predict examples/ --format table
+	$(BIN)/vit predict examples/shapes-ring.jpg examples/shapes-star.jpg examples/shapes-triangle.jpg --format table
 	$(BIN)/vit attention examples/ --out out/attention --html
 	@echo "attention sheets written under out/attention/ (open out/attention/index.html)"
 
