@@ -234,7 +234,8 @@ written), 2 for a usage error.
         failed = f", [red]{summary.failed} failed[/]" if summary.failed else ""
         target = f" -> {markup(str(result.output))}" if result.output is not None else ""
         err.print(
-            f"{summary.succeeded} of {summary.total} images classified{failed} in "
+            f"{summary.succeeded} of {summary.total} images classified{failed} by "
+            f"{markup(result.model)} in "
             f"{summary.seconds:.1f} s ({rate}{result.device}{ranks}){target}",
             highlight=False,
             soft_wrap=True,

@@ -97,6 +97,7 @@ class PredictResult:
     summary: Summary
     device: str  # e.g. "cpu float32"
     top_k: int
+    model: str  # ModelBundle.describe(): the name, and what the bundled model knows
     output: Path | None
     is_main: bool
 
@@ -389,6 +390,7 @@ def run(
         summary=predict.summary,
         device=f"{predict.predictor.device.type} {dtype}",
         top_k=top_k,
+        model=predict.predictor.bundle.describe(),
         output=options.output,
         is_main=main,
     )

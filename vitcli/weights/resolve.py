@@ -81,6 +81,7 @@ def load_bundled() -> ModelBundle:
     """The bundled model, named so users can type it, without its build machine's paths."""
     bundle = load_vitcli_file(default_model_path(), reference=BUNDLED_NAME)
     bundle.extra["source"] = BUNDLED_SOURCE
+    bundle.extra["bundled"] = True
     return bundle
 
 
