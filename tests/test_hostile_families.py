@@ -11,12 +11,19 @@ import sys
 
 import pytest
 import torch
+from checkpoints import forbid_building
 from safetensors.torch import save_file
 
 from vitcli.errors import CheckpointError
 from vitcli.weights.resolve import load_model
 
 WIDTH = 32
+
+
+@pytest.fixture(autouse=True)
+def _no_model_is_built(monkeypatch):
+    """Every refusal here must come before a model is allocated."""
+    forbid_building(monkeypatch)
 
 
 def _tiny_tensors() -> dict[str, torch.Tensor]:
