@@ -113,6 +113,7 @@ def test_pool_choices_read_the_tokens(models, photos, tmp_path):
         _embed(models["siglip"], paths, tmp_path / "x.npy", pool="cls")
 
 
+@pytest.mark.slow
 def test_order_failures_and_formats_round_trip(models, photos, tmp_path):
     cases = write_cases(tmp_path / "cases")
     bad = [name for name, error in cases.items() if error is not None][:3]
@@ -174,6 +175,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_embed_exits_1_when_any_failed_and_writes_the_rest(models, photos, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     output = tmp_path / "emb.safetensors"
@@ -188,6 +190,7 @@ def test_cli_embed_exits_1_when_any_failed_and_writes_the_rest(models, photos, t
     assert matrix.shape == (1, 32) and paths == [str(photos / "img1.png")] and len(errors) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_predict_on_a_headless_model_points_to_embed(models, photos, kind):
     result = _cli("predict", str(photos / "img1.png"), "-m", str(models[kind]), "-f", "jsonl")

@@ -212,6 +212,7 @@ def test_dino_pth_with_absurd_registers_is_refused(tmp_path):
     assert "reg_tokens" in _one_line_error(tmp_path / "dinov2_reg.pth")
 
 
+@pytest.mark.slow
 def test_cli_reports_an_absurd_family_config_in_one_line(tmp_path):
     folder = _hf_folder(tmp_path, dict(SMALL, model_type="clip_vision_model", hidden_size=10**9))
     result = subprocess.run(

@@ -159,6 +159,7 @@ def test_linear_probe_needs_a_checkpoint(colours, tmp_path):
                         linear_probe=True))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_cli_linear_probe_then_predict(colours, models, tmp_path):
     out = tmp_path / "cli"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
