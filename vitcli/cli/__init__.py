@@ -116,6 +116,9 @@ def _register() -> None:
 
     for module in (predict, attention, train, evaluate, data, models, inspect, score, export):
         module.register(app)
+    from . import embed
+
+    embed.register(app)
 
 
 _register()

@@ -64,6 +64,16 @@ def train(
             "fine-tune (file, folder, hub id).",
         ),
     ] = "Ti/16",
+    linear_probe: Annotated[
+        bool,
+        typer.Option(
+            "--linear-probe",
+            metavar="",
+            help="Freeze the --model backbone and train only a new linear head on its pooled "
+            "features; without --randaugment/--mixup/--cutmix the features are computed once "
+            "per image (fast).",
+        ),
+    ] = False,
     epochs: Annotated[
         int | None,
         typer.Option(
@@ -296,6 +306,7 @@ def train(
         workers=workers if workers is not None else jobs,
         device=device,
         amp=amp.value,
+        linear_probe=linear_probe,
     )
     not_main = os.environ.get("RANK", "0") not in ("", "0")
     from .train_progress import TrainRenderer
