@@ -135,7 +135,7 @@ def test_a_fifo_named_like_an_image_is_never_opened(tmp_path, tiny_model_file, w
         timeout=120,  # a regression hangs on open(); this turns it into a failure
     )
     assert process.returncode == 1, process.stderr
-    assert process.stderr.count("is a FIFO") == 2  # found by the scan, and named
+    assert process.stderr.count("(a FIFO)") == 2  # found by the scan, and named
     assert "2 of 4 images written" in process.stderr
 
 
