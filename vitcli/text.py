@@ -38,6 +38,12 @@ def terminal_safe(text: str) -> str:
     return safe.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def json_bytes(data: object, indent: int | None = 2) -> bytes:
+    """`data` as a UTF-8 JSON document ending in a newline; undecodable file-name bytes (lone
+    surrogates) become \\udcXX escapes instead of raising UnicodeEncodeError."""
+    return utf8_json(json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
+
+
 def utf8_json(document: str) -> bytes:
     """A JSON document (json.dumps with ensure_ascii=False) as UTF-8 bytes, lone surrogates
     written as \\udcXX escapes (they only occur inside strings, where that escape is valid)."""
