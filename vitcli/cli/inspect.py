@@ -61,11 +61,7 @@ def inspect(
       attention_distance.png: mean attention distance per head against depth
       inspect.json, inspect.safetensors: the numbers behind the pictures
 
-    Examples:
-
-        vit inspect --out inspect/
-
-        vit inspect --model google/vit-base-patch16-224 --images photos/ --out inspect-b16/
+    Guide: docs/inspect.md.
     """
     from rich.markup import escape
 
@@ -102,5 +98,13 @@ def inspect(
         stdout.print(escape(str(written)))
 
 
+EXAMPLES = """\
+[bold]Examples[/]
+
+  vit inspect --out inspect/
+  vit inspect --model google/vit-base-patch16-224 --images photos/ --out inspect-b16/
+"""
+
+
 def register(app: typer.Typer) -> None:
-    app.command("inspect")(inspect)
+    app.command("inspect", epilog=EXAMPLES)(inspect)
