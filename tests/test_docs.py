@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import shlex
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
@@ -41,7 +42,7 @@ HELP_KNOWN = {
 }
 
 # The page a table belongs to when no heading names a command.
-PAGE_COMMAND = {
+PAGE_COMMAND: dict[str, tuple[str, ...]] = {
     "predict.md": ("predict",),
     "attention.md": ("attention",),
     "train.md": ("train",),
@@ -54,11 +55,11 @@ PAGE_COMMAND = {
 }
 
 
-def _commands() -> dict[tuple[str, ...], typer.core.TyperCommand | TyperGroup]:
+def _commands() -> dict[tuple[str, ...], Any]:
     root = typer.main.get_command(app)
     found: dict[tuple[str, ...], typer.core.TyperCommand | TyperGroup] = {}
 
-    def walk(group: typer.core.TyperCommand | TyperGroup, path: tuple[str, ...]) -> None:
+    def walk(group: Any, path: tuple[str, ...]) -> None:
         found[path] = group
         if isinstance(group, TyperGroup):
             for name, sub in group.commands.items():
@@ -168,9 +169,9 @@ def test_the_check_catches_a_made_up_option_and_command():
     assert check_line("vit embed photos/ -o e.safetensors") == []  # pending, allow-listed
 
 
-def table_options(page: Path) -> list[tuple[int, tuple[str, ...], str]]:
+def table_options(page: Path) -> list[tuple[int, tuple[str, ...] | None, str]]:
     """(line number, command, option) for each option named in an option-table row."""
-    command = PAGE_COMMAND.get(page.name)
+    command: tuple[str, ...] | None = PAGE_COMMAND.get(page.name)
     rows = []
     for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
         if line.startswith("#"):

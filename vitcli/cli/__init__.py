@@ -112,10 +112,9 @@ def _root(
 
 
 def _register() -> None:
-    from . import attention, data, evaluate, export, inspect, models, predict, score, train
-
     from typer.core import TyperCommand
 
+    from . import attention, data, evaluate, export, inspect, models, predict, score, train
     from .common import Command
 
     for module in (predict, attention, train, evaluate, data, models, inspect, score, export):

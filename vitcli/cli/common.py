@@ -96,7 +96,7 @@ class Command(TyperCommand):
                 param.display_type_rich = _no_type  # type: ignore[method-assign]
             elif getattr(param, "is_flag", False) and param.metavar is None:
                 param.metavar = ""
-            param._get_number_range_help_str = _no_range  # type: ignore[method-assign]
+            param._get_number_range_help_str = _no_range  # type: ignore[attr-defined]
 
     def get_help_option(self, ctx):
         option = super().get_help_option(ctx)

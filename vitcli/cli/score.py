@@ -17,7 +17,6 @@ class Baseline(str, Enum):
     blur = "blur"
 
 
-
 def score(
     data: Annotated[
         Path, typer.Argument(help="A `vit data shapes` folder (one or two objects per image).")
@@ -40,26 +39,29 @@ def score(
         ),
     ] = None,
     steps: Annotated[
-        int, typer.Option(
+        int,
+        typer.Option(
             "--steps", metavar="N", min=1, max=1000, help="Deletion/insertion steps, 1 to 1000."
-        )
+        ),
     ] = 10,
     baseline: Annotated[
         Baseline, typer.Option("--baseline", help="What removed patches show.")
     ] = Baseline.mean,
     tolerance: Annotated[
-        float, typer.Option(
+        float,
+        typer.Option(
             "--tolerance", metavar="PIXELS", min=0.0, help="Pointing game tolerance, 0 or more."
-        )
+        ),
     ] = 15.0,
     limit: Annotated[
-        int | None, typer.Option(
+        int | None,
+        typer.Option(
             "--limit",
             metavar="N",
             min=1,
             show_default=False,
             help="Score the first N images only (1 or more). \\[default: all]",
-        )
+        ),
     ] = None,
     batch_size: BatchSizeOption = 8,
     workers: WorkersOption = None,
