@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..services.attention.options import Colormap
 from .common import DeviceOption, ModelOption, QuietOption
 
 
@@ -41,14 +42,8 @@ def inspect(
         ),
     ] = None,
     colormap: Annotated[
-        str,
-        typer.Option(
-            "--colormap",
-            metavar="NAME",
-            help="Colormap of the similarity panel: viridis, inferno, "
-            "magma, plasma, jet, gray or hot.",
-        ),
-    ] = "viridis",
+        Colormap, typer.Option("--colormap", help="Colormap of the similarity panel.")
+    ] = Colormap.viridis,
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
@@ -84,7 +79,7 @@ def inspect(
             max_images=max_images,
             batch_size=batch_size,
             device=device,
-            colormap=colormap,
+            colormap=colormap.value,
             on_progress=advance,
         )
     for failed, message in summary.failures:
