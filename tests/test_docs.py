@@ -99,7 +99,8 @@ def _code_lines(text: str):
 
 
 def vit_invocations(line: str) -> list[list[str]]:
-    """The argument lists of each `vit ...` (or `.venv/bin/vit ...`) command on a shell line."""
+    """The argument lists of each `vit ...` (`.venv/bin/vit ...`, `python -m vitcli ...`,
+    `torchrun ... -m vitcli ...`) command on a shell line."""
     found = []
     # Split on shell separators written with spaces; `auto|cpu` stays one word.
     for part in re.split(r"\s(?:&&|\|\||\||;)\s", line.strip().removeprefix("$ ")):
@@ -111,6 +112,8 @@ def vit_invocations(line: str) -> list[list[str]]:
             words = words[1:]  # VIT_MODEL=... vit predict
         if words and (words[0] == "vit" or words[0].endswith("/vit")):
             found.append([w.strip("[]") for w in words[1:]])
+        elif "vitcli" in words and words[words.index("vitcli") - 1] == "-m":
+            found.append([w.strip("[]") for w in words[words.index("vitcli") + 1 :]])
     return found
 
 
@@ -139,7 +142,7 @@ def check_line(line: str) -> list[str]:
     """What is wrong with the vit commands on one line (empty if nothing)."""
     problems = []
     for words in vit_invocations(line):
-        if words and words[0] in ("-h", "--help", "-V", "--version"):
+        if not words or words[0] in ("-h", "--help", "-V", "--version"):
             continue
         path, rest = resolve(words)
         if not path or isinstance(COMMANDS[path], TyperGroup):
@@ -174,6 +177,9 @@ def test_the_check_catches_a_made_up_option_and_command():
     assert check_line("vit data nothing") == ["no command `vit data nothing`"]
     assert check_line("vit embed photos/ -o e.safetensors") == []  # pending, allow-listed
     assert check_line("vit convert a b --int8") == []  # pending, allow-listed
+    assert check_line("torchrun --nproc_per_node=2 -m vitcli train d --nope") == [
+        "`vit train` has no option --nope"
+    ]
     lines = list(_code_lines("see `vit predict x --nope` here\n```\nvit data shapes d -Q\n```"))
     assert [check_line(text) for _, text in lines] == [
         ["`vit predict` has no option --nope"],
