@@ -145,6 +145,8 @@ def check_line(line: str) -> list[str]:
         if not words or words[0] in ("-h", "--help", "-V", "--version"):
             continue
         path, rest = resolve(words)
+        if path and not rest:
+            continue  # a group alone (`vit data`) prints its commands
         if not path or isinstance(COMMANDS[path], TyperGroup):
             name = (*path, *rest[:1])
             if name in PENDING_COMMANDS or name[:1] in PENDING_COMMANDS:
