@@ -312,3 +312,53 @@ def test_help_check_catches_a_placeholder_and_missing_examples():
     text = CliRunner().invoke(sample, ["bad", "--help"], terminal_width=200).output
     assert "<int range>" in text and "[x>=1]" in text and "Examples" not in text
     assert re.findall(r"<\w+ range>|\[-?[\d.]*<?=?x[<>]=?[\d.]*\]", text)
+
+
+def _readme_demo_block() -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("```\n.venv/bin/vit predict") + 4
+    return text[start : text.index("```", start)].splitlines()
+
+
+def _timing_free(line: str) -> str:
+    return re.sub(
+        r"in [\d.]+ s( \([\d.]+ img/s)?", "in N s\\1", re.sub(r"[\d.]+ img/s", "N img/s", line)
+    )
+
+
+def test_readme_demo_commands_are_the_makefile_demo():
+    recipe = (ROOT / "Makefile").read_text(encoding="utf-8").split("\ndemo:", 1)[1]
+    commands = [
+        line.strip().replace("$(BIN)", ".venv/bin")
+        for line in recipe.split("\n\n", 1)[0].splitlines()[1:]
+        if line.strip().startswith("$(BIN)/vit")
+    ]
+    block = _readme_demo_block()
+    assert commands and [line for line in block if line.startswith(".venv/bin/vit")] == commands
+
+
+@pytest.mark.slow
+def test_readme_demo_output_is_what_predict_prints(tmp_path):
+    """The README shows `make demo`'s predict table as printed to a pipe (timings aside)."""
+    import os
+    import subprocess
+    import sys
+
+    block = _readme_demo_block()
+    command = block[0].split()[1:]  # after .venv/bin/vit
+    end = next(i for i, line in enumerate(block) if line.startswith(".venv/bin/vit attention"))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "VIT_MODEL")}
+    result = subprocess.run(
+        [sys.executable, "-m", "vitcli", *command],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    printed = (result.stdout + result.stderr).splitlines()
+    shown = block[1:end]
+    assert [_timing_free(line.rstrip()) for line in printed] == [
+        _timing_free(line.rstrip()) for line in shown
+    ]
