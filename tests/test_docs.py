@@ -149,6 +149,8 @@ def check_line(line: str) -> list[str]:
             continue  # a group alone (`vit data`) prints its commands
         if not path or isinstance(COMMANDS[path], TyperGroup):
             name = (*path, *rest[:1])
+            if re.fullmatch(r"<[^>]*>|\.\.\.", rest[0]):
+                continue  # prose about commands in general: `vit <command> --help`
             if name in PENDING_COMMANDS or name[:1] in PENDING_COMMANDS:
                 continue
             problems.append(f"no command `vit {' '.join(name)}`")
@@ -177,6 +179,7 @@ def test_the_check_catches_a_made_up_option_and_command():
     assert check_line("find . | vit attention - -Z") == ["`vit attention` has no option -Z"]
     assert check_line("vit frobnicate x") == ["no command `vit frobnicate`"]
     assert check_line("vit data nothing") == ["no command `vit data nothing`"]
+    assert check_line("vit <command> --help") == check_line("vit ...") == []
     assert check_line("vit embed photos/ -o e.safetensors") == []  # pending, allow-listed
     assert check_line("vit convert a b --int8") == []  # pending, allow-listed
     assert check_line("torchrun --nproc_per_node=2 -m vitcli train d --nope") == [
