@@ -29,21 +29,17 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 # Commands the docs name that are not on main yet: (command, the work that adds it).
-PENDING_COMMANDS = {("embed",): "families2 branch adds `vit embed` (vitcli/cli/embed.py)"}
+PENDING_COMMANDS: dict[tuple[str, ...], str] = {}
 # Options the docs name that are not on main yet: (command, option) -> the work that adds it.
 PENDING_OPTIONS = {(("convert",), "--int8"): "int8wire branch adds `vit convert --int8`"}
 
 # Pages linked before they are merged: path -> the work that adds it.
-PENDING_PAGES = {"docs/embed.md": "families2 branch adds docs/embed.md"}
+PENDING_PAGES: dict[str, str] = {}
 
 # Help problems in commands whose files other branches own: (command, check) -> owner.
 HELP_KNOWN = {
     ("attention", "choices"): "int8wire (cli/attention.py): --colormap has no help text",
     ("eval", "examples"): "int8wire (cli/evaluate.py): examples in the docstring, not an epilog",
-    ("train", "examples"): "families2 (cli/train.py): examples in the docstring, not an epilog",
-    ("info", "examples"): "families2 (cli/models.py): no examples",
-    ("convert", "examples"): "families2 (cli/models.py): no examples",
-    ("fetch", "examples"): "families2 (cli/models.py): no examples",
 }
 
 # The page a table belongs to when no heading names a command.

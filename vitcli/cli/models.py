@@ -206,7 +206,30 @@ def fetch(
     out.print(str(folder), highlight=False, markup=False, soft_wrap=True)
 
 
+INFO_EXAMPLES = """\
+[bold]Examples[/]
+
+  vit info bundled
+  vit info google/vit-base-patch16-224
+  vit info ./my-model/ --json
+"""
+
+CONVERT_EXAMPLES = """\
+[bold]Examples[/]
+
+  vit convert google/vit-base-patch16-224 vit-b16.safetensors
+  vit convert ViT-B_16.npz vit-b16-21k.safetensors --fp16
+"""
+
+FETCH_EXAMPLES = """\
+[bold]Examples[/]
+
+  vit fetch google/vit-base-patch16-224
+  vit fetch facebook/dinov2-small --revision main
+"""
+
+
 def register(app: typer.Typer) -> None:
-    app.command("info")(info)
-    app.command("convert")(convert)
-    app.command("fetch")(fetch)
+    app.command("info", epilog=INFO_EXAMPLES)(info)
+    app.command("convert", epilog=CONVERT_EXAMPLES)(convert)
+    app.command("fetch", epilog=FETCH_EXAMPLES)(fetch)

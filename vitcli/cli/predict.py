@@ -48,6 +48,14 @@ class _Table:
     def __init__(self, console, paths: list[str], labels: list[str], logits: bool) -> None:
         from ..console import terminal_safe
 
+        import os
+
+        from rich.console import Console
+
+        if not console.is_terminal and "COLUMNS" not in os.environ:
+            # Piped, rich assumes 80 columns and would wrap every path; a wider fixed width
+            # keeps one image per line for whoever reads the log.
+            console = Console(file=console.file, width=120, highlight=False, soft_wrap=False)
         self.console = console
         self.logits = logits
         width = max(console.width, 60)
@@ -148,7 +156,7 @@ def predict(
             "-k",
             metavar="K",
             min=1,
-            help="Predictions per image (clipped to the number of classes).",
+            help="Predictions per image, 1 or more (clipped to the number of classes).",
         ),
     ] = 5,
     logits: Annotated[
