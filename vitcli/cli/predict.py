@@ -46,11 +46,11 @@ class _Table:
     and message goes through terminal_safe."""
 
     def __init__(self, console, paths: list[str], labels: list[str], logits: bool) -> None:
-        from ..console import terminal_safe
-
         import os
 
         from rich.console import Console
+
+        from ..console import terminal_safe
 
         if not console.is_terminal and "COLUMNS" not in os.environ:
             # Piped, rich assumes 80 columns and would wrap every path; a wider fixed width
