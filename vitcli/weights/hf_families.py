@@ -1,5 +1,8 @@
 """transformers folders of the ViT families: DeiT, DINOv2 (with registers), CLIP and SigLIP.
 
+One file of ~410 lines on purpose: the four key maps share the same renaming helpers and are
+best compared side by side.
+
 Each model_type is a handful of ViTConfig flags plus renames onto timm's (our) tensor names.
 Both the on-disk names that save_pretrained writes (`encoder.layer.{i}.attention.attention.query`,
 `mlp.weights_in`, ...) and the transformers-5 in-memory spellings (`attention.q_proj`,

@@ -1,5 +1,8 @@
 """The training loop: per epoch, the steps, the validation, the checkpoint.
 
+One file a little over 400 lines on purpose, in the nanoGPT spirit: the loop is read top to
+bottom, and splitting the step from the epoch would hide the determinism rules below.
+
 Determinism: data order comes from (seed, epoch) (DistributedSampler), each sample's
 augmentation from (seed, epoch, index), mixup from (seed, epoch, step), and the global torch RNG
 (dropout, drop-path) is reseeded from (seed, epoch) at the start of every epoch. A run resumed
