@@ -68,15 +68,12 @@ def export(
 
     from ..console import err, out
     from ..services.export import export_onnx
-    from ..weights.resolve import load_model
-
-    bundle = load_model(None if model == "default" else model)
 
     def stage(message: str) -> None:
         err.print(f"[dim]{message}...[/]", highlight=False)
 
     result = export_onnx(
-        bundle,
+        model,
         destination,
         int8=int8,
         image_size=size,
@@ -87,7 +84,7 @@ def export(
     height, width = result.image_size
     kind = "int8" if result.int8 else "float32"
     out.print(
-        f"wrote {result.path} ({bundle.config.name or 'custom'}, {kind}, {height}x{width}, "
+        f"wrote {result.path} ({result.model_name}, {kind}, {height}x{width}, "
         f"opset {result.opset}, outputs {', '.join(result.outputs)}, "
         f"{result.size_bytes / 1e6:.1f} MB)",
         highlight=False,

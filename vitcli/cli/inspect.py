@@ -63,9 +63,7 @@ def inspect(
     from ..console import err, make_progress, print_warning
     from ..console import out as stdout
     from ..services.inspect import run_inspect
-    from ..weights.resolve import load_model
 
-    bundle = load_model(model)
     with make_progress(quiet=quiet) as bar:
         task = bar.add_task("attention distance", total=None, rate="")
 
@@ -73,7 +71,7 @@ def inspect(
             bar.update(task, completed=done, total=total)
 
         summary = run_inspect(
-            bundle,
+            model,
             out,
             images,
             max_images=max_images,

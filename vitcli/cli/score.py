@@ -84,7 +84,6 @@ def score(
         score_explanations,
         shapes_objects,
     )
-    from ..weights.resolve import load_model
 
     if not data.is_dir():
         raise InputError(f"{data}: not a folder; generate one with `vit data shapes {data}`")
@@ -97,11 +96,10 @@ def score(
     workers_used, warning = resolve_workers(workers)
     if warning and not quiet:
         err.print(warning)
-    bundle = load_model(model)
     with make_progress(quiet=quiet) as progress:
         task = progress.add_task("score", total=total, rate="")
         report = score_explanations(
-            bundle,
+            model,
             data,
             options,
             batch_size=batch_size,

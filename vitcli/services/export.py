@@ -27,6 +27,7 @@ from ..fileio import atomic_write_bytes
 from ..model import ViT
 from ..model.int8 import QUANTIZED_LAYERS, is_quantized
 from ..weights.format import ModelBundle
+from ..weights.resolve import as_bundle
 
 INSTALL_HINT = "pip install 'vitcli[onnx]'"
 DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on
@@ -44,6 +45,7 @@ class ExportError(VitError):
 @dataclass
 class ExportResult:
     path: Path
+    model_name: str  # the architecture's name (e.g. B/16), or "custom"
     opset: int
     int8: bool
     image_size: tuple[int, int]
@@ -245,7 +247,7 @@ def _verify(
 
 
 def export_onnx(
-    bundle: ModelBundle,
+    model_ref: ModelBundle | str | Path | None,
     path: str | Path,
     *,
     int8: bool = False,
@@ -257,6 +259,7 @@ def export_onnx(
     on_stage: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export `bundle` to `path` (.onnx), checked with onnxruntime when it is installed."""
+    bundle = as_bundle(model_ref)
     require_onnx()
     import onnx
 
@@ -297,6 +300,7 @@ def export_onnx(
         graph_bytes = graph.SerializeToString()
         result = ExportResult(
             path=path,
+            model_name=bundle.config.name or "custom",
             opset=opset,
             int8=int8,
             image_size=image_size,

@@ -41,6 +41,7 @@ from ..data.loader import image_batches, normalize
 from ..errors import DatasetError, InputError, OptionError
 from ..model.vit import ViT
 from ..weights.format import ModelBundle
+from ..weights.resolve import as_bundle
 from .attention.localization import score_map
 from .explain import CLASS_SPECIFIC, METHODS, explain
 
@@ -244,7 +245,7 @@ def perturbation_auc(
 
 # -- the run --------------------------------------------------------------------------------
 def score_explanations(
-    bundle: ModelBundle,
+    model_ref: ModelBundle | str | Path | None,
     data_dir: str | Path,
     options: ScoreOptions | None = None,
     batch_size: int = 8,
@@ -253,6 +254,7 @@ def score_explanations(
     progress: Callable[[int], None] | None = None,
 ) -> ScoreReport:
     """Score every method (and the random control) on every image of a shapes folder."""
+    bundle = as_bundle(model_ref)
     options = options or ScoreOptions()
     model, labels = bundle.model.eval(), list(bundle.labels)
     images, masks = shapes_objects(data_dir)

@@ -77,6 +77,12 @@ def load_model(reference: str | Path | None = None) -> ModelBundle:
     )
 
 
+def as_bundle(model: ModelBundle | str | Path | None) -> ModelBundle:
+    """A service's `model` argument: a loaded bundle as it is, anything else through
+    `load_model` (so the commands pass what the user typed, and the service loads it)."""
+    return model if isinstance(model, ModelBundle) else load_model(model)
+
+
 def load_bundled() -> ModelBundle:
     """The bundled model, named so users can type it, without its build machine's paths."""
     bundle = load_vitcli_file(default_model_path(), reference=BUNDLED_NAME)

@@ -27,6 +27,7 @@ from ...errors import InputError, OptionError, VitError
 from ...fileio import atomic_write_bytes
 from ...runtime import resolve_device
 from ...weights.format import ModelBundle
+from ...weights.resolve import as_bundle
 from . import analysis, figures
 
 FILES = {
@@ -208,7 +209,7 @@ def _png(image: Image.Image) -> bytes:
 
 
 def run_inspect(
-    bundle: ModelBundle,
+    model_ref: ModelBundle | str | Path | None,
     out_dir: str | Path,
     images: str | Path | None = None,
     *,
@@ -219,6 +220,7 @@ def run_inspect(
     on_progress: ProgressCallback | None = None,
 ) -> InspectSummary:
     """Compute and write the three panels of Fig. 7 and their numbers into `out_dir`."""
+    bundle = as_bundle(model_ref)
     started = time.perf_counter()
     if batch_size is None:
         batch_size = default_batch_size(bundle.config)
