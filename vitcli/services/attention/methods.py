@@ -31,7 +31,15 @@ import torch
 
 from ...errors import InputError
 from ..explain.targets import Target
-from .maps import cls_maps, mass_mask, rollout_rows
+from .maps import (
+    discard_lowest,
+    fuse_heads,
+    mass_mask,
+    prefix_names,
+    query_maps,
+    rollout_step,
+    seeded_rollout,
+)
 
 if TYPE_CHECKING:
     from .options import AttentionOptions
@@ -50,6 +58,9 @@ class Forward:
     grid_size: tuple[int, int]  # (Hp, Wp) of this input
     prefix: int  # tokens before the patches (CLS, registers, ...)
     targets: torch.Tensor  # (B,) class index a class-specific map explains (the top-1)
+    # (B, T) seed^T Ã_L ... Ã_1 over all tokens, when a chosen method reads rollout: the seed
+    # is the class query (e_0, the MAP probe's row, or the mean row without either)
+    rollout_row: torch.Tensor | None = None
 
 
 MapFunction = Callable[[Forward, "AttentionOptions"], torch.Tensor]
@@ -61,6 +72,9 @@ class Method:
     compute: MapFunction  # -> (B, Hp, Wp), any float dtype, on any device
     layers: Callable[[int], Iterable[int]] = lambda depth: ()  # weights it needs, given depth
     class_specific: bool = False  # explains forward.targets; runs outside inference mode
+    # Reads forward.rollout_row: every layer takes the explicit path, but only its rollout
+    # factor (B, T, T) is kept, never the (B, nh, T, T) weights.
+    rollout: bool = False
 
 
 METHODS: dict[str, Method] = {}
@@ -89,17 +103,12 @@ def class_specific(
 
 
 def _rollout(forward: Forward, options: AttentionOptions) -> torch.Tensor:
-    depth = forward.model.config.depth
-    row = rollout_rows(
-        [forward.weights[index].float() for index in range(depth)],
-        head_fusion=options.head_fusion.value,
-        discard_ratio=options.discard_ratio,
-        prefix=forward.prefix,
-    )  # B,T: the CLS row of R
-    return row[:, forward.prefix :].reshape(-1, *forward.grid_size)  # B,Hp,Wp
+    assert forward.rollout_row is not None  # compute_batch makes it for a rollout method
+    # All tokens were kept in the product; the patch columns are sliced only now.
+    return forward.rollout_row[:, forward.prefix :].reshape(-1, *forward.grid_size)  # B,Hp,Wp
 
 
-register(Method("rollout", _rollout, layers=range))
+register(Method("rollout", _rollout, rollout=True))
 
 
 def _explained(method: str) -> Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -170,40 +179,193 @@ def explicit_layers(options: AttentionOptions, depth: int) -> list[int]:
     needed = {int(index) % depth for index in options.layers} if options.heads else set()
     for name in options.methods:
         needed.update(METHODS[name].layers(depth))
+        if METHODS[name].rollout:
+            needed.update(range(depth))
     return sorted(needed)
+
+
+def full_weight_layers(options: AttentionOptions, depth: int) -> list[int]:
+    """The layers whose whole (B, nh, T, T) weights are kept for the batch: those a registered
+    method declares and, with --explore, every layer. Per-head maps keep only their query rows
+    and rollout only its (B, T, T) factors (a DINOv2 grid at 518 has 1370 tokens: all weights
+    of all layers would be gigabytes per image)."""
+    if options.explore:
+        return list(range(depth))
+    needed: set[int] = set()
+    for name in options.methods:
+        needed.update(METHODS[name].layers(depth))
+    return sorted(needed)
+
+
+class _Tap:
+    """Reads each layer's softmax weights as the forward pass makes them and keeps only what
+    the outputs need: the query rows (B, nh, Q, T) of the per-head layers and the rollout
+    factors Ã_b (B, T, T). Hooks on the blocks' attention switch it to the explicit path and
+    drop the weights before the block hands them on, so at most one layer's (B, nh, T, T) is
+    alive at a time. The layers in `keep` are left alone (returned whole by the forward) and
+    consumed after it."""
+
+    def __init__(
+        self,
+        *,
+        row_layers: set[int],
+        query_rows: tuple[int, ...] | None,  # None: the mean over all queries
+        rollout: tuple[str, float] | None,  # (head fusion, discard ratio)
+        depth: int,
+        keep: set[int],
+        prefix: int,
+    ) -> None:
+        self.row_layers, self.query_rows, self.rollout = row_layers, query_rows, rollout
+        self.prefix, self.keep = prefix, keep
+        self.layers = (row_layers | (set(range(depth)) if rollout else set())) - keep
+        self.rows: dict[int, torch.Tensor] = {}
+        self.factors: dict[int, torch.Tensor] = {}
+
+    def consume(self, layer: int, weights: torch.Tensor) -> None:
+        if layer in self.row_layers:
+            if self.query_rows is None:
+                self.rows[layer] = weights.mean(dim=2, keepdim=True).float()  # B,nh,1,T
+            else:
+                self.rows[layer] = weights[:, :, list(self.query_rows)].float()  # B,nh,Q,T
+        if self.rollout is not None:
+            fusion, ratio = self.rollout
+            fused = discard_lowest(fuse_heads(weights.float(), fusion), ratio, self.prefix)
+            self.factors[layer] = rollout_step(fused)  # B,T,T
+
+    def attach(self, model: Any) -> list[Any]:
+        handles = []
+        for index, block in enumerate(model.blocks):
+            if index in self.layers:
+                handles.append(
+                    block.attn.register_forward_pre_hook(_explicit_path, with_kwargs=True)
+                )
+                handles.append(block.attn.register_forward_hook(self._hook(index)))
+        return handles
+
+    def _hook(self, index: int) -> Callable:
+        def hook(module: Any, args: Any, output: Any) -> Any:
+            out, weights = output
+            self.consume(index, weights)
+            return out, None  # the block hands on no weights: nothing keeps them
+
+        return hook
+
+
+def _explicit_path(module: Any, args: Any, kwargs: dict) -> tuple[Any, dict]:
+    return args, {**kwargs, "return_weights": True}
+
+
+def _query_names(config: Any) -> tuple[str, ...]:
+    """The query rows a per-head map reads: ("cls",), ("cls", "dist") for DeiT distilled,
+    ("mean",) without a CLS token (the mean over all queries)."""
+    if not config.class_token:
+        return ("mean",)
+    return ("cls", "dist") if config.dist_token else ("cls",)
+
+
+def _seed(config: Any, probe: torch.Tensor | None, batch: int, tokens: int, like: torch.Tensor):
+    """(B, T) row rollout starts from: the probe's head-fused row (MAP), e_0 (CLS) or 1/T."""
+    if probe is not None:
+        row = probe[:, :, 0].float().mean(dim=1)  # B,T: head mean of the probe's weights
+        return row / row.sum(dim=-1, keepdim=True)
+    if config.class_token:
+        seed = torch.zeros(batch, tokens, dtype=torch.float32, device=like.device)
+        seed[:, 0] = 1.0  # e_0: the CLS query
+        return seed
+    return torch.full((batch, tokens), 1.0 / tokens, dtype=torch.float32, device=like.device)
+
+
+def _maps_of(rows: torch.Tensor, grid_size: tuple[int, int], prefix: int, threshold) -> dict:
+    """(B, L, nh, T) query rows -> the arrays of one query: heads, head_mean, prefix_mass
+    (and masks with a threshold), float32 on the CPU."""
+    heads, mass = query_maps(rows, grid_size, prefix)  # B,L,nh,Hp,Wp and B,L,nh,P
+    maps = {
+        "heads": heads.float().cpu(),
+        "head_mean": heads.mean(dim=2).float().cpu(),
+        "prefix_mass": mass.float().cpu(),
+    }
+    if threshold is not None:
+        maps["masks"] = mass_mask(heads.float(), threshold).to(torch.uint8).cpu()
+    return maps
 
 
 def compute_batch(
     model: Any, pixels: torch.Tensor, options: AttentionOptions, labels: Sequence[str]
 ) -> dict[str, Any]:
-    """One batch -> maps on the CPU: "heads" (B, L, nh, Hp, Wp) and "head_mean" (B, L, Hp, Wp)
-    with `options.heads`, "methods" {map name: (B, Hp, Wp)} with "map_info" {map name:
-    (method, target name or None)}, "targets" {target name: per image (index, label, p)},
-    "masks" with a threshold, "attentions" {layer: (B, nh, T, T)} with `explore`, "top" and
-    "grid_size".
+    """One batch -> maps on the CPU: "heads" (B, L, nh, Hp, Wp), "head_mean" (B, L, Hp, Wp) and
+    "prefix_mass" (B, L, nh, P) with `options.heads`, "queries" {name: the same three arrays}
+    for the other query rows (DeiT's "dist"; SigLIP's "probe", L = 1), "methods" {map name:
+    (B, Hp, Wp)} with "map_info" {map name: (method, target name or None)}, "targets" {target
+    name: per image (index, label, p)}, "rollout_prefix_mass" (B, P) with rollout, "masks"
+    with a threshold, "attentions" {layer: (B, nh, T, T)} with `explore`, "top", "grid_size",
+    "query" (the class query: cls, probe or mean) and "prefix_names".
 
-    A class-agnostic method gives one map, named after it; a class-specific one gives one per
-    target, named "<method>.<target>" (gae.top1, gae.class3). `options.layers` must be
-    resolved (`parse_layers`). Only `explicit_layers` pay for weights, and only
+    Per-head maps are query rows over the patches renormalised to sum 1 (`maps.query_maps`),
+    each head's raw mass on the prefix tokens kept apart. A class-agnostic method gives one
+    map, named after it; a class-specific one gives one per target, named "<method>.<target>"
+    (gae.top1, gae.class3). `options.layers` must be resolved (`parse_layers`). Only
+    `explicit_layers` pay for weights, only `full_weight_layers` keep them whole, and only
     class-specific methods build an autograd graph.
     """
     config = model.config
     depth, prefix, patch = config.depth, config.num_prefix_tokens, config.patch_size
     grid_size = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)  # (Hp, Wp) of this input
     layers = [int(index) % depth for index in options.layers]
-    out: dict[str, Any] = {"map_info": {}, "targets": {}}
+    names = _query_names(config)
+    probe_head = config.pool == "map"
+    reads_rollout = any(METHODS[name].rollout for name in options.methods)
+    keep = set(full_weight_layers(options, depth))
+    tap = _Tap(
+        row_layers=set(layers) if options.heads else set(),
+        query_rows=None if names == ("mean",) else tuple(range(len(names))),
+        rollout=(options.head_fusion.value, options.discard_ratio) if reads_rollout else None,
+        depth=depth,
+        keep=keep,
+        prefix=prefix,
+    )
+    out: dict[str, Any] = {
+        "map_info": {},
+        "targets": {},
+        "queries": {},
+        "query": "probe" if probe_head else names[0],
+        "head_query": names[0],
+        "prefix_names": prefix_names(config),
+    }
+    handles = tap.attach(model)
+    try:
+        with torch.inference_mode():
+            tokens, weights = model.forward_features(pixels, attn_layers=sorted(keep))
+    finally:
+        for handle in handles:
+            handle.remove()
     with torch.inference_mode():
-        logits, weights = model.forward_with_attention(pixels, explicit_layers(options, depth))
+        logits = model.forward_head(tokens)
+        # SigLIP's class map: the probe's attention over the final tokens (B, nh, 1, T).
+        probe = model.map_attention(tokens) if probe_head else None
+        for layer, layer_weights in weights.items():
+            if layer in tap.row_layers or (reads_rollout and layer not in tap.factors):
+                tap.consume(layer, layer_weights)
         if options.heads:
-            heads = torch.stack(
-                [cls_maps(weights[index], grid_size, prefix) for index in layers], dim=1
-            )  # B,L,nh,Hp,Wp
-            out["heads"] = heads.float().cpu()
-            out["head_mean"] = heads.mean(dim=2).float().cpu()
-            if options.threshold is not None:
-                out["masks"] = mass_mask(heads.float(), options.threshold).to(torch.uint8).cpu()
+            rows = torch.stack([tap.rows[index] for index in layers], dim=1)  # B,L,nh,Q,T
+            for position, name in enumerate(names):
+                maps = _maps_of(rows[:, :, :, position], grid_size, prefix, options.threshold)
+                if position == 0:
+                    out.update(maps)
+                else:
+                    out["queries"][name] = maps
+            if probe is not None:
+                out["queries"]["probe"] = _maps_of(
+                    probe[:, None, :, 0], grid_size, prefix, options.threshold
+                )  # B,1,nh,T rows: one "layer", after the last block
         if options.explore:
             out["attentions"] = {index: weights[index].float().cpu() for index in range(depth)}
+        rollout_row = None
+        if reads_rollout:
+            batch, count = tokens.shape[0], tokens.shape[1]
+            seed = _seed(config, probe, batch, count, tokens)
+            rollout_row = seeded_rollout([tap.factors[i] for i in range(depth)], seed)  # B,T
+            out["rollout_prefix_mass"] = rollout_row[:, :prefix].float().cpu()
+        del tap
         forward = Forward(
             model=model,
             pixels=pixels,
@@ -212,6 +374,7 @@ def compute_batch(
             grid_size=grid_size,
             prefix=prefix,
             targets=logits.argmax(dim=-1),
+            rollout_row=rollout_row,
         )
         computed: dict[str, torch.Tensor] = {}
         for name in options.methods:
@@ -221,16 +384,16 @@ def compute_batch(
         probabilities = logits.float().softmax(dim=-1)
     specific = [name for name in options.methods if METHODS[name].class_specific]
     if specific:
-        names = class_names(labels, logits.shape[-1])
+        class_labels = class_names(labels, logits.shape[-1])
         # Gradients allowed here: no inference mode, and tensors autograd may save are copied
         # out of it (inference tensors cannot take part in a backward pass).
-        forward = replace(forward, logits=logits.clone(), weights={})
+        forward = replace(forward, logits=logits.clone(), weights={}, rollout_row=None)
         for target in parse_targets(options.targets, labels, logits.shape[-1]):
             key = target_key(target)
             indices = target.indices(logits).to(logits.device)  # B
             scores = probabilities.gather(1, indices[:, None])[:, 0].cpu()
             out["targets"][key] = [
-                (int(i), names[int(i)], float(p)) for i, p in zip(indices.cpu(), scores)
+                (int(i), class_labels[int(i)], float(p)) for i, p in zip(indices.cpu(), scores)
             ]
             aimed = replace(forward, targets=indices.clone())
             for name in specific:
@@ -246,10 +409,10 @@ def compute_batch(
     out["map_info"] = {key: out["map_info"][key] for key in out["methods"]}
     k = min(TOP_K, probabilities.shape[-1])
     scores, indices = probabilities.topk(k, dim=-1)
-    names = class_names(labels, probabilities.shape[-1])
+    class_labels = class_names(labels, probabilities.shape[-1])
     out["top"] = [
         [
-            (int(i), names[int(i)] if int(i) < len(labels) else str(int(i)), float(s))
+            (int(i), class_labels[int(i)] if int(i) < len(labels) else str(int(i)), float(s))
             for s, i in zip(row_s, row_i)
         ]
         for row_s, row_i in zip(scores.cpu(), indices.cpu())
