@@ -131,6 +131,8 @@ def test_rollout_of_a_map_head_is_seeded_by_the_probe(name):
     maps = compute_batch(model, x, AttentionOptions(methods=("rollout",), heads=False), LABELS)
     torch.testing.assert_close(maps["methods"]["rollout"].reshape(2, 24), expected[:, prefix:])
     torch.testing.assert_close(maps["rollout_prefix_mass"], expected[:, :prefix])
+    # services/explain's rollout is the same map.
+    torch.testing.assert_close(explain(model, x, "rollout").maps, maps["methods"]["rollout"])
 
 
 def test_rollout_with_registers_keeps_every_token_and_starts_from_cls():

@@ -187,6 +187,22 @@ def seeded_rollout(factors: Sequence[torch.Tensor], seed: torch.Tensor) -> torch
     return row[:, 0]
 
 
+def rollout_seed(
+    config, probe: torch.Tensor | None, batch: int, tokens: int, device: torch.device
+) -> torch.Tensor:
+    """(B, T) row rollout starts from, float32: the MAP probe's head-mean row when `probe`
+    (B, nh, 1, T) is given (renormalised: exact for the mean already), e_0 with a CLS token,
+    else 1/T (the mean over all queries)."""
+    if probe is not None:
+        row = probe[:, :, 0].float().mean(dim=1)  # B,T
+        return row / row.sum(dim=-1, keepdim=True)
+    if config.class_token:
+        seed = torch.zeros(batch, tokens, dtype=torch.float32, device=device)
+        seed[:, 0] = 1.0  # e_0: the CLS query
+        return seed
+    return torch.full((batch, tokens), 1.0 / tokens, dtype=torch.float32, device=device)
+
+
 def rollout_map(matrix: torch.Tensor, grid_size: tuple[int, int], prefix: int) -> torch.Tensor:
     """(B, T, T) rollout -> (B, Hp, Wp): the CLS row over the patches (mean row without CLS)."""
     batch = matrix.shape[0]

@@ -37,6 +37,7 @@ from .maps import (
     mass_mask,
     prefix_names,
     query_maps,
+    rollout_seed,
     rollout_step,
     seeded_rollout,
 )
@@ -263,18 +264,6 @@ def _query_names(config: Any) -> tuple[str, ...]:
     return ("cls", "dist") if config.dist_token else ("cls",)
 
 
-def _seed(config: Any, probe: torch.Tensor | None, batch: int, tokens: int, like: torch.Tensor):
-    """(B, T) row rollout starts from: the probe's head-fused row (MAP), e_0 (CLS) or 1/T."""
-    if probe is not None:
-        row = probe[:, :, 0].float().mean(dim=1)  # B,T: head mean of the probe's weights
-        return row / row.sum(dim=-1, keepdim=True)
-    if config.class_token:
-        seed = torch.zeros(batch, tokens, dtype=torch.float32, device=like.device)
-        seed[:, 0] = 1.0  # e_0: the CLS query
-        return seed
-    return torch.full((batch, tokens), 1.0 / tokens, dtype=torch.float32, device=like.device)
-
-
 def _maps_of(rows: torch.Tensor, grid_size: tuple[int, int], prefix: int, threshold) -> dict:
     """(B, L, nh, T) query rows -> the arrays of one query: heads, head_mean, prefix_mass
     (and masks with a threshold), float32 on the CPU."""
@@ -362,7 +351,7 @@ def compute_batch(
         rollout_row = None
         if reads_rollout:
             batch, count = tokens.shape[0], tokens.shape[1]
-            seed = _seed(config, probe, batch, count, tokens)
+            seed = rollout_seed(config, probe, batch, count, tokens.device)
             rollout_row = seeded_rollout([tap.factors[i] for i in range(depth)], seed)  # B,T
             out["rollout_prefix_mass"] = rollout_row[:, :prefix].float().cpu()
         del tap

@@ -36,7 +36,15 @@ from ...model.vit import Block, ViT
 
 # The attention-map maths lives with `vit attention`; imported here only, so a move of that
 # module needs one line changed.
-from ..attention.maps import cls_maps, fuse_heads, rollout_rows
+from ..attention.maps import (
+    cls_maps,
+    discard_lowest,
+    fuse_heads,
+    rollout_rows,
+    rollout_seed,
+    rollout_step,
+    seeded_rollout,
+)
 from .targets import Target, resolve_targets
 
 
@@ -202,8 +210,9 @@ def raw_maps(
 ) -> Explanation:
     """The CLS query row of one layer's attention, heads fused: A_l[0, prefix:].
 
-    The same map as `vit attention`'s head mean (mean-pooled models without CLS: the mean over
-    queries). Class-agnostic.
+    Not renormalised: `vit attention`'s head mean averages each head's row renormalised over
+    the patches (mean-pooled models without CLS, and MAP heads: the mean over queries).
+    Class-agnostic.
     """
     depth = len(model.blocks)
     if not -depth <= layer < depth:
@@ -225,10 +234,28 @@ def rollout_maps(
 ) -> Explanation:
     """Attention rollout (Abnar & Zuidema 2020): Ã_b = rownorm(Ā_b + I), map = (Ã_L...Ã_1)[0].
 
-    Exactly `vit attention`'s rollout (same functions). Class-agnostic.
+    Exactly `vit attention`'s rollout (same functions): with a MAP head (SigLIP) the chain
+    starts from the probe's head-mean row instead of e_0. Class-agnostic.
     """
     depth = len(model.blocks)
     prefix = prefix_tokens(model)
+    if getattr(model.config, "pool", "cls") == "map":
+        with frozen(model), torch.no_grad():
+            tokens, weights = model.forward_features(images, attn_layers=range(depth))
+            logits = model.forward_head(tokens)
+            probe = model.map_attention(tokens)  # B,nh,1,T
+            factors = [
+                rollout_step(
+                    discard_lowest(fuse_heads(weights[i], head_fusion), discard_ratio, prefix)
+                )
+                for i in range(depth)
+            ]
+            seed = rollout_seed(
+                model.config, probe, tokens.shape[0], tokens.shape[1], tokens.device
+            )
+            rows = seeded_rollout(factors, seed)  # B,T
+        maps = patch_grid(rows, grid_of(model, images), prefix)
+        return Explanation(maps=maps, logits=logits.float().cpu(), targets=None)
     with frozen(model), torch.no_grad():
         logits, weights = model.forward_with_attention(images, layers=range(depth))
         rows = rollout_rows(
