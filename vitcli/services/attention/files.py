@@ -26,19 +26,10 @@ from .options import AttentionOptions, MapsFormat
 from .paint import peak_ratio, range_note
 from .png import png_bytes
 from .preview import EXPLORER, PREVIEW, preview, preview_map, write_explorer_page
-from .sheet import QUERY_ARRAYS, all_tiles, model_phrase, render_sheet
+from .queries import QUERY_ARRAYS, QUERY_NOTES, prefix_mass_meta
+from .sheet import all_tiles, model_phrase, render_sheet
 
 TOKEN_ORDER = "[CLS, patch_0, ..., patch_{N-1}]; patch k covers grid row k // Wp, column k % Wp"
-# What each query row is, for meta.json's "queries".
-QUERY_NOTES = {
-    "cls": "CLS query row over the patch keys, A[b, h, 0, prefix:], renormalised to sum 1 "
-    "over the patches; its raw mass on each prefix token is in prefix_mass",
-    "dist": "distillation-token query row, A[b, h, 1, prefix:], renormalised as the CLS maps",
-    "probe": "the MAP head's probe (SigLIP attention pooling) over the final tokens, "
-    "ViT.map_attention, patch part renormalised to sum 1: the model's class map",
-    "mean": "no CLS token: mean over all query tokens of A[b, h, :, prefix:], renormalised "
-    "(and the mean row seeds rollout)",
-}
 MARKER = ".vitcli-attention"  # in every output folder: scans for inputs skip such folders
 
 
@@ -149,53 +140,6 @@ def maps_arrays(result: ImageAttention) -> dict[str, np.ndarray]:
     if result.masks is not None:
         arrays["masks"] = np.ascontiguousarray(result.masks, dtype=np.uint8)  # layers, nh, Hp, Wp
     return arrays
-
-
-def _percent(value: float) -> float:
-    return round(float(value), 6)
-
-
-def prefix_mass_meta(result: ImageAttention) -> dict:
-    """meta.json's "prefix_mass": per query, per layer and head, the raw attention mass on each
-    prefix token and on the patches (they sum to 1), before the map was renormalised."""
-    names = result.prefix_names
-    sets: list[tuple[str, list, np.ndarray | None]] = [
-        (result.head_query, list(result.layers), result.prefix_mass)
-    ]
-    for name, query in result.queries.items():
-        sets.append((name, ["probe"] if name == "probe" else result.layers, query["prefix_mass"]))
-    out: dict = {"tokens": names}
-    for name, layers, mass in sets:
-        if mass is None:
-            continue
-        entries = []
-        for layer, per_layer in zip(layers, mass):  # per_layer: nh,P
-            heads = [
-                {
-                    **{token: _percent(v) for token, v in zip(names, head)},
-                    "patches": _percent(1.0 - float(head.sum())),
-                }
-                for head in per_layer
-            ]
-            mean = per_layer.mean(axis=0)
-            entries.append(
-                {
-                    "layer": layer,
-                    "heads": heads,
-                    "head_mean": {
-                        **{token: _percent(v) for token, v in zip(names, mean)},
-                        "patches": _percent(1.0 - float(mean.sum())),
-                    },
-                }
-            )
-        out[name] = entries
-    if result.rollout_prefix_mass is not None:
-        row = result.rollout_prefix_mass
-        out["rollout"] = {
-            **{token: _percent(v) for token, v in zip(names, row)},
-            "patches": _percent(1.0 - float(row.sum())),
-        }
-    return out
 
 
 def stable_header(blob: bytes) -> bytes:

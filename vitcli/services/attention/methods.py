@@ -32,15 +32,11 @@ import torch
 from ...errors import InputError
 from ..explain.targets import Target
 from .maps import (
-    discard_lowest,
-    fuse_heads,
-    mass_mask,
     prefix_names,
-    query_maps,
     rollout_seed,
-    rollout_step,
     seeded_rollout,
 )
+from .queries import QueryTap, query_arrays, query_names
 
 if TYPE_CHECKING:
     from .options import AttentionOptions
@@ -198,86 +194,6 @@ def full_weight_layers(options: AttentionOptions, depth: int) -> list[int]:
     return sorted(needed)
 
 
-class _Tap:
-    """Reads each layer's softmax weights as the forward pass makes them and keeps only what
-    the outputs need: the query rows (B, nh, Q, T) of the per-head layers and the rollout
-    factors Ã_b (B, T, T). Hooks on the blocks' attention switch it to the explicit path and
-    drop the weights before the block hands them on, so at most one layer's (B, nh, T, T) is
-    alive at a time. The layers in `keep` are left alone (returned whole by the forward) and
-    consumed after it."""
-
-    def __init__(
-        self,
-        *,
-        row_layers: set[int],
-        query_rows: tuple[int, ...] | None,  # None: the mean over all queries
-        rollout: tuple[str, float] | None,  # (head fusion, discard ratio)
-        depth: int,
-        keep: set[int],
-        prefix: int,
-    ) -> None:
-        self.row_layers, self.query_rows, self.rollout = row_layers, query_rows, rollout
-        self.prefix, self.keep = prefix, keep
-        self.layers = (row_layers | (set(range(depth)) if rollout else set())) - keep
-        self.rows: dict[int, torch.Tensor] = {}
-        self.factors: dict[int, torch.Tensor] = {}
-
-    def consume(self, layer: int, weights: torch.Tensor) -> None:
-        if layer in self.row_layers:
-            if self.query_rows is None:
-                self.rows[layer] = weights.mean(dim=2, keepdim=True).float()  # B,nh,1,T
-            else:
-                self.rows[layer] = weights[:, :, list(self.query_rows)].float()  # B,nh,Q,T
-        if self.rollout is not None:
-            fusion, ratio = self.rollout
-            fused = discard_lowest(fuse_heads(weights.float(), fusion), ratio, self.prefix)
-            self.factors[layer] = rollout_step(fused)  # B,T,T
-
-    def attach(self, model: Any) -> list[Any]:
-        handles = []
-        for index, block in enumerate(model.blocks):
-            if index in self.layers:
-                handles.append(
-                    block.attn.register_forward_pre_hook(_explicit_path, with_kwargs=True)
-                )
-                handles.append(block.attn.register_forward_hook(self._hook(index)))
-        return handles
-
-    def _hook(self, index: int) -> Callable:
-        def hook(module: Any, args: Any, output: Any) -> Any:
-            out, weights = output
-            self.consume(index, weights)
-            return out, None  # the block hands on no weights: nothing keeps them
-
-        return hook
-
-
-def _explicit_path(module: Any, args: Any, kwargs: dict) -> tuple[Any, dict]:
-    return args, {**kwargs, "return_weights": True}
-
-
-def _query_names(config: Any) -> tuple[str, ...]:
-    """The query rows a per-head map reads: ("cls",), ("cls", "dist") for DeiT distilled,
-    ("mean",) without a CLS token (the mean over all queries)."""
-    if not config.class_token:
-        return ("mean",)
-    return ("cls", "dist") if config.dist_token else ("cls",)
-
-
-def _maps_of(rows: torch.Tensor, grid_size: tuple[int, int], prefix: int, threshold) -> dict:
-    """(B, L, nh, T) query rows -> the arrays of one query: heads, head_mean, prefix_mass
-    (and masks with a threshold), float32 on the CPU."""
-    heads, mass = query_maps(rows, grid_size, prefix)  # B,L,nh,Hp,Wp and B,L,nh,P
-    maps = {
-        "heads": heads.float().cpu(),
-        "head_mean": heads.mean(dim=2).float().cpu(),
-        "prefix_mass": mass.float().cpu(),
-    }
-    if threshold is not None:
-        maps["masks"] = mass_mask(heads.float(), threshold).to(torch.uint8).cpu()
-    return maps
-
-
 def compute_batch(
     model: Any, pixels: torch.Tensor, options: AttentionOptions, labels: Sequence[str]
 ) -> dict[str, Any]:
@@ -300,11 +216,11 @@ def compute_batch(
     depth, prefix, patch = config.depth, config.num_prefix_tokens, config.patch_size
     grid_size = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)  # (Hp, Wp) of this input
     layers = [int(index) % depth for index in options.layers]
-    names = _query_names(config)
+    names = query_names(config)
     probe_head = config.pool == "map"
     reads_rollout = any(METHODS[name].rollout for name in options.methods)
     keep = set(full_weight_layers(options, depth))
-    tap = _Tap(
+    tap = QueryTap(
         row_layers=set(layers) if options.heads else set(),
         query_rows=None if names == ("mean",) else tuple(range(len(names))),
         rollout=(options.head_fusion.value, options.discard_ratio) if reads_rollout else None,
@@ -337,13 +253,13 @@ def compute_batch(
         if options.heads:
             rows = torch.stack([tap.rows[index] for index in layers], dim=1)  # B,L,nh,Q,T
             for position, name in enumerate(names):
-                maps = _maps_of(rows[:, :, :, position], grid_size, prefix, options.threshold)
+                maps = query_arrays(rows[:, :, :, position], grid_size, prefix, options.threshold)
                 if position == 0:
                     out.update(maps)
                 else:
                     out["queries"][name] = maps
             if probe is not None:
-                out["queries"]["probe"] = _maps_of(
+                out["queries"]["probe"] = query_arrays(
                     probe[:, None, :, 0], grid_size, prefix, options.threshold
                 )  # B,1,nh,T rows: one "layer", after the last block
         if options.explore:

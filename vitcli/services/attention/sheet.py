@@ -25,18 +25,12 @@ from . import colormaps
 from .names import readable
 from .options import AttentionOptions, Scale, Style
 from .paint import Tile, overlay_tiles
+from .queries import mass_note
 
 if TYPE_CHECKING:
     from .batches import ImageAttention
 
 MAX_COLUMNS = 7  # tiles per sheet row
-# Array names of a query other than the CLS row (maps.safetensors, .npy): dist_heads, ...
-QUERY_ARRAYS = {
-    "heads": "{}_heads",
-    "head_mean": "{}_head_mean",
-    "prefix_mass": "{}_prefix_mass",
-    "masks": "{}_masks",
-}
 
 
 @cache
@@ -112,18 +106,6 @@ def _place(bands: Sequence[int], columns: int) -> list[tuple[int, int]]:
     return places
 
 
-def mass_note(names: Sequence[str], mass: np.ndarray) -> str:
-    """A head's raw attention on the prefix tokens, e.g. "CLS 3% · registers 62%" (registers
-    summed): what the renormalised map over the patches leaves out."""
-    if not len(names):
-        return ""
-    groups: dict[str, float] = {}
-    for name, value in zip(names, mass):
-        group = "registers" if name.startswith("reg_") else name
-        groups[group] = groups.get(group, 0.0) + float(value)
-    return " · ".join(f"{group} {value:.0%}" for group, value in groups.items())
-
-
 def all_tiles(
     result: ImageAttention, image: Image.Image, options: AttentionOptions, size: tuple[int, int]
 ) -> list[Tile]:
@@ -171,7 +153,7 @@ def all_tiles(
     for number, (query, layer, arrays) in enumerate(positions):
         if query == "probe":
             stem, title, band = "probe", "probe", "probe"
-        elif plain:
+        elif plain or query == "mean":  # the mean over queries: the header says so
             stem, title, band = f"layer{layer:02d}", f"layer {layer}", f"layer{layer:02d}"
         else:
             label = "CLS" if query == "cls" else query
