@@ -173,6 +173,7 @@ def test_per_head_maps_equal_transformers_eager_attentions(image_size):
                 expected = torch.empty(grid_h, grid_w)
                 for k in range(grid_h * grid_w):
                     expected[k // grid_w, k % grid_w] = attentions[b, head, 0, 1 + k]
+                expected /= 1.0 - attentions[b, head, 0, 0]  # renormalised over the patches
                 torch.testing.assert_close(heads[b, layer, head], expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(maps["head_mean"], heads.mean(dim=2))
 
@@ -452,8 +453,10 @@ def test_cli_end_to_end_subprocess(tmp_path):
         assert maps["heads"].shape == (3, 4, 4, 6) and maps["heads"].dtype == np.float32
         assert maps["head_mean"].shape == (3, 4, 6) and maps["rollout"].shape == (4, 6)
         assert maps["masks"].shape == (3, 4, 4, 6) and maps["layers"].tolist() == [0, 1, 2]
-        mass = maps["heads"].sum(axis=(-1, -2))  # the CLS row minus its CLS->CLS weight
-        assert ((mass > 0) & (mass < 1)).all()
+        mass = maps["heads"].sum(axis=(-1, -2))  # renormalised over the patches
+        np.testing.assert_allclose(mass, 1.0, atol=1e-5)
+        cls_mass = maps["prefix_mass"][..., 0]  # the CLS->CLS weight, taken out
+        assert ((cls_mass > 0) & (cls_mass < 1)).all()
         meta = json.loads((folder / "meta.json").read_text())
         assert meta["grid"] == [4, 6] and meta["layers"] == [0, 1, 2] and meta["query"] == "cls"
         assert meta["prediction"]["label"] in ("ant", "bee", "cow")
@@ -709,8 +712,9 @@ def test_a_registered_method_gets_a_tile_and_an_array(tmp_path):
         from safetensors.numpy import load_file
 
         maps = load_file(str(tmp_path / "o" / "a" / "maps.safetensors"))
-        heads = maps["heads"]  # (1, nh, 4, 4): the last layer's CLS rows
-        np.testing.assert_allclose(maps["last-cls"], heads[0].mean(0), rtol=1e-5)
+        heads = maps["heads"]  # (1, nh, 4, 4): the last layer's CLS rows, renormalised
+        raw = heads[0] * (1.0 - maps["prefix_mass"][0].sum(-1))[:, None, None]
+        np.testing.assert_allclose(maps["last-cls"], raw.mean(0), rtol=1e-5)
         # A class-specific map is named after its method and target.
         assert maps["saliency.top1"].shape == (4, 4) and (maps["saliency.top1"] > 0).all()
         meta = json.loads((tmp_path / "o" / "a" / "meta.json").read_text())

@@ -148,7 +148,7 @@ def test_default_run_keeps_heads_rollout_and_its_names(tmp_path, model_file, ima
     )
     assert not summary.failures
     maps = load_file(str(tmp_path / "o" / "a" / "maps.safetensors"))
-    assert sorted(maps) == ["head_mean", "heads", "layers", "rollout"]
+    assert sorted(maps) == ["head_mean", "heads", "layers", "prefix_mass", "rollout"]
     meta = json.loads((tmp_path / "o" / "a" / "meta.json").read_text())
     assert [entry["method"] for entry in meta["methods"]] == ["raw", "rollout"]
     assert meta["options"]["scale"] == "shared"

@@ -49,6 +49,16 @@ class ImageAttention:
     query: str = QUERY_CLS
     display: np.ndarray | None = None  # (h, w, 3) uint8 original for the sheet, from the decoder
     attentions: dict[int, np.ndarray] | None = None  # layer -> (nh, T, T), with --explore
+    # The prefix tokens by name (CLS, dist, reg_0, ...), and each per-head map's raw mass on
+    # them before the map was renormalised over the patches: (layers, nh, P).
+    prefix_names: list[str] = field(default_factory=list)
+    head_query: str = QUERY_CLS  # the query row of `heads`: cls, or mean without a CLS token
+    prefix_mass: np.ndarray | None = None
+    # The other query rows' per-head maps: "dist" (DeiT distilled, same layers), "probe"
+    # (SigLIP's MAP head, one "layer" after the last block): name -> {"heads", "head_mean",
+    # "prefix_mass", "masks"} as above.
+    queries: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    rollout_prefix_mass: np.ndarray | None = None  # (P,) the rollout row's prefix share
 
     @property
     def rollout(self) -> np.ndarray | None:
@@ -61,6 +71,22 @@ class ImageAttention:
         """(index, label, p) of the class a map explains; None for a class-agnostic map."""
         target = self.map_info.get(key, (key, None))[1]
         return None if target is None else self.targets[target]
+
+
+def family_fields(maps: dict, row: int) -> dict:
+    """One image's prefix masses and other query maps, out of `compute_batch`'s batch."""
+    return {
+        "prefix_names": list(maps.get("prefix_names", [])),
+        "head_query": maps.get("head_query", QUERY_CLS),
+        "prefix_mass": maps["prefix_mass"][row].numpy() if "prefix_mass" in maps else None,
+        "queries": {
+            name: {key: array[row].numpy() for key, array in arrays.items()}
+            for name, arrays in maps.get("queries", {}).items()
+        },
+        "rollout_prefix_mass": (
+            maps["rollout_prefix_mass"][row].numpy() if "rollout_prefix_mass" in maps else None
+        ),
+    }
 
 
 def not_a_regular_file(path: str) -> str | None:
@@ -155,7 +181,8 @@ def attention_batches(
                         ),
                         masks=maps["masks"][row].numpy() if "masks" in maps else None,
                         top=maps["top"][row],
-                        query=query,
+                        query=maps.get("query", query),
+                        **family_fields(maps, row),
                         display=batch.displays[row] if batch.displays is not None else None,
                     )
                 )

@@ -20,12 +20,14 @@ from ...errors import ImageDecodeError, InputError, VitError
 from ...fileio import atomic_write_bytes
 from ...weights.format import ModelBundle
 from .batches import ImageAttention
+from .maps import token_order
 from .names import json_text, readable
 from .options import AttentionOptions, MapsFormat
-from .paint import overlay_tiles, peak_ratio, range_note
+from .paint import peak_ratio, range_note
 from .png import png_bytes
 from .preview import EXPLORER, PREVIEW, preview, preview_map, write_explorer_page
-from .sheet import model_phrase, render_sheet
+from .queries import QUERY_ARRAYS, QUERY_NOTES, prefix_mass_meta
+from .sheet import all_tiles, model_phrase, render_sheet
 
 TOKEN_ORDER = "[CLS, patch_0, ..., patch_{N-1}]; patch k covers grid row k // Wp, column k % Wp"
 MARKER = ".vitcli-attention"  # in every output folder: scans for inputs skip such folders
@@ -47,6 +49,7 @@ class RunContext:
     num_heads: int = 0
     num_prefix_tokens: int = 1
     model_phrase: str = ""  # the sheet's line naming the model (sheet.model_phrase)
+    token_order: str = TOKEN_ORDER
 
     @classmethod
     def from_bundle(cls, bundle: ModelBundle, options: AttentionOptions) -> RunContext:
@@ -65,6 +68,7 @@ class RunContext:
             depth=config.depth,
             num_heads=config.num_heads,
             num_prefix_tokens=config.num_prefix_tokens,
+            token_order=token_order(config),
             model_phrase=model_phrase(
                 str(bundle.reference or config.name or "model"), tuple(bundle.labels)
             ),
@@ -123,6 +127,14 @@ def maps_arrays(result: ImageAttention) -> dict[str, np.ndarray]:
         arrays["heads"] = np.ascontiguousarray(result.heads, dtype=np.float32)  # L,nh,Hp,Wp
         arrays["head_mean"] = np.ascontiguousarray(result.head_mean, dtype=np.float32)  # L,Hp,Wp
         arrays["layers"] = np.asarray(result.layers, dtype=np.int64)
+        if result.prefix_mass is not None and result.prefix_mass.shape[-1]:
+            arrays["prefix_mass"] = np.ascontiguousarray(result.prefix_mass, dtype=np.float32)
+    for name, query in result.queries.items():  # dist_heads, probe_head_mean, ...
+        for key, array in query.items():
+            if key == "prefix_mass" and not array.shape[-1]:
+                continue  # no prefix tokens (SigLIP): nothing to record
+            dtype = np.uint8 if key == "masks" else np.float32
+            arrays[QUERY_ARRAYS[key].format(name)] = np.ascontiguousarray(array, dtype=dtype)
     for name, grid_map in result.methods.items():
         arrays[name] = np.ascontiguousarray(grid_map, dtype=np.float32)  # Hp, Wp
     if result.masks is not None:
@@ -195,9 +207,22 @@ def methods_meta(result: ImageAttention, depth: int) -> list[dict]:
                 "arrays": ["heads", "head_mean"],
                 "class_specific": False,
                 "layers": list(result.layers),
-                "note": "CLS attention of each chosen layer, per head and their mean",
+                "note": "attention of the query row (see query_note) of each chosen layer, "
+                "per head and their mean, renormalised over the patches",
             }
         )
+        for name in result.queries:
+            entries.append(
+                {
+                    "method": "raw",
+                    "query": name,
+                    "arrays": [QUERY_ARRAYS["heads"].format(name)]
+                    + [QUERY_ARRAYS["head_mean"].format(name)],
+                    "class_specific": False,
+                    "layers": ["probe"] if name == "probe" else list(result.layers),
+                    "note": QUERY_NOTES[name],
+                }
+            )
     for key, grid_map in result.methods.items():
         method, target_name = result.map_info.get(key, (key, None))
         registered = METHODS.get(method)
@@ -256,7 +281,7 @@ def write_image_outputs(result: ImageAttention, folder: Path, context: RunContex
         if options.per_head:
             size = display_size(result.geometry.original_size, individual_long)
             individual = []
-            for tile in overlay_tiles(result, image, options, size):
+            for tile in all_tiles(result, image, options, size):
                 write_atomic(folder / f"{tile.stem}.png", png_bytes(tile.pixels))
                 individual.append(f"{tile.stem}.png")
             files["per_head"] = individual
@@ -275,17 +300,18 @@ def write_image_outputs(result: ImageAttention, folder: Path, context: RunContex
             {
                 "layers": result.layers,
                 "grid": grid,
-                "token_order": TOKEN_ORDER,
+                "token_order": context.token_order,
                 "maps": list(result.methods),
             },
         )
         index, label, score = result.top[0]
-        query_note = (
-            "CLS query row over the patch keys, A[b, h, 0, 1:]"
-            if result.query == "cls"
-            else "the model has no CLS token: mean over all query tokens of A[b, h, :, :] "
-            "(and of the rollout rows)"
-        )
+        query_note = QUERY_NOTES[result.query]
+        if result.query == "probe":
+            query_note += (
+                "; rollout is seeded by its head-mean row (probe_row @ R); the chosen layers' "
+                "maps (heads) have no class query inside the encoder and use the mean over all "
+                "queries"
+            )
         meta = {
             "vitcli_version": __version__,
             "input": result.path,
@@ -308,9 +334,12 @@ def write_image_outputs(result: ImageAttention, folder: Path, context: RunContex
             "num_heads": context.num_heads,
             "patch_size": context.patch_size,
             "grid": grid,
-            "token_order": TOKEN_ORDER,
+            "token_order": context.token_order,
+            "prefix_tokens": list(result.prefix_names),
             "query": result.query,
             "query_note": query_note,
+            "queries": [result.head_query, *result.queries],
+            "prefix_mass": prefix_mass_meta(result),
             "methods": methods_meta(result, context.depth),
             "maps": {name: list(array.shape) for name, array in arrays.items()},
             "files": files,

@@ -31,7 +31,12 @@ import torch
 
 from ...errors import InputError
 from ..explain.targets import Target
-from .maps import cls_maps, mass_mask, rollout_rows
+from .maps import (
+    prefix_names,
+    rollout_seed,
+    seeded_rollout,
+)
+from .queries import QueryTap, query_arrays, query_names
 
 if TYPE_CHECKING:
     from .options import AttentionOptions
@@ -50,6 +55,9 @@ class Forward:
     grid_size: tuple[int, int]  # (Hp, Wp) of this input
     prefix: int  # tokens before the patches (CLS, registers, ...)
     targets: torch.Tensor  # (B,) class index a class-specific map explains (the top-1)
+    # (B, T) seed^T Ã_L ... Ã_1 over all tokens, when a chosen method reads rollout: the seed
+    # is the class query (e_0, the MAP probe's row, or the mean row without either)
+    rollout_row: torch.Tensor | None = None
 
 
 MapFunction = Callable[[Forward, "AttentionOptions"], torch.Tensor]
@@ -61,6 +69,9 @@ class Method:
     compute: MapFunction  # -> (B, Hp, Wp), any float dtype, on any device
     layers: Callable[[int], Iterable[int]] = lambda depth: ()  # weights it needs, given depth
     class_specific: bool = False  # explains forward.targets; runs outside inference mode
+    # Reads forward.rollout_row: every layer takes the explicit path, but only its rollout
+    # factor (B, T, T) is kept, never the (B, nh, T, T) weights.
+    rollout: bool = False
 
 
 METHODS: dict[str, Method] = {}
@@ -89,17 +100,12 @@ def class_specific(
 
 
 def _rollout(forward: Forward, options: AttentionOptions) -> torch.Tensor:
-    depth = forward.model.config.depth
-    row = rollout_rows(
-        [forward.weights[index].float() for index in range(depth)],
-        head_fusion=options.head_fusion.value,
-        discard_ratio=options.discard_ratio,
-        prefix=forward.prefix,
-    )  # B,T: the CLS row of R
-    return row[:, forward.prefix :].reshape(-1, *forward.grid_size)  # B,Hp,Wp
+    assert forward.rollout_row is not None  # compute_batch makes it for a rollout method
+    # All tokens were kept in the product; the patch columns are sliced only now.
+    return forward.rollout_row[:, forward.prefix :].reshape(-1, *forward.grid_size)  # B,Hp,Wp
 
 
-register(Method("rollout", _rollout, layers=range))
+register(Method("rollout", _rollout, rollout=True))
 
 
 def _explained(method: str) -> Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -170,40 +176,101 @@ def explicit_layers(options: AttentionOptions, depth: int) -> list[int]:
     needed = {int(index) % depth for index in options.layers} if options.heads else set()
     for name in options.methods:
         needed.update(METHODS[name].layers(depth))
+        if METHODS[name].rollout:
+            needed.update(range(depth))
+    return sorted(needed)
+
+
+def full_weight_layers(options: AttentionOptions, depth: int) -> list[int]:
+    """The layers whose whole (B, nh, T, T) weights are kept for the batch: those a registered
+    method declares and, with --explore, every layer. Per-head maps keep only their query rows
+    and rollout only its (B, T, T) factors (a DINOv2 grid at 518 has 1370 tokens: all weights
+    of all layers would be gigabytes per image)."""
+    if options.explore:
+        return list(range(depth))
+    needed: set[int] = set()
+    for name in options.methods:
+        needed.update(METHODS[name].layers(depth))
     return sorted(needed)
 
 
 def compute_batch(
     model: Any, pixels: torch.Tensor, options: AttentionOptions, labels: Sequence[str]
 ) -> dict[str, Any]:
-    """One batch -> maps on the CPU: "heads" (B, L, nh, Hp, Wp) and "head_mean" (B, L, Hp, Wp)
-    with `options.heads`, "methods" {map name: (B, Hp, Wp)} with "map_info" {map name:
-    (method, target name or None)}, "targets" {target name: per image (index, label, p)},
-    "masks" with a threshold, "attentions" {layer: (B, nh, T, T)} with `explore`, "top" and
-    "grid_size".
+    """One batch -> maps on the CPU: "heads" (B, L, nh, Hp, Wp), "head_mean" (B, L, Hp, Wp) and
+    "prefix_mass" (B, L, nh, P) with `options.heads`, "queries" {name: the same three arrays}
+    for the other query rows (DeiT's "dist"; SigLIP's "probe", L = 1), "methods" {map name:
+    (B, Hp, Wp)} with "map_info" {map name: (method, target name or None)}, "targets" {target
+    name: per image (index, label, p)}, "rollout_prefix_mass" (B, P) with rollout, "masks"
+    with a threshold, "attentions" {layer: (B, nh, T, T)} with `explore`, "top", "grid_size",
+    "query" (the class query: cls, probe or mean) and "prefix_names".
 
-    A class-agnostic method gives one map, named after it; a class-specific one gives one per
-    target, named "<method>.<target>" (gae.top1, gae.class3). `options.layers` must be
-    resolved (`parse_layers`). Only `explicit_layers` pay for weights, and only
+    Per-head maps are query rows over the patches renormalised to sum 1 (`maps.query_maps`),
+    each head's raw mass on the prefix tokens kept apart. A class-agnostic method gives one
+    map, named after it; a class-specific one gives one per target, named "<method>.<target>"
+    (gae.top1, gae.class3). `options.layers` must be resolved (`parse_layers`). Only
+    `explicit_layers` pay for weights, only `full_weight_layers` keep them whole, and only
     class-specific methods build an autograd graph.
     """
     config = model.config
     depth, prefix, patch = config.depth, config.num_prefix_tokens, config.patch_size
     grid_size = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)  # (Hp, Wp) of this input
     layers = [int(index) % depth for index in options.layers]
-    out: dict[str, Any] = {"map_info": {}, "targets": {}}
+    names = query_names(config)
+    probe_head = config.pool == "map"
+    reads_rollout = any(METHODS[name].rollout for name in options.methods)
+    keep = set(full_weight_layers(options, depth))
+    tap = QueryTap(
+        row_layers=set(layers) if options.heads else set(),
+        query_rows=None if names == ("mean",) else tuple(range(len(names))),
+        rollout=(options.head_fusion.value, options.discard_ratio) if reads_rollout else None,
+        depth=depth,
+        keep=keep,
+        prefix=prefix,
+    )
+    out: dict[str, Any] = {
+        "map_info": {},
+        "targets": {},
+        "queries": {},
+        "query": "probe" if probe_head else names[0],
+        "head_query": names[0],
+        "prefix_names": prefix_names(config),
+    }
+    handles = tap.attach(model)
+    try:
+        with torch.inference_mode():
+            tokens, weights = model.forward_features(pixels, attn_layers=sorted(keep))
+    finally:
+        for handle in handles:
+            handle.remove()
     with torch.inference_mode():
-        logits, weights = model.forward_with_attention(pixels, explicit_layers(options, depth))
+        logits = model.forward_head(tokens)
+        # SigLIP's class map: the probe's attention over the final tokens (B, nh, 1, T).
+        probe = model.map_attention(tokens) if probe_head else None
+        for layer, layer_weights in weights.items():
+            if layer in tap.row_layers or (reads_rollout and layer not in tap.factors):
+                tap.consume(layer, layer_weights)
         if options.heads:
-            heads = torch.stack(
-                [cls_maps(weights[index], grid_size, prefix) for index in layers], dim=1
-            )  # B,L,nh,Hp,Wp
-            out["heads"] = heads.float().cpu()
-            out["head_mean"] = heads.mean(dim=2).float().cpu()
-            if options.threshold is not None:
-                out["masks"] = mass_mask(heads.float(), options.threshold).to(torch.uint8).cpu()
+            rows = torch.stack([tap.rows[index] for index in layers], dim=1)  # B,L,nh,Q,T
+            for position, name in enumerate(names):
+                maps = query_arrays(rows[:, :, :, position], grid_size, prefix, options.threshold)
+                if position == 0:
+                    out.update(maps)
+                else:
+                    out["queries"][name] = maps
+            if probe is not None:
+                out["queries"]["probe"] = query_arrays(
+                    probe[:, None, :, 0], grid_size, prefix, options.threshold
+                )  # B,1,nh,T rows: one "layer", after the last block
         if options.explore:
             out["attentions"] = {index: weights[index].float().cpu() for index in range(depth)}
+        rollout_row = None
+        if reads_rollout:
+            batch, count = tokens.shape[0], tokens.shape[1]
+            seed = rollout_seed(config, probe, batch, count, tokens.device)
+            rollout_row = seeded_rollout([tap.factors[i] for i in range(depth)], seed)  # B,T
+            out["rollout_prefix_mass"] = rollout_row[:, :prefix].float().cpu()
+        del tap
         forward = Forward(
             model=model,
             pixels=pixels,
@@ -212,6 +279,7 @@ def compute_batch(
             grid_size=grid_size,
             prefix=prefix,
             targets=logits.argmax(dim=-1),
+            rollout_row=rollout_row,
         )
         computed: dict[str, torch.Tensor] = {}
         for name in options.methods:
@@ -221,16 +289,16 @@ def compute_batch(
         probabilities = logits.float().softmax(dim=-1)
     specific = [name for name in options.methods if METHODS[name].class_specific]
     if specific:
-        names = class_names(labels, logits.shape[-1])
+        class_labels = class_names(labels, logits.shape[-1])
         # Gradients allowed here: no inference mode, and tensors autograd may save are copied
         # out of it (inference tensors cannot take part in a backward pass).
-        forward = replace(forward, logits=logits.clone(), weights={})
+        forward = replace(forward, logits=logits.clone(), weights={}, rollout_row=None)
         for target in parse_targets(options.targets, labels, logits.shape[-1]):
             key = target_key(target)
             indices = target.indices(logits).to(logits.device)  # B
             scores = probabilities.gather(1, indices[:, None])[:, 0].cpu()
             out["targets"][key] = [
-                (int(i), names[int(i)], float(p)) for i, p in zip(indices.cpu(), scores)
+                (int(i), class_labels[int(i)], float(p)) for i, p in zip(indices.cpu(), scores)
             ]
             aimed = replace(forward, targets=indices.clone())
             for name in specific:
@@ -246,10 +314,10 @@ def compute_batch(
     out["map_info"] = {key: out["map_info"][key] for key in out["methods"]}
     k = min(TOP_K, probabilities.shape[-1])
     scores, indices = probabilities.topk(k, dim=-1)
-    names = class_names(labels, probabilities.shape[-1])
+    class_labels = class_names(labels, probabilities.shape[-1])
     out["top"] = [
         [
-            (int(i), names[int(i)] if int(i) < len(labels) else str(int(i)), float(s))
+            (int(i), class_labels[int(i)] if int(i) < len(labels) else str(int(i)), float(s))
             for s, i in zip(row_s, row_i)
         ]
         for row_s, row_i in zip(scores.cpu(), indices.cpu())

@@ -41,6 +41,8 @@ def preview_map(result: ImageAttention) -> tuple[str, np.ndarray]:
     if result.methods:
         key = next(iter(result.methods))
         return key, result.methods[key]
+    if "probe" in result.queries:  # SigLIP: the probe's map is the class map
+        return "probe · head mean", result.queries["probe"]["head_mean"][0]
     assert result.head_mean is not None
     return f"layer {result.layers[-1]} · head mean", result.head_mean[-1]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import cache, lru_cache
 from itertools import groupby
 from pathlib import Path
@@ -23,7 +24,8 @@ from ...data.images import display_size
 from . import colormaps
 from .names import readable
 from .options import AttentionOptions, Scale, Style
-from .paint import overlay_tiles
+from .paint import Tile, overlay_tiles
+from .queries import mass_note
 
 if TYPE_CHECKING:
     from .batches import ImageAttention
@@ -104,6 +106,79 @@ def _place(bands: Sequence[int], columns: int) -> list[tuple[int, int]]:
     return places
 
 
+def all_tiles(
+    result: ImageAttention, image: Image.Image, options: AttentionOptions, size: tuple[int, int]
+) -> list[Tile]:
+    """Every overlay of one image in sheet order: the methods' maps, the MAP probe's heads
+    (SigLIP's class map), then per chosen layer the head mean and heads of each query row
+    (CLS, then dist for DeiT distilled). All per-head maps share one colour range (they are
+    the same quantity: attention renormalised over the patches), and each head tile's note
+    gets a second line with its raw mass on the prefix tokens."""
+    if result.heads is None or result.head_mean is None:
+        return overlay_tiles(result, image, options, size)
+    # (query, layer or None for the probe, {heads, head_mean, masks, prefix_mass})
+    positions: list[tuple[str, int | None, dict]] = []
+    own = {
+        "heads": result.heads,
+        "head_mean": result.head_mean,
+        "masks": result.masks,
+        "prefix_mass": result.prefix_mass,
+    }
+    if "probe" in result.queries:
+        positions.append(("probe", None, {k: v[0] for k, v in result.queries["probe"].items()}))
+    for position, chosen in enumerate(result.layers):
+        positions.append(
+            (
+                result.head_query,
+                chosen,
+                {k: v[position] for k, v in own.items() if v is not None},
+            )
+        )
+        for name, arrays in result.queries.items():
+            if name != "probe":
+                positions.append((name, chosen, {k: v[position] for k, v in arrays.items()}))
+    with_masks = all("masks" in arrays for _, _, arrays in positions)
+    combined = replace(
+        result,
+        heads=np.stack([arrays["heads"] for _, _, arrays in positions]),
+        head_mean=np.stack([arrays["head_mean"] for _, _, arrays in positions]),
+        masks=np.stack([arrays["masks"] for _, _, arrays in positions]) if with_masks else None,
+        layers=list(range(len(positions))),
+    )
+    tiles = overlay_tiles(combined, image, options, size)
+    methods, rest = tiles[: len(result.methods)], tiles[len(result.methods) :]
+    num_heads = result.heads.shape[1]
+    named = list(methods)
+    plain = len(positions) == len(result.layers)  # one query row: the names as always
+    for number, (query, layer, arrays) in enumerate(positions):
+        if query == "probe":
+            stem, title, band = "probe", "probe", "probe"
+        elif plain or query == "mean":  # the mean over queries: the header says so
+            stem, title, band = f"layer{layer:02d}", f"layer {layer}", f"layer{layer:02d}"
+        else:
+            label = "CLS" if query == "cls" else query
+            stem, title = f"{query}_layer{layer:02d}", f"{label} · layer {layer}"
+            band = stem
+        mass = arrays.get("prefix_mass")
+        group = rest[number * (num_heads + 1) : (number + 1) * (num_heads + 1)]
+        for head, tile in enumerate(group):
+            which = "head mean" if head == 0 else f"head {head - 1}"
+            note = tile.note
+            if mass is not None and len(result.prefix_names):
+                values = mass.mean(axis=0) if head == 0 else mass[head - 1]
+                note += "\n" + mass_note(result.prefix_names, values)
+            named.append(
+                replace(
+                    tile,
+                    stem=f"{stem}_mean" if head == 0 else f"{stem}_head{head - 1:02d}",
+                    title=f"{title} · {which}",
+                    note=note,
+                    band=band,
+                )
+            )
+    return named
+
+
 def render_sheet(
     result: ImageAttention, image: Image.Image, options: AttentionOptions, model: str = ""
 ) -> Image.Image:
@@ -113,7 +188,7 @@ def render_sheet(
     size = display_size(result.geometry.original_size, options.tile)
     if image.size != size:  # once, for the original and the overlays
         image = image.resize(size, Image.Resampling.BILINEAR)
-    tiles = overlay_tiles(result, image, options, size)
+    tiles = all_tiles(result, image, options, size)
     original = np.array(image)
     box_left, box_top, box_right, box_bottom = result.geometry.box
     original_w, original_h = result.geometry.original_size
@@ -124,6 +199,8 @@ def render_sheet(
     columns, places = layout(bands)
     rows = places[-1][0] + 1
     heatmap = options.style == Style.heatmap
+    two_lines = any("\n" in note for _, note, _ in cells)
+    title_h = _TITLE_H + (_NOTE_H if two_lines else 0)
     with _TEXT_LOCK:  # one FreeType face is shared by the rendering threads
         template, geometry = _sheet_template(
             size,
@@ -132,6 +209,7 @@ def render_sheet(
             tuple((place, title) for place, (title, _, _) in zip(places, cells)),
             ((model,) if model else ()) + header_parts(result, options),
             options.colormap.value if heatmap else "",
+            title_h,
         )
         sheet = template.copy()
         draw = ImageDraw.Draw(sheet)
@@ -141,17 +219,18 @@ def render_sheet(
         draw.text((pad, 38), _fit(subtitle, font(13), text_w), fill=(70, 70, 70), font=font(13))
         for (row, column), (_, tile_note, _) in zip(places, cells):
             x, y = geometry["cell"](row, column)
-            flat = tile_note.endswith("(flat)")
-            draw.text(
-                (x + geometry["cell_w"] / 2, y + 20),
-                _fit(tile_note, font(12), geometry["cell_w"]),
-                fill=(200, 60, 30) if flat else (110, 110, 110),
-                font=font(12),
-                anchor="ma",
-            )
+            for number, line in enumerate(tile_note.split("\n")):
+                flat = line.endswith("(flat)")
+                draw.text(
+                    (x + geometry["cell_w"] / 2, y + 20 + number * _NOTE_H),
+                    _fit(line, font(12), geometry["cell_w"]),
+                    fill=(200, 60, 30) if flat else (110, 110, 110),
+                    font=font(12),
+                    anchor="ma",
+                )
     for (row, column), (tile_title, _, pixels) in zip(places, cells):
         x, y = geometry["cell"](row, column)
-        tile_x, tile_y = x + (geometry["cell_w"] - size[0]) // 2, y + _TITLE_H
+        tile_x, tile_y = x + (geometry["cell_w"] - size[0]) // 2, y + title_h
         sheet.paste(Image.fromarray(pixels), (tile_x, tile_y))
         if tile_title == "original" and not full:
             scale_x, scale_y = size[0] / original_w, size[1] / original_h
@@ -218,11 +297,27 @@ def header_parts(result: ImageAttention, options: AttentionOptions) -> tuple[str
         scale += " scale (0 to the largest value, for all heads together and per method)"
     parts.append(f"{options.interpolation.value}, {scale}")
     parts.append(f"grid {result.grid_size[0]}x{result.grid_size[1]}")
-    if result.query != "cls":
+    if result.query == "probe":
+        parts.append("class map: the MAP probe's attention (probe tiles, seeds rollout)")
+    if result.head_query != "cls" and result.heads is not None:
+        parts.append("no CLS token: layer maps are the mean over queries")
+    elif result.query != "cls" and result.query != "probe":
         parts.append("no CLS token: mean over queries")
+    if "dist" in result.queries:
+        parts.append("CLS and dist query rows")
+    if result.heads is not None and result.prefix_mass is not None and len(result.prefix_names):
+        parts.append(
+            "head maps renormalised over the patches; 2nd note line: raw mass on the prefix "
+            "tokens (" + ", ".join(_prefix_groups(result.prefix_names)) + ")"
+        )
     if options.threshold is not None:
         parts.append(f"outline: top patches with {options.threshold:g} of each head's mass")
     return tuple(parts)
+
+
+def _prefix_groups(names: Sequence[str]) -> list[str]:
+    groups = ["registers" if name.startswith("reg_") else name for name in names]
+    return list(dict.fromkeys(groups))
 
 
 def sheet_size(
@@ -235,21 +330,29 @@ def sheet_size(
     rows = places[-1][0] + 1
     cell_w = max(options.tile, 150)
     width = _PAD + max(columns, 2) * (cell_w + _PAD)
-    return width, 200 + rows * (_TITLE_H + options.tile + _PAD) + _PAD
+    # The prefix-mass line (_NOTE_H) counted always: an upper bound is what this is for.
+    return width, 200 + rows * (_TITLE_H + _NOTE_H + options.tile + _PAD) + _PAD
 
 
 _PAD, _TITLE_H = 10, 38  # the title line and the range line above each tile
+_NOTE_H = 15  # a second note line: the prefix tokens' mass
 MIN_COLUMNS = 3
 _TEXT_LOCK = threading.Lock()
 
 
 @lru_cache(maxsize=8)
 def _sheet_template(
-    size: tuple[int, int], columns: int, rows: int, titles: tuple, parts: tuple, colormap: str
+    size: tuple[int, int],
+    columns: int,
+    rows: int,
+    titles: tuple,
+    parts: tuple,
+    colormap: str,
+    title_h: int = _TITLE_H,
 ):
     """The parts of a sheet every image of a run shares (titles, option lines, colour bar),
     drawn once: text rendering is a good share of the time of a sheet otherwise."""
-    pad, title_h = _PAD, _TITLE_H
+    pad = _PAD
     small_font = font(13)
     cell_w = max(size[0], 150)
     cell_h = title_h + size[1]

@@ -83,6 +83,11 @@ def check_supported(model: ViT) -> None:
         for name, _ in module.named_parameters(recurse=False):
             fail(f"a parameter {where}.{name}")
 
+    pool = getattr(model.config, "pool", "cls")
+    if pool == "map":
+        fail("a MAP head (an attention-pooling probe, which no relevance rule here covers)")
+    if getattr(model.config, "dist_token", False):
+        fail("a distillation token (two heads)")
     extra = {
         name for name, child in model.named_children() if not isinstance(child, nn.Identity)
     } - _MODEL_PARTS
@@ -90,10 +95,8 @@ def check_supported(model: ViT) -> None:
         fail(", ".join(sorted(extra)))
     if not isinstance(model.head, nn.Linear):
         fail(f"a head of type {type(model.head).__name__}")
-    if getattr(model.config, "pool", "cls") not in ("cls", "mean"):
-        fail(f"pool {model.config.pool!r}")
-    if getattr(model.config, "dist_token", False):
-        fail("a distillation token")
+    if pool not in ("cls", "mean"):
+        fail(f"pool {pool!r}")
     for index, module in enumerate(model.blocks):
         block = cast(Block, module)
         check(block, _BLOCK_PARTS, f"blocks.{index}")

@@ -11,8 +11,9 @@ when a family has them. Every chain keeps all T tokens in its products and slice
 columns at the end, so mass that flows through registers is accounted for, never dropped
 mid-chain. The chain starts from the classifier's read-out over tokens (`readout`): e_0 for
 CLS pooling, (e_0 + e_1) / 2 with a distillation token (eval logits are the mean of both
-heads), 1/N on the patches for mean pooling. Other heads (e.g. an attention-pooling probe)
-are refused with a message, not guessed.
+heads), 1/N on the patches for mean pooling, half e_0 and half 1/N for CLS+mean; with an
+attention-pooling (MAP) probe, gae starts from the probe's gradient-weighted attention row.
+gradcam reads the patch tokens only, whatever the head.
 
 Gradients. Class-specific methods run in eval mode with every parameter frozen
 (requires_grad False, restored afterwards); the input alone requires grad so autograd records
@@ -35,7 +36,15 @@ from ...model.vit import Block, ViT
 
 # The attention-map maths lives with `vit attention`; imported here only, so a move of that
 # module needs one line changed.
-from ..attention.maps import cls_maps, fuse_heads, rollout_rows
+from ..attention.maps import (
+    cls_maps,
+    discard_lowest,
+    fuse_heads,
+    rollout_rows,
+    rollout_seed,
+    rollout_step,
+    seeded_rollout,
+)
 from .targets import Target, resolve_targets
 
 
@@ -64,25 +73,66 @@ def grid_of(model: ViT, images: torch.Tensor) -> tuple[int, int]:
     return images.shape[-2] // patch, images.shape[-1] // patch
 
 
-def readout(model: ViT, batch: int, tokens: int, like: torch.Tensor) -> torch.Tensor:
-    """(B, T): how the classifier reads the final tokens, the row every chain starts from."""
+def readout(
+    model: ViT,
+    batch: int,
+    tokens: int,
+    like: torch.Tensor,
+    probe_row: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, T): how the head reads the final tokens, the row every chain starts from.
+
+    pool "cls": e_0; "dist" (DeiT distilled, eval logits = the mean of the CLS and dist heads):
+    (e_0 + e_1) / 2; "mean": 1/N on the patches; "cls+mean" (one linear layer over [CLS;
+    patch mean]): half of each; "map" (SigLIP's probe): `probe_row`, the method's own weighting
+    of the probe's attention over the tokens (gae: E_h[(∇P ⊙ P)^+]).
+    """
     config = model.config
     prefix = prefix_tokens(model)
     row = torch.zeros(batch, tokens, dtype=like.dtype, device=like.device)
     pool = getattr(config, "pool", "cls")
     if pool == "cls":
-        if getattr(config, "dist_token", False):
-            row[:, :2] = 0.5  # DeiT distilled: eval logits = mean of the CLS and dist heads
-        else:
-            row[:, 0] = 1.0
+        row[:, 0] = 1.0
+    elif pool == "dist":
+        row[:, :2] = 0.5  # DeiT distilled: eval logits = mean of the CLS and dist heads
     elif pool == "mean":
         row[:, prefix:] = 1.0 / (tokens - prefix)
+    elif pool == "cls+mean":
+        row[:, 0] = 0.5
+        row[:, prefix:] = 0.5 / (tokens - prefix)
+    elif pool == "map" and probe_row is not None:
+        row = probe_row.to(like.dtype)
     else:
         raise InputError(
-            f"class-specific maps are not defined for pool {pool!r} yet; "
-            "use --method raw or rollout with this model"
+            f"class-specific maps are not defined for pool {pool!r} with this method; "
+            "use --method gae, raw or rollout with this model"
         )
     return row
+
+
+@contextmanager
+def probe_weights(model: ViT) -> Iterator[list[torch.Tensor]]:
+    """Within the block, every forward of a MAP head (SigLIP's attention-pooling probe) also
+    records the probe's softmax weights (B, nh, 1, T), in the graph, into the yielded list.
+    Nothing is recorded for a model without one."""
+    captured: list[torch.Tensor] = []
+    pool = getattr(model, "attn_pool", None)
+    if pool is None:
+        yield captured
+        return
+
+    def explicit(module, args, kwargs):
+        return args, {**kwargs, "return_weights": True}
+
+    handles = [
+        pool.register_forward_pre_hook(explicit, with_kwargs=True),
+        pool.register_forward_hook(lambda module, args, output: captured.append(output[1])),
+    ]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def chain(readout_row: torch.Tensor, bars: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -160,8 +210,9 @@ def raw_maps(
 ) -> Explanation:
     """The CLS query row of one layer's attention, heads fused: A_l[0, prefix:].
 
-    The same map as `vit attention`'s head mean (mean-pooled models without CLS: the mean over
-    queries). Class-agnostic.
+    Not renormalised: `vit attention`'s head mean averages each head's row renormalised over
+    the patches (mean-pooled models without CLS, and MAP heads: the mean over queries).
+    Class-agnostic.
     """
     depth = len(model.blocks)
     if not -depth <= layer < depth:
@@ -183,10 +234,28 @@ def rollout_maps(
 ) -> Explanation:
     """Attention rollout (Abnar & Zuidema 2020): Ã_b = rownorm(Ā_b + I), map = (Ã_L...Ã_1)[0].
 
-    Exactly `vit attention`'s rollout (same functions). Class-agnostic.
+    Exactly `vit attention`'s rollout (same functions): with a MAP head (SigLIP) the chain
+    starts from the probe's head-mean row instead of e_0. Class-agnostic.
     """
     depth = len(model.blocks)
     prefix = prefix_tokens(model)
+    if getattr(model.config, "pool", "cls") == "map":
+        with frozen(model), torch.no_grad():
+            tokens, weights = model.forward_features(images, attn_layers=range(depth))
+            logits = model.forward_head(tokens)
+            probe = model.map_attention(tokens)  # B,nh,1,T
+            factors = [
+                rollout_step(
+                    discard_lowest(fuse_heads(weights[i], head_fusion), discard_ratio, prefix)
+                )
+                for i in range(depth)
+            ]
+            seed = rollout_seed(
+                model.config, probe, tokens.shape[0], tokens.shape[1], tokens.device
+            )
+            rows = seeded_rollout(factors, seed)  # B,T
+        maps = patch_grid(rows, grid_of(model, images), prefix)
+        return Explanation(maps=maps, logits=logits.float().cpu(), targets=None)
     with frozen(model), torch.no_grad():
         logits, weights = model.forward_with_attention(images, layers=range(depth))
         rows = rollout_rows(
@@ -209,6 +278,11 @@ def gae_maps(
         R_0 = I,  R_b = R_{b-1} + Ā_b R_{b-1}    (b = 1..L)
         map = r^T R_L over the patch columns   (r = the read-out row: e_0 with CLS)
 
+    With a MAP head (SigLIP: no CLS token; a probe attends over the final tokens) the probe's
+    attention P (B, nh, 1, T) is treated as one more attention map, weighted the same way:
+    r = E_h[(∇P ⊙ P)^+]. The probe has no residual of its own (its query is a learned latent,
+    not a token), so r enters the chain as it is, with no identity added.
+
     One forward and one backward. Each layer's gradient is reduced to Ā_b (B, T, T) by a hook
     as soon as autograd produces it, so per-head gradients are never all held at once; the
     read-out row of R_L is then a vector chain (see `chain`).
@@ -216,18 +290,21 @@ def gae_maps(
     depth = len(model.blocks)
     prefix = prefix_tokens(model)
     bars: dict[int, torch.Tensor] = {}
-    with recording(model, images) as x:
+    with probe_weights(model) as probes, recording(model, images) as x:
         logits, weights = model.forward_with_attention(x, layers=range(depth))
         score, indices = _target_score(logits, targets, labels)
         for index, attention in weights.items():
             attention.register_hook(_gae_hook(bars, index, attention.detach()))
+        if probes:  # B,nh,1,T: r = E_h[(∇P ⊙ P)^+], as any other attention map
+            probes[-1].register_hook(_gae_hook(bars, -1, probes[-1].detach()))
         torch.autograd.grad(score, [weights[0]], allow_unused=True)
-        del weights
+        del weights, probes
     grid_size = grid_of(model, images)
     batch, tokens = x.shape[0], prefix + grid_size[0] * grid_size[1]
     zero = torch.zeros(batch, tokens, tokens, dtype=logits.dtype, device=logits.device)
     layer_bars = [bars.get(i, zero) for i in range(depth)]  # a layer y_t ignores: Ā = 0
-    rows = chain(readout(model, batch, tokens, logits), layer_bars)
+    probe_row = bars[-1][:, 0] if -1 in bars else None  # B,T
+    rows = chain(readout(model, batch, tokens, logits, probe_row), layer_bars)
     maps = patch_grid(rows, grid_size, prefix)
     return Explanation(maps=maps, logits=logits.detach().float().cpu(), targets=indices)
 
