@@ -20,7 +20,7 @@ from ..services.attention.options import (
     Scale,
     Style,
 )
-from .common import DeviceOption, ModelOption, QuietOption, WorkersOption
+from .common import DeviceOption, Int8Option, ModelOption, QuietOption, WorkersOption
 
 EXAMPLES = """\
 [b]Examples[/b]
@@ -247,6 +247,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         workers: WorkersOption = None,
         device: DeviceOption = "auto",
+        int8: Int8Option = False,
         quiet: QuietOption = False,
     ) -> None:
         """Attention maps: per-head CLS maps, rollout, and class-specific maps (gae, attribution,
@@ -291,6 +292,7 @@ def register(app: typer.Typer) -> None:
             batch_size="auto" if batch_size is None else batch_size,
             workers=worker_count,
             device=device,
+            int8=int8,
         )
         with make_progress(quiet=quiet) as bar:
             task = bar.add_task("attention", total=None, rate="")

@@ -8,7 +8,14 @@ from typing import Annotated
 
 import typer
 
-from .common import BatchSizeOption, DeviceOption, JobsAlias, ModelOption, WorkersOption
+from .common import (
+    BatchSizeOption,
+    DeviceOption,
+    Int8Option,
+    JobsAlias,
+    ModelOption,
+    WorkersOption,
+)
 
 
 def evaluate(
@@ -32,6 +39,7 @@ def evaluate(
     workers: WorkersOption = None,
     jobs: JobsAlias = None,
     device: DeviceOption = "auto",
+    int8: Int8Option = False,
     quiet: Annotated[
         bool,
         typer.Option(
@@ -54,6 +62,8 @@ def evaluate(
     vit eval photos/ --model runs/a/best.safetensors -o report.json --confusion-png c.png
 
     vit eval photos/ -o report.csv --workers 4 --device cuda:1
+
+    vit eval photos/ --int8
     """
     from ..console import err, make_progress, print_error, print_warning
     from ..console import out as stdout
@@ -67,6 +77,7 @@ def evaluate(
         batch_size=batch_size,
         workers=workers if workers is not None else jobs,
         device=device,
+        int8=int8,
     )
     with make_progress(quiet=quiet) as progress:
         task = progress.add_task("eval", total=None, rate="")
