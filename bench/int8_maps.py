@@ -40,11 +40,13 @@ def maps_of(bundle, paths: list[str]) -> dict[str, list[np.ndarray]]:
     return kinds
 
 
-def compare(ref: np.ndarray, ours: np.ndarray) -> tuple[float, bool, float]:
-    """(cosine, same top patch, max |diff| / peak) of one (Hp, Wp) map."""
+def compare(ref: np.ndarray, ours: np.ndarray) -> tuple[float, bool, float, float]:
+    """(cosine, same top patch, max |diff| / peak, fp32 value of int8's top patch / fp32 peak)
+    of one (Hp, Wp) map."""
     a, b = ref.ravel().astype(np.float64), ours.ravel().astype(np.float64)
     cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-    return cosine, int(a.argmax()) == int(b.argmax()), float(np.abs(a - b).max() / a.max())
+    top = int(b.argmax())
+    return cosine, int(a.argmax()) == top, float(np.abs(a - b).max() / a.max()), a[top] / a.max()
 
 
 def main() -> None:
@@ -71,10 +73,12 @@ def main() -> None:
             for ref, ours in zip(fp32_maps[kind], int8_maps[kind])
             for r, o in zip(ref.reshape(-1, *ref.shape[-2:]), ours.reshape(-1, *ours.shape[-2:]))
         ]
-        cos, top, err = (np.array(column) for column in zip(*rows))
+        cos, top, err, held = (np.array(column) for column in zip(*rows))
+        # Where the top patch moved: how close the new one was to the peak in float32.
+        moved = f"{held[~top].min():>8.1%}" if (~top).any() else f"{'-':>9}"
         print(
             f"{kind:<10} {len(rows):>5} {cos.min():>8.5f} {np.median(cos):>8.5f} "
-            f"{top.mean():>8.1%} {np.median(err):>8.2%} {err.max():>8.2%}"
+            f"{top.mean():>8.1%} {np.median(err):>8.2%} {err.max():>8.2%} {moved}"
         )
 
 
