@@ -65,7 +65,7 @@ def prefer_passive_waiting() -> bool:
 
     Also THP_MEM_ALLOC_ENABLE=1 unless the user set it (torch reads it once, too): large
     tensors on transparent huge pages fault in 512x fewer pages, and page faults are much of a
-    batch's time on some VMs (docs/int8.md: B/16 int8 3-30% faster, fp32 2-10%).
+    batch's time on some VMs (docs/int8.md: B/16 int8 11-30% faster, fp32 2-11%).
     """
     if "torch" in sys.modules:
         return False
