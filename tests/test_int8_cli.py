@@ -184,3 +184,22 @@ def test_int8_file_copied_into_a_folder_loads(tmp_path):
     folder.mkdir()
     shutil.copy(tmp_path / "m.safetensors", folder / "model.safetensors")
     assert is_quantized(load_model(str(folder)).model)
+
+
+def test_an_int8_file_is_held_to_the_limits_of_a_float_file(tmp_path, examples_dir):
+    """A config asking for a huge model is refused before anything is built."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    honest = tmp_path / "m.safetensors"
+    assert invoke("convert", "bundled", honest, "--int8").exit_code == 0
+    with safe_open(str(honest), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    config = json.loads(metadata["config"])
+    config["width"] = 1_000_000_000
+    metadata["config"] = json.dumps(config)
+    hostile = tmp_path / "hostile.safetensors"
+    save_file(tensors, str(hostile), metadata=metadata)
+    result = invoke("predict", examples_dir / SHAPES[0], "-m", hostile)
+    one_line_error(result, 1, "width")

@@ -183,10 +183,6 @@ def load_vitcli_file(path: str | Path, reference: str = "") -> ModelBundle:
             f"{path}: broken vitcli metadata ({library_reason(error)}); "
             "re-save or re-convert the file"
         ) from None
-    if metadata.get("quantization"):  # `vit convert --int8`: the layers stored as they run
-        from .int8 import load_quantized
-
-        return load_quantized(path, reference=reference)
     model = build_model(config, tensors, where, read=lambda: read_safetensors(path)[0])
     return ModelBundle(
         model=model,
