@@ -19,7 +19,7 @@ install: $(BIN)/vit
 
 # The main job on the bundled default model: classify the examples, render attention sheets.
 demo: install
-	$(BIN)/vit predict examples/ --format table
+	$(BIN)/vit predict examples/shapes-ring.jpg examples/shapes-star.jpg examples/shapes-triangle.jpg --format table
 	$(BIN)/vit attention examples/ --out out/attention --html
 	@echo "attention sheets written under out/attention/ (open out/attention/index.html)"
 
@@ -37,13 +37,16 @@ lint: install
 
 # A plain (non-editable) wheel must carry the bundled model and find it from any folder.
 check-wheel: install
-	rm -rf build/wheel build/site && mkdir -p build/wheel build/site
+	rm -rf build/wheel build/site build/wheel-attention && mkdir -p build/wheel build/site
 	$(BIN)/python -m pip wheel -q --no-deps . -w build/wheel
 	$(BIN)/python -m pip install -q --no-deps --target build/site build/wheel/vitcli-*.whl
 	cd /tmp && PYTHONPATH=$(CURDIR)/build/site $(CURDIR)/$(BIN)/python -c "import vitcli, sys; \
 	from vitcli.weights.resolve import default_model_path as p; \
 	assert vitcli.__file__.startswith('$(CURDIR)/build/site'), vitcli.__file__; print('bundled model:', p())"
 	cd /tmp && PYTHONPATH=$(CURDIR)/build/site $(CURDIR)/$(BIN)/python -m vitcli predict $(CURDIR)/examples/shapes-star.jpg --format table
+	cd /tmp && PYTHONPATH=$(CURDIR)/build/site $(CURDIR)/$(BIN)/python -m vitcli attention $(CURDIR)/examples/shapes-star.jpg \
+		--out $(CURDIR)/build/wheel-attention --explore --html -q
+	test -s build/wheel-attention/shapes-star/explorer.html && test -s build/wheel-attention/index.html
 
 bench: install
 	$(BIN)/python bench/predict.py

@@ -89,16 +89,19 @@ def main() -> None:
                 result = json.loads(process.stdout.strip().splitlines()[-1])
                 results[policy].append(result)
                 print(
-                    f"round {round_number + 1} {policy:8s} end to end {result['end_to_end']:6.1f} img/s, "
+                    f"round {round_number + 1} {policy:8s} "
+                    f"end to end {result['end_to_end']:6.1f} img/s, "
                     f"model-only {result['model_only']:6.1f} img/s",
                     file=sys.stderr,
                 )
 
     print(
-        f"\n{args.variant}, {args.images} JPEGs 1600x1200, {args.threads} threads, {args.rounds} rounds (medians)\n"
+        f"\n{args.variant}, {args.images} JPEGs 1600x1200, {args.threads} threads, "
+        f"{args.rounds} rounds (medians)\n"
     )
     print(
-        "| OMP_WAIT_POLICY | end to end img/s | model-only img/s | end to end / model-only, same process |"
+        "| OMP_WAIT_POLICY | end to end img/s | model-only img/s "
+        "| end to end / model-only, same process |"
     )
     print("|---|---|---|---|")
     for policy in POLICIES:
@@ -113,11 +116,13 @@ def main() -> None:
     ]
     gain = [p["end_to_end"] / u["end_to_end"] for p, u in zip(results["PASSIVE"], results["unset"])]
     print(
-        f"\n- end to end PASSIVE / model-only unset, same round: median {statistics.median(paired) * 100:.0f}% "
+        "\n- end to end PASSIVE / model-only unset, same round: "
+        f"median {statistics.median(paired) * 100:.0f}% "
         f"({', '.join(f'{v * 100:.0f}' for v in paired)})"
     )
     print(
-        f"- end to end PASSIVE / end to end unset, same round: median {statistics.median(gain):.2f}x "
+        "- end to end PASSIVE / end to end unset, same round: "
+        f"median {statistics.median(gain):.2f}x "
         f"({', '.join(f'{v:.2f}' for v in gain)})"
     )
 

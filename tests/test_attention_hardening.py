@@ -116,7 +116,7 @@ def test_terminal_output_escapes_control_characters(tmp_path, tiny_model_file):
     code, output = cli(str(folder), "--model", str(tiny_model_file), "--out", str(tmp_path / "o"))
     assert code == 1 and "\x1b[2J" not in output and "\\x1b[2Jbroken.jpg" in output
     assert terminal_safe("a\rb\x9bc") == "a\\rb\\x9bc" and terminal_safe("é ok") == "é ok"
-    assert readable(os.fsdecode(b"x\xff\n")) == "x\\xff\\n"
+    assert readable(os.fsdecode(b"x\xff\n")) == "x\\xff\\x0a"
 
 
 # -- FIFOs and other non-files -----------------------------------------------------------------
@@ -135,7 +135,7 @@ def test_a_fifo_named_like_an_image_is_never_opened(tmp_path, tiny_model_file, w
         timeout=120,  # a regression hangs on open(); this turns it into a failure
     )
     assert process.returncode == 1, process.stderr
-    assert process.stderr.count("is a FIFO") == 2  # found by the scan, and named
+    assert process.stderr.count("(a FIFO)") == 2  # found by the scan, and named
     assert "2 of 4 images written" in process.stderr
 
 

@@ -77,3 +77,30 @@ def test_default_model_is_found_from_any_working_directory(tmp_path, held_out):
     )
     assert done.returncode == 0, done.stderr
     assert '"label": "circle"' in done.stdout
+
+
+def test_vit_model_names_the_default_and_model_wins(tmp_path, tiny_model_file, monkeypatch):
+    from vitcli.errors import ModelNotFoundError
+    from vitcli.weights.resolve import load_model
+
+    monkeypatch.setenv("VIT_MODEL", str(tiny_model_file))
+    assert load_model(None).labels == load_model(str(tiny_model_file)).labels
+    assert load_model("bundled").reference == "vit-shapes-p16"  # an explicit name wins
+    monkeypatch.setenv("VIT_MODEL", str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ModelNotFoundError, match="VIT_MODEL"):
+        load_model(None)
+
+
+def test_bundled_model_top5_logits_on_the_star_example_are_pinned(examples_dir):
+    """A change to the model code, the weights file or the preprocessing moves these numbers."""
+    from vitcli.data.images import open_image
+    from vitcli.data.loader import prepare
+
+    bundle = load_model(None)
+    image, size = open_image(examples_dir / "shapes-star.jpg")
+    with torch.no_grad():
+        logits = bundle.model(prepare(image, bundle.preprocess, size)[None])[0]
+    values, indices = logits.topk(5)
+    assert [bundle.labels[i] for i in indices] == ["star", "cross", "square", "circle", "ring"]
+    expected = torch.tensor([3.3441, -0.4423, -0.5905, -0.6682, -0.8203])
+    assert torch.allclose(values, expected, atol=2e-3), values

@@ -223,9 +223,9 @@ def test_bundled_model_int8_agrees_on_shapes(tmp_path):
     from PIL import Image
 
     paths = sorted(p for p in tmp_path.glob("*/*.jpg") if p.parent.name in bundle.labels)
-    x = torch.stack(
-        [torch.from_numpy(bundle.preprocess(Image.open(p).convert("RGB"))) for p in paths]
-    )
+    from vitcli.data.loader import prepare
+
+    x = torch.stack([prepare(Image.open(p).convert("RGB"), bundle.preprocess) for p in paths])
     truth = torch.tensor([bundle.labels.index(p.parent.name) for p in paths])
     with torch.inference_mode():
         want, got = bundle.model(x).argmax(1), quantize(bundle.model)(x).argmax(1)

@@ -260,7 +260,7 @@ def test_top_k_is_clipped_and_logits_are_raw(folder, model_file):
     (probs,) = jsonl(result.stdout)
     assert len(probs["predictions"]) == 5  # clipped to the 5 classes
     assert sum(p["score"] for p in probs["predictions"]) == pytest.approx(1.0, abs=1e-5)
-    assert "1 of 1 images classified in" in result.stderr
+    assert "1 of 1 images classified by " in result.stderr and "(5 classes) in" in result.stderr
     (raw,) = jsonl(runner.invoke(app, [*base, "--top-k", "50", "--logits"]).stdout)
     logits = torch.tensor([p["score"] for p in raw["predictions"]])
     assert [p["index"] for p in raw["predictions"]] == [p["index"] for p in probs["predictions"]]

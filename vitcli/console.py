@@ -1,5 +1,5 @@
-"""The rich consoles (results on stdout, everything else on stderr), progress bars, and
-`terminal_safe`, the one escaping every text goes through before it reaches a terminal."""
+"""The rich consoles (results on stdout, everything else on stderr), progress bars, and the
+error and warning lines; every text goes through `text.terminal_safe` before a terminal."""
 
 from __future__ import annotations
 
@@ -16,27 +16,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from .text import terminal_safe
+
 out = Console(highlight=False, soft_wrap=False)
 err = Console(stderr=True, highlight=False)
-
-# Characters a terminal acts on instead of showing: C0 controls (ESC starts the sequences that
-# clear the screen or retitle the window), DEL, C1 controls (0x9b is a one-byte CSI on some
-# terminals) and the bidirectional overrides that make a name read differently from its bytes.
-_BIDI = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
-_UNSAFE = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
-_UNSAFE.update({ord(char): f"\\u{ord(char):04x}" for char in _BIDI})
-# A file name that is not valid UTF-8 arrives as lone surrogates (os.fsdecode's
-# surrogateescape): show each as the byte it stands for.
-_UNSAFE.update({0xDC00 + byte: f"\\x{byte:02x}" for byte in range(0x80, 0x100)})
-
-
-def terminal_safe(text: str) -> str:
-    """`text` with control characters, bidi overrides and undecodable bytes written as visible
-    escapes (ESC -> \\x1b, newline -> \\x0a, byte 0xff of a non-UTF-8 name -> \\xff), so that
-    nothing printed can move the cursor, recolour or clear the terminal, or fail to encode."""
-    safe = text.translate(_UNSAFE)
-    # Any other lone surrogate (not from surrogateescape) cannot be encoded either.
-    return safe.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def stderr_is_terminal() -> bool:

@@ -112,10 +112,33 @@ def _root(
 
 
 def _register() -> None:
-    from . import attention, data, evaluate, export, inspect, models, predict, score, train
+    from typer.core import TyperCommand
 
-    for module in (predict, attention, train, evaluate, data, models, inspect, score, export):
+    from . import (
+        attention,
+        data,
+        embed,
+        evaluate,
+        export,
+        inspect,
+        models,
+        predict,
+        score,
+        train,
+    )
+    from .common import Command
+
+    commands = (predict, attention, embed, train, evaluate, data, models, inspect, score, export)
+    for module in commands:
         module.register(app)
+    # One help style for every command, whichever module registered it (see common.Command).
+    typers = [app]
+    while typers:
+        current = typers.pop()
+        for info in current.registered_commands:
+            if info.cls in (None, TyperCommand):
+                info.cls = Command
+        typers.extend(g.typer_instance for g in current.registered_groups if g.typer_instance)
 
 
 _register()

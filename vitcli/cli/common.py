@@ -12,7 +12,7 @@ from enum import Enum
 from typing import Annotated
 
 import typer
-from typer.core import TyperCommand
+from typer.core import TyperArgument, TyperCommand
 
 
 class DType(str, Enum):
@@ -90,11 +90,34 @@ JobsAlias = Annotated[int | None, typer.Option("-j", hidden=True, show_default=F
 
 
 class Command(TyperCommand):
-    """A command whose --help shows no `<bool>` placeholder (flags take no value). Use it as
-    `app.command("name", cls=Command)`."""
+    """A command whose --help reads the same everywhere: flags show no `<bool>` placeholder,
+    arguments are named in capitals (INPUTS, DATA, OUT_DIR) without a `<list[str]>` or `<path>`
+    type, and numeric ranges are said in the option's help, not as `<int range> [x>=1]`.
+    Every command gets this class (see `vitcli.cli._register`); Click still enforces the
+    ranges."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            # Instance attributes shadow typer's display methods for this command's help only.
+            if isinstance(param, TyperArgument):
+                if param.metavar is None and param.name:
+                    param.metavar = param.name.upper()
+                param.display_type_rich = _no_type  # type: ignore[method-assign]
+            elif getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+            param._get_number_range_help_str = _no_range  # type: ignore[attr-defined]
 
     def get_help_option(self, ctx):
         option = super().get_help_option(ctx)
         if option is not None:
             option.metavar = ""
         return option
+
+
+def _no_type(ctx=None) -> None:
+    return None
+
+
+def _no_range() -> None:
+    return None

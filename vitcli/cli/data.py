@@ -15,7 +15,16 @@ MAX_PER_CLASS = 1_000_000
 MAX_IMAGE_SIZE = 4096
 
 
-@data_app.command("shapes")
+EXAMPLES = """\
+[bold]Examples[/]
+
+  vit data shapes shapes-train --per-class 2000 --seed 0
+  vit data shapes shapes-test --per-class 200 --seed 2 --workers 2
+  vit data shapes pairs --objects 2 --per-class 20   [dim]# for vit score[/]
+"""
+
+
+@data_app.command("shapes", epilog=EXAMPLES)
 def shapes(
     out_dir: Annotated[
         Path,
@@ -69,12 +78,7 @@ def shapes(
     Six classes (circle, cross, ring, square, star, triangle) of random colour, size, rotation
     and position on gradient, photo-like and textured backgrounds. Images go to
     OUT_DIR/<class>/*.jpg, masks to OUT_DIR/.masks/<class>/*.png, a summary to OUT_DIR/shapes.json.
-
-    [bold]Examples[/]
-
-    vit data shapes shapes-train --per-class 2000 --seed 0
-
-    vit data shapes shapes-test --per-class 200 --seed 2 --workers 2
+    Guide: docs/train.md.
     """
     from ..console import err, make_progress, print_warning
     from ..data.shapes import SHAPES, generate

@@ -26,7 +26,7 @@ def parse_image_size(text: str | None) -> tuple[int, int] | None:
 
 def export(
     model: str = typer.Argument(
-        ..., help="Model file, folder or hub id (as --model elsewhere; 'default': the bundled one)."
+        ..., help="Model file, folder or hub id (as --model elsewhere; 'bundled': the bundled one)."
     ),
     destination: Path = typer.Argument(..., help="Output file, ending in .onnx."),
     int8: bool = typer.Option(
@@ -53,7 +53,10 @@ def export(
         "-1 is the last.",
     ),
 ) -> None:
-    """Export a model to ONNX (dynamic batch), checked against vitcli's own forward."""
+    """Export a model to ONNX (dynamic batch), checked against vitcli's own forward.
+
+    Needs the onnx extra: pip install 'vitcli[onnx]'. Guide: docs/export.md.
+    """
     if destination.suffix.lower() != ".onnx":
         raise InputError(f"{destination}: the output must end in .onnx")
     if destination.is_dir():
@@ -102,5 +105,14 @@ def export(
         out.print(note, highlight=False, markup=False, soft_wrap=True)
 
 
+EXAMPLES = """\
+[bold]Examples[/]
+
+  vit export bundled model.onnx
+  vit export google/vit-base-patch16-224 b16-int8.onnx --int8
+  vit export run/best.safetensors model.onnx --image-size 384 --attention-layer -1
+"""
+
+
 def register(app: typer.Typer) -> None:
-    app.command("export")(export)
+    app.command("export", epilog=EXAMPLES)(export)

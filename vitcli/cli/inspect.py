@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..services.attention.options import Colormap
 from .common import DeviceOption, ModelOption, QuietOption
 
 
@@ -41,14 +42,8 @@ def inspect(
         ),
     ] = None,
     colormap: Annotated[
-        str,
-        typer.Option(
-            "--colormap",
-            metavar="NAME",
-            help="Colormap of the similarity panel: viridis, inferno, "
-            "magma, plasma, jet, gray or hot.",
-        ),
-    ] = "viridis",
+        Colormap, typer.Option("--colormap", help="Colormap of the similarity panel.")
+    ] = Colormap.viridis,
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
@@ -61,11 +56,7 @@ def inspect(
       attention_distance.png: mean attention distance per head against depth
       inspect.json, inspect.safetensors: the numbers behind the pictures
 
-    Examples:
-
-        vit inspect --out inspect/
-
-        vit inspect --model google/vit-base-patch16-224 --images photos/ --out inspect-b16/
+    Guide: docs/inspect.md.
     """
     from rich.markup import escape
 
@@ -88,7 +79,7 @@ def inspect(
             max_images=max_images,
             batch_size=batch_size,
             device=device,
-            colormap=colormap,
+            colormap=colormap.value,
             on_progress=advance,
         )
     for failed, message in summary.failures:
@@ -102,5 +93,13 @@ def inspect(
         stdout.print(escape(str(written)))
 
 
+EXAMPLES = """\
+[bold]Examples[/]
+
+  vit inspect --out inspect/
+  vit inspect --model google/vit-base-patch16-224 --images photos/ --out inspect-b16/
+"""
+
+
 def register(app: typer.Typer) -> None:
-    app.command("inspect")(inspect)
+    app.command("inspect", epilog=EXAMPLES)(inspect)

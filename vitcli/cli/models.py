@@ -35,11 +35,14 @@ def printable(text: str) -> str:
 
 def summarize(bundle: ModelBundle) -> dict:
     """Everything `vit info` shows, as plain JSON-able data."""
+    from ..model import describe_family
+
     config = bundle.config
     return {
         "reference": bundle.reference,
         "source_format": bundle.source_format,
         "name": config.name,
+        "family": describe_family(config),
         "config": config.to_dict(),
         "num_parameters": sum(p.numel() for p in bundle.model.parameters()),
         "num_labels": len(bundle.labels),
@@ -72,6 +75,7 @@ def _render_info(info: dict) -> None:
             f"{config['width']} / {config['depth']} / {config['num_heads']} / {config['mlp_dim']}",
         ),
         ("parameters", _count(info["num_parameters"])),
+        *_family_rows(info["family"]),
         ("position embedding", f"{config['pos_embed']}, pool {config['pool']}"),
         ("activation / ln eps", f"{config['act']} / {config['ln_eps']:g}"),
         ("qkv bias", str(config["qkv_bias"])),
@@ -111,6 +115,24 @@ def _render_info(info: dict) -> None:
     for key, value in rows:
         table.add_row(key, value)
     out.print(table)
+
+
+def _family_rows(family: dict) -> list[tuple[str, str]]:
+    """The family block of `vit info`: what the tokens are and what the embedding is."""
+    scale = family["layer_scale"]
+    rows = [
+        ("family", printable(str(family["family"]))),
+        ("prefix tokens", f"{family['prefix_tokens']} ({family['prefix']})"),
+        ("pooling", printable(str(family["pooling"]))),
+        ("embedding size", f"{family['embedding_dim']} (vit embed)"),
+        ("head", printable(str(family["head"]))),
+        ("layer scale", "off" if scale is None else f"on (init {scale:g})"),
+        ("mlp", printable(str(family["mlp"]))),
+        ("position resampling", printable(str(family["position_resampling"]))),
+    ]
+    if family["extras"]:
+        rows.append(("also", printable(", ".join(family["extras"]))))
+    return rows
 
 
 def _count(number: int) -> str:
@@ -205,7 +227,30 @@ def fetch(
     out.print(str(folder), highlight=False, markup=False, soft_wrap=True)
 
 
+INFO_EXAMPLES = """\
+[bold]Examples[/]
+
+  vit info bundled
+  vit info google/vit-base-patch16-224
+  vit info ./my-model/ --json
+"""
+
+CONVERT_EXAMPLES = """\
+[bold]Examples[/]
+
+  vit convert google/vit-base-patch16-224 vit-b16.safetensors
+  vit convert ViT-B_16.npz vit-b16-21k.safetensors --fp16
+"""
+
+FETCH_EXAMPLES = """\
+[bold]Examples[/]
+
+  vit fetch google/vit-base-patch16-224
+  vit fetch facebook/dinov2-small --revision main
+"""
+
+
 def register(app: typer.Typer) -> None:
-    app.command("info")(info)
-    app.command("convert")(convert)
-    app.command("fetch")(fetch)
+    app.command("info", epilog=INFO_EXAMPLES)(info)
+    app.command("convert", epilog=CONVERT_EXAMPLES)(convert)
+    app.command("fetch", epilog=FETCH_EXAMPLES)(fetch)

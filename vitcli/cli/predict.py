@@ -47,8 +47,16 @@ class _Table:
     and message goes through terminal_safe."""
 
     def __init__(self, console, paths: list[str], labels: list[str], logits: bool) -> None:
+        import os
+
+        from rich.console import Console
+
         from ..console import terminal_safe
 
+        if not console.is_terminal and "COLUMNS" not in os.environ:
+            # Piped, rich assumes 80 columns and would wrap every path; a wider fixed width
+            # keeps one image per line for whoever reads the log.
+            console = Console(file=console.file, width=120, highlight=False, soft_wrap=False)
         self.console = console
         self.logits = logits
         width = max(console.width, 60)
@@ -149,7 +157,7 @@ def predict(
             "-k",
             metavar="K",
             min=1,
-            help="Predictions per image (clipped to the number of classes).",
+            help="Predictions per image, 1 or more (clipped to the number of classes).",
         ),
     ] = 5,
     logits: Annotated[
@@ -237,7 +245,8 @@ written), 2 for a usage error.
         failed = f", [red]{summary.failed} failed[/]" if summary.failed else ""
         target = f" -> {markup(str(result.output))}" if result.output is not None else ""
         err.print(
-            f"{summary.succeeded} of {summary.total} images classified{failed} in "
+            f"{summary.succeeded} of {summary.total} images classified{failed} by "
+            f"{markup(result.model)} in "
             f"{summary.seconds:.1f} s ({rate}{result.device}{ranks}){target}",
             highlight=False,
             soft_wrap=True,

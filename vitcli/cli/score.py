@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from .common import BatchSizeOption, ModelOption, QuietOption, WorkersOption
+
+
+class Baseline(str, Enum):
+    mean = "mean"
+    blur = "blur"
 
 
 def score(
@@ -19,6 +25,7 @@ def score(
         list[str] | None,
         typer.Option(
             "--method",
+            metavar="METHOD",
             help="raw, rollout, gae, attribution, gradcam (repeatable or comma list). "
             "\\[default: all]",
             show_default=False,
@@ -27,19 +34,34 @@ def score(
     model: ModelOption = None,
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="Also write the scores as JSON to this file."),
+        typer.Option(
+            "--output", "-o", metavar="FILE", help="Also write the scores as JSON to this file."
+        ),
     ] = None,
     steps: Annotated[
-        int, typer.Option("--steps", min=1, max=1000, help="Deletion/insertion steps.")
+        int,
+        typer.Option(
+            "--steps", metavar="N", min=1, max=1000, help="Deletion/insertion steps, 1 to 1000."
+        ),
     ] = 10,
     baseline: Annotated[
-        str, typer.Option("--baseline", help="What removed patches show: mean or blur.")
-    ] = "mean",
+        Baseline, typer.Option("--baseline", help="What removed patches show.")
+    ] = Baseline.mean,
     tolerance: Annotated[
-        float, typer.Option("--tolerance", min=0.0, help="Pointing game tolerance, pixels.")
+        float,
+        typer.Option(
+            "--tolerance", metavar="PIXELS", min=0.0, help="Pointing game tolerance, 0 or more."
+        ),
     ] = 15.0,
     limit: Annotated[
-        int | None, typer.Option("--limit", min=1, help="Score the first N images only.")
+        int | None,
+        typer.Option(
+            "--limit",
+            metavar="N",
+            min=1,
+            show_default=False,
+            help="Score the first N images only (1 or more). \\[default: all]",
+        ),
     ] = None,
     batch_size: BatchSizeOption = 8,
     workers: WorkersOption = None,
@@ -49,7 +71,7 @@ def score(
 
     Per method: pointing game on the target's object and on the other object, mass on each
     vs its area share, deletion and insertion AUC, and ms per map; a random map is the
-    control. Generate data with `vit data shapes DIR --objects 2`.
+    control. Generate data with `vit data shapes DIR --objects 2`. Guide: docs/explain.md.
     """
     from ..console import err, make_progress
     from ..errors import InputError
@@ -67,7 +89,9 @@ def score(
     if not data.is_dir():
         raise InputError(f"{data}: not a folder; generate one with `vit data shapes {data}`")
     methods = parse_methods(method) if method else METHODS
-    options = ScoreOptions(methods=methods, tolerance=tolerance, steps=steps, baseline=baseline)
+    options = ScoreOptions(
+        methods=methods, tolerance=tolerance, steps=steps, baseline=baseline.value
+    )
     images, _ = shapes_objects(data)
     total = min(len(images), limit) if limit else len(images)
     workers_used, warning = resolve_workers(workers)
@@ -94,9 +118,18 @@ def score(
     if not quiet:
         err.print(
             f"{report.images} images scored ({len(report.failures)} failed); pointing within "
-            f"{tolerance:g} px; AUC over {steps} steps, {baseline} baseline"
+            f"{tolerance:g} px; AUC over {steps} steps, {baseline.value} baseline"
         )
 
 
+EXAMPLES = """\
+[bold]Examples[/]
+
+  vit data shapes pairs/ --objects 2 --per-class 20   [dim]# a folder with two objects each[/]
+  vit score pairs/                                    [dim]# every method, a markdown table[/]
+  vit score pairs/ --method rollout,gae --limit 50 -o scores.json
+"""
+
+
 def register(app: typer.Typer) -> None:
-    app.command("score")(score)
+    app.command("score", epilog=EXAMPLES)(score)

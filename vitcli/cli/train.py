@@ -64,6 +64,16 @@ def train(
             "fine-tune (file, folder, hub id).",
         ),
     ] = "Ti/16",
+    linear_probe: Annotated[
+        bool,
+        typer.Option(
+            "--linear-probe",
+            metavar="",
+            help="Freeze the --model backbone and train only a new linear head on its pooled "
+            "features; without --randaugment/--mixup/--cutmix the features are computed once "
+            "per image (fast).",
+        ),
+    ] = False,
     epochs: Annotated[
         int | None,
         typer.Option(
@@ -246,16 +256,6 @@ def train(
     OUT/state.pt (to --resume), OUT/metrics.jsonl, OUT/metrics.csv and OUT/config.json, and
     prints the best model's path on stdout. Under torchrun it trains with
     DistributedDataParallel and only rank 0 writes. Ctrl-C keeps the last finished epoch.
-
-    [bold]Examples[/]
-
-    vit train shapes/ --out runs/a --epochs 20 --val-split 0.1
-
-    vit train photos/ --out runs/ft --model google/vit-base-patch16-224 --epochs 3
-
-    vit train --resume runs/a --epochs 40
-
-    torchrun --nproc_per_node=2 -m vitcli train shapes/ --out runs/ddp
     """
     from ..services.train import TrainConfig
     from ..services.train import run as run_training
@@ -296,6 +296,7 @@ def train(
         workers=workers if workers is not None else jobs,
         device=device,
         amp=amp.value,
+        linear_probe=linear_probe,
     )
     not_main = os.environ.get("RANK", "0") not in ("", "0")
     from .train_progress import TrainRenderer
@@ -353,5 +354,16 @@ def _interrupted(config, not_main: bool) -> None:
     raise typer.Exit(130)
 
 
+EXAMPLES = """\
+[bold]Examples[/]
+
+  vit train shapes/ --out runs/a --epochs 20 --val-split 0.1
+  vit train photos/ --out runs/ft --model google/vit-base-patch16-224 --epochs 3
+  vit train photos/ --out runs/probe --model facebook/dinov2-small --linear-probe
+  vit train --resume runs/a --epochs 40
+  torchrun --nproc_per_node=2 -m vitcli train shapes/ --out runs/ddp
+"""
+
+
 def register(app: typer.Typer) -> None:
-    app.command("train")(train)
+    app.command("train", epilog=EXAMPLES)(train)

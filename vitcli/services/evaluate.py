@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +27,9 @@ from ..data.loader import normalize
 from ..errors import DatasetError, InputError, OptionError
 from ..fileio import atomic_write_bytes
 from ..runtime import resolve_device, resolve_workers
+from ..text import csv_text, json_bytes
 from ..weights.format import ModelBundle
 from .int8 import check_int8_options, prepare_int8
-from .train.rundir import json_bytes
 
 OTHER = "(other)"
 MAX_BATCH = 65_536
@@ -264,7 +263,7 @@ def write_report(result: EvalResult, path: str | Path) -> Path:
         writer.writerow(["class", "images", "failed", "correct", "accuracy", "top5"])
         for c in result.classes:
             writer.writerow(
-                [_cell(c.label), c.images, c.failed, c.correct, _fmt(c.accuracy), _fmt(c.top5)]
+                [csv_text(c.label), c.images, c.failed, c.correct, _fmt(c.accuracy), _fmt(c.top5)]
             )
         correct = sum(c.correct for c in result.classes)
         writer.writerow(
@@ -285,26 +284,6 @@ def write_report(result: EvalResult, path: str | Path) -> Path:
 
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.6f}"
-
-
-_CSV_UNSAFE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-
-
-def _csv_char(match: re.Match) -> str:
-    code = ord(match.group())
-    if code == 0x5C:
-        return "\\\\"
-    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, kept by surrogateescape
-        return f"\\x{code - 0xDC00:02x}"
-    return f"\\u{code:04x}"
-
-
-def _cell(text: str) -> str:
-    """A label as a CSV cell: a backslash doubled, control characters as \\u00XX (a raw CR
-    would split the row), bytes that are not UTF-8 as \\xHH, and a ' before a leading
-    = + - @ so that no spreadsheet runs it as a formula (OWASP): predict's CSV convention."""
-    text = _CSV_UNSAFE.sub(_csv_char, text)
-    return "'" + text if text.startswith(("=", "+", "-", "@", "'")) else text
 
 
 def confusion_png(result: EvalResult, path: str | Path, cell: int = 36) -> Path:

@@ -7,7 +7,8 @@ finishes, so a reader never sees half a file (an interrupted run leaves the old 
 A write that fails (disk full, read-only folder, file size limit) removes the temporary file
 and raises OutputError: one line, no traceback.
 
-Text that cannot go into a file as it is, is escaped reversibly (docs/predict.md):
+Text that cannot go into a file as it is, is escaped reversibly by vitcli/text.py
+(docs/predict.md):
 - JSON: characters that are valid JSON but unsafe or unencodable (a name that is not UTF-8
   holds lone surrogates; DEL and C1 controls; bidi overrides) are written as \\uXXXX escapes,
   which every JSON reader turns back into the same string (Python: os.fsencode gives the bytes).
@@ -21,9 +22,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
-import json
 import os
-import re
 from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
@@ -31,6 +30,9 @@ from typing import TextIO
 
 from ..errors import InputError, OutputError
 from ..fileio import temp_file_beside, write_target
+from ..text import csv_text, csv_unescape, json_line
+
+__all__ = ["csv_text", "csv_unescape", "json_line"]  # re-exported: the writers' escaping
 
 
 class OutputFormat(str, Enum):
@@ -62,58 +64,6 @@ def choose_format(
     if output is not None:
         return OutputFormat(format_for_path(output) or "jsonl")
     return OutputFormat.table if stdout_is_terminal else OutputFormat.jsonl
-
-
-# -- escaping ----------------------------------------------------------------------------------
-
-_BIDI = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029"
-# Only ever inside JSON strings (the syntax is ASCII), where \uXXXX means the same character.
-_JSON_UNSAFE = re.compile(f"[\x7f-\x9f\ud800-\udfff{_BIDI}]")
-
-
-def json_line(record: dict) -> str:
-    """One record as compact JSON text that encodes to UTF-8 whatever the file name, never
-    with a bare NaN or Infinity (ValueError instead: a record must not carry one)."""
-    text = json.dumps(record, ensure_ascii=False, allow_nan=False)
-    return _JSON_UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
-
-
-def _csv_escape_char(match: re.Match) -> str:
-    code = ord(match.group())
-    if code == 0x5C:
-        return "\\\\"
-    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, kept by surrogateescape
-        return f"\\x{code - 0xDC00:02x}"
-    return f"\\u{code:04x}"
-
-
-_CSV_UNSAFE = re.compile(f"[\\\\\x00-\x1f\x7f-\x9f\ud800-\udfff{_BIDI}]")
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
-
-
-def csv_text(value: str) -> str:
-    """A text cell for CSV: reversibly escaped (see the module docstring) and never a formula."""
-    value = _CSV_UNSAFE.sub(_csv_escape_char, value)
-    return "'" + value if value.startswith(_FORMULA_START) else value
-
-
-_CSV_ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4})")
-
-
-def csv_unescape(cell: str) -> str:
-    """The text `csv_text` was given (with os.fsencode, a path's original bytes)."""
-    if cell.startswith("'"):
-        cell = cell[1:]
-
-    def one(match: re.Match) -> str:
-        code = match.group(1)
-        if code == "\\":
-            return "\\"
-        if code[0] == "x":
-            return chr(0xDC00 + int(code[1:], 16))
-        return chr(int(code[1:], 16))
-
-    return _CSV_ESCAPE.sub(one, cell)
 
 
 # -- targets -----------------------------------------------------------------------------------

@@ -16,8 +16,6 @@ noise from the float32 forward pass); `logits` scores keep full float32 precisio
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,15 +26,31 @@ import torch
 from .. import distributed
 from ..data.images import pixel_limit
 from ..data.inputs import InputItem, collect_inputs, refuse_output_among_inputs
-from ..data.loader import image_batches
-from ..errors import InputError, OptionError, VitError
+from ..errors import OptionError, VitError
 from ..runtime import DTYPE_CHOICES, default_workers, resolve_device, resolve_dtype
 from ..weights.format import ModelBundle
+from .batchrun import (
+    LoaderOptions,
+    OrderedRun,
+    ProgressCallback,
+    Summary,
+    model_batches,
+    share_inputs,
+)
 from .int8 import prepare_int8
 from .outputs import OutputFormat, open_writer
 
-# on_progress(done, total): images finished so far (all ranks) out of all inputs.
-ProgressCallback = Callable[[int, int], None]
+__all__ = [
+    "PredictOptions",
+    "PredictResult",
+    "PredictRun",
+    "Predictor",
+    "ProgressCallback",
+    "Summary",
+    "predict_paths",
+    "run",
+    "share_inputs",
+]
 
 SCORE_DIGITS = 6  # significant digits of probabilities in records
 
@@ -80,18 +94,6 @@ class PredictOptions:
             )
 
 
-@dataclass
-class Summary:
-    total: int = 0
-    failed: int = 0
-    seconds: float = 0.0
-    world_size: int = 1
-
-    @property
-    def succeeded(self) -> int:
-        return self.total - self.failed
-
-
 @dataclass(frozen=True)
 class PredictResult:
     """What a `run` did; `is_main` is False on the ranks other than 0, which wrote nothing."""
@@ -99,6 +101,7 @@ class PredictResult:
     summary: Summary
     device: str  # e.g. "cpu float32"
     top_k: int
+    model: str  # ModelBundle.describe(): the name, and what the bundled model knows
     output: Path | None
     is_main: bool
 
@@ -125,10 +128,10 @@ class Predictor:
 
     def __init__(self, bundle: ModelBundle, options: PredictOptions) -> None:
         num_classes = bundle.config.num_classes
-        if num_classes < 1:
+        if num_classes < 1 or bundle.config.head_kind == "projection":
             raise VitError(
-                f"{bundle.reference or 'the model'} has no classifier head (num_classes 0); "
-                "use a classification model"
+                f"{bundle.reference or 'the model'} has no classifier (an embedding model); "
+                "use `vit embed`, `vit attention`, or `vit train --linear-probe`"
             )
         self.bundle = bundle
         self.options = options
@@ -168,36 +171,21 @@ class Predictor:
     def batches(self, items: Sequence[InputItem]) -> Iterator[list[tuple[int, dict]]]:
         """Per batch, [(position in `items`, record)] in order; batch k covers positions
         [kB, (k+1)B)."""
-        if not items:
-            return
-        batch_size = self.options.batch_size
-        # Worker start-up is pure cost when there is nothing to overlap with.
-        workers = max(0, min(self.options.workers, math.ceil(len(items) / batch_size) - 1))
-        loader = image_batches(
-            [item.path for item in items],
-            self.bundle.preprocess,
-            batch_size=batch_size,
-            workers=workers,
+        loader = LoaderOptions(
+            batch_size=self.options.batch_size,
+            workers=self.options.workers,
             draft=self.options.draft,
-            pin_memory=self.device.type == "cuda",
-            errors=[item.error for item in items],
             device=self.device,
             dtype=self.dtype,
         )
-        for batch in loader:
-            records: dict[int, dict] = {}
-            for index, message in batch.failures:
-                records[index] = {"path": items[index].path, "error": message}
-            if batch.indices:
-                assert batch.inputs is not None
-                for index, result in zip(batch.indices, self.classify(batch.inputs)):
-                    path = items[index].path
-                    records[index] = (
-                        {"path": path, "error": f"{path}: {result}"}
-                        if isinstance(result, str)
-                        else {"path": path, "predictions": result}
-                    )
-            yield sorted(records.items())
+
+        def compute(inputs: torch.Tensor) -> list[dict | str]:
+            return [
+                result if isinstance(result, str) else {"predictions": result}
+                for result in self.classify(inputs)
+            ]
+
+        return model_batches(items, self.bundle.preprocess, loader, compute)
 
 
 def _not_finite(bundle: ModelBundle) -> str:
@@ -207,38 +195,9 @@ def _not_finite(bundle: ModelBundle) -> str:
     )
 
 
-def share_inputs(collect: Callable[[], list[InputItem]]) -> list[InputItem]:
-    """The input list, collected once on rank 0 (stdin is only rank 0's) and sent to every rank.
-
-    A user error on rank 0 is re-raised on every rank so that none waits forever.
-    """
-    if not distributed.is_distributed():
-        return collect()
-    if distributed.is_main():
-        payload: tuple[str, list[InputItem] | str]
-        try:
-            payload = ("ok", collect())
-        except VitError as error:
-            payload = ("error", str(error))
-        payload = distributed.broadcast_object(payload)
-    else:
-        payload = distributed.broadcast_object(None)
-    status, value = payload
-    if isinstance(value, str) or status == "error":
-        raise InputError(str(value))
-    return value
-
-
-class PredictRun:
-    """One run over `items`; iterate `records()` for batches of records in input order.
-
-    Alone it streams the predictor's batches. Distributed, every rank must iterate: rank
-    r classifies positions r, r + W, r + 2W, ... in batches; after each batch rank 0 gathers
-    every rank's records (rank 0's shard is the longest, so all ranks agree on the number of
-    rounds), and releases the longest prefix of input positions it now holds complete. After
-    round k every position below W * (k + 1) * B is done, so rank 0 buffers at most about
-    W * B records; other ranks yield nothing.
-    """
+class PredictRun(OrderedRun):
+    """One run over `items`; iterate `records()` for batches of records in input order
+    (alone, or under torchrun with rank 0 releasing them in order: batchrun.OrderedRun)."""
 
     def __init__(
         self,
@@ -247,65 +206,13 @@ class PredictRun:
         options: PredictOptions | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> None:
-        self.items = list(items)
         self.options = options if options is not None else PredictOptions()
-        self.on_progress = on_progress
         self.predictor = Predictor(bundle, self.options)
-        self.summary = Summary(total=len(self.items), world_size=distributed.world_size())
+        super().__init__(items, self.predictor.batches, self.options.batch_size, on_progress)
 
     @property
     def warning(self) -> str | None:
         return self.predictor.warning
-
-    def records(self) -> Iterator[list[dict]]:
-        start = time.perf_counter()
-        done = 0
-        if self.on_progress:
-            self.on_progress(0, len(self.items))
-        stream = self._local() if not distributed.is_distributed() else self._distributed()
-        for records in stream:
-            self.summary.failed += sum(1 for record in records if "error" in record)
-            done += len(records)
-            self.summary.seconds = time.perf_counter() - start
-            if self.on_progress:
-                self.on_progress(done, len(self.items))
-            yield records
-        if distributed.is_distributed():
-            # Every rank learns the outcome so that all exit with the same status.
-            self.summary.failed = distributed.broadcast_object(self.summary.failed)
-        self.summary.seconds = time.perf_counter() - start
-
-    def _local(self) -> Iterator[list[dict]]:
-        for batch in self.predictor.batches(self.items):
-            yield [record for _, record in batch]
-
-    def _distributed(self) -> Iterator[list[dict]]:
-        world, me = distributed.world_size(), distributed.rank()
-        positions = distributed.shard(len(self.items), me, world)
-        rounds = math.ceil(
-            len(distributed.shard(len(self.items), 0, world)) / self.options.batch_size
-        )
-        local = self.predictor.batches([self.items[p] for p in positions])
-        pending: dict[int, dict] = {}
-        next_position = 0
-        for _ in range(rounds):
-            batch = next(local, [])
-            mine = [(positions[index], record) for index, record in batch]
-            gathered = distributed.gather_object(mine)
-            if gathered is None:  # not rank 0: rank 0 writes everything
-                continue
-            for part in gathered:
-                pending.update(part)
-            released = []
-            while next_position in pending:
-                released.append(pending.pop(next_position))
-                next_position += 1
-            if released:
-                yield released
-        if me == 0 and (pending or next_position != len(self.items)):
-            raise RuntimeError(
-                f"distributed predict lost records: {next_position} of {len(self.items)} released"
-            )
 
 
 def predict_paths(
@@ -393,6 +300,7 @@ def run(
         summary=predict.summary,
         device=f"{predict.predictor.device.type} {dtype}",
         top_k=top_k,
+        model=predict.predictor.bundle.describe(),
         output=options.output,
         is_main=main,
     )

@@ -1,5 +1,8 @@
 """Which explanation is right? Every method scored on shapes images whose object masks are known.
 
+One file of ~450 lines on purpose: the four scores share one pass over each batch (the maps,
+the masks on the grid, the perturbation curves) and only make sense read together.
+
 For each image of a `vit data shapes` folder (one object, or two of different classes with
 `--objects 2`) and each object in it, the object's class is the target, and every method's
 map for that target is scored:

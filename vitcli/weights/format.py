@@ -54,6 +54,15 @@ class ModelBundle:
     def config(self) -> ViTConfig:
         return self.model.config
 
+    def describe(self) -> str:
+        """One line naming the model for summaries: what the user typed, and for the bundled
+        model what it knows (six shapes, not photos), so nobody mistakes its guesses."""
+        name = self.reference or self.source_format
+        classes = self.config.num_classes
+        if self.extra.get("bundled"):
+            return f"{name} (bundled; knows {', '.join(self.labels)})"
+        return f"{name} ({classes} classes)" if classes else f"{name} (no classifier head)"
+
 
 def default_labels(num_classes: int) -> list[str]:
     return [f"class_{i}" for i in range(num_classes)]

@@ -1,5 +1,8 @@
 """transformers folders of the ViT families: DeiT, DINOv2 (with registers), CLIP and SigLIP.
 
+One file of ~410 lines on purpose: the four key maps share the same renaming helpers and are
+best compared side by side.
+
 Each model_type is a handful of ViTConfig flags plus renames onto timm's (our) tensor names.
 Both the on-disk names that save_pretrained writes (`encoder.layer.{i}.attention.attention.query`,
 `mlp.weights_in`, ...) and the transformers-5 in-memory spellings (`attention.q_proj`,
@@ -17,9 +20,10 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..model import ViT, ViTConfig
-from .format import ModelBundle, load_state
-from .hf import HF_ACTS, labels_from_hf, preprocess_from_hf, read_hf_weights
+from ..model import ViTConfig
+from .format import ModelBundle, build_model
+from .hf import HF_ACTS, _stack_qkv, labels_from_hf, preprocess_from_hf, read_hf_weights
+from .limits import check_config, whole
 
 FAMILY_TYPES = (
     "deit",
@@ -151,6 +155,8 @@ def hf_family_to_timm(
         if name in ("head.attention.in_proj_weight", "head.attention.in_proj_bias"):
             # nn.MultiheadAttention packs [q; k; v]: the probe's query, then the tokens' k, v.
             kind = "weight" if name.endswith("weight") else "bias"
+            if tensor.ndim == 0 or tensor.shape[0] % 3:
+                raise CheckpointError(f"{key} has shape {tuple(tensor.shape)}, not [q; k; v]")
             width = tensor.shape[0] // 3
             out[f"attn_pool.q.{kind}"] = tensor[:width]
             out[f"attn_pool.kv.{kind}"] = tensor[width:]
@@ -172,7 +178,9 @@ def hf_family_to_timm(
     for (index, target, kind), parts in fused.items():
         ours, count = _FUSED_NAMES[target]
         if sorted(parts) == list(range(count)):
-            out[f"blocks.{index}.{ours}.{kind}"] = torch.cat([parts[i] for i in range(count)])
+            out[f"blocks.{index}.{ours}.{kind}"] = _stack_qkv(
+                [parts[i] for i in range(count)], f"block {index} {target} {kind} parts"
+            )
         else:  # incomplete: keep the pieces so that the error names them
             for part, tensor in parts.items():
                 out[f"blocks.{index}.{ours}_part{part}.{kind}"] = tensor
@@ -210,44 +218,74 @@ def _vision_config(config: dict, where: str) -> dict:
     return {**_DEFAULTS[model_type.removesuffix("_vision_model")], **vision}
 
 
-def _patch_size(value) -> int:
+def _patch_size(value, where: str):
+    """HF allows a patch size as an int or a pair; ours is square (checked by check_config)."""
     if isinstance(value, (list, tuple)):
-        if len(set(value)) != 1:
-            raise CheckpointError(f"non-square patch size {value} is not supported")
-        return int(value[0])
-    return int(value)
+        if len(value) not in (1, 2) or value[0] != value[-1]:
+            raise CheckpointError(f"{where}: patch size {value} is not supported (square only)")
+        return value[0]
+    return value
+
+
+# Our config fields -> the keys of a family's config.json, so errors name what the user sees.
+HF_FAMILY_NAMES = {
+    "image_size": "image_size",
+    "patch_size": "patch_size",
+    "in_channels": "num_channels",
+    "width": "hidden_size",
+    "depth": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "mlp_dim": "intermediate_size (or hidden_size x mlp_ratio)",
+    "ln_eps": "layer_norm_eps",
+    "layer_scale": "layerscale_value",
+    "reg_tokens": "register_tokens rows",
+    "num_classes": "classifier.weight rows",
+    "qkv_bias": "qkv_bias",
+}
+
+
+def _rows(tensor: torch.Tensor | None, dim: int = 0) -> int:
+    """A tensor's size along `dim` (0 when absent or too few dimensions): a header's claim."""
+    return int(tensor.shape[dim]) if tensor is not None and tensor.ndim > dim else 0
 
 
 def config_from_hf_family(
     config: dict, state: dict[str, torch.Tensor], where: str
 ) -> tuple[ViTConfig, list[str]]:
-    """Our ViTConfig for a transformers family folder; tensor shapes settle what configs omit."""
+    """Our ViTConfig for a transformers family folder; tensor shapes settle what configs omit.
+
+    Every number is checked (limits.check_config) before a model could be built from it.
+    """
     model_type = config.get("model_type", "")
     vision = _vision_config(config, where)
     act = vision["hidden_act"]
-    if act not in HF_ACTS and act != "quick_gelu":
+    if not isinstance(act, str) or (act not in HF_ACTS and act != "quick_gelu"):
         raise CheckpointError(f"{where}: hidden_act {act!r} is not supported")
-    width = int(vision["hidden_size"])
-    fc1 = state.get("blocks.0.mlp.fc1.weight")
     swiglu = bool(vision.get("use_swiglu_ffn", False))
+    fc1 = state.get("blocks.0.mlp.fc1.weight")
     if fc1 is not None:
-        mlp_dim = int(fc1.shape[0]) // (2 if swiglu else 1)
+        mlp_dim: object = _rows(fc1) // (2 if swiglu else 1)
+    elif vision.get("intermediate_size"):
+        mlp_dim = vision["intermediate_size"]
     else:
-        mlp_dim = int(vision.get("intermediate_size") or width * vision["mlp_ratio"])
-    head = state.get("head.weight")
-    num_classes = int(head.shape[0]) if head is not None else 0
+        width = whole(vision["hidden_size"], "hidden_size", where)
+        ratio = vision.get("mlp_ratio")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1e3:
+            raise CheckpointError(f"{where}: config field mlp_ratio = {ratio!r} is not usable")
+        mlp_dim = int(width * ratio)
+    num_classes = _rows(state.get("head.weight"))
     notes: list[str] = []
     fields: dict = dict(
         image_size=vision["image_size"],
-        patch_size=_patch_size(vision["patch_size"]),
-        in_channels=int(vision["num_channels"]),
+        patch_size=_patch_size(vision["patch_size"], where),
+        in_channels=vision["num_channels"],
         num_classes=num_classes,
-        width=width,
-        depth=int(vision["num_hidden_layers"]),
-        num_heads=int(vision["num_attention_heads"]),
+        width=vision["hidden_size"],
+        depth=vision["num_hidden_layers"],
+        num_heads=vision["num_attention_heads"],
         mlp_dim=mlp_dim,
-        qkv_bias=bool(vision.get("qkv_bias", True)),
-        ln_eps=float(vision["layer_norm_eps"]),
+        qkv_bias=vision.get("qkv_bias", True),
+        ln_eps=vision["layer_norm_eps"],
         act="quick_gelu" if act == "quick_gelu" else HF_ACTS[act],
         pos_resample="bicubic",  # transformers' interpolate_pos_encoding: no antialiasing
     )
@@ -255,10 +293,19 @@ def config_from_hf_family(
         distilled = "head_dist.weight" in state
         fields.update(dist_token=True, pool="dist" if distilled else "cls", family="deit")
     elif model_type in ("dinov2", "dinov2_with_registers"):
-        tokens = state.get("reg_token")
-        registers = int(tokens.shape[1]) if tokens is not None and tokens.ndim == 3 else 0
+        registers = _rows(state.get("reg_token"), dim=1)
+        declared = vision.get("num_register_tokens")
+        if model_type == "dinov2_with_registers" and declared is not None:
+            declared = check_config(
+                {"reg_tokens": declared}, where, names={"reg_tokens": "num_register_tokens"}
+            )["reg_tokens"]
+            if declared != registers:
+                raise CheckpointError(
+                    f"{where}: config field num_register_tokens = {declared} but the weights "
+                    f"hold {registers} register tokens; download the model again"
+                )
         fields.update(
-            layer_scale=float(vision["layerscale_value"]),
+            layer_scale=vision["layerscale_value"],
             act="swiglu" if swiglu else fields["act"],
             pool="cls+mean" if num_classes else "cls",
             family="dinov2",
@@ -280,6 +327,7 @@ def config_from_hf_family(
         fields.update(class_token=False, pool="map" if use_head else "mean", family="siglip")
         if not use_head:
             notes.append("no attention-pooling head in this checkpoint: patch tokens averaged")
+    fields = check_config(fields, where, names=HF_FAMILY_NAMES)
     try:
         return ViTConfig(**fields), notes
     except (ValueError, TypeError) as error:
@@ -287,33 +335,51 @@ def config_from_hf_family(
 
 
 def _fit_state(state: dict[str, torch.Tensor], vit_config: ViTConfig) -> None:
-    """Shape fixes between transformers' layouts and ours, in place."""
+    """Shape fixes between transformers' layouts and ours, in place; on meta tensors (shapes
+    from headers) too, where nothing is computed."""
     width = vit_config.width
-    if "cls_token" in state and state["cls_token"].ndim == 1:  # CLIP's class_embedding (D,)
-        state["cls_token"] = state["cls_token"].reshape(1, 1, width)
+    cls = state.get("cls_token")
+    if cls is not None and cls.ndim == 1 and cls.shape[0] == width:  # CLIP's class_embedding
+        state["cls_token"] = cls.reshape(1, 1, width)
     if "pos_embed" in state and state["pos_embed"].ndim == 2:  # nn.Embedding weight (T, D)
         state["pos_embed"] = state["pos_embed"].unsqueeze(0)
-    if vit_config.no_embed_class and "pos_embed" in state and "cls_token" in state:
+    pos, cls = state.get("pos_embed"), state.get("cls_token")
+    if (
+        vit_config.no_embed_class
+        and pos is not None
+        and cls is not None
+        and pos.ndim == 3
+        and pos.shape[1] > 1
+        and pos.shape[2] == cls.shape[-1]
+    ):
         # DINOv2 with registers adds pos row 0 to CLS before the registers go in: fold it.
-        pos = state["pos_embed"]
-        state["cls_token"] = state["cls_token"] + pos[:, :1]
+        state["cls_token"] = cls if cls.is_meta else cls + pos[:, :1]
         state["pos_embed"] = pos[:, 1:]
     if vit_config.head_kind == "projection" and "head.bias" not in state:
         # CLIP's projection has no bias; a zero one keeps timm's head layout.
-        state["head.bias"] = torch.zeros(vit_config.num_classes)
+        meta = state["head.weight"].is_meta
+        state["head.bias"] = torch.zeros(vit_config.num_classes, device="meta" if meta else None)
 
 
 def load_hf_family(path: Path, config: dict, reference: str) -> ModelBundle:
     """A transformers DeiT, DINOv2, CLIP or SigLIP folder (or full CLIP/SigLIP) as a bundle."""
     path = Path(path)
     where = str(path)
-    raw, weights_name = read_hf_weights(path)
-    state, dropped = hf_family_to_timm(raw)
+    raw, weights_name = read_hf_weights(path, meta=True)  # headers only
+    weights_where = str(path / weights_name)
+    try:
+        state, dropped = hf_family_to_timm(raw)
+    except CheckpointError as error:
+        raise CheckpointError(f"{weights_where}: {error}") from None
     vit_config, notes = config_from_hf_family(config, state, where)
     _fit_state(state, vit_config)
-    model = ViT(vit_config)
-    load_state(model, state, f"{path / weights_name}")
-    model.eval()
+
+    def read() -> dict[str, torch.Tensor]:
+        real, _ = hf_family_to_timm(read_hf_weights(path)[0])
+        _fit_state(real, vit_config)
+        return real
+
+    model = build_model(vit_config, state, weights_where, read=read)
     projection = vit_config.head_kind == "projection"
     num_labels = 0 if projection else vit_config.num_classes
     labels = (

@@ -1,7 +1,9 @@
 """Hub ids (`org/name`): downloaded once with huggingface_hub into the normal HF cache.
 
 Only the files a ViT needs are fetched: config.json, preprocessor_config.json and the weights
-(model.safetensors, sharded safetensors, else pytorch_model.bin).
+(model.safetensors, sharded safetensors, else pytorch_model.bin), plus OpenCLIP's
+open_clip_config.json and open_clip_*.safetensors (a repo holding only an OpenCLIP release
+then loads too; one holding both layouts is read through config.json).
 """
 
 from __future__ import annotations
@@ -11,9 +13,14 @@ from pathlib import Path
 
 from ..errors import ModelNotFoundError, OfflineError
 
-CONFIG_FILES = ["config.json", "preprocessor_config.json"]
-SAFETENSORS_FILES = ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
-PICKLE_FILES = ["pytorch_model.bin"]
+CONFIG_FILES = ["config.json", "preprocessor_config.json", "open_clip_config.json"]
+SAFETENSORS_FILES = [
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*.safetensors",
+    "open_clip_*.safetensors",
+]
+PICKLE_FILES = ["pytorch_model.bin", "open_clip_pytorch_model.bin"]
 
 
 def _offline() -> bool:
@@ -33,6 +40,13 @@ def _has_weights(folder: Path) -> bool:
     return any(
         (folder / name).is_file()
         for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    ) or _is_openclip(folder)
+
+
+def _is_openclip(folder: Path) -> bool:
+    return (
+        any(path.is_file() for path in folder.glob("open_clip_*model.safetensors"))
+        or (folder / "open_clip_pytorch_model.bin").is_file()
     )
 
 
@@ -95,7 +109,7 @@ def download(repo_id: str, revision: str | None = None, quiet: bool = False) -> 
             ) from None
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise OfflineError(f"{repo_id}: download failed ({first}); {how}") from None
-    if not (folder / "config.json").is_file() or not _has_weights(folder):
+    if not ((folder / "config.json").is_file() or _is_openclip(folder)) or not _has_weights(folder):
         if offline:
             raise OfflineError(
                 f"{repo_id} is only partly in the local cache and HF_HUB_OFFLINE=1; {how}"

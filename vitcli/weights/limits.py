@@ -31,6 +31,7 @@ MAX_MLP_DIM = 65536
 MAX_CHANNELS = 64
 MAX_CLASSES = 1_000_000  # ImageNet-21k has 21,843
 MAX_IMAGE_SIDE = 4096
+MAX_REG_TOKENS = 256  # published register models use 4 to 16
 # ViT-G/14 has 1.8 billion parameters; more than this is refused unless the user raises it.
 DEFAULT_MAX_PARAMETERS = 2_000_000_000
 MAX_PARAMETERS_ENV = "VITCLI_MAX_PARAMETERS"
@@ -44,10 +45,19 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "depth": (1, MAX_DEPTH),
     "num_heads": (1, MAX_WIDTH),
     "mlp_dim": (1, MAX_MLP_DIM),
+    "reg_tokens": (0, MAX_REG_TOKENS),
 }
 RATE_FIELDS = ("dropout", "attn_dropout", "drop_path")
-BOOL_FIELDS = ("class_token", "qkv_bias")
-TEXT_FIELDS = ("pos_embed", "pool", "act", "name")
+BOOL_FIELDS = (
+    "class_token",
+    "qkv_bias",
+    "dist_token",
+    "no_embed_class",
+    "pre_norm",
+    "patch_bias",
+    "fc_norm",
+)
+TEXT_FIELDS = ("pos_embed", "pool", "act", "name", "head_kind", "pos_resample", "family")
 
 
 def max_parameters() -> int:
@@ -145,6 +155,18 @@ def check_config(
                 f"{where}: {field('ln_eps')} = {eps!r} must be a number in (0, 1]"
             )
         fields["ln_eps"] = float(eps)
+    if fields.get("layer_scale") is not None:
+        scale = fields["layer_scale"]
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, (int, float))
+            or not math.isfinite(scale)
+            or not 0 < scale <= 1e3
+        ):
+            raise CheckpointError(
+                f"{where}: {field('layer_scale')} = {scale!r} must be a number in (0, 1000] or null"
+            )
+        fields["layer_scale"] = float(scale)
     for name in RATE_FIELDS:
         if name in fields:
             rate = fields[name]

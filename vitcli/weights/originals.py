@@ -16,7 +16,6 @@ Pickles are read with torch.load(weights_only=True) only: nothing in the file ru
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -25,8 +24,9 @@ import torch
 from ..data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from ..errors import CheckpointError
 from ..model import ViT, ViTConfig
-from .format import ModelBundle, load_state, read_safetensors
-from .hf import read_torch_pickle
+from .format import ModelBundle, build_model
+from .limits import max_parameters
+from .readers import library_reason, read_json, read_safetensors, read_torch_pickle, regular_file
 from .timm_families import config_from_state, timm_hints
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -66,24 +66,40 @@ def _bundle(model: ViT, preprocess: Preprocess, reference: str, fmt: str, extra:
     )
 
 
-def _build(state: dict[str, torch.Tensor], config: ViTConfig, where: str) -> ViT:
-    model = ViT(config)
-    load_state(model, state, where)
-    return model.eval()
+def _build(state: dict[str, torch.Tensor], config: ViTConfig, where: str, read=None) -> ViT:
+    """build_model: config limits and every shape checked before the model is allocated."""
+    return build_model(config, state, where, read=read)
 
 
 # -- DINO and DINOv2 ---------------------------------------------------------------------------
 def read_checkpoint(path: Path) -> dict:
     """A torch.save'd dict read with weights_only=True; nested entries (teacher, ...) allowed."""
     import pickle
+    import zipfile
 
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    regular_file(path)  # a FIFO is never opened
+    if not zipfile.is_zipfile(path):
         raise CheckpointError(
-            f"{path}: cannot be read as plain tensors ({first}); a training checkpoint with "
-            "pickled objects is refused: use the released *_pretrain.pth or a .safetensors file"
+            f"{path}: not a torch zip file (an old-style torch.save, or not a checkpoint); "
+            "save it again with a current torch, or use a .safetensors file"
+        )
+    try:
+        # Memory-mapped: tensors cost nothing until the shapes have been checked.
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        OSError,
+        KeyError,
+        TypeError,
+        IndexError,
+    ) as error:
+        raise CheckpointError(
+            f"{path}: cannot be read as plain tensors ({library_reason(error)}); a training "
+            "checkpoint with pickled objects is refused: use the released *_pretrain.pth or a "
+            ".safetensors file"
         ) from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: not a state dict of tensors")
@@ -108,10 +124,27 @@ def dino_state(raw: dict, where: str) -> tuple[dict[str, torch.Tensor], list[str
         name = re.sub(r"^blocks\.(\d+)\.mlp\.w12\.", r"blocks.\1.mlp.fc1.", name)
         name = re.sub(r"^blocks\.(\d+)\.mlp\.w3\.", r"blocks.\1.mlp.fc2.", name)
         state[name] = tensor
+    total = sum(tensor.numel() for tensor in state.values())
+    if total > max_parameters():
+        raise CheckpointError(
+            f"{where}: holds {total:,} numbers, more than vitcli loads ({max_parameters():,}); "
+            "set VITCLI_MAX_PARAMETERS to raise the limit"
+        )
     if "register_tokens" in state:
         state["reg_token"] = state.pop("register_tokens")
-        pos = state["pos_embed"]
-        state["cls_token"] = state["cls_token"] + pos[:, :1]  # registers carry no position
+        pos, cls = state.get("pos_embed"), state.get("cls_token")
+        if (
+            pos is None
+            or cls is None
+            or pos.ndim != 3
+            or cls.ndim != 3
+            or pos.shape[1] < 2
+            or pos.shape[2] != cls.shape[2]
+        ):
+            raise CheckpointError(
+                f"{where}: register_tokens without a matching cls_token and pos_embed"
+            )
+        state["cls_token"] = cls + pos[:, :1]  # registers carry no position
         state["pos_embed"] = pos[:, 1:]
     if "patch_embed.proj.weight" not in state:
         raise CheckpointError(
@@ -147,6 +180,13 @@ def load_dino_pth(path: Path, reference: str) -> ModelBundle:
     return _bundle(model, preprocess, reference, "dino", extra)
 
 
+def _head_bias(state: dict[str, torch.Tensor]) -> None:
+    """CLIP's projection has no bias; a zero one keeps timm's head layout (meta stays meta)."""
+    head = state.get("head.weight")
+    if head is not None and "head.bias" not in state and head.ndim == 2:
+        state["head.bias"] = torch.zeros(head.shape[0], device=head.device, dtype=head.dtype)
+
+
 # -- OpenCLIP ----------------------------------------------------------------------------------
 def openclip_state(
     raw: dict[str, torch.Tensor], where: str
@@ -176,6 +216,8 @@ def openclip_state(
         for old, new in _OPENAI_SWAPS:
             name = name.replace(old, new)
         if name == "proj":  # (D, E), applied as x @ proj
+            if tensor.ndim != 2:
+                raise CheckpointError(f"{where}: {key} has shape {tuple(tensor.shape)}, not (D, E)")
             state["head.weight"] = tensor.t()
         elif name == "cls_token":
             state[name] = tensor.reshape(1, 1, -1)
@@ -192,19 +234,30 @@ def load_openclip(weights: Path, reference: str) -> ModelBundle:
     """OpenCLIP's open_clip_model.safetensors (or open_clip_pytorch_model.bin) and its config."""
     where = str(weights)
     if weights.suffix == ".safetensors":
-        raw, _ = read_safetensors(weights)
+        raw, _ = read_safetensors(weights, meta=True)  # the header only
     else:
-        raw = read_torch_pickle(weights)
+        raw = read_torch_pickle(weights, meta=True)
     state, layout, dropped = openclip_state(raw, where)
+    _head_bias(state)
     spec_path = weights.parent / "open_clip_config.json"
-    try:
-        spec = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{spec_path}: not valid JSON ({error})") from None
+    spec = read_json(spec_path) if spec_path.exists() else {}
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{spec_path}: expected a JSON object")
     model_cfg = spec.get("model_cfg", spec)
-    vision = model_cfg.get("vision_cfg") or {}
-    if "head.weight" in state and "head.bias" not in state:
-        state["head.bias"] = torch.zeros(state["head.weight"].shape[0])  # timm's head layout
+    vision = model_cfg.get("vision_cfg") if isinstance(model_cfg, dict) else None
+    if not isinstance(vision, dict):
+        vision = {}
+        model_cfg = model_cfg if isinstance(model_cfg, dict) else {}
+
+    def read() -> dict[str, torch.Tensor]:
+        if weights.suffix == ".safetensors":
+            real = read_safetensors(weights)[0]
+        else:
+            real = read_torch_pickle(weights)
+        real_state = openclip_state(real, where)[0]
+        _head_bias(real_state)
+        return real_state
+
     if layout == "timm":
         hints = timm_hints(str(vision.get("timm_model_name", "")))
         hints["head_kind"] = "projection"
@@ -212,17 +265,22 @@ def load_openclip(weights: Path, reference: str) -> ModelBundle:
         config = config_from_state(state, where, pool=pool, **hints)
     else:
         width = int(state["patch_embed.proj.weight"].shape[0])
-        heads = vision.get("heads") or width // int(vision.get("head_width", 64))
+        head_width = vision.get("head_width", 64)
+        if isinstance(head_width, bool) or not isinstance(head_width, int) or head_width < 1:
+            raise CheckpointError(f"{spec_path}: head_width {head_width!r} is not a width")
+        heads = vision.get("heads") or max(width // head_width, 1)
         pool = {"tok": "cls", "avg": "mean"}.get(vision.get("pool_type", "tok"))
         if pool is None or vision.get("final_ln_after_pool") or vision.get("attentional_pool"):
             raise CheckpointError(
                 f"{where}: OpenCLIP pooling {vision.get('pool_type')!r} with these options is "
                 "not supported; supported: the class token or the average after ln_post"
             )
+        if isinstance(heads, bool) or not isinstance(heads, int):
+            raise CheckpointError(f"{spec_path}: heads {heads!r} is not a whole number")
         config = config_from_state(
             state,
             where,
-            num_heads=int(heads),
+            num_heads=heads,
             act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
             ln_eps=1e-5,
             pool=pool,
@@ -230,8 +288,10 @@ def load_openclip(weights: Path, reference: str) -> ModelBundle:
             pos_resample="bicubic",
             family="clip",
         )
-    model = _build(state, config, where)
+    model = _build(state, config, where, read=read)
     recipe = spec.get("preprocess_cfg") or {}
+    if not isinstance(recipe, dict):
+        raise CheckpointError(f"{spec_path}: preprocess_cfg must be a JSON object")
     # OpenCLIP: shorter side to the size then centre crop, unless resize_mode says squash.
     preprocess = Preprocess(
         size=config.image_size,

@@ -9,7 +9,7 @@ import stat
 from importlib import resources
 from pathlib import Path
 
-from ..errors import CheckpointError, ModelNotFoundError
+from ..errors import CheckpointError, ModelNotFoundError, VitError
 from .format import ModelBundle, load_vitcli_file
 from .readers import read_json, read_safetensors
 
@@ -41,7 +41,17 @@ def default_model_path() -> Path:
 
 
 def load_model(reference: str | Path | None = None) -> ModelBundle:
-    """Load any supported checkpoint; the architecture and preprocessing come from it."""
+    """Load any supported checkpoint; the architecture and preprocessing come from it.
+
+    None means the user's default: the VIT_MODEL environment variable when set, else the
+    bundled model (`bundled` always names the bundled one)."""
+    if reference is None and os.environ.get("VIT_MODEL", "").strip():
+        try:
+            return load_model(os.environ["VIT_MODEL"].strip())
+        except VitError as error:
+            raise type(error)(
+                f"{error} (the model named by VIT_MODEL; unset it or fix it)"
+            ) from None
     if reference is None or str(reference) in ("", *BUNDLED_NAMES):
         return load_bundled()
     text = str(reference)
@@ -71,6 +81,7 @@ def load_bundled() -> ModelBundle:
     """The bundled model, named so users can type it, without its build machine's paths."""
     bundle = load_vitcli_file(default_model_path(), reference=BUNDLED_NAME)
     bundle.extra["source"] = BUNDLED_SOURCE
+    bundle.extra["bundled"] = True
     return bundle
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..model import ViT, ViTConfig
-from .format import ModelBundle, load_state
+from ..model import ViTConfig
+from .format import ModelBundle, build_model
+from .limits import check_config
 
 # Head counts of the published widths (timm's size words, DINOv2 giant, CLIP bigG, SO400M).
 HEADS_BY_WIDTH = {
@@ -83,6 +84,19 @@ def refuse_unsupported_timm(arch: str, where: str) -> None:
         )
 
 
+# Our config fields -> what a timm-layout state dict shows, so errors name what the user sees.
+_NAMES = {
+    "width": "patch_embed.proj.weight rows (embed_dim)",
+    "in_channels": "patch_embed.proj.weight channels",
+    "patch_size": "patch_embed.proj.weight kernel (patch_size)",
+    "reg_tokens": "reg_token rows (reg_tokens)",
+    "mlp_dim": "blocks.0.mlp.fc2.weight columns (mlp dim)",
+    "depth": "number of blocks (depth)",
+    "num_classes": "head.weight rows (num_classes)",
+    "image_size": "image size (img_size)",
+}
+
+
 def _depth(state: dict[str, torch.Tensor]) -> int:
     indices = {int(m.group(1)) for k in state if (m := re.match(r"^blocks\.(\d+)\.", k))}
     return max(indices) + 1 if indices else 0
@@ -113,10 +127,22 @@ def config_from_state(
             "blocks.0.mlp are needed)"
         )
     width, in_channels, patch = int(proj.shape[0]), int(proj.shape[1]), int(proj.shape[2])
-    registers = int(state["reg_token"].shape[1]) if "reg_token" in state else 0
+    # Header shapes are a stranger's claims: bound them before any arithmetic trusts them.
+    check_config(
+        {"width": width, "in_channels": in_channels, "patch_size": patch}, where, names=_NAMES
+    )
+    reg = state.get("reg_token")
+    registers = int(reg.shape[1]) if reg is not None and reg.ndim == 3 else 0
+    check_config({"reg_tokens": registers}, where, names=_NAMES)
     class_token, dist_token = "cls_token" in state, "dist_token" in state
     prefix = int(class_token) + int(dist_token) + registers
-    rows = int(pos.reshape(-1, width).shape[0])
+    if pos.numel() % width or pos.numel() == 0:
+        raise CheckpointError(
+            f"{where}: pos_embed has shape {tuple(pos.shape)}, not rows of width {width}"
+        )
+    rows = pos.numel() // width
+    if rows <= prefix and image_size is None:
+        raise CheckpointError(f"{where}: cannot tell the image size from {rows} positions")
     if image_size is not None:
         patches = (image_size[0] // patch) * (image_size[1] // patch)
         if rows not in (patches, patches + prefix):
@@ -132,6 +158,8 @@ def config_from_state(
         if side * side not in (rows, rows - prefix):
             raise CheckpointError(f"{where}: cannot tell the image size from {rows} positions")
         image_size = (side * patch, side * patch)
+    if fc2.ndim != 2 or fc1.ndim != 2:
+        raise CheckpointError(f"{where}: blocks.0.mlp weights are not matrices")
     mlp_dim = int(fc2.shape[1])
     swiglu = int(fc1.shape[0]) == 2 * mlp_dim
     if num_heads is None:
@@ -143,15 +171,15 @@ def config_from_state(
                 "give num_heads in the config (timm model_args)"
             )
     head = state.get("head.weight")
-    num_classes = int(head.shape[0]) if head is not None else 0
+    num_classes = int(head.shape[0]) if head is not None and head.ndim else 0
     if "attn_pool.latent" in state:
         pool = "map"
     elif "head_dist.weight" in state:
         pool = "dist"
     elif pool is None:
         pool = "cls" if class_token else "mean"
-    try:
-        return ViTConfig(
+    fields = check_config(
+        dict(
             image_size=image_size,
             patch_size=patch,
             in_channels=in_channels,
@@ -160,16 +188,23 @@ def config_from_state(
             depth=_depth(state),
             num_heads=num_heads,
             mlp_dim=mlp_dim,
+            reg_tokens=registers,
+            ln_eps=ln_eps,
+            layer_scale=layer_scale if "blocks.0.ls1.gamma" in state else None,
+        ),
+        where,
+        names=_NAMES,
+    )
+    try:
+        return ViTConfig(
+            **fields,
             class_token=class_token,
             pool=pool,
             qkv_bias="blocks.0.attn.qkv.bias" in state,
-            ln_eps=ln_eps,
             act="swiglu" if swiglu else act,
-            reg_tokens=registers,
             dist_token=dist_token,
             no_embed_class=no_embed_class,
             pre_norm="norm_pre.weight" in state,
-            layer_scale=layer_scale if "blocks.0.ls1.gamma" in state else None,
             patch_bias="patch_embed.proj.bias" in state,
             fc_norm="fc_norm.weight" in state,
             head_kind=head_kind if num_classes else "classifier",
@@ -203,44 +238,55 @@ def timm_hints(arch: str, tag: str = "") -> dict:
     return hints
 
 
+def _image_size(args: dict, pretrained: dict, where: str) -> tuple[int, int] | None:
+    """model_args img_size, else pretrained_cfg input_size (C, H, W); None when neither says."""
+    value = args.get("img_size") or pretrained.get("input_size")
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) and len(value) == 3:
+        value = value[1:]  # input_size is (C, H, W)
+    return check_config({"image_size": value}, where, names=_NAMES)["image_size"]
+
+
 def load_timm_family(path: Path, config: dict, reference: str) -> ModelBundle:
     """A timm folder of one of the families (config.json `architecture` + model.safetensors)."""
-    from .format import read_safetensors
-    from .hf import read_torch_pickle
+    from .readers import read_safetensors, read_torch_pickle
     from .timm import labels_for, preprocess_from_timm
 
     path = Path(path)
     arch = str(config.get("architecture") or "")
     pretrained = config.get("pretrained_cfg") or {}
     args = config.get("model_args") or {}
+    if not isinstance(pretrained, dict) or not isinstance(args, dict):
+        raise CheckpointError(f"{path}: pretrained_cfg and model_args must be JSON objects")
     weights = path / "model.safetensors"
-    if weights.is_file():
-        state, _ = read_safetensors(weights)
-    elif (path / "pytorch_model.bin").is_file():
+    if weights.exists():
+        state, _ = read_safetensors(weights, meta=True)  # the header only
+        read = lambda: read_safetensors(weights)[0]  # noqa: E731
+    elif (path / "pytorch_model.bin").exists():
         weights = path / "pytorch_model.bin"
-        state = read_torch_pickle(weights)
+        state = read_torch_pickle(weights, meta=True)
+        read = lambda: read_torch_pickle(weights)  # noqa: E731
     else:
         raise CheckpointError(f"{path}: no model.safetensors in this timm folder; download it too")
-    image_size = args.get("img_size") or (pretrained.get("input_size") or [None])[-2:]
-    if isinstance(image_size, int):
-        image_size = (image_size, image_size)
-    image_size = tuple(int(v) for v in image_size) if None not in image_size else None
+    image_size = _image_size(args, pretrained, str(path))
     hints = timm_hints(arch, tag=str(pretrained.get("tag") or ""))
     global_pool = args.get("global_pool", config.get("global_pool", "token")) or "token"
     if global_pool not in ("token", "avg", "map"):
         raise CheckpointError(f"{path}: global_pool {global_pool!r} is not supported")
+    num_heads = None
+    if "num_heads" in args:
+        num_heads = check_config({"num_heads": args["num_heads"]}, str(path))["num_heads"]
     vit_config = config_from_state(
         state,
         str(weights),
-        num_heads=int(args["num_heads"]) if "num_heads" in args else None,
+        num_heads=num_heads,
         image_size=image_size,
         pool={"token": "cls", "avg": "mean", "map": "map"}[global_pool],
         name=arch.split(".")[0],
         **hints,
     )
-    model = ViT(vit_config)
-    load_state(model, state, str(weights))
-    model.eval()
+    model = build_model(vit_config, state, str(weights), read=read)
     projection = vit_config.head_kind == "projection"
     if projection:
         labels, label_source = [f"dim_{i}" for i in range(vit_config.num_classes)], "projection"

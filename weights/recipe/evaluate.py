@@ -15,8 +15,8 @@ import time
 
 from vitcli.errors import VitError
 from vitcli.fileio import atomic_write_bytes
-from vitcli.services.evaluate import evaluate
 from vitcli.services.attention.localization import evaluate_localization, shapes_dataset
+from vitcli.services.evaluate import evaluate
 from vitcli.weights.resolve import load_model
 
 

@@ -85,6 +85,7 @@ class TrainConfig:
     workers: int | None = None  # decoding processes; None: runtime.default_workers()
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: str = Amp.auto.value  # auto: bf16 autocast on CUDA GPUs that support it; off: fp32
+    linear_probe: bool = False  # fine-tune only: freeze the backbone, train a new head
 
     @property
     def finetune(self) -> bool:
@@ -125,7 +126,10 @@ def resolve(config: TrainConfig, image_size: int, workers: int) -> ResolvedConfi
         **asdict(config),
         "epochs": epochs,
         "image_size": image_size,
-        "lr": config.lr if config.lr is not None else (1e-4 if finetune else 1e-3),
+        # A linear probe trains one layer: a larger step, as in DINOv2's and CLIP's evaluations.
+        "lr": config.lr
+        if config.lr is not None
+        else (1e-4 if finetune and not config.linear_probe else 1e-3),
         "weight_decay": config.weight_decay if config.weight_decay is not None else 0.05,
         "warmup_epochs": warmup,
         "crop_scale": config.crop_scale
@@ -212,6 +216,13 @@ def check(config: TrainConfig) -> None:
             raise OptionError(f"{_flag(name)} must be one of {allowed}, got {value!r}")
     if not isinstance(config.hflip, bool):
         raise OptionError(f"--hflip must be true or false, got {config.hflip!r}")
+    if not isinstance(config.linear_probe, bool):
+        raise OptionError(f"--linear-probe must be true or false, got {config.linear_probe!r}")
+    if config.linear_probe and not config.finetune:
+        raise OptionError(
+            f"--linear-probe trains a head on a trained backbone; pass --model with a "
+            f"checkpoint, not the variant {config.model!r}"
+        )
     for name in ("data", "out", "resume", "model", "val", "device"):
         if not isinstance(getattr(config, name), str):
             raise OptionError(f"{_flag(name)} must be text, got {getattr(config, name)!r}")
@@ -241,6 +252,7 @@ def _upgrade(data: dict) -> dict:
     """config.json of runs started before the options were resolved in full: `val` was null
     without a validation folder, and `image_size` null when the model's own was kept."""
     data = dict(data)
+    data.setdefault("linear_probe", False)  # runs from before --linear-probe existed
     if "val" in data and data["val"] is None:
         data["val"] = ""
     model_config = data.get("model_config")

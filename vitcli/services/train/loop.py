@@ -1,5 +1,8 @@
 """The training loop: per epoch, the steps, the validation, the checkpoint.
 
+One file a little over 400 lines on purpose, in the nanoGPT spirit: the loop is read top to
+bottom, and splitting the step from the epoch would hide the determinism rules below.
+
 Determinism: data order comes from (seed, epoch) (DistributedSampler), each sample's
 augmentation from (seed, epoch, index), mixup from (seed, epoch, step), and the global torch RNG
 (dropout, drop-path) is reseeded from (seed, epoch) at the start of every epoch. A run resumed
@@ -135,6 +138,7 @@ class Run:
     total_steps: int
     emit: Callback
     best_name: str  # "val_top1" (higher is better) or "train_loss" (lower is better)
+    features: bool = False  # the loader yields cached head inputs (linear probe), not pixels
     step: int = 0
     best_metric: float | None = None
     best_epoch: int = 0
@@ -232,8 +236,12 @@ def train_one_epoch(run: Run, loader, sampler, epoch: int) -> dict:
             run.step += 1
             continue
         if empty:  # every image of this rank's batch failed: keep DDP's collectives in step
-            pixels = torch.zeros((1, 3, *run.preprocess.size), device=run.device)
+            shape = tuple(batch.pixel_tensor().shape[1:]) if run.features else None
+            pixels = torch.zeros((1, *(shape or (3, *run.preprocess.size))), device=run.device)
             labels = torch.zeros(1, dtype=torch.int64, device=run.device)
+        elif run.features:
+            pixels = batch.pixel_tensor()  # B,F: cached head inputs, already on the device
+            labels = batch.label_tensor()
         else:
             pixels = normalize(batch.pixel_tensor(), run.preprocess, run.device)  # B,C,H,W
             labels = batch.label_tensor().to(run.device, non_blocking=True)

@@ -39,6 +39,7 @@ import torch
 
 from ...errors import TrainingError
 from ...fileio import atomic_write_bytes
+from ...text import json_bytes
 from .config import ResolvedConfig, config_from_saved
 
 STATE_FORMAT = "vitcli-train-state"
@@ -70,14 +71,6 @@ Writer = Callable[[Path], None]
 def bytes_writer(data: bytes) -> Writer:
     """A Writer that puts `data` in the file it is given (durably: checkpoints)."""
     return lambda path: atomic_write_bytes(path, data)
-
-
-def json_bytes(data: Any, indent: int | None = 2) -> bytes:
-    """UTF-8 JSON; characters that cannot be UTF-8 (undecodable file-name bytes held as lone
-    surrogates) become JSON escapes instead of raising UnicodeEncodeError."""
-    return (json.dumps(data, indent=indent, ensure_ascii=False) + "\n").encode(
-        "utf-8", "backslashreplace"
-    )
 
 
 # -- RNG state as tensors (torch.load(weights_only=True) can read it back) ----------------------

@@ -20,8 +20,9 @@ from ...model import ViT, ViTConfig
 from ...runtime import resolve_workers
 from .config import ARCH_LIMITS, MAX_IMAGE_SIZE, ResolvedConfig, TrainConfig, check, resolve
 from .loop import Callback, Run, TrainEvent, TrainResult, model_writer, train_epochs
+from .probe import FeatureLoader, ProbeNet, cache_features, freeze_backbone, uses_cached_features
 from .rundir import CONFIG_FILE, RunFolder, set_rng_state
-from .setup import EMA, Built, build_model, device_for, make_loaders, make_optimizer
+from .setup import EMA, Built, Loaders, build_model, device_for, make_loaders, make_optimizer
 
 # Options a resumed run takes from the new command line; every other one is the run's own.
 RESUME_OVERRIDES = ("data", "out", "resume", "epochs", "workers", "device")
@@ -82,6 +83,11 @@ def _run(
 
     device = device_for(config)
     model = built.model.to(device)
+    if config.linear_probe:
+        freeze_backbone(model)  # before the optimizer: it only holds the heads
+    cached = uses_cached_features(
+        config.linear_probe, config.randaugment, config.mixup, config.cutmix
+    )
     ema = EMA(model, config.ema) if config.ema > 0 else None
     optimizer = make_optimizer(model, config.lr, config.weight_decay, beta2=config.beta2)
     loaders = make_loaders(
@@ -94,12 +100,12 @@ def _run(
         pin_memory=device.type == "cuda",
     )
     steps_per_epoch = len(loaders.train)
-    net: torch.nn.Module = model
+    net: torch.nn.Module = ProbeNet(model, cached) if config.linear_probe else model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            net, device_ids=[device.index] if device.type == "cuda" else None
         )
     run_ = Run(
         config=config,
@@ -121,9 +127,17 @@ def _run(
         total_steps=steps_per_epoch * config.epochs,
         emit=emit,
         best_name="val_top1" if val_data is not None else "train_loss",
+        features=cached,
     )
     start_epoch = _restore(run_, state) if state is not None else 0
+    if cached:  # after _restore: a resumed probe reads its backbone from state.pt
+        loaders = _feature_loaders(run_, loaders, train_data)
     notes = list(built.notes)
+    if config.linear_probe:
+        notes.append(
+            "linear probe: backbone frozen"
+            + (", features computed once per image" if cached else ", augmented every step")
+        )
     if rank == 0:
         folder.remove_pending()
         folder.write_config(
@@ -180,6 +194,18 @@ def _run(
         history=run_.history,
         stopped_early=stopped,
     )
+
+
+def _feature_loaders(run: Run, loaders: Loaders, train_data) -> Loaders:
+    """The linear probe's training batches: features computed once, in the image loader's
+    order, sharding and length (so the schedule and a resume see the same steps)."""
+    config = run.config
+    features, labels, failures = cache_features(
+        run.model, train_data, run.preprocess, run.device, config.batch_size, config.workers
+    )
+    feature_loader = FeatureLoader(features, labels, failures, loaders.sampler, config.batch_size)
+    assert len(feature_loader) == len(loaders.train)
+    return Loaders(feature_loader, loaders.sampler, loaders.val)  # type: ignore[arg-type]
 
 
 def _open(options: TrainConfig, emit: Callback) -> tuple[RunFolder, TrainConfig, dict | None, dict]:

@@ -24,8 +24,10 @@ from ...model import ViT, ViTConfig
 from ...runtime import resolve_device
 from .config import ARCH_LIMITS, ResolvedConfig, TrainConfig
 
-# Parameters that weight decay leaves alone besides biases and norm weights (all ndim <= 1).
-_NO_DECAY_NAMES = ("pos_embed", "cls_token")
+# Parameters that weight decay leaves alone besides biases and norm weights (all ndim <= 1):
+# the position table and the prefix tokens (CLS, DeiT's dist, registers), layer-scale gammas
+# and SigLIP's attention-pool probe, as timm's no_weight_decay() lists them.
+_NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "gamma", "latent")
 
 
 def seed_from(*parts: object) -> int:
@@ -93,15 +95,20 @@ def _finetune(config: TrainConfig, classes: list[str]) -> Built:
         )
     bundle = load_model(config.model)
     model, notes = bundle.model, []
-    if list(bundle.labels) != list(classes):
+    if bundle.config.head_kind == "projection" or bundle.config.num_classes == 0:
+        # An embedding model (CLIP projection, DINOv2 backbone): a new classifier on its
+        # pooled features. The projection is dropped, as timm's fine-tuning does.
+        model.reset_head(len(classes))
+        notes.append(f"new head: {len(classes)} classes on the pooled features")
+    elif list(bundle.labels) != list(classes):
         if sorted(bundle.labels) == sorted(classes):
             # Same label set in another order: permute the trained head rows, keep them.
             order = [bundle.labels.index(name) for name in classes]
-            head = model.head
-            assert isinstance(head, torch.nn.Linear)
             with torch.no_grad():
-                head.weight.copy_(head.weight[order])
-                head.bias.copy_(head.bias[order])
+                for head in (model.head, model.head_dist):
+                    if isinstance(head, torch.nn.Linear):  # DeiT's dist head too
+                        head.weight.copy_(head.weight[order])
+                        head.bias.copy_(head.bias[order])
             notes.append("head rows reordered to the dataset's class order")
         else:
             model.reset_head(len(classes))

@@ -1,0 +1,135 @@
+"""`vit embed`: one pooled embedding per image, for retrieval, clustering and dedup.
+
+The command parses options, shows progress and prints the summary; the service
+(services/embed.run) does the rest. Guide: docs/embed.md.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import (
+    BatchSizeOption,
+    Command,
+    DeviceOption,
+    DType,
+    DTypeOption,
+    ModelOption,
+    QuietOption,
+    WorkersOption,
+)
+
+EXAMPLES = """\
+[bold]Examples[/]
+
+  vit embed photos/ -o emb.safetensors -m facebook/dinov2-small
+  vit embed photos/ -o emb.npy -m openai/clip-vit-base-patch32   [dim]# + emb.npy.paths.jsonl[/]
+  vit embed 'shots/*.png' -o emb.jsonl --pool cls+mean            [dim]# streamed[/]
+
+Exit status: 0 when every image was embedded, 1 when any failed (the others are still \
+written) or the run could not start, 2 for a usage error. Guide: docs/embed.md.
+"""
+
+
+def embed(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="INPUT",
+            show_default=False,
+            help="Image files, folders (searched recursively), quoted globs, or - for paths "
+            "from stdin.",
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="FILE",
+            show_default=False,
+            help="Where embeddings go: .safetensors or .npy (written atomically at the end, "
+            "with the paths) or .jsonl (streamed).",
+        ),
+    ],
+    model: ModelOption = None,
+    pool: Annotated[
+        str,
+        typer.Option(
+            "--pool",
+            metavar="POOL",
+            help="default (the family's embedding: CLS after the final norm, the CLIP/SigLIP "
+            "projection or attention pool), cls, mean (patch tokens) or cls+mean.",
+        ),
+    ] = "default",
+    batch_size: BatchSizeOption = 32,
+    workers: WorkersOption = None,
+    device: DeviceOption = "auto",
+    dtype: DTypeOption = DType.auto,
+    quiet: QuietOption = False,
+) -> None:
+    """Embed images: one vector per image, in input order, with the paths.
+
+    Under torchrun each rank embeds its own share and rank 0 writes the file.
+    """
+    from ..runtime import prefer_passive_waiting
+
+    prefer_passive_waiting()
+    from .. import distributed
+    from ..console import err, make_progress, markup, print_warning
+    from ..runtime import resolve_workers
+    from ..services import embed as service
+
+    worker_count, clamped = resolve_workers(workers)
+    options = service.EmbedOptions(
+        output=output,
+        inputs=tuple(inputs),
+        model=model,
+        pool=pool,
+        batch_size=batch_size,
+        workers=worker_count,
+        device=device,
+        dtype=dtype.value,
+    )
+    main = distributed.is_main()
+    if clamped and main:
+        print_warning(clamped)
+    show = main and not quiet
+    progress = make_progress(quiet=not show)
+    task = progress.add_task("embed", total=None, rate="")
+    started = time.perf_counter()
+
+    def on_progress(done: int, total: int) -> None:
+        elapsed = time.perf_counter() - started
+        rate = f"{done / elapsed:.1f} img/s" if elapsed > 0 and done else ""
+        progress.update(task, completed=done, total=total, rate=rate)
+
+    with progress:
+        result = service.run(options, on_progress if show else None, on_warning=print_warning)
+    summary = result.summary
+    if result.is_main and (summary.failed or not quiet):
+        ranks = f" x {summary.world_size} ranks" if summary.world_size > 1 else ""
+        rate = (
+            f"{summary.succeeded / summary.seconds:.1f} img/s, "
+            if summary.succeeded and summary.seconds > 0
+            else ""
+        )
+        failed = f", [red]{summary.failed} failed[/]" if summary.failed else ""
+        err.print(
+            f"{summary.succeeded} of {summary.total} images embedded ({result.dim} numbers "
+            f"each){failed} in {summary.seconds:.1f} s ({rate}{result.device}{ranks}) -> "
+            f"{markup(str(result.output))}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    # As predict: a completed distributed run exits 0 on every rank (failures are recorded).
+    if summary.failed and summary.world_size == 1:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("embed", cls=Command, epilog=EXAMPLES)(embed)

@@ -1,0 +1,346 @@
+"""Embed many images: one pooled vector per image, in input order, with the paths.
+
+The vector is the family's own embedding (`ViT.embed`): CLS after the final LayerNorm for
+ViT/DeiT/DINO/DINOv2, the projection output for CLIP and OpenCLIP towers, the attention-pool
+output for SigLIP. `pool` picks another reading of the same tokens: `cls`, `mean` (patch
+tokens, prefix tokens left out) or `cls+mean` (DINOv2's linear-probe features); the CLIP
+projection is applied by `default` only, since it was trained on the family's pooling.
+
+Files (chosen by the --output suffix):
+- .jsonl: streamed, one {"path", "embedding": [...]} or {"path", "error"} per input, in
+  input order, flushed per batch (an interrupted run keeps every finished line).
+- .npy: an (N, E) float32 matrix of the images that succeeded, plus a sidecar
+  `<output>.paths.jsonl` with one line per input: {"path", "row"} or {"path", "error"}.
+- .safetensors: tensor "embeddings" (N, E) float32; metadata "paths" (JSON list, one per
+  row) and "errors" (JSON list of {"path", "error"}).
+Matrices are collected in memory (N x E x 4 bytes) and written atomically at the end.
+Decoding, batching, failures and torchrun sharding are predict's (services/batchrun.py).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import distributed
+from ..data.images import pixel_limit
+from ..data.inputs import InputItem, collect_inputs, refuse_output_among_inputs
+from ..errors import OptionError, OutputError
+from ..fileio import atomic_write_bytes
+from ..runtime import DTYPE_CHOICES, default_workers, resolve_device, resolve_dtype
+from ..weights.format import ModelBundle
+from .batchrun import LoaderOptions, OrderedRun, ProgressCallback, Summary, model_batches
+from .batchrun import share_inputs as share_inputs
+from .outputs import json_line, open_writer
+
+POOLS = ("default", "cls", "mean", "cls+mean")
+EMBED_FORMATS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".npy": "npy",
+    ".safetensors": "safetensors",
+}
+SIDECAR_SUFFIX = ".paths.jsonl"
+
+
+def embed_format(output: Path) -> str:
+    """The file format an --output name asks for; an OptionError for any other suffix."""
+    kind = EMBED_FORMATS.get(output.suffix.lower())
+    if kind is None:
+        raise OptionError(
+            f"--output {output}: unknown embedding format {output.suffix or '(no suffix)'}; "
+            "use .safetensors, .npy or .jsonl"
+        )
+    return kind
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """Everything `vit embed` was asked, defaults resolved."""
+
+    output: Path
+    inputs: tuple[str, ...] = ()
+    model: str | None = None
+    pool: str = "default"
+    batch_size: int = 32
+    workers: int = field(default_factory=default_workers)
+    device: str = "auto"
+    dtype: str = "auto"
+    draft: bool = True
+
+    def __post_init__(self) -> None:
+        embed_format(self.output)
+        if self.pool not in POOLS:
+            raise OptionError(f"--pool {self.pool}: use one of {', '.join(POOLS)}")
+        if self.batch_size < 1:
+            raise OptionError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise OptionError(f"--workers must be 0 or more, got {self.workers}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise OptionError(f"--dtype {self.dtype}: use one of {', '.join(DTYPE_CHOICES)}")
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    summary: Summary
+    device: str
+    dim: int
+    output: Path
+    is_main: bool
+
+
+class Embedder:
+    """A model on a device, turning normalised pixel batches into embeddings."""
+
+    def __init__(self, bundle: ModelBundle, options: EmbedOptions) -> None:
+        config = bundle.config
+        if options.pool in ("cls", "cls+mean") and not config.class_token:
+            raise OptionError(
+                f"--pool {options.pool}: this model has no class token; use mean or default"
+            )
+        self.bundle = bundle
+        self.pool = options.pool
+        self.device = resolve_device(options.device)
+        self.dtype, self.warning = resolve_dtype(options.dtype, self.device)
+        self.model = bundle.model.eval().to(device=self.device, dtype=self.dtype)
+        self.dim = self._dim()
+
+    def _dim(self) -> int:
+        config = self.bundle.config
+        if self.pool == "default":
+            head = self.model.head
+            if config.head_kind == "projection" and isinstance(head, torch.nn.Linear):
+                return head.out_features
+            return config.pooled_dim
+        return 2 * config.width if self.pool == "cls+mean" else config.width
+
+    def vectors(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) normalised input -> (B, E) float32 embeddings."""
+        model = self.model
+        if self.pool == "default":
+            return model.embed(inputs).float()
+        tokens, _ = model.forward_features(inputs)  # B,T,D
+        cls = tokens[:, 0]  # B,D
+        patches = tokens[:, model.config.num_prefix_tokens :].mean(dim=1)  # B,D
+        parts = {"cls": [cls], "mean": [patches], "cls+mean": [cls, patches]}[self.pool]
+        if model.fc_norm is not None:  # timm's average-pool layout: the LN follows pooling
+            parts = [model.fc_norm(part) for part in parts]
+        return torch.cat(parts, dim=-1).float()
+
+    @torch.inference_mode()
+    def compute(self, inputs: torch.Tensor) -> list[dict | str]:
+        vectors = self.vectors(inputs).cpu().numpy()
+        finite = np.isfinite(vectors).all(axis=1)
+        return [
+            {"embedding": row}
+            if ok
+            else "embedding is not finite (NaN or infinity); the model has broken weights or "
+            "preprocessing values (std 0?)"
+            for row, ok in zip(vectors, finite)
+        ]
+
+    def batches(self, items, options: EmbedOptions):
+        loader = LoaderOptions(
+            batch_size=options.batch_size,
+            workers=options.workers,
+            draft=options.draft,
+            device=self.device,
+            dtype=self.dtype,
+        )
+        return model_batches(items, self.bundle.preprocess, loader, self.compute)
+
+
+class EmbedRun(OrderedRun):
+    """Records {"path", "embedding": (E,) float32 array} or {"path", "error"}, in input order."""
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        items: list[InputItem],
+        options: EmbedOptions,
+        on_progress: ProgressCallback | None = None,
+    ) -> None:
+        self.embedder = Embedder(bundle, options)
+        super().__init__(
+            items,
+            lambda chosen: self.embedder.batches(chosen, options),
+            options.batch_size,
+            on_progress,
+        )
+
+
+# -- sinks ---------------------------------------------------------------------------------------
+
+
+class _JsonLinesSink:
+    def __init__(self, path: Path) -> None:
+        self.writer = open_writer("jsonl", path=path)
+
+    def write(self, records: list[dict]) -> None:
+        self.writer.write(
+            {"path": r["path"], "embedding": r["embedding"].tolist()} if "embedding" in r else r
+            for r in records
+        )
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+class _MatrixSink:
+    """Collects rows; writes .npy (+ sidecar) or .safetensors atomically on close()."""
+
+    def __init__(self, path: Path, kind: str, dim: int) -> None:
+        if path.is_dir():
+            raise OptionError(f"--output {path}: is a folder; give a file name such as emb.npy")
+        self.path, self.kind, self.dim = path, kind, dim
+        self.rows: list[np.ndarray] = []
+        self.index: list[dict] = []  # per input: {"path", "row"} or {"path", "error"}
+
+    def write(self, records: list[dict]) -> None:
+        for record in records:
+            if "embedding" in record:
+                self.index.append({"path": record["path"], "row": len(self.rows)})
+                self.rows.append(record["embedding"])
+            else:
+                self.index.append({"path": record["path"], "error": record["error"]})
+
+    def close(self) -> None:
+        matrix = (
+            np.stack(self.rows).astype(np.float32, copy=False)
+            if self.rows
+            else np.zeros((0, self.dim), dtype=np.float32)
+        )
+        try:
+            if self.kind == "npy":
+                sidecar = "".join(json_line(entry) + "\n" for entry in self.index)
+                atomic_write_bytes(sidecar_path(self.path), sidecar.encode("utf-8"))
+                buffer = io.BytesIO()
+                np.save(buffer, matrix, allow_pickle=False)
+                atomic_write_bytes(self.path, buffer.getvalue())
+            else:
+                from safetensors.torch import save
+
+                paths = [entry["path"] for entry in self.index if "row" in entry]
+                errors = [entry for entry in self.index if "error" in entry]
+                metadata = {
+                    "format": "vitcli-embeddings",
+                    # ASCII JSON: a name that is not UTF-8 stays a \udcXX escape, lossless.
+                    "paths": json.dumps(paths, ensure_ascii=True),
+                    "errors": json.dumps(errors, ensure_ascii=True),
+                }
+                data = save({"embeddings": torch.from_numpy(matrix)}, metadata=metadata)
+                atomic_write_bytes(self.path, data)
+        except OSError as error:
+            raise OutputError(
+                f"--output {self.path}: cannot write ({error.strerror or error}); "
+                "choose another path"
+            ) from None
+
+    def abort(self) -> None:
+        self.rows.clear()
+
+
+def sidecar_path(output: Path) -> Path:
+    """emb.npy -> emb.npy.paths.jsonl: the paths of an .npy matrix's rows."""
+    return output.with_name(output.name + SIDECAR_SUFFIX)
+
+
+def read_embeddings(path: str | Path) -> tuple[np.ndarray, list[str], list[dict]]:
+    """(matrix, paths of its rows, failures) from any file `vit embed` writes."""
+    path = Path(path)
+    kind = embed_format(path)
+    if kind == "jsonl":
+        rows, paths, errors = [], [], []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            if "embedding" in record:
+                rows.append(record["embedding"])
+                paths.append(record["path"])
+            else:
+                errors.append(record)
+        return np.asarray(rows, dtype=np.float32), paths, errors
+    if kind == "npy":
+        matrix = np.load(path, allow_pickle=False)
+        index = [json.loads(line) for line in sidecar_path(path).read_text("utf-8").splitlines()]
+        paths = [entry["path"] for entry in index if "row" in entry]
+        return matrix, paths, [entry for entry in index if "error" in entry]
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as handle:
+        metadata = handle.metadata() or {}
+        matrix = handle.get_tensor("embeddings")
+    return matrix, json.loads(metadata["paths"]), json.loads(metadata["errors"])
+
+
+# -- the command -------------------------------------------------------------------------------
+
+
+def run(
+    options: EmbedOptions,
+    on_progress: ProgressCallback | None = None,
+    *,
+    on_warning: Callable[[str], None] | None = None,
+    stdin: Iterable[str] | None = None,
+) -> EmbedResult:
+    """`vit embed`: embed `options.inputs` and write them, in input order, to options.output.
+
+    Under torchrun every rank calls this, as with predict: rank 0 collects the inputs and
+    writes, every rank embeds its shard.
+    """
+    from ..weights.resolve import load_model
+
+    pixel_limit()
+    kind = embed_format(options.output)
+
+    def collect() -> list[InputItem]:
+        items = collect_inputs(options.inputs, stdin)
+        refuse_output_among_inputs(options.output, items, "--output")
+        if kind == "npy":
+            refuse_output_among_inputs(sidecar_path(options.output), items, "--output")
+        return items
+
+    distributed.init_from_env(backend="gloo")
+    try:
+        main = distributed.is_main()
+        items = share_inputs(collect)
+        bundle = load_model(options.model)
+        embed = EmbedRun(bundle, items, options, on_progress if main else None)
+        if embed.embedder.warning and main and on_warning is not None:
+            on_warning(embed.embedder.warning)
+        sink: _JsonLinesSink | _MatrixSink | None = None
+        if main:
+            sink = (
+                _JsonLinesSink(options.output)
+                if kind == "jsonl"
+                else _MatrixSink(options.output, kind, embed.embedder.dim)
+            )
+        try:
+            for records in embed.records():
+                if sink is not None:
+                    sink.write(records)
+            if sink is not None:
+                sink.close()
+        except BaseException:
+            if sink is not None:
+                sink.abort()
+            raise
+        distributed.barrier()
+    finally:
+        distributed.shutdown()
+    dtype = str(embed.embedder.dtype).removeprefix("torch.")
+    return EmbedResult(
+        summary=embed.summary,
+        device=f"{embed.embedder.device.type} {dtype}",
+        dim=embed.embedder.dim,
+        output=options.output,
+        is_main=main,
+    )
