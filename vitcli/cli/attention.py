@@ -178,7 +178,13 @@ def register(app: typer.Typer) -> None:
                 "(the paper's Fig. 6).",
             ),
         ] = Style.heatmap,
-        colormap: Annotated[Colormap, typer.Option("--colormap")] = Colormap.viridis,
+        colormap: Annotated[
+            Colormap,
+            typer.Option(
+                "--colormap",
+                help="Heatmap colours: viridis, inferno, magma, plasma, jet, gray or hot.",
+            ),
+        ] = Colormap.viridis,
         alpha: Annotated[
             float | None,
             typer.Option(

@@ -54,16 +54,6 @@ def evaluate(
 
     Exit status 1 when any image could not be decoded (the others are still evaluated and the
     files still written); a class none of whose images decoded has no accuracy and is an error.
-
-    [bold]Examples[/]
-
-    vit eval shapes-test/
-
-    vit eval photos/ --model runs/a/best.safetensors -o report.json --confusion-png c.png
-
-    vit eval photos/ -o report.csv --workers 4 --device cuda:1
-
-    vit eval photos/ --int8
     """
     from ..console import err, make_progress, print_error, print_warning
     from ..console import out as stdout
@@ -163,5 +153,15 @@ def _render(result, console) -> None:
         console.print(matrix)
 
 
+EXAMPLES = """\
+[bold]Examples[/]
+
+  vit eval shapes-test/
+  vit eval photos/ --model runs/a/best.safetensors -o report.json --confusion-png c.png
+  vit eval photos/ -o report.csv --workers 4 --device cuda:1
+  vit eval photos/ --int8       [dim]# int8 on the CPU: compare its top-1 with float32's[/]
+"""
+
+
 def register(app: typer.Typer) -> None:
-    app.command("eval")(evaluate)
+    app.command("eval", epilog=EXAMPLES)(evaluate)

@@ -240,6 +240,7 @@ CONVERT_EXAMPLES = """\
 
   vit convert google/vit-base-patch16-224 vit-b16.safetensors
   vit convert ViT-B_16.npz vit-b16-21k.safetensors --fp16
+  vit convert google/vit-base-patch16-224 vit-b16-int8.safetensors --int8
 """
 
 FETCH_EXAMPLES = """\
