@@ -31,16 +31,13 @@ PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").g
 # Commands the docs name that are not on main yet: (command, the work that adds it).
 PENDING_COMMANDS: dict[tuple[str, ...], str] = {}
 # Options the docs name that are not on main yet: (command, option) -> the work that adds it.
-PENDING_OPTIONS = {(("convert",), "--int8"): "int8wire branch adds `vit convert --int8`"}
+PENDING_OPTIONS: dict[tuple[tuple[str, ...], str], str] = {}
 
 # Pages linked before they are merged: path -> the work that adds it.
 PENDING_PAGES: dict[str, str] = {}
 
 # Help problems in commands whose files other branches own: (command, check) -> owner.
-HELP_KNOWN = {
-    ("attention", "choices"): "int8wire (cli/attention.py): --colormap has no help text",
-    ("eval", "examples"): "int8wire (cli/evaluate.py): examples in the docstring, not an epilog",
-}
+HELP_KNOWN: dict[tuple[str, str], str] = {}
 
 # The page a table belongs to when no heading names a command.
 PAGE_COMMAND: dict[str, tuple[str, ...]] = {

@@ -20,7 +20,7 @@ from ..services.attention.options import (
     Scale,
     Style,
 )
-from .common import DeviceOption, ModelOption, QuietOption, WorkersOption
+from .common import DeviceOption, Int8Option, ModelOption, QuietOption, WorkersOption
 
 EXAMPLES = """\
 [b]Examples[/b]
@@ -178,7 +178,13 @@ def register(app: typer.Typer) -> None:
                 "(the paper's Fig. 6).",
             ),
         ] = Style.heatmap,
-        colormap: Annotated[Colormap, typer.Option("--colormap")] = Colormap.viridis,
+        colormap: Annotated[
+            Colormap,
+            typer.Option(
+                "--colormap",
+                help="Heatmap colours: viridis, inferno, magma, plasma, jet, gray or hot.",
+            ),
+        ] = Colormap.viridis,
         alpha: Annotated[
             float | None,
             typer.Option(
@@ -247,6 +253,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         workers: WorkersOption = None,
         device: DeviceOption = "auto",
+        int8: Int8Option = False,
         quiet: QuietOption = False,
     ) -> None:
         """Attention maps: per-head CLS maps, rollout, and class-specific maps (gae, attribution,
@@ -291,6 +298,7 @@ def register(app: typer.Typer) -> None:
             batch_size="auto" if batch_size is None else batch_size,
             workers=worker_count,
             device=device,
+            int8=int8,
         )
         with make_progress(quiet=quiet) as bar:
             task = bar.add_task("attention", total=None, rate="")

@@ -8,7 +8,14 @@ from typing import Annotated
 
 import typer
 
-from .common import BatchSizeOption, DeviceOption, JobsAlias, ModelOption, WorkersOption
+from .common import (
+    BatchSizeOption,
+    DeviceOption,
+    Int8Option,
+    JobsAlias,
+    ModelOption,
+    WorkersOption,
+)
 
 
 def evaluate(
@@ -32,6 +39,7 @@ def evaluate(
     workers: WorkersOption = None,
     jobs: JobsAlias = None,
     device: DeviceOption = "auto",
+    int8: Int8Option = False,
     quiet: Annotated[
         bool,
         typer.Option(
@@ -46,14 +54,6 @@ def evaluate(
 
     Exit status 1 when any image could not be decoded (the others are still evaluated and the
     files still written); a class none of whose images decoded has no accuracy and is an error.
-
-    [bold]Examples[/]
-
-    vit eval shapes-test/
-
-    vit eval photos/ --model runs/a/best.safetensors -o report.json --confusion-png c.png
-
-    vit eval photos/ -o report.csv --workers 4 --device cuda:1
     """
     from ..console import err, make_progress, print_error, print_warning
     from ..console import out as stdout
@@ -67,6 +67,7 @@ def evaluate(
         batch_size=batch_size,
         workers=workers if workers is not None else jobs,
         device=device,
+        int8=int8,
     )
     with make_progress(quiet=quiet) as progress:
         task = progress.add_task("eval", total=None, rate="")
@@ -152,5 +153,15 @@ def _render(result, console) -> None:
         console.print(matrix)
 
 
+EXAMPLES = """\
+[bold]Examples[/]
+
+  vit eval shapes-test/
+  vit eval photos/ --model runs/a/best.safetensors -o report.json --confusion-png c.png
+  vit eval photos/ -o report.csv --workers 4 --device cuda:1
+  vit eval photos/ --int8       [dim]# int8 on the CPU: compare its top-1 with float32's[/]
+"""
+
+
 def register(app: typer.Typer) -> None:
-    app.command("eval")(evaluate)
+    app.command("eval", epilog=EXAMPLES)(evaluate)

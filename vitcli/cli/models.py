@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from ..errors import InputError
+from ..errors import InputError, OptionError
 
 if TYPE_CHECKING:
     from ..weights.format import ModelBundle
@@ -105,6 +105,7 @@ def _render_info(info: dict) -> None:
         "layout": "npz layout",
         "prefix": "npz key prefix",
         "weights_file": "weights file",
+        "quantization": "int8 weights",  # `vit convert --int8`: runs on the CPU only
     }
     for key, title in shown_extra.items():
         if extra.get(key) not in (None, "", False):
@@ -169,26 +170,46 @@ def convert(
     fp16: bool = typer.Option(
         False, "--fp16", help="Store the weights as float16 (half the size)."
     ),
+    int8: bool = typer.Option(
+        False,
+        "--int8",
+        help="Store the Linear layers quantised to int8 (a quarter of the size; runs on the "
+        "CPU only, as --int8 does, without quantising again). docs/int8.md",
+    ),
 ) -> None:
     """Write any supported checkpoint in our format (one .safetensors file with metadata)."""
     if destination.suffix.lower() != ".safetensors":
         raise InputError(f"{destination}: the output must end in .safetensors")
     if destination.is_dir():
         raise InputError(f"{destination}: is a folder; give a file name ending in .safetensors")
+    if fp16 and int8:
+        raise OptionError("--fp16 and --int8 are two ways to store the weights: choose one")
     import torch
 
     from ..console import out
+    from ..model.int8 import is_quantized, quantize
     from ..weights.format import save_model
+    from ..weights.int8 import save_quantized
     from ..weights.resolve import load_model
 
     bundle = load_model(source)
     source_text = f"{bundle.source_format}: {source}"
-    save_model(bundle, destination, dtype=torch.float16 if fp16 else None, source=source_text)
+    if is_quantized(bundle.model) and not int8:
+        raise OptionError(
+            f"{source} holds int8 weights; the float ones are gone: add --int8 to copy it, "
+            "or convert the float model"
+        )
+    if int8:
+        # In place: no second copy of a large model's weights; the file stores what ran.
+        bundle.model = quantize(bundle.model, inplace=True)
+        save_quantized(bundle, destination, source=source_text)
+    else:
+        save_model(bundle, destination, dtype=torch.float16 if fp16 else None, source=source_text)
     size_mb = destination.stat().st_size / 1e6
     name = bundle.config.name or "custom"
+    stored = "int8" if int8 else "float16" if fp16 else "float32"
     out.print(
-        f"wrote {destination} ({name}, {len(bundle.labels)} labels, "
-        f"{'float16' if fp16 else 'float32'}, {size_mb:.1f} MB)",
+        f"wrote {destination} ({name}, {len(bundle.labels)} labels, {stored}, {size_mb:.1f} MB)",
         highlight=False,
         markup=False,
     )
@@ -219,6 +240,7 @@ CONVERT_EXAMPLES = """\
 
   vit convert google/vit-base-patch16-224 vit-b16.safetensors
   vit convert ViT-B_16.npz vit-b16-21k.safetensors --fp16
+  vit convert google/vit-base-patch16-224 vit-b16-int8.safetensors --int8
 """
 
 FETCH_EXAMPLES = """\

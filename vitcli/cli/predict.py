@@ -21,6 +21,7 @@ from .common import (
     DeviceOption,
     DType,
     DTypeOption,
+    Int8Option,
     ModelOption,
     QuietOption,
     WorkersOption,
@@ -169,6 +170,7 @@ def predict(
     workers: WorkersOption = None,
     device: DeviceOption = "auto",
     dtype: DTypeOption = DType.auto,
+    int8: Int8Option = False,
     quiet: QuietOption = False,
 ) -> None:
     """Classify images: one record per image, in input order.
@@ -198,6 +200,7 @@ written), 2 for a usage error.
         workers=worker_count,
         device=device,
         dtype=dtype.value,
+        int8=int8,
         inputs=tuple(inputs),
         model=model,
         format=chosen,

@@ -29,6 +29,7 @@ from ..fileio import atomic_write_bytes
 from ..runtime import resolve_device, resolve_workers
 from ..text import csv_text, json_bytes
 from ..weights.format import ModelBundle
+from .int8 import check_int8_options, prepare_int8
 
 OTHER = "(other)"
 MAX_BATCH = 65_536
@@ -45,6 +46,7 @@ class EvalOptions:
     batch_size: int = 64
     workers: int | None = None  # None: runtime.default_workers()
     device: str = "auto"
+    int8: bool = False  # int8 Linear layers on the CPU (services/int8.py)
 
 
 @dataclass
@@ -127,9 +129,12 @@ def run(options: EvalOptions, on_progress: Callable[[EvalEvent], None] | None = 
     check(options)
     output = Path(options.output) if options.output else None
     png = Path(options.confusion_png) if options.confusion_png else None
+    if options.int8:
+        check_int8_options(options.device)
     device = resolve_device(options.device)  # a bad --device fails before the model loads
     resolve_workers(options.workers)
     bundle = load_model(options.model)
+    device = resolve_device(prepare_int8(bundle, options.int8, options.device))
     result = evaluate(
         options.data,
         bundle,
@@ -192,7 +197,9 @@ def evaluate(
         )
     # Dataset indices are model label indices from here on.
     data = relabel(folder, labels, what="evaluation")
-    target = device if isinstance(device, torch.device) else resolve_device(device)
+    if isinstance(device, torch.device):
+        device = str(device)
+    target = resolve_device(prepare_int8(bundle, False, device))  # an int8 model: the CPU
     model = bundle.model.to(target).eval()
     dataset = FolderDataset(data, bundle.preprocess)
     loader = make_loader(dataset, ShardSampler(len(dataset)), batch_size, workers)

@@ -37,6 +37,7 @@ from .batchrun import (
     model_batches,
     share_inputs,
 )
+from .int8 import prepare_int8
 from .outputs import OutputFormat, open_writer
 
 __all__ = [
@@ -66,6 +67,7 @@ class PredictOptions:
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     dtype: str = "auto"  # auto, float32, bfloat16, float16
     draft: bool = True  # JPEG draft-mode decoding of large sources
+    int8: bool = False  # int8 Linear layers, CPU only (services/int8.py)
 
     inputs: tuple[str, ...] = ()  # files, folders, globs, '-' for stdin
     model: str | None = None  # a file, folder or hub id; None is the bundled model
@@ -135,7 +137,9 @@ class Predictor:
         self.options = options
         self.labels = list(bundle.labels)
         self.top_k = min(options.top_k, num_classes)  # clipped to the number of classes
-        self.device = resolve_device(options.device)
+        self.device = resolve_device(
+            prepare_int8(bundle, options.int8, options.device, options.dtype)
+        )
         self.dtype, self.warning = resolve_dtype(options.dtype, self.device)
         self.model = bundle.model.eval().to(device=self.device, dtype=self.dtype)
 

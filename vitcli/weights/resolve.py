@@ -116,6 +116,8 @@ def _load_file(path: Path, reference: str) -> ModelBundle:
         return load_openclip(path, reference=reference)
     if suffix == ".safetensors":
         _, metadata = read_safetensors(path, meta=True)  # the header only
+        if metadata.get("format") == "vitcli" and metadata.get("quantization"):
+            return _load_int8_file(path, reference, metadata)  # `vit convert --int8`
         if metadata.get("format") == "vitcli":
             return load_vitcli_file(path, reference=reference)
         if (path.parent / "config.json").exists():
@@ -176,3 +178,21 @@ def _load_folder(path: Path, reference: str) -> ModelBundle:
         f"{config_path}: not a ViT config "
         "(neither transformers' model_type 'vit' nor timm's 'architecture')"
     )
+
+
+def _load_int8_file(path: Path, reference: str, metadata: dict[str, str]) -> ModelBundle:
+    """An int8 file, its config held to the same limits as a float file's before anything
+    is built."""
+    import json
+
+    from ..model import ViTConfig
+    from .int8 import load_quantized
+    from .limits import check_config, skeleton
+
+    where = str(path)
+    try:
+        config = ViTConfig.from_dict(check_config(json.loads(metadata["config"]), where))
+    except (KeyError, ValueError, TypeError, RecursionError) as error:
+        raise CheckpointError(f"{where}: broken vitcli metadata ({error}); convert again") from None
+    skeleton(config, where)  # the parameter limit
+    return load_quantized(path, reference=reference)

@@ -123,6 +123,7 @@ class AttentionOptions:
     batch_size: int | Literal["auto"] = "auto"  # auto: 32, fewer for large models
     workers: int = field(default_factory=default_workers)  # decoding processes
     device: str = "auto"  # as runtime.resolve_device
+    int8: bool = False  # int8 Linear layers on the CPU (services/int8.py); no gradients
     render_threads: int = field(default_factory=render_threads)  # 0: draw inline
 
     def __post_init__(self) -> None:
@@ -143,6 +144,12 @@ class AttentionOptions:
 
         for name in self.methods:
             check_method(name)
+        put("int8", bool(self.int8))
+        if self.int8:
+            refuse_gradients(self.methods, "--int8")
+            from ..int8 import check_int8_options
+
+            check_int8_options(self.device)
         put("targets", tuple(dict.fromkeys(str(spec).strip() for spec in self.targets)))
         if not self.targets or "" in self.targets:
             raise InputError("--target needs a value: top1, top2, ..., a label or a class index")
@@ -219,10 +226,24 @@ class AttentionOptions:
             "individual_size": self.individual_size,
             "maps_format": self.maps_format.value,
             "per_head": self.per_head,
+            "int8": self.int8,
         }
 
 
 FIELDS = tuple(f.name for f in fields(AttentionOptions))
+
+
+def refuse_gradients(methods: Sequence[str], why: str) -> None:
+    """Class-specific methods take gradients, which int8 layers do not have. `why`: what
+    made the model int8 (the flag, or the file)."""
+    from .methods import METHODS
+
+    needing = [name for name in methods if METHODS[name].class_specific]
+    if needing:
+        raise OptionError(
+            f"--method {','.join(needing)} needs gradients, which int8 layers do not have "
+            f"({why}); use --method raw or rollout, or a float model"
+        )
 
 
 def _integer(value: object, option: str) -> int:

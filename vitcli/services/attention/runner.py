@@ -20,6 +20,7 @@ from ...data.inputs import InputItem, collect_inputs, is_within, refuse_output_a
 from ...errors import InputError
 from ...runtime import resolve_device
 from ...weights.format import ModelBundle
+from ..int8 import is_int8, prepare_int8
 from .batches import ImageAttention, attention_batches
 from .files import (
     MARKER,
@@ -32,7 +33,7 @@ from .files import (
 from .index import write_index_html
 from .methods import METHODS, parse_targets
 from .names import output_names, readable
-from .options import AttentionOptions, parse_layers
+from .options import AttentionOptions, parse_layers, refuse_gradients
 from .preview import preview_name
 from .sheet import sheet_size
 
@@ -148,6 +149,11 @@ def prepare(
         )
     resolve_device(options.device)  # a device that is not there is refused before any file
     bundle = bundle if bundle is not None else load_model(options.model)
+    if not options.int8 and is_int8(bundle):
+        refuse_gradients(options.methods, f"{readable(bundle.reference)} holds int8 weights")
+    # An int8 model (asked for, or read from an int8 file) runs on the CPU: options say so.
+    device = prepare_int8(bundle, options.int8, options.device)
+    options = replace(options, device=device, int8=is_int8(bundle))
     config = bundle.config
     options = replace(options, layers=parse_layers(options.layers, config.depth))
     specific = [name for name in options.methods if METHODS[name].class_specific]

@@ -1,0 +1,50 @@
+"""Start-up and batch speed: no random init under loaded weights, huge pages for torch."""
+
+from __future__ import annotations
+
+import torch
+
+from vitcli.model import ViT
+
+
+def test_a_loaded_model_is_a_plain_vit_built_without_random_init(tiny_model_file, monkeypatch):
+    from safetensors.torch import load_file
+
+    from vitcli.weights.resolve import load_model
+
+    def refuse(self) -> None:
+        raise AssertionError("random init while loading weights")
+
+    monkeypatch.setattr(ViT, "reset_parameters", refuse)
+    model = load_model(str(tiny_model_file)).model
+    assert type(model) is ViT and not model.training
+    stored = load_file(tiny_model_file)
+    state = model.state_dict()
+    assert state.keys() == stored.keys()
+    for name, tensor in stored.items():
+        assert torch.equal(state[name], tensor), name
+    # Still trainable: every parameter a leaf that asks for gradients.
+    assert all(p.requires_grad and p.is_leaf for p in model.parameters())
+
+
+def test_commands_ask_torch_for_huge_pages_unless_the_user_chose(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os; from vitcli.runtime import prefer_passive_waiting; prefer_passive_waiting(); "
+        "print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    for preset, expected in ((None, "1"), ("0", "0")):
+        run_env = env if preset is None else {**env, "THP_MEM_ALLOC_ENABLE": preset}
+        shown = subprocess.run(
+            [sys.executable, "-c", code],
+            env=run_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+        assert shown.stdout.strip() == expected, shown.stderr
