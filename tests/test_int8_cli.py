@@ -203,3 +203,31 @@ def test_an_int8_file_is_held_to_the_limits_of_a_float_file(tmp_path, examples_d
     save_file(tensors, str(hostile), metadata=metadata)
     result = invoke("predict", examples_dir / SHAPES[0], "-m", hostile)
     one_line_error(result, 1, "width")
+
+
+def test_embed_int8_stays_close_to_float32(tiny_model_file, examples_dir, tmp_path):
+    runs = {}
+    for name, extra in (("fp32", ()), ("int8", ("--int8",))):
+        out = tmp_path / f"{name}.jsonl"
+        result = invoke(
+            "embed",
+            str(examples_dir),
+            "-m",
+            str(tiny_model_file),
+            "-o",
+            str(out),
+            "-w",
+            "0",
+            "-q",
+            *extra,
+        )
+        assert result.exit_code == 0, result.output
+        runs[name] = {
+            r["path"]: np.asarray(r["embedding"])
+            for r in map(json.loads, out.read_text().splitlines())
+        }
+    assert runs["fp32"].keys() == runs["int8"].keys() and len(runs["fp32"]) == 7
+    for path, a in runs["fp32"].items():
+        b = runs["int8"][path]
+        assert a.shape == b.shape and not np.array_equal(a, b)  # int8 really ran
+        assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99

@@ -6,7 +6,6 @@ the summary. Loading the model, collecting inputs and writing happen in the serv
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +19,7 @@ from ..services.attention.options import (
     Scale,
     Style,
 )
+from ..text import terminal_safe
 from .common import DeviceOption, Int8Option, ModelOption, QuietOption, WorkersOption
 
 EXAMPLES = """\
@@ -32,21 +32,6 @@ EXAMPLES = """\
   vit attention photos/ --html --explore       [dim]# + an interactive page per image[/dim]
   vit attention cat.jpg --threshold 0.6 -m timm/vit_small_patch16_224.augreg_in21k_ft_in1k
 """
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def terminal_safe(text: str) -> str:
-    """Control characters (ESC, CR, ...) and undecodable file-name bytes as visible escapes,
-    so that a file name or label can never move the cursor or clear the screen."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        import os
-
-        text = os.fsencode(text).decode("utf-8", "backslashreplace")
-    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
-
 
 METHOD_NAMES = ("raw", "rollout", "gae", "attribution", "gradcam")
 

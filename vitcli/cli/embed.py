@@ -18,6 +18,7 @@ from .common import (
     DeviceOption,
     DType,
     DTypeOption,
+    Int8Option,
     ModelOption,
     QuietOption,
     WorkersOption,
@@ -70,6 +71,7 @@ def embed(
     workers: WorkersOption = None,
     device: DeviceOption = "auto",
     dtype: DTypeOption = DType.auto,
+    int8: Int8Option = False,
     quiet: QuietOption = False,
 ) -> None:
     """Embed images: one vector per image, in input order, with the paths.
@@ -94,6 +96,7 @@ def embed(
         workers=worker_count,
         device=device,
         dtype=dtype.value,
+        int8=int8,
     )
     main = distributed.is_main()
     if clamped and main:

@@ -37,6 +37,7 @@ from ..runtime import DTYPE_CHOICES, default_workers, resolve_device, resolve_dt
 from ..weights.format import ModelBundle
 from .batchrun import LoaderOptions, OrderedRun, ProgressCallback, Summary, model_batches
 from .batchrun import share_inputs as share_inputs
+from .int8 import prepare_int8
 from .outputs import json_line, open_writer
 
 POOLS = ("default", "cls", "mean", "cls+mean")
@@ -73,6 +74,7 @@ class EmbedOptions:
     device: str = "auto"
     dtype: str = "auto"
     draft: bool = True
+    int8: bool = False  # int8 Linear layers on the CPU (docs/int8.md)
 
     def __post_init__(self) -> None:
         embed_format(self.output)
@@ -106,7 +108,9 @@ class Embedder:
             )
         self.bundle = bundle
         self.pool = options.pool
-        self.device = resolve_device(options.device)
+        self.device = resolve_device(
+            prepare_int8(bundle, options.int8, options.device, options.dtype)
+        )
         self.dtype, self.warning = resolve_dtype(options.dtype, self.device)
         self.model = bundle.model.eval().to(device=self.device, dtype=self.dtype)
         self.dim = self._dim()

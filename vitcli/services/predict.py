@@ -27,6 +27,7 @@ from .. import distributed
 from ..data.images import pixel_limit
 from ..data.inputs import InputItem, collect_inputs, refuse_output_among_inputs
 from ..errors import OptionError, VitError
+from ..model.int8 import is_quantized
 from ..runtime import DTYPE_CHOICES, default_workers, resolve_device, resolve_dtype
 from ..weights.format import ModelBundle
 from .batchrun import (
@@ -296,6 +297,8 @@ def run(
     finally:
         distributed.shutdown()
     dtype = str(predict.predictor.dtype).removeprefix("torch.")
+    if is_quantized(predict.predictor.model):
+        dtype = "int8"  # Linear layers in int8, the rest in float32
     return PredictResult(
         summary=predict.summary,
         device=f"{predict.predictor.device.type} {dtype}",
