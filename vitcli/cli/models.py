@@ -7,49 +7,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
-
-from ..errors import InputError, OptionError
-
-if TYPE_CHECKING:
-    from ..weights.format import ModelBundle
 
 ALL_LABELS_UP_TO = 20  # fewer labels than this are all shown; more: the first SHOWN_LABELS
 SHOWN_LABELS = 5
 
 
 def printable(text: str) -> str:
-    """Control characters (ESC, CR, ...) from a checkpoint shown as escapes, never sent raw to
-    the terminal, then rich markup escaped."""
-    from rich.markup import escape
+    """Text from a checkpoint for the table: control characters as escapes, markup escaped."""
+    from ..console import markup
 
-    return escape(
-        "".join(
-            char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
-            for char in text
-        )
-    )
-
-
-def summarize(bundle: ModelBundle) -> dict:
-    """Everything `vit info` shows, as plain JSON-able data."""
-    from ..model import describe_family
-
-    config = bundle.config
-    return {
-        "reference": bundle.reference,
-        "source_format": bundle.source_format,
-        "name": config.name,
-        "family": describe_family(config),
-        "config": config.to_dict(),
-        "num_parameters": sum(p.numel() for p in bundle.model.parameters()),
-        "num_labels": len(bundle.labels),
-        "labels": list(bundle.labels),
-        "preprocess": bundle.preprocess.to_dict(),
-        "extra": bundle.extra,
-    }
+    return markup(text)
 
 
 def _render_info(info: dict) -> None:
@@ -155,9 +124,9 @@ def info(
     ),
 ) -> None:
     """Show a checkpoint's architecture, parameters, labels, preprocessing and source format."""
-    from ..weights.resolve import load_model
+    from ..services.models import describe
 
-    data = summarize(load_model(model))
+    data = describe(model)
     if as_json:
         typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
     else:
@@ -178,38 +147,13 @@ def convert(
     ),
 ) -> None:
     """Write any supported checkpoint in our format (one .safetensors file with metadata)."""
-    if destination.suffix.lower() != ".safetensors":
-        raise InputError(f"{destination}: the output must end in .safetensors")
-    if destination.is_dir():
-        raise InputError(f"{destination}: is a folder; give a file name ending in .safetensors")
-    if fp16 and int8:
-        raise OptionError("--fp16 and --int8 are two ways to store the weights: choose one")
-    import torch
-
     from ..console import out
-    from ..model.int8 import is_quantized, quantize
-    from ..weights.format import save_model
-    from ..weights.int8 import save_quantized
-    from ..weights.resolve import load_model
+    from ..services.models import convert_model
 
-    bundle = load_model(source)
-    source_text = f"{bundle.source_format}: {source}"
-    if is_quantized(bundle.model) and not int8:
-        raise OptionError(
-            f"{source} holds int8 weights; the float ones are gone: add --int8 to copy it, "
-            "or convert the float model"
-        )
-    if int8:
-        # In place: no second copy of a large model's weights; the file stores what ran.
-        bundle.model = quantize(bundle.model, inplace=True)
-        save_quantized(bundle, destination, source=source_text)
-    else:
-        save_model(bundle, destination, dtype=torch.float16 if fp16 else None, source=source_text)
-    size_mb = destination.stat().st_size / 1e6
-    name = bundle.config.name or "custom"
-    stored = "int8" if int8 else "float16" if fp16 else "float32"
+    result = convert_model(source, destination, fp16=fp16, int8=int8)
     out.print(
-        f"wrote {destination} ({name}, {len(bundle.labels)} labels, {stored}, {size_mb:.1f} MB)",
+        f"wrote {result.path} ({result.name}, {result.labels} labels, {result.stored}, "
+        f"{result.size_bytes / 1e6:.1f} MB)",
         highlight=False,
         markup=False,
     )
@@ -221,9 +165,9 @@ def fetch(
 ) -> None:
     """Download a hub model into the Hugging Face cache so later runs work offline."""
     from ..console import out
-    from ..weights.hub import download
+    from ..services.models import fetch_model
 
-    folder = download(repo_id, revision=revision)
+    folder = fetch_model(repo_id, revision=revision)
     out.print(str(folder), highlight=False, markup=False, soft_wrap=True)
 
 
