@@ -115,7 +115,7 @@ def test_terminal_output_escapes_control_characters(tmp_path, tiny_model_file):
     (folder / "\x1b[2Jbroken.jpg").write_bytes(b"not a jpeg")
     code, output = cli(str(folder), "--model", str(tiny_model_file), "--out", str(tmp_path / "o"))
     assert code == 1 and "\x1b[2J" not in output and "\\x1b[2Jbroken.jpg" in output
-    assert terminal_safe("a\rb\x9bc") == "a\\rb\\x9bc" and terminal_safe("é ok") == "é ok"
+    assert terminal_safe("a\rb\x9bc") == "a\\x0db\\x9bc" and terminal_safe("é ok") == "é ok"
     assert readable(os.fsdecode(b"x\xff\n")) == "x\\xff\\x0a"
 
 

@@ -121,3 +121,38 @@ def _no_type(ctx=None) -> None:
 
 def _no_range() -> None:
     return None
+
+
+def batch_progress(name: str, show: bool):
+    """(progress bar, on_progress(done, total)) for a streaming batch command; the bar shows
+    images per second since it started."""
+    import time
+
+    from ..console import make_progress
+
+    progress = make_progress(quiet=not show)
+    task = progress.add_task(name, total=None, rate="")
+    started = time.perf_counter()
+
+    def on_progress(done: int, total: int) -> None:
+        elapsed = time.perf_counter() - started
+        rate = f"{done / elapsed:.1f} img/s" if elapsed > 0 and done else ""
+        progress.update(task, completed=done, total=total, rate=rate)
+
+    return progress, on_progress
+
+
+def batch_summary(summary, verb: str, where: str, tail: str = "", by: str = "") -> str:
+    """'N of M images <verb>[, K failed][<by>] in S s (R img/s, <where>[ x W ranks])<tail>', as
+    rich markup; the rate only when something succeeded (a run that read nothing has no speed)."""
+    ranks = f" x {summary.world_size} ranks" if summary.world_size > 1 else ""
+    rate = (
+        f"{summary.succeeded / summary.seconds:.1f} img/s, "
+        if summary.succeeded and summary.seconds > 0
+        else ""
+    )
+    failed = f", [red]{summary.failed} failed[/]" if summary.failed else ""
+    return (
+        f"{summary.succeeded} of {summary.total} images {verb}{failed}{by} in "
+        f"{summary.seconds:.1f} s ({rate}{where}{ranks}){tail}"
+    )

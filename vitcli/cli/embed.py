@@ -6,7 +6,6 @@ The command parses options, shows progress and prints the summary; the service
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -22,6 +21,8 @@ from .common import (
     ModelOption,
     QuietOption,
     WorkersOption,
+    batch_progress,
+    batch_summary,
 )
 
 EXAMPLES = """\
@@ -82,7 +83,7 @@ def embed(
 
     prefer_passive_waiting()
     from .. import distributed
-    from ..console import err, make_progress, markup, print_warning
+    from ..console import err, markup, print_warning
     from ..runtime import resolve_workers
     from ..services import embed as service
 
@@ -102,32 +103,16 @@ def embed(
     if clamped and main:
         print_warning(clamped)
     show = main and not quiet
-    progress = make_progress(quiet=not show)
-    task = progress.add_task("embed", total=None, rate="")
-    started = time.perf_counter()
-
-    def on_progress(done: int, total: int) -> None:
-        elapsed = time.perf_counter() - started
-        rate = f"{done / elapsed:.1f} img/s" if elapsed > 0 and done else ""
-        progress.update(task, completed=done, total=total, rate=rate)
+    progress, on_progress = batch_progress("embed", show)
 
     with progress:
         result = service.run(options, on_progress if show else None, on_warning=print_warning)
     summary = result.summary
     if result.is_main and (summary.failed or not quiet):
-        ranks = f" x {summary.world_size} ranks" if summary.world_size > 1 else ""
-        rate = (
-            f"{summary.succeeded / summary.seconds:.1f} img/s, "
-            if summary.succeeded and summary.seconds > 0
-            else ""
-        )
-        failed = f", [red]{summary.failed} failed[/]" if summary.failed else ""
+        verb = f"embedded ({result.dim} numbers each)"
+        tail = f" -> {markup(str(result.output))}"
         err.print(
-            f"{summary.succeeded} of {summary.total} images embedded ({result.dim} numbers "
-            f"each){failed} in {summary.seconds:.1f} s ({rate}{result.device}{ranks}) -> "
-            f"{markup(str(result.output))}",
-            highlight=False,
-            soft_wrap=True,
+            batch_summary(summary, verb, result.device, tail), highlight=False, soft_wrap=True
         )
     # As predict: a completed distributed run exits 0 on every rank (failures are recorded).
     if summary.failed and summary.world_size == 1:

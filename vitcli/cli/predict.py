@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +24,8 @@ from .common import (
     ModelOption,
     QuietOption,
     WorkersOption,
+    batch_progress,
+    batch_summary,
 )
 
 EXAMPLES = """\
@@ -184,7 +185,7 @@ written), 2 for a usage error.
 
     prefer_passive_waiting()  # before torch loads: decoders share the CPU with the model
     from .. import distributed
-    from ..console import err, make_progress, markup, out, print_warning, stdout_is_terminal
+    from ..console import err, markup, out, print_warning, stdout_is_terminal
     from ..runtime import resolve_workers
     from ..services import predict as service
     from ..services.outputs import choose_format
@@ -210,14 +211,7 @@ written), 2 for a usage error.
     if clamped and main:
         print_warning(clamped)
     show = main and not quiet
-    progress = make_progress(quiet=not show)
-    task = progress.add_task("predict", total=None, rate="")
-    started = time.perf_counter()
-
-    def on_progress(done: int, total: int) -> None:
-        elapsed = time.perf_counter() - started
-        rate = f"{done / elapsed:.1f} img/s" if elapsed > 0 and done else ""
-        progress.update(task, completed=done, total=total, rate=rate)
+    progress, on_progress = batch_progress("predict", show)
 
     def table(paths: list[str], labels: list[str], top_k: int) -> service.RecordSink:
         return _Table(out, paths, labels, logits)
@@ -235,22 +229,11 @@ written), 2 for a usage error.
         raise typer.Exit(1) from None
     summary = result.summary
     if result.is_main and (summary.failed or not quiet):
-        ranks = f" x {summary.world_size} ranks" if summary.world_size > 1 else ""
-        # A rate only means something when something was classified.
-        rate = (
-            f"{summary.succeeded / summary.seconds:.1f} img/s, "
-            if summary.succeeded and summary.seconds > 0
-            else ""
-        )
-        failed = f", [red]{summary.failed} failed[/]" if summary.failed else ""
         target = f" -> {markup(str(result.output))}" if result.output is not None else ""
-        err.print(
-            f"{summary.succeeded} of {summary.total} images classified{failed} by "
-            f"{markup(result.model)} in "
-            f"{summary.seconds:.1f} s ({rate}{result.device}{ranks}){target}",
-            highlight=False,
-            soft_wrap=True,
+        line = batch_summary(
+            summary, "classified", result.device, target, by=f" by {markup(result.model)}"
         )
+        err.print(line, highlight=False, soft_wrap=True)
     # Under torchrun any non-zero exit makes the launcher stop the other ranks and print its
     # own ChildFailedError traceback; images that failed are in the records and the summary,
     # so a distributed run that completed exits 0 on every rank (docs/predict.md).

@@ -134,6 +134,17 @@ def _special(path: Path, mode: int) -> str:
     return f"{path}: not a regular file ({kind}); only regular image files are read"
 
 
+def special_file_error(path: str | Path) -> str | None:
+    """The error for a path that names a FIFO, socket, device or folder (from stat() alone:
+    nothing is opened, so a FIFO cannot block), else None (a regular file, or a missing one,
+    which decoding reports)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return None if stat.S_ISREG(mode) else _special(Path(path), mode)
+
+
 def open_image(
     path: str | Path,
     draft_for: Callable[[int, int], tuple[int, int]] | None = None,

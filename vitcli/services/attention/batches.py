@@ -11,13 +11,12 @@ result pipe is full would otherwise wait on it forever).
 from __future__ import annotations
 
 import math
-import os
-import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ...data.images import special_file_error
 from ...data.loader import image_batches, normalize
 from ...data.preprocess import Geometry
 from ...runtime import resolve_device
@@ -89,32 +88,6 @@ def family_fields(maps: dict, row: int) -> dict:
     }
 
 
-def not_a_regular_file(path: str) -> str | None:
-    """The failure message for a path that must not be opened, or None for a regular file.
-
-    Links are followed (a link to an image is fine). A missing file is left to the decoder,
-    which says so in its own words.
-    """
-    try:
-        mode = os.stat(path).st_mode
-    except (OSError, ValueError):
-        return None
-    if stat.S_ISREG(mode):
-        return None
-    kind = (
-        "a FIFO"
-        if stat.S_ISFIFO(mode)
-        else "a socket"
-        if stat.S_ISSOCK(mode)
-        else "a device"
-        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-        else "a folder"
-        if stat.S_ISDIR(mode)
-        else "not a regular file"
-    )
-    return f"{path}: is {kind}, not an image file; skipped without reading it"
-
-
 def resolve_batch_size(options: AttentionOptions, config) -> int:
     if options.batch_size == "auto":
         return default_batch_size(config, factor=memory_factor(options.methods))
@@ -143,7 +116,7 @@ def attention_batches(
     query = QUERY_CLS if model.config.num_prefix_tokens else QUERY_MEAN
     batch_size = resolve_batch_size(options, bundle.config)
     known = list(errors) if errors is not None else [None] * len(paths)
-    known = [error or not_a_regular_file(path) for path, error in zip(paths, known)]
+    known = [error or special_file_error(path) for path, error in zip(paths, known)]
     # Worker start-up is pure cost when there is nothing to overlap with (as predict does).
     workers = max(0, min(options.workers, math.ceil(len(paths) / batch_size) - 1))
     loader = image_batches(
