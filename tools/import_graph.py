@@ -33,6 +33,7 @@ LAYERS = {
     "distributed": 0,
     "errors": 0,
     "fileio": 0,
+    "text": 0,
     "_version": 0,
 }
 # (importer's top-level part, imported top-level part): sideways imports within one layer that
