@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -186,3 +187,29 @@ class OrderedRun:
             raise RuntimeError(
                 f"distributed run lost records: {next_position} of {len(self.items)} released"
             )
+
+
+class Sink(Protocol):
+    """Where a batch command's records go: a file writer, the CLI's table, an array file."""
+
+    def write(self, records: list[dict]) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+def drain(batches: Iterable[list[dict]], sink: Sink | None) -> None:
+    """Write every batch of records to `sink` (None on ranks other than 0, which only compute),
+    then close it (json's closing bracket, an atomic rename); on any failure or interrupt the
+    sink is aborted instead, so no half file is left behind."""
+    try:
+        for records in batches:
+            if sink is not None:
+                sink.write(records)
+        if sink is not None:
+            sink.close()
+    except BaseException:
+        if sink is not None:
+            sink.abort()
+        raise

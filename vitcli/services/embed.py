@@ -35,7 +35,7 @@ from ..errors import OptionError, OutputError
 from ..fileio import atomic_write_bytes
 from ..runtime import DTYPE_CHOICES, default_workers, resolve_device, resolve_dtype
 from ..weights.format import ModelBundle
-from .batchrun import LoaderOptions, OrderedRun, ProgressCallback, Summary, model_batches
+from .batchrun import LoaderOptions, OrderedRun, ProgressCallback, Summary, drain, model_batches
 from .batchrun import share_inputs as share_inputs
 from .int8 import prepare_int8
 from .outputs import json_line, open_writer
@@ -327,16 +327,7 @@ def run(
                 if kind == "jsonl"
                 else _MatrixSink(options.output, kind, embed.embedder.dim)
             )
-        try:
-            for records in embed.records():
-                if sink is not None:
-                    sink.write(records)
-            if sink is not None:
-                sink.close()
-        except BaseException:
-            if sink is not None:
-                sink.abort()
-            raise
+        drain(embed.records(), sink)
         distributed.barrier()
     finally:
         distributed.shutdown()

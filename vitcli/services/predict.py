@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TextIO
+from typing import TextIO
 
 import torch
 
@@ -34,7 +34,9 @@ from .batchrun import (
     LoaderOptions,
     OrderedRun,
     ProgressCallback,
+    Sink,
     Summary,
+    drain,
     model_batches,
     share_inputs,
 )
@@ -107,14 +109,7 @@ class PredictResult:
     is_main: bool
 
 
-class RecordSink(Protocol):
-    """Where records go: a file writer, or the CLI's table."""
-
-    def write(self, records: list[dict]) -> None: ...
-
-    def close(self) -> None: ...
-
-    def abort(self) -> None: ...
+RecordSink = Sink  # where records go: a file writer, or the CLI's table
 
 
 # table(paths, labels, top_k) -> the sink that draws the table (the CLI's; needs rich).
@@ -283,16 +278,7 @@ def run(
                     stream=stdout if stdout is not None else sys.stdout,
                     top_k=top_k,
                 )
-        try:
-            for records in predict.records():
-                if sink is not None:
-                    sink.write(records)
-            if sink is not None:
-                sink.close()  # json's closing bracket, the atomic rename
-        except BaseException:
-            if sink is not None:
-                sink.abort()
-            raise
+        drain(predict.records(), sink)
         distributed.barrier()
     finally:
         distributed.shutdown()
