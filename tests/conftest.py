@@ -52,3 +52,15 @@ def tiny_model_file(tmp_path, tiny_model) -> Path:
 @pytest.fixture(scope="session")
 def examples_dir() -> Path:
     return EXAMPLES
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module of tiny models (request it with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
