@@ -29,6 +29,11 @@ def test_recipe_runs_end_to_end_on_tiny_settings(tmp_path):
         "TEST_PER_CLASS": "2",
         "IMAGE_SIZE": "32",
         "EPOCHS": "1",
+        "MIX_PER_CLASS": "2",
+        "MIX_PER_PAIR": "1",
+        "MIX_VAL_PER_PAIR": "1",
+        "MIX_EPOCHS": "1",
+        "PAIRS_TEST_PER_PAIR": "1",
         "BATCH_SIZE": "8",
         "WORKERS": "0",
         "OMP_NUM_THREADS": "1",
@@ -44,6 +49,11 @@ def test_recipe_runs_end_to_end_on_tiny_settings(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["images"] == 12 and results["failures"] == 0
     assert 0.0 <= results["top1"] <= 1.0 and results["fp16_vs_fp32_top1_agreement"] >= 0.5
+    assert results["pair_images"] == 15 and 0.0 <= results["pair_both_top2"] <= 1.0
+    # Stage 2 fine-tuned stage 1's model on the mixed folder, whose groups it recorded.
+    stage2 = json.loads((tmp_path / "run" / "mixed-out" / "config.json").read_text())
+    assert stage2["mode"] == "finetune" and len(stage2["groups"]) == 15
+    assert stage2["source"].endswith("stage1.safetensors")
     assert (tmp_path / "model.safetensors").stat().st_size > 0
     # The bundled model is never touched by the test.
     assert (BUNDLED.stat().st_mtime_ns if BUNDLED.exists() else None) == before

@@ -21,6 +21,7 @@ EXAMPLES = """\
   vit data shapes shapes-train --per-class 2000 --seed 0
   vit data shapes shapes-test --per-class 200 --seed 2 --workers 2
   vit data shapes pairs --objects 2 --per-class 20   [dim]# for vit score[/]
+  vit data shapes mixed --per-class 2000 --pairs 300  [dim]# both kinds, for vit train[/]
 """
 
 
@@ -72,6 +73,15 @@ def shapes(
             "per pair, in OUT_DIR/<a>+<b>/, masks .masks/<a>+<b>/<stem>.<a>.png and .<b>.png.",
         ),
     ] = 1,
+    pairs: Annotated[
+        int,
+        typer.Option(
+            "--pairs",
+            metavar="N",
+            help="Also write N two-object images per pair of classes into OUT_DIR/<a>+<b>/, "
+            "beside the one-object class folders; `vit train` learns both classes from them.",
+        ),
+    ] = 0,
 ) -> None:
     """Generate a deterministic synthetic dataset of shapes, with each object's mask.
 
@@ -93,14 +103,19 @@ def shapes(
         raise OptionError(f"--seed must be from 0 to 2^63-1, got {seed}")
     if objects not in (1, 2):
         raise OptionError(f"--objects must be 1 or 2, got {objects}")
+    if not 0 <= pairs <= MAX_PER_CLASS:
+        raise OptionError(f"--pairs must be from 0 to {MAX_PER_CLASS}, got {pairs}")
+    if pairs and objects != 1:
+        raise OptionError("--pairs adds two-object images to one-object folders: drop --objects 2")
     count, warning = resolve_workers(workers if workers is not None else cpu_count())
     if warning:
         print_warning(warning)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder; choose another OUT_DIR")
     with make_progress(quiet=quiet) as progress:
-        folders = len(SHAPES) if objects == 1 else len(SHAPES) * (len(SHAPES) - 1) // 2
-        task = progress.add_task("shapes", total=per_class * folders, rate="")
+        pair_count = len(SHAPES) * (len(SHAPES) - 1) // 2
+        total = per_class * (len(SHAPES) if objects == 1 else pair_count) + pairs * pair_count
+        task = progress.add_task("shapes", total=total, rate="")
         try:
             summary = generate(
                 out_dir,
@@ -109,6 +124,7 @@ def shapes(
                 seed=seed,
                 workers=count,
                 objects=objects,
+                pairs=pairs,
                 progress=lambda done, total: progress.update(task, completed=done),
             )
         except OSError as error:
@@ -118,8 +134,9 @@ def shapes(
             ) from None
     if not quiet:
         unit = "class" if objects == 1 else "pair"
+        also = f", {pairs} per pair" if pairs else ""
         err.print(
-            f"wrote {summary['images']} images ({per_class} per {unit}, "
+            f"wrote {summary['images']} images ({per_class} per {unit}{also}, "
             f"{len(summary['classes'])} classes, {image_size}x{image_size}, seed {seed}) "
             f"to {out_dir}",
             markup=False,

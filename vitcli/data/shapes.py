@@ -17,6 +17,11 @@ image holds two shapes of different classes, and there is one folder per pair of
   OUT_DIR/.masks/<a>+<b>/<a>+<b>_00000.<a>.png   the mask of the a object
   OUT_DIR/.masks/<a>+<b>/<a>+<b>_00000.<b>.png   the mask of the b object
 `object_masks(image)` returns {class: mask file} for either layout.
+
+`generate(pairs=N)` (`vit data shapes --pairs N`) writes both: the one-object class folders
+and, beside them, N two-object images in each pair folder. `vit train` reads such a folder as
+single-label images plus images that hold two classes at once (data/folder.py); the bundled
+model is fine-tuned on one (weights/recipe/recipe.sh), so it knows both objects of an image.
 """
 
 from __future__ import annotations
@@ -310,15 +315,19 @@ def generate(
     progress: Callable[[int, int], None] | None = None,
     workers: int = 0,
     objects: int = 1,
+    pairs: int = 0,
 ) -> dict:
     """Write the dataset; returns the summary also written to shapes.json.
 
     `workers` > 0 spreads the images over that many processes; the files are the same.
     `objects=2` writes `per_class` images for every pair of different classes instead, into
     pair folders (see the module docstring); `objects=1` writes exactly what it always did.
+    `pairs` > 0 (with `objects=1`) also writes that many two-object images per pair folder.
     """
     if objects not in (1, 2):
         raise ValueError("objects must be 1 or 2")
+    if pairs < 0 or (pairs and objects != 1):
+        raise ValueError("pairs must be 0 or more, and only go with objects=1")
     if per_class < 1:
         raise ValueError("per_class must be at least 1")
     if image_size < 32:
@@ -330,23 +339,26 @@ def generate(
         raise ValueError(f"unknown shapes {unknown}; known: {', '.join(SHAPES)}")
     out = Path(out_dir)
     ordered = [name for name in SHAPES if name in classes]  # pairs in a fixed order
-    folders = (
-        list(classes)
+    pair_folders = [pair_folder(a, b) for i, a in enumerate(ordered) for b in ordered[i + 1 :]]
+    counts = (
+        {name: per_class for name in classes}
         if objects == 1
-        else [pair_folder(a, b) for i, a in enumerate(ordered) for b in ordered[i + 1 :]]
+        else {name: per_class for name in pair_folders}
     )
-    if not folders:
+    if pairs:
+        counts.update({name: pairs for name in pair_folders})
+    if not counts or ((objects == 2 or pairs) and not pair_folders):
         raise ValueError("two objects per image need at least two classes")
-    for name in folders:
+    for name in counts:
         (out / name).mkdir(parents=True, exist_ok=True)
         (out / MASK_DIR / name).mkdir(parents=True, exist_ok=True)
     chunk = 50
     jobs = [
-        (name, start, min(start + chunk, per_class))
-        for name in folders
-        for start in range(0, per_class, chunk)
+        (name, start, min(start + chunk, count))
+        for name, count in counts.items()
+        for start in range(0, count, chunk)
     ]
-    total, done = per_class * len(folders), 0
+    total, done = sum(counts.values()), 0
     if workers > 0 and len(jobs) > 1:
         # Never more processes than CPUs or jobs; each dies with this process (no orphans).
         count = min(workers, cpu_count(), len(jobs))
@@ -378,7 +390,10 @@ def generate(
     }
     if objects == 2:
         summary["objects"] = 2
-        summary["pairs"] = folders
+        summary["pairs"] = pair_folders
+    if pairs:
+        summary["pairs"] = pair_folders
+        summary["per_pair"] = pairs
     atomic_write_bytes(out / "shapes.json", json.dumps(summary, indent=2).encode())
     return summary
 

@@ -139,6 +139,9 @@ class Run:
     emit: Callback
     best_name: str  # "val_top1" (higher is better) or "train_loss" (lower is better)
     features: bool = False  # the loader yields cached head inputs (linear probe), not pixels
+    # (K + G, K) target distribution of every label when the data has multi-class folders
+    # (data/folder.py): rows 0..K-1 one-hot, row K+g an equal share of group g's classes.
+    label_targets: torch.Tensor | None = None
     step: int = 0
     best_metric: float | None = None
     best_epoch: int = 0
@@ -216,6 +219,31 @@ def raise_no_images(run: Run, epoch: int) -> None:
     )
 
 
+def label_targets(num_classes: int, groups: list[list[int]]) -> torch.Tensor | None:
+    """(K + G, K): one-hot rows for the classes, then 1/len(g) on each class of group g; None
+    without groups (targets stay class indices, the cheaper and usual path)."""
+    if not groups:
+        return None
+    table = torch.zeros(num_classes + len(groups), num_classes)
+    table[:num_classes] = torch.eye(num_classes)
+    for row, group in enumerate(groups, start=num_classes):
+        table[row, group] = 1.0 / len(group)
+    return table
+
+
+def hits(logits: torch.Tensor, labels: torch.Tensor, k: int, table: torch.Tensor | None) -> int:
+    """Images whose top-k holds their class; for a group label, top-1 counts when the best class
+    is one of the group's, top-k (k > 1) when all of the group's classes are in the top k."""
+    if table is None:
+        return topk_correct(logits, labels, k)
+    wanted = table.to(logits.device)[labels] > 0  # B,K
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # B,k
+    in_top = torch.zeros_like(wanted).scatter_(1, top, True)
+    if k == 1:
+        return int((wanted & in_top).any(dim=1).sum().item())
+    return int((~wanted | in_top).all(dim=1).sum().item())
+
+
 def train_one_epoch(run: Run, loader, sampler, epoch: int) -> dict:
     config = run.config
     torch.manual_seed(seed_from("epoch", config.seed, epoch, run.rank))  # dropout / drop-path
@@ -245,11 +273,12 @@ def train_one_epoch(run: Run, loader, sampler, epoch: int) -> dict:
         else:
             pixels = normalize(batch.pixel_tensor(), run.preprocess, run.device)  # B,C,H,W
             labels = batch.label_tensor().to(run.device, non_blocking=True)
-        targets = labels
+        table = run.label_targets
+        targets = labels if table is None else table.to(run.device)[labels]  # (B,) or B,K
         if mixing:
             pixels, targets = mix_batch(
                 pixels,
-                F.one_hot(labels, num_classes).float(),
+                F.one_hot(labels, num_classes).float() if table is None else targets,
                 config.mixup,
                 config.cutmix,
                 random.Random(f"mix:{config.seed}:{epoch}:{step_in_epoch}:{run.rank}"),
@@ -274,7 +303,7 @@ def train_one_epoch(run: Run, loader, sampler, epoch: int) -> dict:
         run.step += 1
         if not empty:
             loss_sum += loss_value * labels.shape[0]
-            correct += int((logits.argmax(dim=1) == labels).sum().item())
+            correct += hits(logits, labels, 1, table)
             seen += labels.shape[0]
         elapsed = time.perf_counter() - started
         run.emit(
@@ -339,9 +368,11 @@ def validate(run: Run, loader) -> dict:
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
             logits = model(pixels)
         logits = logits.float()
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum").item())
-        top1 += topk_correct(logits, labels, 1)
-        top5 += topk_correct(logits, labels, 5)
+        table = run.label_targets
+        targets = labels if table is None else table.to(run.device)[labels]
+        loss_sum += float(F.cross_entropy(logits, targets, reduction="sum").item())
+        top1 += hits(logits, labels, 1, table)
+        top5 += hits(logits, labels, 5, table)
         seen += labels.shape[0]
     model.train(was_training)
     loss_sum, top1, top5, seen = all_reduce_sum([loss_sum, top1, top5, seen], run)

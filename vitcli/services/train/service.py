@@ -19,7 +19,15 @@ from ...errors import InputError, TrainingError, VitError
 from ...model import ViT, ViTConfig
 from ...runtime import resolve_workers
 from .config import ARCH_LIMITS, MAX_IMAGE_SIZE, ResolvedConfig, TrainConfig, check, resolve
-from .loop import Callback, Run, TrainEvent, TrainResult, model_writer, train_epochs
+from .loop import (
+    Callback,
+    Run,
+    TrainEvent,
+    TrainResult,
+    label_targets,
+    model_writer,
+    train_epochs,
+)
 from .probe import FeatureLoader, ProbeNet, cache_features, freeze_backbone, uses_cached_features
 from .rundir import CONFIG_FILE, RunFolder, set_rng_state
 from .setup import EMA, Built, Loaders, build_model, device_for, make_loaders, make_optimizer
@@ -128,11 +136,20 @@ def _run(
         emit=emit,
         best_name="val_top1" if val_data is not None else "train_loss",
         features=cached,
+        label_targets=label_targets(len(classes), train_data.group_indices()),
     )
     start_epoch = _restore(run_, state) if state is not None else 0
     if cached:  # after _restore: a resumed probe reads its backbone from state.pt
         loaders = _feature_loaders(run_, loaders, train_data)
     notes = list(built.notes)
+    if train_data.groups:
+        grouped = sum(1 for _, label in train_data.samples if label >= len(classes))
+        notes.append(
+            f"{grouped} images in {len(train_data.groups)} multi-class folders "
+            f"({', '.join('+'.join(g) for g in train_data.groups[:3])}"
+            f"{', ...' if len(train_data.groups) > 3 else ''}): each of their classes "
+            "gets an equal share of the target"
+        )
     if config.linear_probe:
         notes.append(
             "linear probe: backbone frozen"
@@ -146,6 +163,7 @@ def _run(
                 "mode": built.mode,
                 "source": built.source,
                 "classes": classes,
+                "groups": ["+".join(group) for group in train_data.groups],
                 "train_images": len(train_data),
                 "val_images": len(val_data) if val_data is not None else 0,
                 "model_config": model.config.to_dict(),
