@@ -184,22 +184,30 @@ class OrtInt8ViT(nn.Module):
 
     int8_engine = "onnxruntime"  # services/int8.py reads it
 
-    def __init__(self, session: Any, config: ViTConfig, image_size: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        session: Any,
+        config: ViTConfig,
+        image_size: tuple[int, int],
+        head: nn.Module,
+        fc_norm: nn.Module | None,
+    ) -> None:
         super().__init__()
         self.session = session
         self.config = config
         self.image_size = image_size
+        # The float modules embed's own pooling reads (--pool cls/mean, the dimension): small.
+        self.head = head
+        self.fc_norm = fc_norm
 
     @classmethod
     def from_bundle(cls, bundle: ModelBundle, **kwargs: Any) -> OrtInt8ViT:
+        """The engine for `bundle`'s float model; `kwargs` go to `ort_session`."""
         session = ort_session(bundle, **kwargs)
         shape = session.get_inputs()[0].shape  # ["batch", 3, H, W]
-        engine = cls(session, bundle.config, (int(shape[2]), int(shape[3])))
         model = bundle.model
-        # Small float modules embed's own pooling code reads (--pool cls/mean, the dimension).
-        engine.head = model.head
-        engine.fc_norm = model.fc_norm
-        return engine
+        size = (int(shape[2]), int(shape[3]))
+        return cls(session, bundle.config, size, head=model.head, fc_norm=model.fc_norm)
 
     def _run(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[1:]) != (3, *self.image_size):
