@@ -3,11 +3,13 @@
     python bench/int8.py                       # B/16, batch 32, 3 interleaved rounds
     python bench/int8.py --variant S/16 --batch 8 --rounds 5 --profile
 
-Engines: our fp32 ViT (eager), our int8 (vitcli.model.int8, both engines), torch's
-`quantize_dynamic` (fbgemm/x86 engine), and ONNX Runtime fp32 and dynamic int8 (per-channel,
-reduced range) through `vit export`'s graph. Every round runs each engine once, back to back,
-so a noisy neighbour slows all of them alike; the report is the median over rounds of each
-engine's speed ratio to our fp32 in that round. Random weights: speed does not depend on them.
+Engines: our fp32 ViT (eager), our int8 (vitcli.model.int8, both engines; and the
+onnxruntime engine behind `--int8`, services/ort_engine.py, called through its wrapper so
+its overhead counts), torch's `quantize_dynamic` (fbgemm/x86 engine), and plain ONNX Runtime
+fp32 and dynamic int8 (per-channel, reduced range) through `vit export`'s graph. Every round
+runs each engine once, back to back, so a noisy neighbour slows all of them alike; the report
+is the median over rounds of each engine's speed ratio to our fp32 in that round.
+Random weights: speed does not depend on them.
 """
 
 from __future__ import annotations
@@ -59,6 +61,29 @@ def ort_session(model: ViT, int8: bool, threads: int):
     return run
 
 
+def ort_engine(model: ViT, preprocess: Preprocess | None = None) -> nn.Module:
+    """Our onnxruntime int8 engine, as `--int8` builds it (its cache in a temporary folder),
+    for input at `preprocess.size` (default: the model's own image size)."""
+    import os
+    import tempfile
+
+    from vitcli.services.ort_engine import OrtInt8ViT
+
+    labels = [str(i) for i in range(model.config.num_classes)]
+    preprocess = preprocess or Preprocess(size=model.config.image_size)
+    bundle = ModelBundle(model, labels, preprocess)
+    saved = os.environ.get("VITCLI_CACHE")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["VITCLI_CACHE"] = tmp
+        try:
+            return OrtInt8ViT.from_bundle(bundle)
+        finally:
+            if saved is None:
+                os.environ.pop("VITCLI_CACHE")
+            else:
+                os.environ["VITCLI_CACHE"] = saved
+
+
 def engines(model: ViT, skip: set[str], threads: int) -> dict:
     found = {"fp32": model}
     if "int8" not in skip:  # the default engine: fbgemm on x86
@@ -87,13 +112,18 @@ def engines(model: ViT, skip: set[str], threads: int) -> dict:
         found["ort-fp32"] = ort_session(model, int8=False, threads=threads)
     if "ort-int8" not in skip:
         found["ort-int8"] = ort_session(model, int8=True, threads=threads)
+    if "int8-ort-engine" not in skip:  # our int8, onnxruntime engine (--int8's default)
+        found["int8-ort-engine"] = ort_engine(model)
     return found
 
 
-def accuracy(folder: Path, batch: int, engine: str | None) -> None:
-    """The bundled model, fp32 vs int8, on a held-out shapes set (generated if missing)."""
+def accuracy(folder: Path, batch: int) -> None:
+    """The bundled model, fp32 vs each int8 engine, on a held-out shapes set (generated if
+    missing): top-1, agreement, logit error; for the torch engines also the last layer's CLS
+    attention (the onnxruntime engine returns no attention: `vit attention` runs on torch)."""
     from PIL import Image
 
+    from vitcli.data.loader import prepare
     from vitcli.data.shapes import generate
     from vitcli.weights.resolve import load_model
 
@@ -102,40 +132,61 @@ def accuracy(folder: Path, batch: int, engine: str | None) -> None:
         generate(folder, per_class=100, seed=2)
     paths = sorted(p for p in folder.glob("*/*.jpg") if p.parent.name in bundle.labels)
     truth = torch.tensor([bundle.labels.index(p.parent.name) for p in paths])
-    fp32, int8 = bundle.model.eval(), quantize(bundle.model, engine=engine)
+    fp32 = bundle.model.eval()
+    models: dict[str, nn.Module] = {
+        "fp32": fp32,
+        "fbgemm": quantize(fp32, engine="fbgemm"),
+        "int_mm": quantize(fp32, engine="int_mm"),
+    }
+    try:
+        models["onnxruntime"] = ort_engine(fp32, bundle.preprocess)
+    except ImportError:
+        print("onnxruntime not installed: its engine skipped")
     layer = bundle.config.depth - 1
-    logits = {"fp32": [], "int8": []}
-    cls_maps = {"fp32": [], "int8": []}
+    logits: dict[str, list[torch.Tensor]] = {name: [] for name in models}
+    # The onnxruntime engine has no attention output: logits only.
+    cls_maps: dict[str, list[torch.Tensor]] = {n: [] for n in models if n != "onnxruntime"}
     with torch.inference_mode():
         for start in range(0, len(paths), batch):
             x = torch.stack(
                 [
-                    torch.from_numpy(bundle.preprocess(Image.open(p).convert("RGB")))
-                    for p in paths[start : start + batch]
+                    prepare(Image.open(p).convert("RGB"), bundle.preprocess)
+                    for p in paths[start:][:batch]
                 ]
             )
-            for name, model in (("fp32", fp32), ("int8", int8)):
+            for name, model in models.items():
+                if name not in cls_maps:
+                    logits[name].append(model(x))
+                    continue
                 out, weights = model.forward_with_attention(x, [layer])
                 logits[name].append(out)
                 cls_maps[name].append(weights[layer][:, :, 0, 1:].mean(1))  # B,N: CLS row
-    a, b = torch.cat(logits["fp32"]), torch.cat(logits["int8"])
-    ma, mb = torch.cat(cls_maps["fp32"]), torch.cat(cls_maps["int8"])
-    top1 = {
-        name: float((t.argmax(1) == truth).float().mean()) for name, t in (("fp32", a), ("int8", b))
-    }
-    agree = float((a.argmax(1) == b.argmax(1)).float().mean())
-    error = float((a - b).abs().max())
-    print(f"{len(paths)} images of {folder}")
-    print(f"top-1 fp32 {top1['fp32']:.4f}  int8 {top1['int8']:.4f}  agreement {agree:.4f}")
-    print(f"max |logit diff| {error:.4f} (logits up to {float(a.abs().max()):.2f})")
-    map_error = (ma - mb).abs().amax(1) / ma.amax(1)  # per image, relative to the map's peak
-    same_peak = float((ma.argmax(1) == mb.argmax(1)).float().mean())
-    cosine = torch.nn.functional.cosine_similarity(ma, mb, dim=1)
-    print(
-        f"last-layer CLS attention (head mean): max diff / peak median {map_error.median():.4f}"
-        f" max {map_error.max():.4f}; same argmax patch {same_peak:.4f};"
-        f" cosine min {cosine.min():.5f}"
-    )
+    a = torch.cat(logits["fp32"])
+    top1_fp32 = float((a.argmax(1) == truth).float().mean())
+    print(f"{len(paths)} images of {folder}; top-1 fp32 {top1_fp32:.4f}")
+    print(f"logits up to {float(a.abs().max()):.2f}")
+    for name in models:
+        if name == "fp32":
+            continue
+        b = torch.cat(logits[name])
+        top1 = float((b.argmax(1) == truth).float().mean())
+        agree = float((a.argmax(1) == b.argmax(1)).float().mean())
+        error = float((a - b).abs().max())
+        print(
+            f"--- engine {name}: top-1 int8 {top1:.4f}  agreement {agree:.4f}"
+            f"  max |logit diff| {error:.4f}"
+        )
+        if name not in cls_maps:
+            continue
+        ma, mb = torch.cat(cls_maps["fp32"]), torch.cat(cls_maps[name])
+        map_error = (ma - mb).abs().amax(1) / ma.amax(1)  # per image, relative to the map's peak
+        same_peak = float((ma.argmax(1) == mb.argmax(1)).float().mean())
+        cosine = torch.nn.functional.cosine_similarity(ma, mb, dim=1)
+        print(
+            f"    last-layer CLS attention (head mean): max diff / peak median "
+            f"{map_error.median():.4f} max {map_error.max():.4f}; same argmax patch "
+            f"{same_peak:.4f}; cosine min {cosine.min():.5f}"
+        )
 
 
 def end_to_end(folder: Path, variant: str, batch: int, rounds: int) -> None:
@@ -161,6 +212,11 @@ def end_to_end(folder: Path, variant: str, batch: int, rounds: int) -> None:
         "fp32": ModelBundle(model, labels, Preprocess()),
         "int8": ModelBundle(quantize(model), labels, Preprocess()),
     }
+    try:  # the engine `vit predict --int8` picks when onnxruntime is installed
+        engine = ort_engine(model, Preprocess())
+        bundles["int8-ort-engine"] = ModelBundle(engine, labels, Preprocess())  # type: ignore[arg-type]
+    except ImportError:
+        print("onnxruntime not installed: its engine skipped")
     seconds: dict[str, list[float]] = {name: [] for name in bundles}
     for _ in range(rounds):
         for name, bundle in bundles.items():
@@ -168,9 +224,12 @@ def end_to_end(folder: Path, variant: str, batch: int, rounds: int) -> None:
             for _records in PredictRun(bundle, items, PredictOptions(batch_size=batch)).records():
                 pass
             seconds[name].append(time.perf_counter() - start)
-    ratios = [a / b for a, b in zip(seconds["fp32"], seconds["int8"])]
     print(f"{variant}, 64 JPEGs 3000x2000, batch {batch}: seconds {seconds}")
-    print(f"end to end, int8 x fp32: median {statistics.median(ratios):.2f}, rounds {ratios}")
+    for name in bundles:
+        if name == "fp32":
+            continue
+        ratios = [a / b for a, b in zip(seconds["fp32"], seconds[name])]
+        print(f"end to end, {name} x fp32: median {statistics.median(ratios):.2f}, rounds {ratios}")
 
 
 def profile(model: nn.Module, x: torch.Tensor) -> None:
@@ -208,9 +267,7 @@ def main() -> None:
         end_to_end(args.end_to_end, args.variant, batch=args.batch, rounds=args.rounds)
         return
     if args.accuracy:
-        for engine in ("fbgemm", "int_mm"):
-            print(f"--- engine {engine}")
-            accuracy(args.accuracy, batch=args.batch, engine=engine)
+        accuracy(args.accuracy, batch=args.batch)
         return
 
     if args.threads:

@@ -16,6 +16,13 @@ from vitcli.cli import app
 SHAPES = ("shapes-ring.jpg", "shapes-star.jpg", "shapes-triangle.jpg")
 
 
+@pytest.fixture(autouse=True)
+def torch_engine(monkeypatch):
+    """These tests pin the torch engine (an int8 file computes what --int8 does on it);
+    tests/test_int8_ort.py covers the onnxruntime engine that --int8 picks when installed."""
+    monkeypatch.setenv("VITCLI_INT8_ENGINE", "torch")
+
+
 def invoke(*args: str):
     return CliRunner().invoke(app, [str(arg) for arg in args])
 

@@ -37,7 +37,7 @@ from ..runtime import DTYPE_CHOICES, default_workers, resolve_device, resolve_dt
 from ..weights.format import ModelBundle
 from .batchrun import LoaderOptions, OrderedRun, ProgressCallback, Summary, drain, model_batches
 from .batchrun import share_inputs as share_inputs
-from .int8 import prepare_int8
+from .int8 import precision, prepare_int8
 from .outputs import json_line, open_writer
 
 POOLS = ("default", "cls", "mean", "cls+mean")
@@ -109,7 +109,7 @@ class Embedder:
         self.bundle = bundle
         self.pool = options.pool
         self.device = resolve_device(
-            prepare_int8(bundle, options.int8, options.device, options.dtype)
+            prepare_int8(bundle, options.int8, options.device, options.dtype, "embed")
         )
         self.dtype, self.warning = resolve_dtype(options.dtype, self.device)
         self.model = bundle.model.eval().to(device=self.device, dtype=self.dtype)
@@ -331,7 +331,7 @@ def run(
         distributed.barrier()
     finally:
         distributed.shutdown()
-    dtype = str(embed.embedder.dtype).removeprefix("torch.")
+    dtype = precision(embed.embedder.model, str(embed.embedder.dtype).removeprefix("torch."))
     return EmbedResult(
         summary=embed.summary,
         device=f"{embed.embedder.device.type} {dtype}",

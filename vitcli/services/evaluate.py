@@ -134,7 +134,7 @@ def run(options: EvalOptions, on_progress: Callable[[EvalEvent], None] | None = 
     device = resolve_device(options.device)  # a bad --device fails before the model loads
     resolve_workers(options.workers)
     bundle = load_model(options.model)
-    device = resolve_device(prepare_int8(bundle, options.int8, options.device))
+    device = resolve_device(prepare_int8(bundle, options.int8, options.device, command="eval"))
     result = evaluate(
         options.data,
         bundle,

@@ -90,7 +90,7 @@ class _Exported(nn.Module):
         return (logits, *(weights[layer] for layer in self.layers))
 
 
-def _check_exportable(
+def check_exportable(
     bundle: ModelBundle, image_size: tuple[int, int], opset: int, layers: Sequence[int]
 ) -> list[int]:
     model, config = bundle.model, bundle.config
@@ -192,7 +192,7 @@ def _quantize_linear_layers(graph_bytes: bytes) -> bytes:
         root.setLevel(level)
 
 
-def _metadata(
+def graph_metadata(
     bundle: ModelBundle, image_size: tuple[int, int], outputs: list[str], int8: bool
 ) -> dict[str, str]:
     preprocess = bundle.preprocess.with_size(image_size)
@@ -211,7 +211,7 @@ def _metadata(
     }
 
 
-def _sample_input(bundle: ModelBundle, image_size: tuple[int, int], count: int) -> torch.Tensor:
+def sample_input(bundle: ModelBundle, image_size: tuple[int, int], count: int) -> torch.Tensor:
     """Images of uniform noise, normalised as the model expects (deterministic)."""
     generator = torch.Generator().manual_seed(0)
     pixels = torch.rand(count, 3, *image_size, generator=generator)
@@ -246,6 +246,46 @@ def _verify(
         )
 
 
+def sized_model(model: ViT, image_size: tuple[int, int]) -> ViT:
+    """`model`, or a copy set to `image_size` for good when that differs from its own: the
+    position table is resampled here, once, by the same function a forward at that size uses,
+    and the graph holds the result (the resampling, antialiased bicubic, has no ONNX operator)."""
+    if tuple(image_size) == tuple(model.config.image_size):
+        return model
+    model = copy.deepcopy(model)
+    model.set_image_size(image_size)
+    return model
+
+
+def build_graph(
+    module: nn.Module,
+    example: torch.Tensor,
+    outputs: list[str],
+    *,
+    opset: int,
+    int8: bool,
+    metadata: dict[str, str],
+    on_stage: Callable[[str], None] | None = None,
+) -> bytes:
+    """The serialized graph of `module` (pixel_values -> `outputs`, dynamic batch): traced on
+    `example[:1]`, its Linear layers quantised when `int8`, `metadata` in metadata_props.
+    Shared by `export_onnx` and the onnxruntime int8 engine (services/ort_engine.py)."""
+    import onnx
+
+    stage = on_stage or (lambda _message: None)
+    stage("tracing the model")
+    graph_bytes = _trace(module, example[:1], outputs, opset)
+    if int8:
+        stage("quantising the Linear layers (onnxruntime dynamic int8)")
+        graph_bytes = _quantize_linear_layers(graph_bytes)
+    graph = onnx.load_from_string(graph_bytes)
+    for key, value in metadata.items():
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = key, value
+    graph.producer_name, graph.producer_version = "vitcli", __version__
+    return graph.SerializeToString()
+
+
 def export_onnx(
     model_ref: ModelBundle | str | Path | None,
     path: str | Path,
@@ -261,13 +301,11 @@ def export_onnx(
     """Export `bundle` to `path` (.onnx), checked with onnxruntime when it is installed."""
     bundle = as_bundle(model_ref)
     require_onnx()
-    import onnx
-
     stage = on_stage or (lambda _message: None)
     opset = DEFAULT_OPSET if opset is None else int(opset)
     size = tuple(image_size) if image_size is not None else bundle.preprocess.size
     image_size = (int(size[0]), int(size[1]))
-    layers = _check_exportable(bundle, image_size, opset, attention_layers)
+    layers = check_exportable(bundle, image_size, opset, attention_layers)
     if int8 and not has_onnxruntime():
         raise ExportError(f"--int8 export needs onnxruntime: {INSTALL_HINT}")
     path = Path(path)
@@ -278,26 +316,18 @@ def export_onnx(
     try:
         head = "logits" if bundle.config.num_classes > 0 else "features"
         outputs = [head, *(f"attention_{layer}" for layer in layers)]
-        if image_size != bundle.config.image_size:
-            # A copy set to the export size for good: its position table is resampled here,
-            # once, by the same function a forward at that size uses, and the graph holds the
-            # result (the resampling, antialiased bicubic, has no ONNX operator).
-            model = copy.deepcopy(model)
-            model.set_image_size(image_size)
-        module = _Exported(model, layers).eval()
+        module = _Exported(sized_model(model, image_size), layers).eval()
         count = verify_batch if verify_batch else (16 if int8 else 2)
-        example = _sample_input(bundle, image_size, count)
-        stage("tracing the model")
-        graph_bytes = _trace(module, example[:1], outputs, opset)
-        if int8:
-            stage("quantising the Linear layers (onnxruntime dynamic int8)")
-            graph_bytes = _quantize_linear_layers(graph_bytes)
-        graph = onnx.load_from_string(graph_bytes)
-        for key, value in _metadata(bundle, image_size, outputs, int8).items():
-            entry = graph.metadata_props.add()
-            entry.key, entry.value = key, value
-        graph.producer_name, graph.producer_version = "vitcli", __version__
-        graph_bytes = graph.SerializeToString()
+        example = sample_input(bundle, image_size, count)
+        graph_bytes = build_graph(
+            module,
+            example,
+            outputs,
+            opset=opset,
+            int8=int8,
+            metadata=graph_metadata(bundle, image_size, outputs, int8),
+            on_stage=stage,
+        )
         result = ExportResult(
             path=path,
             model_name=bundle.config.name or "custom",

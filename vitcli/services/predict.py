@@ -27,7 +27,6 @@ from .. import distributed
 from ..data.images import pixel_limit
 from ..data.inputs import InputItem, collect_inputs, refuse_output_among_inputs
 from ..errors import OptionError, VitError
-from ..model.int8 import is_quantized
 from ..runtime import DTYPE_CHOICES, default_workers, resolve_device, resolve_dtype
 from ..weights.format import ModelBundle
 from .batchrun import (
@@ -40,7 +39,7 @@ from .batchrun import (
     model_batches,
     share_inputs,
 )
-from .int8 import prepare_int8
+from .int8 import precision, prepare_int8
 from .outputs import OutputFormat, open_writer
 
 __all__ = [
@@ -134,7 +133,7 @@ class Predictor:
         self.labels = list(bundle.labels)
         self.top_k = min(options.top_k, num_classes)  # clipped to the number of classes
         self.device = resolve_device(
-            prepare_int8(bundle, options.int8, options.device, options.dtype)
+            prepare_int8(bundle, options.int8, options.device, options.dtype, "predict")
         )
         self.dtype, self.warning = resolve_dtype(options.dtype, self.device)
         self.model = bundle.model.eval().to(device=self.device, dtype=self.dtype)
@@ -282,9 +281,8 @@ def run(
         distributed.barrier()
     finally:
         distributed.shutdown()
-    dtype = str(predict.predictor.dtype).removeprefix("torch.")
-    if is_quantized(predict.predictor.model):
-        dtype = "int8"  # Linear layers in int8, the rest in float32
+    # int8: Linear layers in int8, the rest in float32; and which engine ran them
+    dtype = precision(predict.predictor.model, str(predict.predictor.dtype).removeprefix("torch."))
     return PredictResult(
         summary=predict.summary,
         device=f"{predict.predictor.device.type} {dtype}",
