@@ -241,6 +241,42 @@ def profile(model: nn.Module, x: torch.Tensor) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
 
 
+def families(batch: int) -> None:
+    """Output error of every int8 engine against our fp32 on two random-weight models: a B/16
+    classifier (logits) and a DINOv2-style S/14 with layer scale and 4 registers, headless
+    (embeddings). Noise images; max |diff| / max |fp32| and the worst cosine per image."""
+    import copy
+
+    torch.manual_seed(0)
+    b16 = build("B/16")
+    s14_config = ViTConfig.from_variant(
+        "S/16", num_classes=0, patch_size=14, layer_scale=1.0, reg_tokens=4
+    )
+    s14 = ViT(s14_config).eval()
+    with (
+        torch.no_grad()
+    ):  # learned gammas of DINOv2-S are O(0.1-1); init 1e-5 would hide the blocks
+        for name, param in s14.named_parameters():
+            if name.endswith(("ls1.gamma", "ls2.gamma")):
+                param.uniform_(0.05, 0.5)
+    x = torch.randn(batch, 3, 224, 224)
+    for label, model, output in (("B/16 logits", b16, "logits"), ("S/14 reg4 LS", s14, "embed")):
+        with torch.no_grad():
+            reference = model(x) if output == "logits" else model.embed(x)
+            rows = {
+                "int8 fbgemm": quantize(copy.deepcopy(model)),
+                "int8 int_mm": quantize(copy.deepcopy(model), engine="int_mm"),
+                "int8 onnxruntime engine": ort_engine(model),
+            }
+            for engine, runner in rows.items():
+                got = runner(x) if output == "logits" else runner.embed(x)
+                error = float((got - reference).abs().max() / reference.abs().max())
+                cosine = float(torch.nn.functional.cosine_similarity(got, reference, dim=-1).min())
+                print(
+                    f"{label:14s} {engine:24s} max|diff|/max {error:.4f}  cosine min {cosine:.5f}"
+                )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="B/16")
@@ -262,7 +298,16 @@ def main() -> None:
         metavar="DIR",
         help="instead of model-only speed: PredictRun fp32 vs int8 over 64 large JPEGs in DIR",
     )
+    parser.add_argument(
+        "--families",
+        action="store_true",
+        help="instead of speed: output error of each int8 engine on a random B/16 and a "
+        "DINOv2-style S/14 with layer scale and registers",
+    )
     args = parser.parse_args()
+    if args.families:
+        families(batch=min(args.batch, 16))
+        return
     if args.end_to_end:
         end_to_end(args.end_to_end, args.variant, batch=args.batch, rounds=args.rounds)
         return
