@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", type=Path, help="reuse/generate the images here")
+    parser.add_argument("--model", default=None, help="model to score (default: the bundled one)")
     parser.add_argument("--output", type=Path, default=Path("bench/results/explain.json"))
     parser.add_argument("--figure", type=Path, help="also draw one image's maps, all methods")
     parser.add_argument("--figure-only", action="store_true", help="only the figure")
@@ -120,7 +121,7 @@ def main() -> None:
     data = args.data or Path(tempfile.mkdtemp(prefix="explain-bench-")) / "shapes"
     generate(data, per_class=args.pairs, image_size=224, seed=2, objects=2)
     generate(data, per_class=args.singles, image_size=224, seed=2)
-    bundle = load_model(None)
+    bundle = load_model(args.model)
     images, masks = shapes_objects(data)
     pairs = [image for image, group in zip(images, masks) if len(group) == 2]
     if args.figure:

@@ -16,8 +16,8 @@ from vitcli.services.attention.localization import evaluate_localization, shapes
 from vitcli.weights.resolve import DEFAULT_MODEL_NAME, default_model_path, load_model
 
 PER_CLASS = 12
-# Measured on this set: top-1 0.986, pointing game 1.0, mass ratio 2.84 (card, 1,200 images:
-# 0.987, 1.0, 2.85). The bounds are the issue's goals.
+# Measured on this set: top-1 0.986, pointing game 1.0, mass ratio 2.65 (card, 1,200 images:
+# 0.996, 0.999, 2.64). The bounds are the issue's goals.
 TOP1_MIN = 0.97
 POINTING_MIN = 0.85
 
@@ -101,6 +101,27 @@ def test_bundled_model_top5_logits_on_the_star_example_are_pinned(examples_dir):
     with torch.no_grad():
         logits = bundle.model(prepare(image, bundle.preprocess, size)[None])[0]
     values, indices = logits.topk(5)
-    assert [bundle.labels[i] for i in indices] == ["star", "cross", "square", "circle", "ring"]
-    expected = torch.tensor([3.3441, -0.4423, -0.5905, -0.6682, -0.8203])
+    assert [bundle.labels[i] for i in indices] == ["star", "circle", "square", "triangle", "ring"]
+    expected = torch.tensor([2.9405, -0.0132, -0.0336, -0.7979, -1.0231])
     assert torch.allclose(values, expected, atol=2e-3), values
+
+
+def test_bundled_model_knows_both_shapes_of_a_two_shape_image(bundle, tmp_path):
+    """Stage 2 of the recipe: on held-out two-shape images (seed 3, 2 per pair) both shapes are
+    usually the top two classes. Measured: top-1 is one of them in 28 of 30, both on top in
+    21 of 30 (card, 600 images: 95%, 76%); the stage-1 model managed about 62% and 3%."""
+    from vitcli.data.loader import image_batches
+    from vitcli.services.scoring import shapes_objects
+
+    generate(tmp_path / "pairs", per_class=2, seed=3, objects=2)
+    images, masks = shapes_objects(tmp_path / "pairs")
+    wanted = [{bundle.labels.index(name) for name in group} for group in masks]
+    top1 = both = 0
+    with torch.no_grad():
+        for batch in image_batches(images, bundle.preprocess, batch_size=16, workers=0):
+            top = bundle.model(batch.inputs).topk(2, dim=-1).indices.tolist()
+            for row, index in enumerate(batch.indices):
+                top1 += top[row][0] in wanted[index]
+                both += set(top[row]) == wanted[index]
+    assert len(images) == 30
+    assert top1 >= 25 and both >= 15, (top1, both)

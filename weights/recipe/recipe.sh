@@ -27,7 +27,7 @@ MIX_PER_CLASS=${MIX_PER_CLASS:-1000}
 MIX_PER_PAIR=${MIX_PER_PAIR:-400}
 MIX_VAL_PER_PAIR=${MIX_VAL_PER_PAIR:-8}
 PAIRS_TEST_PER_PAIR=${PAIRS_TEST_PER_PAIR:-40}
-MIX_EPOCHS=${MIX_EPOCHS:-3}
+MIX_EPOCHS=${MIX_EPOCHS:-8}
 WORKERS=${WORKERS:-}
 workers=()
 [ -n "$WORKERS" ] && workers=(--workers "$WORKERS")
@@ -63,7 +63,7 @@ resume=()
 [ -f "$RUN/mixed-out/state.pt" ] && resume=(--resume "$RUN/mixed-out")
 $VIT train "$RUN/mixed" --val "$RUN/mixed-val" --out "$RUN/mixed-out" "${resume[@]}" \
   --model "$RUN/stage1.safetensors" --epochs "$MIX_EPOCHS" --batch-size "$BATCH_SIZE" \
-  --lr 2e-4 --crop-scale 0.8 --seed 0 "${workers[@]}" --quiet
+  --lr 3e-4 --crop-scale 0.8 --seed 0 "${workers[@]}" --quiet
 
 # fp16 storage halves the file; predictions are checked against the fp32 weights below.
 $VIT convert "$RUN/mixed-out/best.safetensors" "$MODEL_OUT" --fp16
