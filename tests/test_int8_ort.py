@@ -294,19 +294,35 @@ def test_vit_predict_int8_subprocess_says_onnxruntime(tmp_path, tiny_file, examp
     env = {**os.environ, "VITCLI_CACHE": str(tmp_path / "cache")}
     env.pop("VITCLI_INT8_ENGINE", None)
     images = [str(examples_dir / name) for name in ("shapes-star.jpg", "rocket.jpg")]
-    done = subprocess.run(
-        [sys.executable, "-m", "vitcli", "predict", *images, "-m", str(tiny_file), "--int8"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=ROOT,
-        env={**env, "COLUMNS": "200"},
-    )
+    command = [sys.executable, "-m", "vitcli", "predict", *images, "-m", str(tiny_file), "--int8"]
+    runs = [
+        subprocess.run(
+            command + extra,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            cwd=ROOT,
+            env={**env, "COLUMNS": "200", **cache},
+        )
+        for extra, cache in (
+            ([], {}),
+            ([], {}),
+            (["-q"], {"VITCLI_CACHE": str(tmp_path / "cold")}),  # -q on a cold cache: silent
+        )
+    ]
+    done = runs[0]
     assert done.returncode == 0, done.stderr
     assert "int8 (onnxruntime)" in done.stderr + done.stdout
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(records) == 2 and all(len(r["predictions"]) == 5 for r in records)
     assert len(onnx_files(tmp_path / "cache")) == 1
+    # The first run says why it takes a while; a run from the cache does not, nor does -q.
+    assert "note: --int8: building this model's onnxruntime int8 graph" in done.stderr
+    assert str(tmp_path / "cache") in done.stderr
+    assert runs[1].returncode == 0 and "building" not in runs[1].stderr, runs[1].stderr
+    assert runs[1].stdout == done.stdout  # the cached graph gives the same records
+    assert runs[2].returncode == 0 and runs[2].stderr == "", runs[2].stderr
+    assert len(onnx_files(tmp_path / "cold")) == 1
 
 
 def test_predict_service_records_the_engine(tiny_file, examples_dir, monkeypatch):

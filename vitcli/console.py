@@ -57,5 +57,10 @@ def print_error(message: str) -> None:
     err.print(f"[bold red]error:[/] {markup(message)}", soft_wrap=True, highlight=False)
 
 
+def print_note(message: str) -> None:
+    """Something the user should know that is not a problem (why a step takes a while)."""
+    err.print(f"note: {markup(message)}", soft_wrap=True, highlight=False)
+
+
 def print_warning(message: str) -> None:
     err.print(f"[yellow]warning:[/] {markup(message)}", soft_wrap=True, highlight=False)

@@ -83,7 +83,7 @@ def embed(
 
     prefer_passive_waiting()
     from .. import distributed
-    from ..console import err, markup, print_warning
+    from ..console import err, markup, print_note, print_warning
     from ..runtime import resolve_workers
     from ..services import embed as service
 
@@ -106,7 +106,12 @@ def embed(
     progress, on_progress = batch_progress("embed", show)
 
     with progress:
-        result = service.run(options, on_progress if show else None, on_warning=print_warning)
+        result = service.run(
+            options,
+            on_progress if show else None,
+            on_warning=print_warning,
+            on_note=print_note if show else None,
+        )
     summary = result.summary
     if result.is_main and (summary.failed or not quiet):
         verb = f"embedded ({result.dim} numbers each)"

@@ -55,7 +55,7 @@ def evaluate(
     Exit status 1 when any image could not be decoded (the others are still evaluated and the
     files still written); a class none of whose images decoded has no accuracy and is an error.
     """
-    from ..console import err, make_progress, print_error, print_warning
+    from ..console import err, make_progress, print_error, print_note, print_warning
     from ..console import out as stdout
     from ..services.evaluate import EvalOptions, run
 
@@ -78,7 +78,7 @@ def evaluate(
             else:
                 progress.update(task, completed=event.done, total=event.total)
 
-        result = run(options, on_progress=on_progress)
+        result = run(options, on_progress=on_progress, on_note=None if quiet else print_note)
     summary = (
         f"top-1 {result.top1:.4f}  top-5 {result.top5:.4f}  "
         f"({result.images} images, {len(result.classes)} classes)"

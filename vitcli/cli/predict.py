@@ -185,7 +185,7 @@ written), 2 for a usage error.
 
     prefer_passive_waiting()  # before torch loads: decoders share the CPU with the model
     from .. import distributed
-    from ..console import err, markup, out, print_warning, stdout_is_terminal
+    from ..console import err, markup, out, print_note, print_warning, stdout_is_terminal
     from ..runtime import resolve_workers
     from ..services import predict as service
     from ..services.outputs import choose_format
@@ -221,7 +221,11 @@ written), 2 for a usage error.
         # live: output lands above the bar, never after it.
         with progress:
             result = service.run(
-                options, on_progress if show else None, on_warning=print_warning, table=table
+                options,
+                on_progress if show else None,
+                on_warning=print_warning,
+                on_note=print_note if show else None,
+                table=table,
             )
     except BrokenPipeError:
         # The reader went away (`vit predict ... | head`): stop quietly.

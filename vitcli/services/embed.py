@@ -293,6 +293,7 @@ def run(
     on_progress: ProgressCallback | None = None,
     *,
     on_warning: Callable[[str], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
     stdin: Iterable[str] | None = None,
 ) -> EmbedResult:
     """`vit embed`: embed `options.inputs` and write them, in input order, to options.output.
@@ -317,6 +318,10 @@ def run(
         main = distributed.is_main()
         items = share_inputs(collect)
         bundle = load_model(options.model)
+        # Before EmbedRun (whose own call is then a no-op): see predict.run.
+        prepare_int8(
+            bundle, options.int8, options.device, options.dtype, "embed", on_note if main else None
+        )
         embed = EmbedRun(bundle, items, options, on_progress if main else None)
         if embed.embedder.warning and main and on_warning is not None:
             on_warning(embed.embedder.warning)

@@ -122,7 +122,11 @@ class EvalResult:
         }
 
 
-def run(options: EvalOptions, on_progress: Callable[[EvalEvent], None] | None = None) -> EvalResult:
+def run(
+    options: EvalOptions,
+    on_progress: Callable[[EvalEvent], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> EvalResult:
     """Load the model, evaluate it on the folder, write the files asked for."""
     from ..weights.resolve import load_model
 
@@ -134,7 +138,9 @@ def run(options: EvalOptions, on_progress: Callable[[EvalEvent], None] | None = 
     device = resolve_device(options.device)  # a bad --device fails before the model loads
     resolve_workers(options.workers)
     bundle = load_model(options.model)
-    device = resolve_device(prepare_int8(bundle, options.int8, options.device, command="eval"))
+    device = resolve_device(
+        prepare_int8(bundle, options.int8, options.device, command="eval", on_note=on_note)
+    )
     result = evaluate(
         options.data,
         bundle,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -84,6 +85,7 @@ def prepare_int8(
     device: str = "auto",
     dtype: str = "auto",
     command: str | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> str:
     """The device to run `bundle` on. When int8 is `asked` for or the model already is int8:
     checks `device` and `dtype`, makes `bundle.model` int8 unless it already is (on the engine
@@ -117,7 +119,7 @@ def prepare_int8(
         try:
             # The session stands in for the ViT where the command calls it; the float model
             # goes with it (the graph holds the weights).
-            bundle.model = OrtInt8ViT.from_bundle(bundle)  # type: ignore[assignment]
+            bundle.model = OrtInt8ViT.from_bundle(bundle, on_note=on_note)  # type: ignore[assignment]
             return "cpu"
         except ExportError:
             if engine_setting() == "onnxruntime":

@@ -151,10 +151,12 @@ def ort_session(
     image_size: tuple[int, int] | None = None,
     opset: int = DEFAULT_OPSET,
     on_build: Callable[[Path | None], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> Any:
     """An ORT int8 session of `bundle`'s float model at `image_size` (default: its
     preprocessing's), from the cache or built (and cached) now. `on_build(path)` is called
-    when a graph is built: path None when it could not be cached."""
+    when a graph is built: path None when it could not be cached; `on_note(message)` before a
+    build (it takes seconds for a large model), for the user."""
     size = tuple(image_size) if image_size is not None else bundle.preprocess.size
     image_size = (int(size[0]), int(size[1]))
     check_exportable(bundle, image_size, opset, ())
@@ -165,6 +167,11 @@ def ort_session(
             return _session(str(path), key)
         except ValueError:
             pass  # rebuilt below, and written over
+    if on_note is not None:
+        on_note(
+            "--int8: building this model's onnxruntime int8 graph (once per model and size; "
+            f"cached in {path.parent})"
+        )
     graph = _graph(bundle, image_size, opset, key)
     stored: Path | None = path
     try:

@@ -230,6 +230,7 @@ def run(
     on_progress: ProgressCallback | None = None,
     *,
     on_warning: Callable[[str], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
     table: TableFactory | None = None,
     stdin: Iterable[str] | None = None,
     stdout: TextIO | None = None,
@@ -261,6 +262,16 @@ def run(
         main = distributed.is_main()
         items = share_inputs(collect)
         bundle = load_model(options.model)
+        # Before PredictRun (whose own call is then a no-op): a first --int8 run of a model
+        # builds its graph, and the user hears why it takes a while.
+        prepare_int8(
+            bundle,
+            options.int8,
+            options.device,
+            options.dtype,
+            "predict",
+            on_note if main else None,
+        )
         predict = PredictRun(bundle, items, options, on_progress if main else None)
         if predict.warning and main and on_warning is not None:
             on_warning(predict.warning)
