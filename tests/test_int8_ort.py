@@ -18,11 +18,12 @@ from typer.testing import CliRunner
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from checkpoints import random_vit
+
 from vitcli.cli import app
 from vitcli.data.loader import prepare
 from vitcli.data.preprocess import Preprocess
 from vitcli.errors import OptionError
-from vitcli.model import ViT
 from vitcli.model.int8 import Int8Linear, quantize
 from vitcli.services import export as export_service
 from vitcli.services import int8 as int8_service
@@ -52,18 +53,10 @@ def private_cache(tmp_path, monkeypatch) -> Path:
 
 
 def tiny_bundle(seed: int = 0, **overrides) -> ModelBundle:
-    from vitcli.model import ViTConfig
-
-    fields = dict(
-        image_size=32, patch_size=8, width=32, depth=2, num_heads=4, mlp_dim=64, num_classes=5
-    )
-    fields.update(overrides)
-    torch.manual_seed(seed)
-    model = ViT(ViTConfig(**fields)).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.2)
-    labels = LABELS[: fields["num_classes"]] if fields["num_classes"] else []
+    """checkpoints.random_vit (32x32, patch 8, 5 classes, N(0, 0.2) weights) as a bundle."""
+    model = random_vit(seed, **overrides)
+    classes = model.config.num_classes
+    labels = LABELS[:classes] if classes else []
     return ModelBundle(model, labels, Preprocess(size=(32, 32)))
 
 
