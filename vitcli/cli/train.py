@@ -4,30 +4,13 @@ from __future__ import annotations
 
 import os
 import shlex
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from ..services.train_choices import Amp, Pool, PosEmbed  # torch-free: --help stays light
 from .common import BatchSizeOption, DeviceOption, JobsAlias, WorkersOption
-
-
-# The choices of services.train.config, repeated here so that `vit --help` need not import torch.
-class PosEmbed(str, Enum):
-    learned = "learned"
-    sincos2d = "sincos2d"
-
-
-class Pool(str, Enum):
-    cls = "cls"
-    mean = "mean"
-
-
-class Amp(str, Enum):
-    auto = "auto"
-    off = "off"
-
 
 _SCRATCH = "From scratch only"
 _OPT = "Optimisation"

@@ -12,28 +12,12 @@ from __future__ import annotations
 import math
 import typing
 from dataclasses import asdict, dataclass, fields, replace
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from ...errors import InputError, OptionError, TrainingError
 from ...model.config import is_variant
-
-
-class PosEmbed(str, Enum):
-    learned = "learned"
-    sincos2d = "sincos2d"
-
-
-class Pool(str, Enum):
-    cls = "cls"
-    mean = "mean"
-
-
-class Amp(str, Enum):
-    auto = "auto"
-    off = "off"
-
+from ..train_choices import Amp, Pool, PosEmbed
 
 # Bounds that keep every run finite and allocatable; generous for real use.
 MAX_EPOCHS = 100_000
