@@ -179,9 +179,14 @@ def test_huge_worker_counts_are_clamped_with_a_warning(colours, tmp_path):
 
 # -- processes --------------------------------------------------------------------------------
 def children_of(pid: int) -> set[int]:
+    """Child processes of every thread of `pid` (a thread may end between the listing and the
+    read: it has no children then)."""
     found = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
+        try:
+            text = (task / "children").read_text().split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
         found.update(int(child) for child in text)
     return found
 
