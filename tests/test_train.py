@@ -560,7 +560,8 @@ def test_training_and_eval_inputs_are_the_documented_normalisation_of_real_image
     data.loader.normalize, bit for bit what the preprocessing documents."""
     import shutil
 
-    from vitcli.data.folder import FolderDataset, scan_image_folder
+    from vitcli.data.folder import scan_image_folder
+    from vitcli.data.labelled import FolderDataset
     from vitcli.data.loader import normalize
     from vitcli.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 

@@ -19,7 +19,7 @@ from vitcli.data.loader import image_batches
 from vitcli.data.shapes import SHAPES, generate
 from vitcli.errors import DatasetError
 from vitcli.services.train import TrainConfig, run
-from vitcli.services.train.loop import hits, label_targets
+from vitcli.services.train.targets import hits, label_targets
 from vitcli.weights.format import load_vitcli_file
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -80,6 +80,13 @@ def test_plus_folders_that_are_not_groups_stay_classes(tmp_path):
         squares(tmp_path / "d" / name / "0.png", [0], rng)
     data = scan_image_folder(tmp_path / "d", groups=True)
     assert data.classes == ["a+b", "c++", "x", "x+x"] and data.groups == []
+    # A group folder without images is left out with a warning, not an empty label.
+    for name in ["red", "blue"]:
+        squares(tmp_path / "e" / name / "0.png", [COLOURS[name]], rng)
+    (tmp_path / "e" / "blue+red" / "notes").mkdir(parents=True)
+    data = scan_image_folder(tmp_path / "e", groups=True)
+    assert data.classes == ["blue", "red"] and data.groups == [] and len(data) == 2
+    assert any("blue+red: no images in this multi-class folder" in m for m in data.skipped)
 
 
 def test_validation_groups_map_onto_the_training_classes(mixed, tmp_path):

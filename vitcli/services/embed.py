@@ -37,7 +37,7 @@ from ..runtime import DTYPE_CHOICES, default_workers, resolve_device, resolve_dt
 from ..weights.format import ModelBundle
 from .batchrun import LoaderOptions, OrderedRun, ProgressCallback, Summary, drain, model_batches
 from .batchrun import share_inputs as share_inputs
-from .int8 import precision, prepare_int8
+from .int8 import prepare_int8, runs_on
 from .outputs import json_line, open_writer
 
 POOLS = ("default", "cls", "mean", "cls+mean")
@@ -336,10 +336,9 @@ def run(
         distributed.barrier()
     finally:
         distributed.shutdown()
-    dtype = precision(embed.embedder.model, str(embed.embedder.dtype).removeprefix("torch."))
     return EmbedResult(
         summary=embed.summary,
-        device=f"{embed.embedder.device.type} {dtype}",
+        device=runs_on(embed.embedder.model, embed.embedder.device, embed.embedder.dtype),
         dim=embed.embedder.dim,
         output=options.output,
         is_main=main,

@@ -15,14 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.folder import (
-    FolderDataset,
-    ShardSampler,
-    class_label,
-    make_loader,
-    relabel,
-    scan_image_folder,
-)
+from ..data.folder import class_label, relabel, scan_image_folder
+from ..data.labelled import FolderDataset, ShardSampler, make_loader
 from ..data.loader import normalize
 from ..errors import DatasetError, InputError, OptionError
 from ..fileio import atomic_write_bytes

@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from ..errors import InputError, OptionError
@@ -143,7 +144,9 @@ def is_int8(bundle: ModelBundle) -> bool:
     return int8_engine(bundle.model) is not None
 
 
-def precision(model: object, dtype: str) -> str:
-    """What summaries say the model runs in: "int8 (onnxruntime)", "int8 (torch)" or `dtype`."""
+def runs_on(model: object, device: torch.device, dtype: torch.dtype) -> str:
+    """What summaries say the model runs on: "cpu int8 (onnxruntime)", "cpu int8 (torch)" or
+    the device and dtype ("cuda float16")."""
     engine = int8_engine(model)
-    return f"int8 ({engine})" if engine else dtype
+    precision = f"int8 ({engine})" if engine else str(dtype).removeprefix("torch.")
+    return f"{device.type} {precision}"

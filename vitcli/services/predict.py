@@ -39,7 +39,7 @@ from .batchrun import (
     model_batches,
     share_inputs,
 )
-from .int8 import precision, prepare_int8
+from .int8 import prepare_int8, runs_on
 from .outputs import OutputFormat, open_writer
 
 __all__ = [
@@ -292,11 +292,9 @@ def run(
         distributed.barrier()
     finally:
         distributed.shutdown()
-    # int8: Linear layers in int8, the rest in float32; and which engine ran them
-    dtype = precision(predict.predictor.model, str(predict.predictor.dtype).removeprefix("torch."))
     return PredictResult(
         summary=predict.summary,
-        device=f"{predict.predictor.device.type} {dtype}",
+        device=runs_on(predict.predictor.model, predict.predictor.device, predict.predictor.dtype),
         top_k=top_k,
         model=predict.predictor.bundle.describe(),
         output=options.output,

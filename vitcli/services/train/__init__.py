@@ -5,6 +5,7 @@ for bit.
   config.py    TrainConfig (one field per option), check, resolve -> ResolvedConfig
   setup.py     model, optimizer, data loaders, device
   loop.py      the epochs: step, validation, checkpoint
+  targets.py   targets and hit counts (one class, or a group of classes per image)
   rundir.py    the run folder: files, commit order, state.pt, resume
   service.py   run(options, on_progress) -> TrainResult
 """

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ... import distributed
 from ...data.augment import mix_batch
-from ...data.folder import LabelledBatch
+from ...data.labelled import LabelledBatch
 from ...data.loader import normalize
 from ...data.preprocess import Preprocess
 from ...errors import TrainingError
@@ -44,6 +44,7 @@ from .rundir import (
     state_bytes,
 )
 from .setup import EMA, Loaders, cpu_state_dict, seed_from
+from .targets import hits
 
 
 @dataclass
@@ -139,8 +140,8 @@ class Run:
     emit: Callback
     best_name: str  # "val_top1" (higher is better) or "train_loss" (lower is better)
     features: bool = False  # the loader yields cached head inputs (linear probe), not pixels
-    # (K + G, K) target distribution of every label when the data has multi-class folders
-    # (data/folder.py): rows 0..K-1 one-hot, row K+g an equal share of group g's classes.
+    # (K + G, K) target distribution of every label, on the device, when the data has
+    # multi-class folders (targets.label_targets); None otherwise.
     label_targets: torch.Tensor | None = None
     step: int = 0
     best_metric: float | None = None
@@ -219,31 +220,6 @@ def raise_no_images(run: Run, epoch: int) -> None:
     )
 
 
-def label_targets(num_classes: int, groups: list[list[int]]) -> torch.Tensor | None:
-    """(K + G, K): one-hot rows for the classes, then 1/len(g) on each class of group g; None
-    without groups (targets stay class indices, the cheaper and usual path)."""
-    if not groups:
-        return None
-    table = torch.zeros(num_classes + len(groups), num_classes)
-    table[:num_classes] = torch.eye(num_classes)
-    for row, group in enumerate(groups, start=num_classes):
-        table[row, group] = 1.0 / len(group)
-    return table
-
-
-def hits(logits: torch.Tensor, labels: torch.Tensor, k: int, table: torch.Tensor | None) -> int:
-    """Images whose top-k holds their class; for a group label, top-1 counts when the best class
-    is one of the group's, top-k (k > 1) when all of the group's classes are in the top k."""
-    if table is None:
-        return topk_correct(logits, labels, k)
-    wanted = table.to(logits.device)[labels] > 0  # B,K
-    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # B,k
-    in_top = torch.zeros_like(wanted).scatter_(1, top, True)
-    if k == 1:
-        return int((wanted & in_top).any(dim=1).sum().item())
-    return int((~wanted | in_top).all(dim=1).sum().item())
-
-
 def train_one_epoch(run: Run, loader, sampler, epoch: int) -> dict:
     config = run.config
     torch.manual_seed(seed_from("epoch", config.seed, epoch, run.rank))  # dropout / drop-path
@@ -274,7 +250,7 @@ def train_one_epoch(run: Run, loader, sampler, epoch: int) -> dict:
             pixels = normalize(batch.pixel_tensor(), run.preprocess, run.device)  # B,C,H,W
             labels = batch.label_tensor().to(run.device, non_blocking=True)
         table = run.label_targets
-        targets = labels if table is None else table.to(run.device)[labels]  # (B,) or B,K
+        targets = labels if table is None else table[labels]  # (B,) or B,K
         if mixing:
             pixels, targets = mix_batch(
                 pixels,
@@ -369,7 +345,7 @@ def validate(run: Run, loader) -> dict:
             logits = model(pixels)
         logits = logits.float()
         table = run.label_targets
-        targets = labels if table is None else table.to(run.device)[labels]
+        targets = labels if table is None else table[labels]
         loss_sum += float(F.cross_entropy(logits, targets, reduction="sum").item())
         top1 += hits(logits, labels, 1, table)
         top5 += hits(logits, labels, 5, table)
@@ -429,12 +405,6 @@ def training_state(run: Run, epoch: int) -> dict:
         "best_epoch": run.best_epoch,
         "best_metric_name": run.best_name,
     }
-
-
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
-    k = min(k, logits.shape[1])
-    top = logits.topk(k, dim=1).indices  # B,k
-    return int((top == labels[:, None]).any(dim=1).sum().item())
 
 
 def all_reduce_sum(values: list, run: Run) -> list:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...data.folder import EpochSampler, FolderDataset, LabelledImages, ShardSampler, make_loader
+from ...data.folder import LabelledImages
+from ...data.labelled import EpochSampler, FolderDataset, ShardSampler, make_loader
 from ...data.loader import normalize
 from ...data.preprocess import Preprocess
 from ...model import ViT

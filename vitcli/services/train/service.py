@@ -24,13 +24,13 @@ from .loop import (
     Run,
     TrainEvent,
     TrainResult,
-    label_targets,
     model_writer,
     train_epochs,
 )
 from .probe import FeatureLoader, ProbeNet, cache_features, freeze_backbone, uses_cached_features
 from .rundir import CONFIG_FILE, RunFolder, set_rng_state
 from .setup import EMA, Built, Loaders, build_model, device_for, make_loaders, make_optimizer
+from .targets import label_targets
 
 # Options a resumed run takes from the new command line; every other one is the run's own.
 RESUME_OVERRIDES = ("data", "out", "resume", "epochs", "workers", "device")
@@ -136,7 +136,7 @@ def _run(
         emit=emit,
         best_name="val_top1" if val_data is not None else "train_loss",
         features=cached,
-        label_targets=label_targets(len(classes), train_data.group_indices()),
+        label_targets=label_targets(len(classes), train_data.group_indices(), device),
     )
     start_epoch = _restore(run_, state) if state is not None else 0
     if cached:  # after _restore: a resumed probe reads its backbone from state.pt

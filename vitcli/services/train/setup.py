@@ -11,13 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ...data.augment import TrainTransform
-from ...data.folder import (
-    EpochSampler,
-    FolderDataset,
-    LabelledImages,
-    ShardSampler,
-    make_loader,
-)
+from ...data.folder import LabelledImages
+from ...data.labelled import EpochSampler, FolderDataset, ShardSampler, make_loader
 from ...data.preprocess import Preprocess
 from ...errors import InputError, OptionError
 from ...model import ViT, ViTConfig
