@@ -49,6 +49,19 @@ def resolve_workers(requested: int | None, what: str = "--workers") -> tuple[int
     return requested, None
 
 
+def model_threads(all_threads: int, workers: int, decoding_left: int) -> int:
+    """torch threads for the next forward pass on a CPU it shares with `workers` decoding
+    processes: what the decoders leave (at least 1) while images are left to decode, all of
+    them once decoding is over.
+
+    An OpenMP team is only as fast as its slowest thread: with two threads on two cores and a
+    decoder taking turns on one of them, every parallel region waits for the thread that
+    lost its core, and the forward pass runs at about the speed of one thread while holding
+    two (bench/README.md, "Sharing the cores").
+    """
+    return all_threads if decoding_left == 0 else max(1, all_threads - workers)
+
+
 def render_threads() -> int:
     """Threads for drawing and encoding pictures beside the model: half the CPUs, 1 to 4."""
     return max(1, min(4, cpu_count() // 2))

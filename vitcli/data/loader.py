@@ -1,7 +1,9 @@
-"""Batches of preprocessed images decoded in DataLoader workers, failures kept per item.
+"""Batches of preprocessed images decoded in worker processes, failures kept per item.
 
-A failed decode never stops the batch: the worker returns the error text for that index and
-the collate function splits successes (stacked into one array) from failures.
+Images are decoded one by one (data/decoders.py: in order, a bounded window ahead, the main
+process lending a hand while it waits) and put together into batches here. A failed decode
+never stops the batch: the worker returns the error text for that index and `collate` splits
+successes (stacked into one array) from failures.
 
 Workers resize but do not normalise: a batch travels as uint8, a quarter of the bytes of
 float32, and `normalize`, the one normalisation in vitcli, turns it into the model's input on
@@ -9,8 +11,8 @@ the target device (on a GPU the host-to-device copy shrinks by the same factor; 
 workers, which compete with the forward pass for cores, do less). `image_batches` applies it
 itself: every Batch arrives with `inputs`, ready for the model, so no consumer can forget it.
 
-A batch crosses the worker boundary as a numpy array (pickled through the worker's pipe), not
-as a torch tensor. A tensor travels through torch's shared-memory hand-off, whose receiving
+An image crosses the worker boundary as a numpy array (pickled through the worker's pipe),
+not as a torch tensor. A tensor travels through torch's shared-memory hand-off, whose receiving
 side keeps a weak reference per batch in `torch.multiprocessing.reductions.shared_cache` and
 sweeps the dead ones only when 128 have piled up. Those dead entries keep small allocations
 alive in the heap that each batch's float input had just been freed to, and glibc could then
@@ -22,20 +24,25 @@ As arrays there is nothing to sweep, and memory stays flat (357 MB, then 309 MB)
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..errors import ImageDecodeError
-from ..runtime import die_with_parent
+from ..runtime import model_threads
+from .decoders import OrderedDecoding
 from .images import display_size, open_image
 from .preprocess import Geometry, Preprocess
+
+# Images in flight (decoding or decoded, not yet taken), in batches: the next batch decodes
+# while the model runs this one, and a second gives the decoders room to run ahead.
+LOOKAHEAD_BATCHES = 2
+# Fewer images than this are decoded in the main process: starting workers costs more.
+MIN_IMAGES_FOR_WORKERS = 4
 
 
 @dataclass
@@ -147,8 +154,8 @@ class ImageFiles(Dataset):
 
 
 def collate(items) -> Batch:
-    """Runs in the worker. `pixels` stays a numpy array here (see the module docstring);
-    `image_batches` makes it a tensor in the main process."""
+    """ImageFiles items -> one Batch; `pixels` is a numpy array until `image_batches` makes it
+    a tensor."""
     good = [item for item in items if item[4] is None]
     if good:
         pixels = np.stack([item[1] for item in good])
@@ -166,18 +173,6 @@ def collate(items) -> Batch:
     )
 
 
-def _die_with_parent(worker_id: int, *, parent: int) -> None:
-    """DataLoader worker_init_fn: the worker is killed the moment the main process dies.
-
-    torch's own check is not enough: a worker polls the parent it sees at start-up every 5 s,
-    so a worker whose parent died while it was starting watches init instead and waits
-    forever; and a worker with a batch still queued for a dead parent may block at exit on a
-    pipe that nobody reads. Linux's parent-death signal needs no cooperation (it follows the
-    thread that started the workers, which is the one iterating).
-    """
-    die_with_parent(parent)
-
-
 def image_batches(
     paths: Sequence[str],
     preprocess: Preprocess,
@@ -189,6 +184,7 @@ def image_batches(
     display_long_side: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    share_cores: bool | None = None,
 ) -> Iterator[Batch]:
     """An ordered iterator of Batch, each with `inputs` normalised on `device` (default the
     CPU) in `dtype`; decoding overlaps the forward pass when workers > 0.
@@ -197,32 +193,53 @@ def image_batches(
     `errors[i]`, when given and not None, is reported as the failure of position i unread.
     `display_long_side` also returns each original scaled to that long side (Batch.displays).
     `pin_memory` stages each uint8 batch in page-locked memory before a CUDA copy.
+
+    `share_cores` (default: when the model runs on the CPU and there are workers): before each
+    batch is handed over, torch's thread count is set for the forward pass that follows, from
+    whether images are still being decoded beside it (runtime.model_threads), and restored at
+    the end.
     """
     dataset = ImageFiles(
         paths, preprocess, draft=draft, errors=errors, display_long_side=display_long_side
     )
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=collate,
-        worker_init_fn=partial(_die_with_parent, parent=os.getpid()) if workers > 0 else None,
-        persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None,
+    workers = decoding_workers(workers, len(dataset))
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    share_cores = (workers > 0 and on_cpu) if share_cores is None else share_cores
+    all_threads = torch.get_num_threads()
+    lookahead = LOOKAHEAD_BATCHES * batch_size
+    with OrderedDecoding(dataset.__getitem__, len(dataset), workers, lookahead) as decoded:
+        try:
+            for _ in range(0, len(dataset), batch_size):
+                batch = collate(decoded.take(batch_size))
+                if share_cores:
+                    torch.set_num_threads(model_threads(all_threads, workers, decoded.remaining()))
+                yield _to_model(batch, preprocess, pin_memory, device, dtype)
+        finally:
+            if share_cores:
+                torch.set_num_threads(all_threads)
+
+
+def decoding_workers(requested: int, images: int) -> int:
+    """Worker processes worth starting for `images` images: none for a handful (a fork costs
+    more than decoding them here), never more than there are images."""
+    return max(0, min(requested, images if images >= MIN_IMAGES_FOR_WORKERS else 0))
+
+
+def _to_model(
+    batch: Batch,
+    preprocess: Preprocess,
+    pin_memory: bool,
+    device: torch.device | str | None,
+    dtype: torch.dtype,
+) -> Batch:
+    if not batch.indices:
+        batch.pixels = torch.empty((0,), dtype=torch.uint8)
+        batch.inputs = torch.empty((0,), dtype=dtype)
+        return batch
+    pixels = (
+        torch.from_numpy(batch.pixels) if isinstance(batch.pixels, np.ndarray) else batch.pixels
     )
-    for batch in loader:
-        pixels = (
-            batch.pixels
-            if isinstance(batch.pixels, torch.Tensor)
-            else torch.from_numpy(batch.pixels)
-        )
-        if not batch.indices:
-            batch.pixels = torch.empty((0,), dtype=torch.uint8)
-            batch.inputs = torch.empty((0,), dtype=dtype)
-            yield batch
-            continue
-        batch.pixels = pixels
-        staged = pixels.pin_memory() if pin_memory else pixels
-        batch.inputs = normalize(staged, preprocess, device, dtype)
-        yield batch
+    batch.pixels = pixels
+    staged = pixels.pin_memory() if pin_memory else pixels
+    batch.inputs = normalize(staged, preprocess, device, dtype)
+    return batch

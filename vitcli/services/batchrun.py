@@ -65,13 +65,11 @@ def model_batches(
     if not items:
         return
     batch_size = loader.batch_size
-    # Worker start-up is pure cost when there is nothing to overlap with.
-    workers = max(0, min(loader.workers, math.ceil(len(items) / batch_size) - 1))
     batches = image_batches(
         [item.path for item in items],
         preprocess,
         batch_size=batch_size,
-        workers=workers,
+        workers=loader.workers,
         draft=loader.draft,
         pin_memory=loader.device.type == "cuda",
         errors=[item.error for item in items],
