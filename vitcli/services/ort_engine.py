@@ -77,7 +77,9 @@ def cache_dir() -> Path:
 
 
 def cache_key(bundle: ModelBundle, image_size: tuple[int, int], opset: int) -> str:
-    """sha256 of the weights' bytes and of everything else the int8 graph depends on."""
+    """sha256 of everything the int8 graph depends on: the weights (by their source's stamp
+    while the model still holds the tensors read from it, else by their bytes), the config,
+    the image size, the opset and the versions."""
     import onnx
     import onnxruntime
 
@@ -86,6 +88,9 @@ def cache_key(bundle: ModelBundle, image_size: tuple[int, int], opset: int) -> s
     for part in (GRAPH_FORMAT, *versions, bundle.config.to_json(), str(image_size), str(opset)):
         digest.update(part.encode())
         digest.update(b"\0")
+    if bundle.stamp is not None and bundle.stamp.matches(bundle.model):
+        digest.update(f"source:{bundle.stamp.files}".encode())
+        return digest.hexdigest()
     for name, tensor in bundle.model.state_dict().items():
         tensor = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())

@@ -24,6 +24,7 @@ from ..fileio import atomic_write_bytes
 from ..model import ViT, ViTConfig
 from .limits import check_config, check_state, skeleton
 from .readers import library_reason, read_safetensors
+from .stamp import SourceStamp
 
 __all__ = [
     "ModelBundle",
@@ -49,6 +50,8 @@ class ModelBundle:
     source_format: str = "vitcli"  # vitcli | hf | timm | npz
     reference: str = ""  # what the user passed to --model
     extra: dict = field(default_factory=dict)  # e.g. dropped pre_logits, hub revision
+    # Set by load_model: what identifies the source of the weights, cheaply (weights/stamp.py).
+    stamp: SourceStamp | None = field(default=None, repr=False, compare=False)
 
     @property
     def config(self) -> ViTConfig:

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import CheckpointError, ModelNotFoundError, VitError
 from .format import ModelBundle, load_vitcli_file
 from .readers import read_json, read_safetensors
+from .stamp import stamp
 
 DEFAULT_MODEL_NAME = "vit-shapes-p16.safetensors"
 BUNDLED_NAME = "vit-shapes-p16"
@@ -44,23 +45,31 @@ def load_model(reference: str | Path | None = None) -> ModelBundle:
     """Load any supported checkpoint; the architecture and preprocessing come from it.
 
     None means the user's default: the VIT_MODEL environment variable when set, else the
-    bundled model (`bundled` always names the bundled one)."""
+    bundled model (`bundled` always names the bundled one). The bundle is stamped with its
+    source (weights/stamp.py), which caches use as a cheap key."""
+    bundle, source = _load(reference)
+    if bundle.stamp is None and source is not None:
+        bundle.stamp = stamp(source, bundle.model)
+    return bundle
+
+
+def _load(reference: str | Path | None) -> tuple[ModelBundle, Path | None]:
     if reference is None and os.environ.get("VIT_MODEL", "").strip():
         try:
-            return load_model(os.environ["VIT_MODEL"].strip())
+            return load_model(os.environ["VIT_MODEL"].strip()), None
         except VitError as error:
             raise type(error)(
                 f"{error} (the model named by VIT_MODEL; unset it or fix it)"
             ) from None
     if reference is None or str(reference) in ("", *BUNDLED_NAMES):
-        return load_bundled()
+        return load_bundled(), None
     text = str(reference)
     path = Path(text).expanduser()
     kind = _kind(path)
     if kind == "file":
-        return _load_file(path, text)
+        return _load_file(path, text), path
     if kind == "folder":
-        return _load_folder(path, text)
+        return _load_folder(path, text), path
     if kind == "other":
         raise CheckpointError(
             f"{text}: not a regular file or folder (a FIFO, device or socket is never read); "
@@ -70,7 +79,8 @@ def load_model(reference: str | Path | None = None) -> ModelBundle:
     if _HUB_ID.match(text) and not looks_like_file and not path.parent.is_dir():
         from .hub import download
 
-        return _load_folder(download(text), text)
+        folder = download(text)
+        return _load_folder(folder, text), folder
     raise ModelNotFoundError(
         f"{text}: no such file or folder; pass a .safetensors/.npz file, a model folder, "
         f"a hub id such as google/vit-base-patch16-224, or {BUNDLED_NAME} (the bundled model)"
@@ -85,7 +95,9 @@ def as_bundle(model: ModelBundle | str | Path | None) -> ModelBundle:
 
 def load_bundled() -> ModelBundle:
     """The bundled model, named so users can type it, without its build machine's paths."""
-    bundle = load_vitcli_file(default_model_path(), reference=BUNDLED_NAME)
+    path = default_model_path()
+    bundle = load_vitcli_file(path, reference=BUNDLED_NAME)
+    bundle.stamp = stamp(path, bundle.model)
     bundle.extra["source"] = BUNDLED_SOURCE
     bundle.extra["bundled"] = True
     return bundle
