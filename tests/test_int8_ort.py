@@ -169,6 +169,34 @@ def test_second_use_reads_the_cache(private_cache):
     assert len(builds) == 2 and len(onnx_files(private_cache)) == 2
 
 
+def test_a_loaded_file_is_keyed_by_its_stamp_not_by_hashing_its_weights(tmp_path, monkeypatch):
+    from vitcli.services import ort_engine
+    from vitcli.weights.format import save_model
+    from vitcli.weights.resolve import load_model
+
+    path = save_model(random_vit(), tmp_path / "m.safetensors", labels=LABELS)
+    key = ort_engine.cache_key(load_model(path), (32, 32), 17)
+    bundle = load_model(path)
+    hashed: list[str] = []
+    real_state_dict = torch.nn.Module.state_dict
+
+    def spy(self, *args, **kwargs):  # the full hash reads state_dict() without keep_vars
+        if not kwargs.get("keep_vars"):
+            hashed.append(type(self).__name__)
+        return real_state_dict(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "state_dict", spy)
+    assert ort_engine.cache_key(bundle, (32, 32), 17) == key and not hashed
+    # Changed in memory after loading: the weights themselves are hashed, another key.
+    with torch.no_grad():
+        bundle.model.head.bias.add_(1.0)
+    assert ort_engine.cache_key(bundle, (32, 32), 17) != key and hashed
+    monkeypatch.undo()
+    # The file rewritten (another mtime): another key.
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert ort_engine.cache_key(load_model(path), (32, 32), 17) != key
+
+
 @pytest.mark.parametrize("damage", ["garbage", "empty", "foreign"])
 def test_a_damaged_cache_entry_is_rebuilt(private_cache, damage):
     builds: list = []
