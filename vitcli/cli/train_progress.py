@@ -88,7 +88,7 @@ class TrainRenderer:
         )
         device = (
             info["device"]
-            + (" bf16" if info["bf16"] else "")
+            + (f", {info['amp']}" if info.get("amp") else " bf16" if info["bf16"] else "")
             + (f" x{info['world_size']}" if info["world_size"] > 1 else "")
         )
         line = (

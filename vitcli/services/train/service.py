@@ -18,6 +18,7 @@ from ...data.preprocess import Preprocess
 from ...errors import InputError, TrainingError, VitError
 from ...model import ViT, ViTConfig
 from ...runtime import resolve_workers
+from .amp import choose_amp
 from .config import ARCH_LIMITS, MAX_IMAGE_SIZE, ResolvedConfig, TrainConfig, check, resolve
 from .loop import (
     Callback,
@@ -115,6 +116,9 @@ def _run(
         net = DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )
+    amp = choose_amp(config.amp, model, device, model.config.image_size)
+    if world > 1:  # every rank trains as rank 0 measured (timings differ a little per rank)
+        amp = distributed.broadcast_object(amp)
     run_ = Run(
         config=config,
         folder=folder,
@@ -126,8 +130,7 @@ def _run(
         classes=classes,
         source=built.source,
         device=device,
-        # bf16 on a CPU without native support runs at under 1 GFLOP/s: never on CPU.
-        use_bf16=config.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported(),
+        use_bf16=amp.bf16,
         rank=rank,
         world=world,
         steps_per_epoch=steps_per_epoch,
@@ -192,6 +195,7 @@ def _run(
                 "val_images": len(val_data) if val_data is not None else 0,
                 "device": str(device),
                 "bf16": run_.use_bf16,
+                "amp": amp.reason,
                 "world_size": world,
                 "workers": config.workers,
                 "resumed_at_epoch": start_epoch if state is not None else None,
