@@ -387,7 +387,10 @@ def test_device_and_dtype_choice_on_this_machine():
         resolve_dtype("float8", cpu)
 
 
-def test_bfloat16_runs_and_roughly_agrees(model_file, folder):
+def test_bfloat16_runs_and_roughly_agrees(model_file, folder, monkeypatch):
+    from vitcli import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)  # emulated where it is not
     items = [InputItem(str(folder / "img1.png"))]
     bundle = load_model(model_file)
     full = next(predict_paths(bundle, items, PredictOptions(workers=0, top_k=5)))

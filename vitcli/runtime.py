@@ -142,9 +142,20 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+def cpu_capability() -> str:
+    """torch's name for the vector instructions it uses here: AVX512, AVX2, DEFAULT, ..."""
+    import torch
+
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return "unknown"
+
+
 def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str | None]:
     """(dtype, warning or None). auto never picks a dtype the hardware runs slowly: float32 on
-    CPU and MPS, bfloat16 on CUDA GPUs that support it, float16 on older GPUs."""
+    CPU and MPS, bfloat16 on CUDA GPUs that support it, float16 on older GPUs. bfloat16 on a
+    CPU needs native bf16 (runtime detection): asked for on one without, it is refused."""
     import torch
 
     if name not in DTYPE_CHOICES:
@@ -159,11 +170,13 @@ def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str | N
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
     warning = None
     if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_fast_bf16():
-        warning = (
-            "bfloat16 on this CPU has no native support and runs far slower than float32; "
-            "drop --dtype or use float32"
+        # Emulated, bf16 runs at under 1 GFLOP/s: a B/16 would take minutes per image.
+        raise InputError(
+            f"--dtype bfloat16: this CPU ({cpu_capability()}) has no native bf16 "
+            "(AVX512-BF16 or AMX) and would run many times slower than float32; "
+            "drop --dtype, or use a CPU or GPU with bf16"
         )
-    elif device.type == "cpu" and dtype == torch.float16:
+    if device.type == "cpu" and dtype == torch.float16:
         warning = (
             "float16 on a CPU is emulated and runs far slower than float32; "
             "drop --dtype or use float32"

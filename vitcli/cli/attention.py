@@ -20,7 +20,15 @@ from ..services.attention.options import (
     Style,
 )
 from ..text import terminal_safe
-from .common import DeviceOption, Int8Option, ModelOption, QuietOption, WorkersOption
+from .common import (
+    DeviceOption,
+    DType,
+    DTypeOption,
+    Int8Option,
+    ModelOption,
+    QuietOption,
+    WorkersOption,
+)
 
 EXAMPLES = """\
 [b]Examples[/b]
@@ -238,6 +246,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         workers: WorkersOption = None,
         device: DeviceOption = "auto",
+        dtype: DTypeOption = DType.auto,
         int8: Int8Option = False,
         quiet: QuietOption = False,
     ) -> None:
@@ -283,6 +292,7 @@ def register(app: typer.Typer) -> None:
             batch_size="auto" if batch_size is None else batch_size,
             workers=worker_count,
             device=device,
+            dtype=dtype.value,
             int8=int8,
         )
         with make_progress(quiet=quiet) as bar:

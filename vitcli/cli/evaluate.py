@@ -11,6 +11,8 @@ import typer
 from .common import (
     BatchSizeOption,
     DeviceOption,
+    DType,
+    DTypeOption,
     Int8Option,
     JobsAlias,
     ModelOption,
@@ -39,6 +41,7 @@ def evaluate(
     workers: WorkersOption = None,
     jobs: JobsAlias = None,
     device: DeviceOption = "auto",
+    dtype: DTypeOption = DType.auto,
     int8: Int8Option = False,
     quiet: Annotated[
         bool,
@@ -67,6 +70,7 @@ def evaluate(
         batch_size=batch_size,
         workers=workers if workers is not None else jobs,
         device=device,
+        dtype=dtype.value,
         int8=int8,
     )
     with make_progress(quiet=quiet) as progress:

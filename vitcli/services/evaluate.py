@@ -20,7 +20,7 @@ from ..data.labelled import FolderDataset, ShardSampler, make_loader
 from ..data.loader import normalize
 from ..errors import DatasetError, InputError, OptionError
 from ..fileio import atomic_write_bytes
-from ..runtime import resolve_device, resolve_workers
+from ..runtime import resolve_device, resolve_dtype, resolve_workers
 from ..text import csv_text, json_bytes
 from ..weights.format import ModelBundle
 from .int8 import check_int8_options, prepare_int8
@@ -40,6 +40,7 @@ class EvalOptions:
     batch_size: int = 64
     workers: int | None = None  # None: runtime.default_workers()
     device: str = "auto"
+    dtype: str = "auto"  # as runtime.resolve_dtype: bfloat16 on a CPU only with native bf16
     int8: bool = False  # int8 Linear layers on the CPU (services/int8.py)
 
 
@@ -128,13 +129,19 @@ def run(
     output = Path(options.output) if options.output else None
     png = Path(options.confusion_png) if options.confusion_png else None
     if options.int8:
-        check_int8_options(options.device)
+        check_int8_options(options.device, options.dtype)
     device = resolve_device(options.device)  # a bad --device fails before the model loads
+    resolve_dtype(options.dtype, device)  # and so does a dtype this machine cannot run
     resolve_workers(options.workers)
     bundle = load_model(options.model)
     device = resolve_device(
-        prepare_int8(bundle, options.int8, options.device, command="eval", on_note=on_note)
+        prepare_int8(
+            bundle, options.int8, options.device, options.dtype, command="eval", on_note=on_note
+        )
     )
+    dtype, warning = resolve_dtype(options.dtype, device)
+    if warning and on_progress is not None:
+        on_progress(EvalEvent("warning", message=warning))
     result = evaluate(
         options.data,
         bundle,
@@ -142,6 +149,7 @@ def run(
         workers=options.workers,
         device=device,
         on_progress=on_progress,
+        dtype=dtype,
     )
     for path, write in ((output, write_report), (png, confusion_png)):
         if path is None:
@@ -172,8 +180,10 @@ def evaluate(
     workers: int | None = None,
     device: str | torch.device = "auto",
     on_progress: Callable[[EvalEvent], None] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> EvalResult:
-    """Run the model over every image of an ImageFolder tree with the model's own preprocessing."""
+    """Run the model over every image of an ImageFolder tree with the model's own preprocessing
+    (in `dtype`: float32, or bfloat16 where runtime.resolve_dtype allows it)."""
     if batch_size < 1:
         raise OptionError("--batch-size must be at least 1")
 
@@ -201,6 +211,8 @@ def evaluate(
         device = str(device)
     target = resolve_device(prepare_int8(bundle, False, device))  # an int8 model: the CPU
     model = bundle.model.to(target).eval()
+    if dtype != torch.float32:
+        model = model.to(dtype)
     dataset = FolderDataset(data, bundle.preprocess)
     loader = make_loader(dataset, ShardSampler(len(dataset)), batch_size, workers)
 
@@ -220,7 +232,7 @@ def evaluate(
                 per_class[folder_index[data.samples[index][1]]].failed += 1
                 emit(EvalEvent("warning", message=f"skipped unreadable image: {message}"))
             if len(batch):
-                pixels = normalize(batch.pixel_tensor(), bundle.preprocess, target)  # B,C,H,W
+                pixels = normalize(batch.pixel_tensor(), bundle.preprocess, target, dtype)
                 logits = model(pixels).float()
                 top = logits.topk(k, dim=1).indices.cpu()  # B,k
                 for index, true, ranked in zip(batch.indices, batch.labels.tolist(), top.tolist()):

@@ -10,16 +10,17 @@ result pipe is full would otherwise wait on it forever).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
+import torch
 
 from ...data.images import special_file_error
 from ...data.loader import image_batches, normalize
 from ...data.preprocess import Geometry
-from ...runtime import resolve_device
+from ...runtime import resolve_device, resolve_dtype
 from ...weights.format import ModelBundle
 from .methods import compute_batch, memory_factor
 from .options import AttentionOptions, default_batch_size, parse_layers
@@ -88,6 +89,18 @@ def family_fields(maps: dict, row: int) -> dict:
     }
 
 
+def _as_float32(value: Any) -> Any:
+    """Every floating tensor in a nest of dicts, lists and tuples as float32 (numpy has no
+    bfloat16)."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {key: _as_float32(item) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_as_float32(item) for item in value)
+    return value
+
+
 def resolve_batch_size(options: AttentionOptions, config) -> int:
     if options.batch_size == "auto":
         return default_batch_size(config, factor=memory_factor(options.methods))
@@ -109,6 +122,7 @@ def attention_batches(
     """
     model = bundle.model.eval()  # dropout off before any map is taken
     target = resolve_device(options.device)
+    dtype, _ = resolve_dtype(options.dtype, target)
     model.to(target)
     depth = model.config.depth
     layers = list(parse_layers(options.layers, depth))  # range-checked, sorted, distinct
@@ -117,23 +131,29 @@ def attention_batches(
     batch_size = resolve_batch_size(options, bundle.config)
     known = list(errors) if errors is not None else [None] * len(paths)
     known = [error or special_file_error(path) for path, error in zip(paths, known)]
-    # Worker start-up is pure cost when there is nothing to overlap with (as predict does).
-    workers = max(0, min(options.workers, math.ceil(len(paths) / batch_size) - 1))
     loader = image_batches(
         paths,
         bundle.preprocess,
         batch_size=batch_size,
-        workers=workers,
+        workers=options.workers,
         pin_memory=target.type == "cuda",
+        share_cores=target.type == "cpu" and options.workers > 0,
         errors=known,
         display_long_side=display_long_side,
     )
     for batch in loader:
         results: list[ImageAttention] = []
         if batch.indices:
-            maps = compute_batch(
-                model, normalize(batch.pixels, bundle.preprocess, target), options, bundle.labels
-            )
+            # bfloat16: autocast (the maps' softmax and sums stay float32 where autocast keeps
+            # them so), every map handed on as float32.
+            with torch.autocast(target.type, dtype=dtype, enabled=dtype != torch.float32):
+                maps = compute_batch(
+                    model,
+                    normalize(batch.pixels, bundle.preprocess, target),
+                    options,
+                    bundle.labels,
+                )
+            maps = _as_float32(maps)
             for row, (index, geometry) in enumerate(zip(batch.indices, batch.geometries)):
                 results.append(
                     ImageAttention(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ...errors import InputError, OptionError
-from ...runtime import default_workers, render_threads
+from ...runtime import DTYPE_CHOICES, default_workers, render_threads
 
 TILE_RANGE = (32, 1024)  # a sheet tile's long side, pixels; larger ones only make huge sheets
 MAX_BLUR = 10_000.0  # pixels of the original; far blurrier than any useful overlay
@@ -123,6 +123,8 @@ class AttentionOptions:
     batch_size: int | Literal["auto"] = "auto"  # auto: 32, fewer for large models
     workers: int = field(default_factory=default_workers)  # decoding processes
     device: str = "auto"  # as runtime.resolve_device
+    # float32, or bfloat16 autocast; auto as runtime.resolve_dtype (float32 on CPU and MPS)
+    dtype: str = "auto"
     int8: bool = False  # int8 Linear layers on the CPU (services/int8.py); no gradients
     render_threads: int = field(default_factory=render_threads)  # 0: draw inline
 
@@ -149,7 +151,9 @@ class AttentionOptions:
             refuse_gradients(self.methods, "--int8")
             from ..int8 import check_int8_options
 
-            check_int8_options(self.device)
+            check_int8_options(self.device, self.dtype)
+        if self.dtype not in DTYPE_CHOICES:
+            raise InputError(f"--dtype {self.dtype}: use one of {', '.join(DTYPE_CHOICES)}")
         put("targets", tuple(dict.fromkeys(str(spec).strip() for spec in self.targets)))
         if not self.targets or "" in self.targets:
             raise InputError("--target needs a value: top1, top2, ..., a label or a class index")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ...data.inputs import InputItem, collect_inputs, is_within, refuse_output_among_inputs
 from ...errors import InputError
-from ...runtime import resolve_device
+from ...runtime import resolve_device, resolve_dtype
 from ...weights.format import ModelBundle
 from ..int8 import is_int8, prepare_int8
 from .batches import ImageAttention, attention_batches
@@ -147,7 +147,8 @@ def prepare(
             f"(--out {readable(str(options.out))} or earlier runs); name files one by one to "
             "use them as inputs"
         )
-    resolve_device(options.device)  # a device that is not there is refused before any file
+    # A device that is not there, or a dtype it cannot run, is refused before any file.
+    resolve_dtype(options.dtype, resolve_device(options.device))
     bundle = bundle if bundle is not None else load_model(options.model)
     if not options.int8 and is_int8(bundle):
         refuse_gradients(options.methods, f"{readable(bundle.reference)} holds int8 weights")
