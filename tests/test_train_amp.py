@@ -4,11 +4,10 @@ measurement at start-up finds it faster for the model (services/train/amp.py).""
 from __future__ import annotations
 
 import torch
+from conftest import random_vit
 
 from vitcli.services.train import amp as amp_module
 from vitcli.services.train.amp import choose_amp, measure_bf16_speedup
-
-from conftest import random_vit
 
 CPU = torch.device("cpu")
 
