@@ -14,6 +14,7 @@
 
     python bench/train.py                          # Ti/16 at 224, batch 32, torch's default threads
     python bench/train.py --depth 6 --rounds 5 --e2e 256
+    python bench/train.py --image-size 64 --depth 6 --skip-peer --e2e 384 --e2e-rounds 3
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def end_to_end(config: ViTConfig, images: int, batch_size: int, workers: int | N
             epochs=1,
             batch_size=batch_size,
             workers=workers,
+            amp="off",  # float32, as the step timed alone
         )
         result = run(options)
         row = result.history[-1]
@@ -133,6 +135,10 @@ def main() -> None:
         help="also time `vit train` end to end on N images",
     )
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers for --e2e")
+    parser.add_argument("--e2e-rounds", type=int, default=1, help="rounds of --e2e")
+    parser.add_argument(
+        "--skip-peer", action="store_true", help="no transformers rounds (only --e2e)"
+    )
     args = parser.parse_args()
 
     if args.threads:
@@ -162,7 +168,7 @@ def main() -> None:
     time_ours(ours, opt_ours, pixels, labels, 1)  # warm-up (allocator, kernels)
     time_hf(theirs, opt_hf, pixels, labels, 1)
     rates: dict[str, list[float]] = {"vitcli": [], "transformers": []}
-    for round_index in range(args.rounds):
+    for round_index in range(0 if args.skip_peer else args.rounds):
         order = [("vitcli", time_ours, ours, opt_ours), ("transformers", time_hf, theirs, opt_hf)]
         if round_index % 2:
             order.reverse()  # alternate who goes first
@@ -173,8 +179,8 @@ def main() -> None:
             + ", ".join(f"{k} {v[-1]:.2f} img/s" for k, v in rates.items()),
             flush=True,
         )
-    best = {k: max(v) for k, v in rates.items()}
-    median = {k: statistics.median(v) for k, v in rates.items()}
+    best = {k: max(v, default=0.0) for k, v in rates.items()}
+    median = {k: statistics.median(v) if v else 0.0 for k, v in rates.items()}
     print(
         f"training step, img/s   best: vitcli {best['vitcli']:.2f}, "
         f"transformers {best['transformers']:.2f} "
@@ -186,10 +192,25 @@ def main() -> None:
         f"(ratio {median['vitcli'] / median['transformers']:.2f})"
     )
     if args.e2e:
-        result = end_to_end(config, args.e2e, args.batch_size, args.workers)
+        # Does the input pipeline starve the step? Each round: one epoch of `vit train` end to
+        # end, then at once our step alone on tensors over as many steps: the ratio of the two
+        # in the same round (goal: >= 85%).
+        ratios = []
+        for round_index in range(args.e2e_rounds):
+            result = end_to_end(config, args.e2e, args.batch_size, args.workers)
+            steps = max(1, result["images"] // args.batch_size)
+            alone = time_ours(ours, opt_ours, pixels, labels, steps)
+            ratios.append(result["images_per_s"] / alone)
+            print(
+                f"  e2e round {round_index + 1}: vit train end to end (decode + augment + train, "
+                f"1 epoch, {result['images']} images) {result['images_per_s']:.2f} img/s, "
+                f"step alone {alone:.2f} img/s: {ratios[-1] * 100:.0f}%",
+                flush=True,
+            )
+        each = ", ".join(f"{r * 100:.0f}" for r in ratios)
         print(
-            f"vit train end to end (decode + augment + train, 1 epoch, {result['images']} images): "
-            f"{result['images_per_s']:.2f} img/s"
+            "vit train end to end / training step alone: "
+            f"median {statistics.median(ratios) * 100:.0f}% ({each}; goal >= 85%)"
         )
 
 
