@@ -20,7 +20,14 @@ from ..services.attention.options import (
     Style,
 )
 from ..text import terminal_safe
-from .common import DeviceOption, Int8Option, ModelOption, QuietOption, WorkersOption
+from .common import (
+    DeviceOption,
+    FastDecodeOption,
+    Int8Option,
+    ModelOption,
+    QuietOption,
+    WorkersOption,
+)
 
 EXAMPLES = """\
 [b]Examples[/b]
@@ -239,6 +246,7 @@ def register(app: typer.Typer) -> None:
         workers: WorkersOption = None,
         device: DeviceOption = "auto",
         int8: Int8Option = False,
+        fast_decode: FastDecodeOption = False,
         quiet: QuietOption = False,
     ) -> None:
         """Attention maps: per-head CLS maps, rollout, and class-specific maps (gae, attribution,
@@ -284,6 +292,7 @@ def register(app: typer.Typer) -> None:
             workers=worker_count,
             device=device,
             int8=int8,
+            fast_decode=fast_decode,
         )
         with make_progress(quiet=quiet) as bar:
             task = bar.add_task("attention", total=None, rate="")

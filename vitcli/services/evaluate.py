@@ -41,6 +41,7 @@ class EvalOptions:
     workers: int | None = None  # None: runtime.default_workers()
     device: str = "auto"
     int8: bool = False  # int8 Linear layers on the CPU (services/int8.py)
+    fast_decode: bool = False  # opt-in JPEG draft decoding (not the home's pixels)
 
 
 @dataclass
@@ -82,6 +83,7 @@ class EvalResult:
     # Top-1 model label index of each image in folder order (-1: not decoded).
     predictions: list[int] = field(default_factory=list)
     written: list[Path] = field(default_factory=list)
+    decode: str = "exact"  # "fast" with --fast-decode (JPEG draft decoding)
 
     @property
     def failed_classes(self) -> list[str]:
@@ -94,6 +96,7 @@ class EvalResult:
             "data": self.data,
             "images": self.images,
             "failed_images": len(self.failures),
+            "decode": self.decode,
             "top1": self.top1,
             "top5": self.top5,
             "per_class": [
@@ -142,6 +145,7 @@ def run(
         workers=options.workers,
         device=device,
         on_progress=on_progress,
+        fast_decode=options.fast_decode,
     )
     for path, write in ((output, write_report), (png, confusion_png)):
         if path is None:
@@ -172,6 +176,7 @@ def evaluate(
     workers: int | None = None,
     device: str | torch.device = "auto",
     on_progress: Callable[[EvalEvent], None] | None = None,
+    fast_decode: bool = False,
 ) -> EvalResult:
     """Run the model over every image of an ImageFolder tree with the model's own preprocessing."""
     if batch_size < 1:
@@ -201,7 +206,7 @@ def evaluate(
         device = str(device)
     target = resolve_device(prepare_int8(bundle, False, device))  # an int8 model: the CPU
     model = bundle.model.to(target).eval()
-    dataset = FolderDataset(data, bundle.preprocess)
+    dataset = FolderDataset(data, bundle.preprocess, draft=fast_decode)
     loader = make_loader(dataset, ShardSampler(len(dataset)), batch_size, workers)
 
     folder_index = {labels.index(name): row for row, name in enumerate(folder.classes)}
@@ -248,6 +253,7 @@ def evaluate(
         confusion_labels=columns,
         failures=failures,
         predictions=predictions,
+        decode="fast" if fast_decode else "exact",
     )
 
 

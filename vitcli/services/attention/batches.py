@@ -124,6 +124,7 @@ def attention_batches(
         bundle.preprocess,
         batch_size=batch_size,
         workers=workers,
+        draft=options.fast_decode,
         pin_memory=target.type == "cuda",
         errors=known,
         display_long_side=display_long_side,
