@@ -132,6 +132,12 @@ HF_CASES = {
         "CLIPImageProcessor",
         {"size": {"shortest_edge": 35}, "crop_size": {"height": 32, "width": 32}},
     ),
+    "clip-margin1": (  # shorter side to 33, crop 32: a one-pixel margin
+        "clip",
+        32,
+        "CLIPImageProcessor",
+        {"size": {"shortest_edge": 33}, "crop_size": {"height": 32, "width": 32}},
+    ),
     "dinov2-reg": (
         "dinov2-reg",
         32,
