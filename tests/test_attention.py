@@ -654,7 +654,8 @@ def test_sheet_from_the_decoders_display_equals_the_sheet_from_a_second_decode(t
     Image.fromarray(rng.integers(0, 256, (1200, 1600, 3), dtype=np.uint8)).save(
         tmp_path / "big.jpg", quality=90
     )
-    options = AttentionOptions(layers=(-1,), batch_size=3, workers=0)
+    # --fast-decode: the draft path (exact decoding, the default, decodes big.jpg in full).
+    options = AttentionOptions(layers=(-1,), batch_size=3, workers=0, fast_decode=True)
     paths = [str(tmp_path / "wide.png"), str(tmp_path / "small.png"), str(tmp_path / "big.jpg")]
     ((results, failures),) = list(attention_batches(bundle, paths, options, display_long_side=224))
     assert not failures

@@ -24,6 +24,7 @@ from .common import (
     DeviceOption,
     DType,
     DTypeOption,
+    FastDecodeOption,
     Int8Option,
     ModelOption,
     QuietOption,
@@ -248,6 +249,7 @@ def register(app: typer.Typer) -> None:
         device: DeviceOption = "auto",
         dtype: DTypeOption = DType.auto,
         int8: Int8Option = False,
+        fast_decode: FastDecodeOption = False,
         quiet: QuietOption = False,
     ) -> None:
         """Attention maps: per-head CLS maps, rollout, and class-specific maps (gae, attribution,
@@ -294,6 +296,7 @@ def register(app: typer.Typer) -> None:
             device=device,
             dtype=dtype.value,
             int8=int8,
+            fast_decode=fast_decode,
         )
         with make_progress(quiet=quiet) as bar:
             task = bar.add_task("attention", total=None, rate="")

@@ -13,6 +13,7 @@ from .common import (
     DeviceOption,
     DType,
     DTypeOption,
+    FastDecodeOption,
     Int8Option,
     JobsAlias,
     ModelOption,
@@ -43,6 +44,7 @@ def evaluate(
     device: DeviceOption = "auto",
     dtype: DTypeOption = DType.auto,
     int8: Int8Option = False,
+    fast_decode: FastDecodeOption = False,
     quiet: Annotated[
         bool,
         typer.Option(
@@ -72,6 +74,7 @@ def evaluate(
         device=device,
         dtype=dtype.value,
         int8=int8,
+        fast_decode=fast_decode,
     )
     with make_progress(quiet=quiet) as progress:
         task = progress.add_task("eval", total=None, rate="")
@@ -85,7 +88,8 @@ def evaluate(
         result = run(options, on_progress=on_progress, on_note=None if quiet else print_note)
     summary = (
         f"top-1 {result.top1:.4f}  top-5 {result.top5:.4f}  "
-        f"({result.images} images, {len(result.classes)} classes)"
+        f"({result.images} images, {len(result.classes)} classes"
+        + (", fast decode)" if result.decode == "fast" else ")")
     )
     if quiet:
         stdout.print(summary, markup=False)

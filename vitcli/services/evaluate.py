@@ -42,6 +42,7 @@ class EvalOptions:
     device: str = "auto"
     dtype: str = "auto"  # as runtime.resolve_dtype: bfloat16 on a CPU only with native bf16
     int8: bool = False  # int8 Linear layers on the CPU (services/int8.py)
+    fast_decode: bool = False  # opt-in JPEG draft decoding (not the home's pixels)
 
 
 @dataclass
@@ -83,6 +84,7 @@ class EvalResult:
     # Top-1 model label index of each image in folder order (-1: not decoded).
     predictions: list[int] = field(default_factory=list)
     written: list[Path] = field(default_factory=list)
+    decode: str = "exact"  # "fast" with --fast-decode (JPEG draft decoding)
 
     @property
     def failed_classes(self) -> list[str]:
@@ -95,6 +97,7 @@ class EvalResult:
             "data": self.data,
             "images": self.images,
             "failed_images": len(self.failures),
+            "decode": self.decode,
             "top1": self.top1,
             "top5": self.top5,
             "per_class": [
@@ -150,6 +153,7 @@ def run(
         device=device,
         on_progress=on_progress,
         dtype=dtype,
+        fast_decode=options.fast_decode,
     )
     for path, write in ((output, write_report), (png, confusion_png)):
         if path is None:
@@ -181,6 +185,7 @@ def evaluate(
     device: str | torch.device = "auto",
     on_progress: Callable[[EvalEvent], None] | None = None,
     dtype: torch.dtype = torch.float32,
+    fast_decode: bool = False,
 ) -> EvalResult:
     """Run the model over every image of an ImageFolder tree with the model's own preprocessing
     (in `dtype`: float32, or bfloat16 where runtime.resolve_dtype allows it)."""
@@ -213,7 +218,7 @@ def evaluate(
     model = bundle.model.to(target).eval()
     if dtype != torch.float32:
         model = model.to(dtype)
-    dataset = FolderDataset(data, bundle.preprocess)
+    dataset = FolderDataset(data, bundle.preprocess, draft=fast_decode)
     loader = make_loader(dataset, ShardSampler(len(dataset)), batch_size, workers)
 
     folder_index = {labels.index(name): row for row, name in enumerate(folder.classes)}
@@ -260,6 +265,7 @@ def evaluate(
         confusion_labels=columns,
         failures=failures,
         predictions=predictions,
+        decode="fast" if fast_decode else "exact",
     )
 
 

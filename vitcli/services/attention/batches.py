@@ -136,6 +136,7 @@ def attention_batches(
         bundle.preprocess,
         batch_size=batch_size,
         workers=options.workers,
+        draft=options.fast_decode,
         pin_memory=target.type == "cuda",
         share_cores=target.type == "cpu" and options.workers > 0,
         errors=known,

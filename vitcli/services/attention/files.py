@@ -175,11 +175,11 @@ def _write_maps(
     return written
 
 
-def _load_original(path: str, long_side: int) -> Image.Image:
+def _load_original(path: str, long_side: int, exif: bool = True) -> Image.Image:
     def draft_for(width: int, height: int) -> tuple[int, int]:
         return display_size((width, height), min(long_side, max(width, height)))
 
-    image, _ = open_image(path, draft_for=draft_for)
+    image, _ = open_image(path, draft_for=draft_for, exif=exif)
     return image
 
 
@@ -271,7 +271,7 @@ def write_image_outputs(result: ImageAttention, folder: Path, context: RunContex
             # The decoding worker already made the sheet-sized original: no second decode.
             image = Image.fromarray(result.display)
         else:
-            image = _load_original(result.path, needed)
+            image = _load_original(result.path, needed, exif=result.geometry.exif)
         folder.mkdir(parents=True, exist_ok=True)
         files: dict = {"sheet": "sheet.png"}
         write_atomic(

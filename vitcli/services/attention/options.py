@@ -126,6 +126,7 @@ class AttentionOptions:
     # float32, or bfloat16 autocast; auto as runtime.resolve_dtype (float32 on CPU and MPS)
     dtype: str = "auto"
     int8: bool = False  # int8 Linear layers on the CPU (services/int8.py); no gradients
+    fast_decode: bool = False  # opt-in JPEG draft decoding (not the home's pixels)
     render_threads: int = field(default_factory=render_threads)  # 0: draw inline
 
     def __post_init__(self) -> None:
@@ -231,6 +232,7 @@ class AttentionOptions:
             "maps_format": self.maps_format.value,
             "per_head": self.per_head,
             "int8": self.int8,
+            "decode": "fast" if self.fast_decode else "exact",
         }
 
 

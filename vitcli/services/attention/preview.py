@@ -68,6 +68,7 @@ def write_explorer_page(result: ImageAttention, path: Path, context: RunContext)
     image, _ = open_image(
         result.path,
         draft_for=lambda w, h: display_size((w, h), min(EXPLORER_LONG_SIDE, max(w, h))),
+        exif=result.geometry.exif,
     )
     model = context.model.get("reference") or context.model.get("name") or "model"
     options = context.options
