@@ -115,8 +115,7 @@ def _env() -> dict[str, str]:
 
 def commands(folder: Path, ref: str, fast: bool) -> dict[str, list[str]]:
     images, bench = str(folder / "images"), ROOT / "bench" / "peers"
-    # Before --fast-decode, draft decoding was vit's default: exact runs go through a shim.
-    exact = VIT if fast else [sys.executable, str(bench / "vit_exact.py")]
+    exact = VIT  # full decoding is vit's default
     runs = {
         "vit hf": [*exact, "predict", images, "-m", str(folder / "hf"), "-q"],
         "hf pipeline": [ref, str(bench / "hf_pipeline.py"), str(folder / "hf"), images],
@@ -125,9 +124,10 @@ def commands(folder: Path, ref: str, fast: bool) -> dict[str, list[str]]:
         "vit one.jpg": [*VIT, "predict", str(folder / "one.jpg"), "-q"],
         "import torch": [sys.executable, "-c", "import torch"],
     }
-    draft = [*VIT, "predict", images, "-q"] + (["--fast-decode"] if fast else [])
-    runs["vit hf --fast-decode"] = [*draft, "-m", str(folder / "hf")]
-    runs["vit timm --fast-decode"] = [*draft, "-m", str(folder / "timm")]
+    if fast:
+        draft = [*VIT, "predict", images, "-q", "--fast-decode"]
+        runs["vit hf --fast-decode"] = [*draft, "-m", str(folder / "hf")]
+        runs["vit timm --fast-decode"] = [*draft, "-m", str(folder / "timm")]
     return runs
 
 
