@@ -63,3 +63,28 @@ def test_batches_restore_the_thread_count_and_the_last_runs_on_all(tmp_path, wor
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def torch_item(index: int) -> float:
+    # Large enough for torch to split it over its OpenMP threads.
+    return float(torch.arange(1_000_000, dtype=torch.float32).t().contiguous().sum()) + index
+
+
+def test_workers_can_run_torch_after_the_parent_started_its_threads():
+    """A forked worker entering the parent's OpenMP team would wait forever (the exact
+    preprocessing resizes with torch in the workers)."""
+    import threading
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    torch.ones(2_000_000).mul_(2)  # the parent's thread team now exists
+    results: list = []
+    try:
+        with OrderedDecoding(torch_item, 4, workers=2, lookahead=4) as decoded:
+            thread = threading.Thread(target=lambda: results.extend(decoded.take(4)), daemon=True)
+            thread.start()
+            thread.join(timeout=120)
+            assert not thread.is_alive(), "a decoding worker hangs in torch"
+    finally:
+        torch.set_num_threads(before)
+    assert len(results) == 4

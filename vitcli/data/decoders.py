@@ -9,8 +9,8 @@ between the decoders and the model (runtime.model_threads).
 At most `lookahead` images are in flight (submitted and not yet taken), which bounds memory;
 each comes back as a numpy array pickled through the pool's pipe (see loader.py for why not a
 tensor). Workers are forked where the platform allows (nothing to import again), run
-`die_with_parent` first, and never touch torch. A worker that dies (a crash in a decoder
-library) fails the run with one error rather than hanging it.
+`die_with_parent` first and torch on one thread (see `_start_worker`). A worker that dies (a
+crash in a decoder library) fails the run with one error rather than hanging it.
 """
 
 from __future__ import annotations
@@ -33,6 +33,13 @@ _WORKER_ITEMS: Callable[[int], Any] | None = None
 def _start_worker(items: Callable[[int], Any], parent: int) -> None:
     global _WORKER_ITEMS
     die_with_parent(parent)
+    if "torch" in sys.modules:
+        # A forked child that enters a parallel region of the parent's OpenMP team waits
+        # forever at its barrier (GNU OpenMP is not fork-safe); one thread never starts a
+        # team. The torchvision-style resize runs torch ops here. (DataLoader does the same.)
+        import torch
+
+        torch.set_num_threads(1)
     _WORKER_ITEMS = items
 
 
@@ -116,16 +123,22 @@ class OrderedDecoding:
         not_done = sum(1 for future in self.pending if not future.done())
         return not_done + (self.count - self.submitted)
 
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
+    def close(self, kill: bool = False) -> None:
+        """Stop the workers: after their current image, or at once with `kill` (on an error
+        or an interrupt nobody waits for an image that may never come)."""
+        if self.pool is None:
+            return
+        if kill:
+            for process in list(getattr(self.pool, "_processes", {}).values()):
+                process.kill()
+        self.pool.shutdown(wait=not kill, cancel_futures=True)
+        self.pool = None
 
     def __enter__(self) -> OrderedDecoding:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
+        self.close(kill=exc_type is not None)
 
     def __iter__(self) -> Iterator[Any]:
         while self.taken < self.count:
