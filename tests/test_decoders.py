@@ -55,7 +55,9 @@ def test_batches_restore_the_thread_count_and_the_last_runs_on_all(tmp_path, wor
     torch.set_num_threads(2)
     try:
         seen = []
-        batches = image_batches(paths, Preprocess(size=(16, 16)), batch_size=3, workers=workers)
+        batches = image_batches(
+            paths, Preprocess(size=(16, 16)), batch_size=3, workers=workers, share_cores=True
+        )
         for batch in batches:
             seen.append((batch.indices, torch.get_num_threads()))
         assert [indices for indices, _ in seen] == [[0, 1, 2], [3, 4, 5], [6]]

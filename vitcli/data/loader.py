@@ -188,7 +188,7 @@ def image_batches(
     display_long_side: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
-    share_cores: bool | None = None,
+    share_cores: bool = False,
 ) -> Iterator[Batch]:
     """An ordered iterator of Batch, each with `inputs` normalised on `device` (default the
     CPU) in `dtype`; decoding overlaps the forward pass when workers > 0.
@@ -198,17 +198,17 @@ def image_batches(
     `display_long_side` also returns each original scaled to that long side (Batch.displays).
     `pin_memory` stages each uint8 batch in page-locked memory before a CUDA copy.
 
-    `share_cores` (default: when the model runs on the CPU and there are workers): before each
-    batch is handed over, torch's thread count is set for the forward pass that follows, from
-    whether images are still being decoded beside it (runtime.model_threads), and restored at
-    the end.
+    `share_cores` (for a model on the CPU; off by default): before each batch is handed over,
+    torch's thread count is set for the forward pass that follows, from whether images are
+    still being decoded beside it (runtime.model_threads), and restored at the end. On the
+    shared 2-core development machine it was not measurably faster than leaving the model all
+    threads (bench/README.md, "Third round"), so no command turns it on yet.
     """
     dataset = ImageFiles(
         paths, preprocess, draft=draft, errors=errors, display_long_side=display_long_side
     )
     workers = decoding_workers(workers, len(dataset))
-    on_cpu = device is None or torch.device(device).type == "cpu"
-    share_cores = (workers > 0 and on_cpu) if share_cores is None else share_cores
+    share_cores = share_cores and workers > 0
     all_threads = torch.get_num_threads()
     lookahead = LOOKAHEAD_BATCHES * batch_size
     with OrderedDecoding(dataset.__getitem__, len(dataset), workers, lookahead) as decoded:

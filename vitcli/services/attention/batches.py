@@ -138,7 +138,6 @@ def attention_batches(
         workers=options.workers,
         draft=options.fast_decode,
         pin_memory=target.type == "cuda",
-        share_cores=target.type == "cpu" and options.workers > 0,
         errors=known,
         display_long_side=display_long_side,
     )
