@@ -56,8 +56,9 @@ def model_threads(all_threads: int, workers: int, decoding_left: int) -> int:
 
     An OpenMP team is only as fast as its slowest thread: with two threads on two cores and a
     decoder taking turns on one of them, every parallel region waits for the thread that
-    lost its core, and the forward pass runs at about the speed of one thread while holding
-    two (bench/README.md, "Sharing the cores").
+    lost its core. Used by `loader.image_batches(share_cores=True)`, which no command turns
+    on yet: on the shared 2-core machine it was not measurably faster (bench/README.md,
+    "Third round").
     """
     return all_threads if decoding_left == 0 else max(1, all_threads - workers)
 
