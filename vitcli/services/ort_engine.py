@@ -80,11 +80,12 @@ def cache_key(bundle: ModelBundle, image_size: tuple[int, int], opset: int) -> s
     """sha256 of everything the int8 graph depends on: the weights (by their source's stamp
     while the model still holds the tensors read from it, else by their bytes), the config,
     the image size, the opset and the versions."""
-    import onnx
     import onnxruntime
 
     digest = hashlib.sha256()
-    versions = (__version__, torch.__version__, onnx.__version__, onnxruntime.__version__)
+    # onnx's version from its metadata: importing onnx takes ~1 s, which a warm start (the
+    # graph in the cache, onnx never needed) would otherwise pay for one string.
+    versions = (__version__, torch.__version__, _version_of("onnx"), onnxruntime.__version__)
     for part in (GRAPH_FORMAT, *versions, bundle.config.to_json(), str(image_size), str(opset)):
         digest.update(part.encode())
         digest.update(b"\0")
@@ -96,6 +97,15 @@ def cache_key(bundle: ModelBundle, image_size: tuple[int, int], opset: int) -> s
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy())  # no copy of the weights
     return digest.hexdigest()
+
+
+def _version_of(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "missing"
 
 
 def _graph(bundle: ModelBundle, image_size: tuple[int, int], opset: int, key: str) -> bytes:
