@@ -251,7 +251,7 @@ def register(app: typer.Typer) -> None:
         prefer_passive_waiting()  # before torch loads: decoders share the CPU with the model
         from rich.markup import escape
 
-        from ..console import err, make_progress, print_error, print_warning
+        from ..console import make_progress, print_error, print_line, print_warning
         from ..services.attention import AttentionOptions, Progress, run
 
         heads, methods = parse_method_options(method, rollout)
@@ -307,6 +307,6 @@ def register(app: typer.Typer) -> None:
             line += f" in {summary.seconds:.1f} s"
             if summary.index_html is not None:
                 line += f"; contact sheet {escape(terminal_safe(str(summary.index_html)))}"
-            err.print(line, highlight=False, soft_wrap=True)
+            print_line(line)
         if summary.failures:
             raise typer.Exit(1)

@@ -108,11 +108,38 @@ class Command(TyperCommand):
                 param.metavar = ""
             param._get_number_range_help_str = _no_range  # type: ignore[attr-defined]
 
+    def invoke(self, ctx):
+        _note_run_folder(ctx.params)
+        return super().invoke(ctx)
+
     def get_help_option(self, ctx):
         option = super().get_help_option(ctx)
         if option is not None:
             option.metavar = ""
         return option
+
+
+def _note_run_folder(params: dict) -> None:
+    """`-m runs/a` (a `vit train --out` folder): one note naming the model file it stands for,
+    before anything loads. Every command's model is its `model` parameter (`source` in
+    `vit convert`)."""
+    import os
+
+    reference = params.get("model", params.get("source"))
+    if reference is None and "model" in params:
+        reference = os.environ.get("VIT_MODEL", "").strip() or None
+    if not isinstance(reference, str) or params.get("quiet"):
+        return
+    if not os.path.isdir(os.path.expanduser(reference)):
+        return
+    from ..distributed import is_main
+    from ..weights.resolve import run_folder_model
+
+    found = run_folder_model(os.path.expanduser(reference))
+    if found is not None and is_main():
+        from ..console import print_note
+
+        print_note(found[1])
 
 
 def _no_type(ctx=None) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from .images import is_image_path
+from .images import IMAGE_EXTENSIONS, is_image_path
 
 _DIGITS = re.compile(r"(\d+)")
 
@@ -239,12 +239,15 @@ def collect_inputs(
     stdin: Iterable[str] | None = None,
     *,
     exclude: Iterable[str | Path] = (),
+    allow_empty: bool = False,
 ) -> list[InputItem]:
     """Expand arguments in the order given. Folders are scanned recursively (images only, in
     natural order, other files skipped silently); globs are expanded; '-' reads paths from
     stdin, one per line. A named file that isn't a regular image file becomes an item with an
     error. Anything inside an `exclude` folder is left out (e.g. a command's own output folder).
+    Nothing found at all is an InputError (`no_images_error`) unless `allow_empty`.
     """
+    arguments = list(arguments)
     excluded = _Excluded(exclude)
     items: list[InputItem] = []
     seen_any = False
@@ -263,7 +266,23 @@ def collect_inputs(
         )
     if excluded.folders:
         items = [item for item in items if not excluded(item.path)]
+    if not items and not allow_empty:
+        raise no_images_error(arguments)
     return items
+
+
+def no_images_error(arguments: Iterable[str], why: str = "") -> InputError:
+    """The one line for a run that found nothing to read: where it looked, what counts."""
+    places = [
+        "the paths on stdin" if argument == "-" else (argument or repr(argument))
+        for argument in arguments
+    ]
+    shown = ", ".join(places[:3]) + (f" and {len(places) - 3} more" if len(places) > 3 else "")
+    extensions = " ".join(sorted(IMAGE_EXTENSIONS))
+    return InputError(
+        f"no images found in {shown}{why} (folders are searched recursively for {extensions}); "
+        "pass image files, a folder holding some, or a quoted glob"
+    )
 
 
 def _expand_one(argument: str, excluded: _Excluded) -> list[InputItem]:

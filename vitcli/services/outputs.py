@@ -248,7 +248,9 @@ class CsvWriter(RecordWriter):
                 row += [csv_text(prediction["label"]), repr(float(prediction["score"]))]
             else:
                 row += ["", ""]
-        self.csv.writerow(row + [csv_text(record.get("error", ""))])
+        # The path has its own column: the error cell says only what went wrong.
+        error = record.get("error", "").removeprefix(f"{record['path']}: ")
+        self.csv.writerow(row + [csv_text(error)])
 
 
 def open_writer(
