@@ -6,19 +6,29 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint check-wheel bench weights clean
+.PHONY: runtime install demo test test-fast lint check-wheel bench weights clean
 
+# The runtime alone: torch and vitcli's own dependencies, what `vit` needs to run.
 $(BIN)/vit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev,onnx]"
+	$(BIN)/python -m pip install -q -e .
 	touch $(BIN)/vit
 
-install: $(BIN)/vit
+# On top of it, for development: the dev extra (pytest, transformers, ruff, mypy) and the
+# onnx extra (vit export, the ONNX Runtime tests).
+$(VENV)/.dev-installed: $(BIN)/vit
+	$(BIN)/python -m pip install -q -e ".[dev,onnx]"
+	touch $(VENV)/.dev-installed
+
+runtime: $(BIN)/vit
+
+install: $(VENV)/.dev-installed
 
 # The main job on the bundled default model: classify the examples, render attention sheets.
-demo: install
+# The runtime only: no dev or onnx extras.
+demo: runtime
 	$(BIN)/vit predict examples/shapes-ring.jpg examples/shapes-star.jpg examples/shapes-triangle.jpg --format table
 	$(BIN)/vit attention examples/ --out out/attention --html
 	@echo "attention sheets written under out/attention/ (open out/attention/index.html)"

@@ -133,18 +133,19 @@ def register(app: typer.Typer) -> None:
             float,
             typer.Option(
                 "--discard-ratio",
-                metavar="[0,1)",
-                help="Rollout: zero this fraction of the lowest patch weights per row (CLS kept).",
+                metavar="X",
+                help="Rollout: zero this fraction (0 to below 1) of the lowest patch weights per "
+                "row (CLS kept).",
             ),
         ] = 0.0,
         threshold: Annotated[
             float | None,
             typer.Option(
                 "--threshold",
-                metavar="(0,1]",
+                metavar="X",
                 show_default=False,
-                help="Outline, per head, the top patches holding this share of the mass "
-                "(DINO; e.g. 0.6).",
+                help="Outline, per head, the top patches holding this share (above 0, up to 1) "
+                "of the mass (DINO; e.g. 0.6).",
             ),
         ] = None,
         per_head: Annotated[
@@ -174,9 +175,9 @@ def register(app: typer.Typer) -> None:
             float | None,
             typer.Option(
                 "--alpha",
-                metavar="[0,1]",
+                metavar="X",
                 show_default=False,
-                help="Overlay strength. \\[default: 0.5 heatmap, 1.0 mask]",
+                help="Overlay strength, 0 to 1. \\[default: 0.5 heatmap, 1.0 mask]",
             ),
         ] = None,
         interpolation: Annotated[
@@ -202,7 +203,9 @@ def register(app: typer.Typer) -> None:
         ] = 0.0,
         tile: Annotated[
             int,
-            typer.Option("--tile", metavar="32..1024", help="Long side of each sheet tile, px."),
+            typer.Option(
+                "--tile", metavar="N", help="Long side of each sheet tile, 32 to 1024 px."
+            ),
         ] = 224,
         html: Annotated[
             bool,
@@ -241,8 +244,8 @@ def register(app: typer.Typer) -> None:
         int8: Int8Option = False,
         quiet: QuietOption = False,
     ) -> None:
-        """Attention maps: per-head CLS maps, rollout, and class-specific maps (gae, attribution,
-        gradcam) as overlays on the original image.
+        """Attention maps: per-head CLS maps, rollout, and class-specific maps (gae, attribution, \
+gradcam) as overlays on the original image.
 
         Writes OUT/<image stem>/sheet.png, maps.safetensors (or .npy) and meta.json per image.
         """

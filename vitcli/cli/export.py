@@ -37,9 +37,10 @@ def export(
     image_size: str | None = typer.Option(
         None,
         "--image-size",
-        metavar="HxW",
+        metavar="SIZE",
         show_default=False,
-        help="Input size baked into the graph. \\[default: the model's preprocessing size]",
+        help="Input size baked into the graph: N or HxW. "
+        "\\[default: the model's preprocessing size]",
     ),
     opset: int | None = typer.Option(
         None, "--opset", metavar="N", show_default=False, help="ONNX opset (14-20). \\[default: 17]"
