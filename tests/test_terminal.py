@@ -8,6 +8,7 @@ streams sharing one terminal.
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -19,10 +20,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed"),
-]
+pytestmark = pytest.mark.slow
+needs_tmux = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+needs_script = pytest.mark.skipif(
+    shutil.which("script") is None or not sys.platform.startswith("linux"),
+    reason="script (util-linux) is not installed",
+)
 
 WIDTH = 100
 BAR = "━"  # rich's bar glyph
@@ -70,6 +73,7 @@ def _vit(*arguments: str) -> str:
     return shlex.join([sys.executable, "-m", "vitcli", *arguments])
 
 
+@needs_tmux
 def test_predict_rows_above_the_bar_and_nothing_left_behind(tmp_path, tiny_model_file):
     _images(tmp_path, 60)
     lines = _run_in_tmux(
@@ -83,6 +87,7 @@ def test_predict_rows_above_the_bar_and_nothing_left_behind(tmp_path, tiny_model
     assert "60 of 60 images classified" in screen
 
 
+@needs_tmux
 def test_embed_and_eval_leave_no_bar(tmp_path, tiny_model_file):
     _images(tmp_path, 20)
     model = str(tiny_model_file)
@@ -96,3 +101,27 @@ def test_embed_and_eval_leave_no_bar(tmp_path, tiny_model_file):
     assert BAR not in screen and "ETA" not in screen, screen
     assert "20 of 20 images embedded" in screen
     assert all(len(line) <= WIDTH for line in lines), screen
+
+
+@needs_script
+def test_no_row_shares_a_line_with_the_bar_in_the_raw_stream(tmp_path, tiny_model_file):
+    """The same run under util-linux `script` (a pseudo-terminal, no tmux): in the bytes the
+    terminal receives, no result row is ever written into the bar's line, and the bar's last
+    line is erased before the summary."""
+    _images(tmp_path, 40)
+    command = "stty cols 100 rows 30; " + _vit(
+        "predict", "imgs", "-m", str(tiny_model_file), "-b", "1", "-w", "0"
+    )
+    done = subprocess.run(
+        ["script", "-qec", command, "/dev/null"],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=120,
+    )
+    raw = done.stdout.decode("utf-8", "replace")
+    assert done.returncode == 0, raw[-2000:]
+    pieces = re.split(r"[\r\n]", raw)
+    assert any(BAR in piece for piece in pieces), "the bar never showed: nothing was tested"
+    assert not [piece for piece in pieces if BAR in piece and "imgs/" in piece]
+    after_bar = raw[raw.rindex(BAR) :]
+    assert "\x1b[2K" in after_bar.split("40 of 40 images classified")[0], after_bar[-500:]
