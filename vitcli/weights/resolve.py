@@ -244,6 +244,8 @@ def _run_epoch(model_file: Path) -> int | None:
 
 
 def _metrics_row(metrics: Path, epoch: int) -> dict | None:
+    if not metrics.is_file():  # never open a FIFO named like the metrics
+        return None
     try:
         with open(metrics, encoding="utf-8") as handle:
             lines = handle.read(10_000_000).splitlines()
