@@ -94,7 +94,9 @@ def test_cli_commands_take_the_run_folder_and_print_the_note(run_folder, example
     image = str(examples_dir / "shapes-star.jpg")
     for args in (
         ["predict", image, "-m", str(run_folder), "-f", "jsonl", "-w", "0"],
+        ["eval", str(run_folder.parent / "data"), "-m", str(run_folder), "-w", "0"],
         ["info", str(run_folder)],
+        ["convert", str(run_folder), str(run_folder.parent / "copy.safetensors")],
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, (args, result.output)
