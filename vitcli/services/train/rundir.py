@@ -47,7 +47,7 @@ import torch
 
 from ...errors import TrainingError
 from ...fileio import atomic_write_bytes
-from ...text import json_bytes
+from ...text import finite_or_none, json_bytes
 from .config import ResolvedConfig, config_from_saved
 
 STATE_FORMAT = "vitcli-train-state"
@@ -183,7 +183,9 @@ def state_bytes(state: dict) -> bytes:
 
 # -- metrics ----------------------------------------------------------------------------------
 def metrics_jsonl(history: Sequence[dict]) -> bytes:
-    return "".join(json.dumps(row) + "\n" for row in history).encode()
+    return "".join(
+        json.dumps(finite_or_none(row), allow_nan=False) + "\n" for row in history
+    ).encode()
 
 
 def metrics_csv(history: Sequence[dict]) -> bytes:
