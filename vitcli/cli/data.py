@@ -7,12 +7,13 @@ from typing import Annotated
 
 import typer
 
+from ..runtime import MAX_IMAGE_SIDE
 from .common import QuietOption
 
 data_app = typer.Typer(help="Dataset utilities.", no_args_is_help=True)
 
 MAX_PER_CLASS = 1_000_000
-MAX_IMAGE_SIZE = 4096
+MAX_IMAGE_SIZE = MAX_IMAGE_SIDE
 
 
 EXAMPLES = """\

@@ -20,14 +20,13 @@ from ..data.labelled import FolderDataset, ShardSampler, make_loader
 from ..data.loader import normalize
 from ..errors import DatasetError, InputError, OptionError
 from ..fileio import atomic_write_bytes
-from ..runtime import resolve_device, resolve_workers
+from ..runtime import MAX_BATCH, resolve_device, resolve_workers
 from ..text import csv_text, json_bytes
 from ..weights.format import ModelBundle
 from .finite import require_finite
 from .int8 import check_int8_options, prepare_int8
 
 OTHER = "(other)"
-MAX_BATCH = 65_536
 
 
 @dataclass(frozen=True)
