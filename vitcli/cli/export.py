@@ -84,7 +84,7 @@ def export(
 
     require_onnx()  # before the (slow) model load: say at once what to install
 
-    from ..console import err, out
+    from ..console import err, out, terminal_safe
     from ..services.export import export_onnx
 
     def stage(message: str) -> None:
@@ -102,9 +102,11 @@ def export(
     height, width = result.image_size
     kind = "int8" if result.int8 else "float32"
     out.print(
-        f"wrote {result.path} ({result.model_name}, {kind}, {height}x{width}, "
-        f"opset {result.opset}, outputs {', '.join(result.outputs)}, "
-        f"{result.size_bytes / 1e6:.1f} MB)",
+        terminal_safe(
+            f"wrote {result.path} ({result.model_name}, {kind}, {height}x{width}, "
+            f"opset {result.opset}, outputs {', '.join(result.outputs)}, "
+            f"{result.size_bytes / 1e6:.1f} MB)"
+        ),
         highlight=False,
         markup=False,
         soft_wrap=True,
@@ -117,7 +119,7 @@ def export(
             line += f", top-1 agreement with float32 {result.top1_agreement:.0%}"
         out.print(line, highlight=False, markup=False, soft_wrap=True)
     for note in result.notes:
-        out.print(note, highlight=False, markup=False, soft_wrap=True)
+        out.print(terminal_safe(note), highlight=False, markup=False, soft_wrap=True)
 
 
 EXAMPLES = """\

@@ -66,9 +66,7 @@ def inspect(
 
     Guide: docs/inspect.md.
     """
-    from rich.markup import escape
-
-    from ..console import err, make_progress, print_warning
+    from ..console import err, make_progress, markup, print_warning
     from ..console import out as stdout
     from ..services.inspect import run_inspect
 
@@ -93,10 +91,10 @@ def inspect(
     if quiet:
         return
     err.print(
-        f"attention distance over {summary.used} images: {escape(summary.images.description)}"
+        f"attention distance over {summary.used} images: {markup(summary.images.description)}"
     )
     for written in summary.files:
-        stdout.print(escape(str(written)))
+        stdout.print(markup(str(written)))
 
 
 EXAMPLES = """\
