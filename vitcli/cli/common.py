@@ -14,6 +14,8 @@ from typing import Annotated
 import typer
 from typer.core import TyperArgument, TyperCommand
 
+from ..runtime import MAX_BATCH
+
 
 class DType(str, Enum):
     auto = "auto"
@@ -65,7 +67,9 @@ WorkersOption = Annotated[
 
 BatchSizeOption = Annotated[
     int,
-    typer.Option("--batch-size", "-b", metavar="N", help="Images per forward pass."),
+    typer.Option(
+        "--batch-size", "-b", metavar="N", min=1, max=MAX_BATCH, help="Images per forward pass."
+    ),
 ]
 
 QuietOption = Annotated[

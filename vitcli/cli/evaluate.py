@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -108,11 +107,11 @@ def evaluate(
 
 
 def _shown(text: str) -> str:
-    """Text for the terminal: bytes of a file name that are not UTF-8 shown as \\xNN (a
-    terminal cannot take them raw), markup escaped."""
-    from rich.markup import escape
+    """Text for the terminal (a label, a path): control characters such as ESC and bytes that
+    are not UTF-8 as visible escapes (text.terminal_safe), markup escaped."""
+    from ..console import markup
 
-    return escape(os.fsencode(text).decode("utf-8", "backslashreplace"))
+    return markup(text)
 
 
 def _render(result, console) -> None:

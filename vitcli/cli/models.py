@@ -34,7 +34,7 @@ def _render_info(info: dict) -> None:
     height, width = config["image_size"]
     rows = [
         ("model", printable(info["reference"])),
-        ("source format", info["source_format"]),
+        ("source format", printable(str(info["source_format"]))),
         (
             "architecture",
             f"{printable(info['name'] or 'custom')} ViT, patch {config['patch_size']}, "
@@ -46,8 +46,8 @@ def _render_info(info: dict) -> None:
         ),
         ("parameters", _count(info["num_parameters"])),
         *_family_rows(info["family"]),
-        ("position embedding", f"{config['pos_embed']}, pool {config['pool']}"),
-        ("activation / ln eps", f"{config['act']} / {config['ln_eps']:g}"),
+        ("position embedding", printable(f"{config['pos_embed']}, pool {config['pool']}")),
+        ("activation / ln eps", printable(f"{config['act']} / {config['ln_eps']:g}")),
         ("qkv bias", str(config["qkv_bias"])),
     ]
     labels = info["labels"]

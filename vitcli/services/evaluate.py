@@ -20,13 +20,13 @@ from ..data.labelled import FolderDataset, ShardSampler, make_loader
 from ..data.loader import normalize
 from ..errors import DatasetError, InputError, OptionError
 from ..fileio import atomic_write_bytes
-from ..runtime import resolve_device, resolve_workers
+from ..runtime import MAX_BATCH, resolve_device, resolve_workers
 from ..text import csv_text, json_bytes
 from ..weights.format import ModelBundle
+from .finite import require_finite
 from .int8 import check_int8_options, prepare_int8
 
 OTHER = "(other)"
-MAX_BATCH = 65_536
 
 
 @dataclass(frozen=True)
@@ -227,6 +227,7 @@ def evaluate(
             if len(batch):
                 pixels = normalize(batch.pixel_tensor(), bundle.preprocess, target)  # B,C,H,W
                 logits = model(pixels).float()
+                require_finite(logits, "the model output", bundle.reference)
                 top = logits.topk(k, dim=1).indices.cpu()  # B,k
                 for index, true, ranked in zip(batch.indices, batch.labels.tolist(), top.tolist()):
                     predictions[index] = ranked[0]

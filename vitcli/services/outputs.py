@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
 import os
 from collections.abc import Iterable
 from enum import Enum
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import InputError, OutputError
-from ..fileio import temp_file_beside, write_target
+from ..fileio import output_error, temp_file_beside, write_target
 from ..text import csv_text, csv_unescape, json_line
 
 __all__ = ["csv_text", "csv_unescape", "json_line"]  # re-exported: the writers' escaping
@@ -71,17 +70,7 @@ def choose_format(
 
 def _cannot_write(path: Path | None, error: OSError) -> OutputError:
     where = f"--output {path}" if path is not None else "standard output"
-    reason = error.strerror or str(error)
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        hint = "free some space or write somewhere else"
-    elif error.errno == errno.EFBIG:
-        hint = "the file size limit (ulimit -f) was reached; raise it or write somewhere else"
-    elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        hint = "choose a folder you can write to"
-    else:
-        hint = "choose another path"
-    kept = " (nothing was replaced)" if path is not None else ""
-    return OutputError(f"{where}: cannot write ({reason}){kept}; {hint}")
+    return output_error(where, error, replaced=path is not None)
 
 
 class _AtomicTextFile:

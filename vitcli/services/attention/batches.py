@@ -21,6 +21,7 @@ from ...data.loader import image_batches, normalize
 from ...data.preprocess import Geometry
 from ...runtime import resolve_device
 from ...weights.format import ModelBundle
+from ..finite import finite_rows, is_finite, not_finite_message
 from .methods import compute_batch, memory_factor
 from .options import AttentionOptions, default_batch_size, parse_layers
 
@@ -131,11 +132,17 @@ def attention_batches(
     )
     for batch in loader:
         results: list[ImageAttention] = []
+        failures = list(batch.failures)
         if batch.indices:
             maps = compute_batch(
                 model, normalize(batch.pixels, bundle.preprocess, target), options, bundle.labels
             )
+            finite = _finite_rows(maps, len(batch.indices))
             for row, (index, geometry) in enumerate(zip(batch.indices, batch.geometries)):
+                if not finite[row]:  # NaN weights: an error record, never a NaN in meta.json
+                    message = not_finite_message("the attention or model output", bundle.reference)
+                    failures.append((index, f"{paths[index]}: {message}"))
+                    continue
                 results.append(
                     ImageAttention(
                         index=index,
@@ -160,4 +167,20 @@ def attention_batches(
                         display=batch.displays[row] if batch.displays is not None else None,
                     )
                 )
-        yield results, list(batch.failures)
+        yield results, sorted(failures)
+
+
+def _finite_rows(maps: dict, count: int) -> list[bool]:
+    """Per image of a `compute_batch` result: whether every map, head, attention matrix and
+    class probability it carries is finite."""
+    finite = [True] * count
+    tensors = [*maps["methods"].values()]
+    tensors += [maps[key] for key in ("heads", "head_mean") if key in maps]
+    tensors += list(maps.get("attentions", {}).values())
+    for tensor in tensors:
+        finite = [a and b for a, b in zip(finite, finite_rows(tensor))]
+    for row in range(count):
+        scores = [p for _, _, p in maps["top"][row]]
+        scores += [per[row][2] for per in maps["targets"].values()]
+        finite[row] = finite[row] and is_finite(np.asarray(scores, dtype=np.float64))
+    return finite

@@ -346,7 +346,8 @@ def write_image_outputs(result: ImageAttention, folder: Path, context: RunContex
         }
         # Non-UTF-8 names stay lossless: their bytes become \udcXX escapes (names.json_text).
         write_atomic(
-            folder / "meta.json", json_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+            folder / "meta.json",
+            json_text(json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n"),
         )
     except ImageDecodeError as error:
         raise RenderError(str(error)) from None
