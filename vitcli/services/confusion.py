@@ -74,7 +74,8 @@ def confusion_figure(result: EvalResult) -> Image.Image:
         "images (each row sums to 1)",
     ]
     top = Canvas(width, 400).header(title, subtitle) + 26 + column_h + 8
-    height = int(top + matrix_h + 24)
+    bar_h = max(min(matrix_h, 320), 120)
+    height = int(top + max(matrix_h, bar_h) + 24)
     canvas = Canvas(width, height)
     canvas.header(title, subtitle)
     shares = _shares(result.confusion)
@@ -113,7 +114,6 @@ def confusion_figure(result: EvalResult) -> Image.Image:
     canvas.text((left + matrix_w / 2, top - column_h - 30), "Predicted class", size=14, anchor="ma")
     canvas.vertical_text((20 + 8, top + matrix_h / 2), "True class", size=14)
     bar_x = left + matrix_w + 24
-    bar_h = max(min(matrix_h, 320), 120)
     colourbar(canvas, (bar_x, top, bar_x + 14, top + bar_h), COLORMAP, 0.0, 1.0, "share of row")
     return canvas.finish()
 
