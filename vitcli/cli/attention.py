@@ -160,7 +160,7 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 "--style",
                 help="heatmap: colormap blend; mask: the photo dimmed where attention is low, "
-                "to 30% where it is 0 (the paper's Fig. 6; --alpha 1 dims to black).",
+                "to 30% where it is 0 (the paper's Fig. 6 dims to black: alpha 1).",
             ),
         ] = Style.heatmap,
         colormap: Annotated[
