@@ -246,9 +246,10 @@ def render_sheet(
 
 
 def max_columns(cell_w: int, tile: int) -> int:
-    """Columns for tiles `cell_w` wide: as many as MAX_COLUMNS square tiles would take in
-    width (a wide image's tiles make fewer, wider columns), 3 at least."""
-    budget = MAX_COLUMNS * (max(tile, MIN_CELL_W) + _PAD)
+    """Columns for tiles `cell_w` wide: as many as fit the width of MAX_COLUMNS square tiles
+    and a quarter more (a 3:2 photo keeps 7 columns, a 4:1 panorama's wide tiles make 4),
+    3 at least."""
+    budget = MAX_COLUMNS * (max(tile, MIN_CELL_W) + _PAD) * 5 // 4
     return max(MIN_COLUMNS, min(MAX_COLUMNS, budget // (cell_w + _PAD)))
 
 
