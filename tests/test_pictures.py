@@ -26,11 +26,8 @@ def _result(size=(64, 64), **fields) -> ImageAttention:
         path="x.png",
         geometry=Geometry(original_size=size, box=(0.0, 0.0, float(size[0]), float(size[1]))),
         grid_size=(4, 4),
-        layers=[],
-        heads=None,
-        head_mean=None,
         top=[(0, "cat", 0.9)],
-        **fields,
+        **{"layers": [], "heads": None, "head_mean": None, **fields},
     )
 
 
@@ -56,6 +53,29 @@ def test_the_weaker_targets_map_shows_by_default_and_shared_scale_dims_it():
         brightest[scale] = int(weak.pixels.max())
     assert AttentionOptions().scale.value == "per-map"
     assert brightest["per-map"] == 255 and brightest["shared"] < 10, brightest
+
+
+def test_one_hot_head_no_longer_squashes_the_other_layers_heads():
+    """--layer all: layer 0's head 0 peaks 100x higher than every other head; each head is
+    still drawn over the whole colour range by default."""
+    heads = np.zeros((3, 2, 4, 4), np.float32)  # layers, heads, Hp, Wp
+    heads[:, :, 0, 0] = 0.01
+    heads[0, 0, 0, 0] = 1.0
+    result = _result(layers=[0, 1, 2], heads=heads, head_mean=heads.mean(axis=1))
+    image = Image.new("RGB", (64, 64), (0, 0, 0))
+    options = AttentionOptions(colormap="gray", alpha=1.0, interpolation="nearest", methods=())
+    tiles = overlay_tiles(result, image, options, (64, 64))
+    assert len(tiles) == 9 and all(int(tile.pixels.max()) == 255 for tile in tiles)
+
+
+def test_the_sheet_says_which_scale_it_uses():
+    from vitcli.services.attention.sheet import header_parts
+
+    result = _two_targets()
+    per_map = " ".join(header_parts(result, AttentionOptions()))
+    shared = " ".join(header_parts(result, AttentionOptions(scale="shared")))
+    assert "per-map scale: each tile from 0 to its own peak" in per_map
+    assert "shared scale: 0 to the largest value" in shared
 
 
 def test_tiles_keep_the_images_aspect_and_about_a_square_tiles_area():
