@@ -230,7 +230,7 @@ def test_sheet_rows_per_method_and_target(tmp_path, model_file, images):
 
 def test_sheet_text(tmp_path, model_file, images):
     from vitcli.services.attention import attention_batches
-    from vitcli.services.attention.sheet import title_lines
+    from vitcli.services.attention.heading import title_lines
 
     bundle = load_vitcli_file(model_file)
     options = AttentionOptions(methods=("rollout", "gae"), targets=("top1", "frog"), workers=0)

@@ -69,7 +69,7 @@ def test_one_hot_head_no_longer_squashes_the_other_layers_heads():
 
 
 def test_the_sheet_says_which_scale_it_uses():
-    from vitcli.services.attention.sheet import header_parts
+    from vitcli.services.attention.heading import header_parts
 
     result = _two_targets()
     per_map = " ".join(header_parts(result, AttentionOptions()))

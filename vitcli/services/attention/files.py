@@ -21,6 +21,7 @@ from ...fileio import atomic_write_bytes
 from ...weights.format import ModelBundle
 from .batches import ImageAttention
 from .figure import captioned, display_long_side, key_labels, key_pixels, tile_size
+from .heading import model_phrase
 from .maps import token_order
 from .names import json_text, readable
 from .options import AttentionOptions, MapsFormat, Scale
@@ -28,7 +29,7 @@ from .paint import peak_ratio, range_note
 from .png import png_bytes
 from .preview import EXPLORER, PREVIEW, preview, preview_map, write_explorer_page
 from .queries import QUERY_ARRAYS, QUERY_NOTES, prefix_mass_meta
-from .sheet import all_tiles, model_phrase, render_sheet
+from .sheet import all_tiles, render_sheet
 
 TOKEN_ORDER = "[CLS, patch_0, ..., patch_{N-1}]; patch k covers grid row k // Wp, column k % Wp"
 MARKER = ".vitcli-attention"  # in every output folder: scans for inputs skip such folders
