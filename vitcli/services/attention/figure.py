@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
-from functools import cache
+from functools import cache, lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -96,6 +96,12 @@ def wrap_words(text: str, face, width: float) -> list[str]:
             word = word[cut:]
         lines.append(word)
     return lines or [""]
+
+
+@lru_cache(maxsize=4096)
+def wrapped(text: str, size: int, width: int) -> tuple[str, ...]:
+    """`wrap_words` in `font(size)`, remembered: the titles of a run's sheets repeat."""
+    return tuple(wrap_words(text, font(size), width))
 
 
 def wrap_parts(parts: Sequence[str], face, width: float, separator: str = "  ·  ") -> list[str]:

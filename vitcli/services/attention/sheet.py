@@ -31,7 +31,7 @@ from .figure import (
     sheet_original,
     tile_size,
     wrap_parts,
-    wrap_words,
+    wrapped,
 )
 from .heading import header_parts, header_texts
 from .options import AttentionOptions, Scale
@@ -185,8 +185,7 @@ def render_sheet(
     note_lines = max(len(note.split("\n")) for _, note, _ in cells)
     with TEXT_LOCK:
         titles = tuple(
-            (place, tuple(wrap_words(title, font(14), cell_w - 4)))
-            for place, (title, _, _) in zip(places, cells)
+            (place, wrapped(title, 14, cell_w - 4)) for place, (title, _, _) in zip(places, cells)
         )
         title_rows = max(len(lines) for _, lines in titles)
         sheet_w = sheet_width(columns, cell_w)
