@@ -147,7 +147,7 @@ def test_per_head_pngs_carry_a_caption_with_a_colour_key(tmp_path, tiny_model, i
     meta = json.loads((out / "a" / "meta.json").read_text())
     assert meta["merged_targets"] == {}
     picture = np.asarray(Image.open(out / "a" / "layer01_head00.png").convert("RGB"))
-    overlay_h = 224 * 40 // 48  # the 48x40 input at the 224 minimum long side
+    overlay_h = round(224 * 40 / 48)  # the 48x40 input at the 224 minimum long side
     assert picture.shape[0] > overlay_h + 40  # a strip below the overlay
     strip = picture[overlay_h:]
     assert (strip == 255).all(axis=2).mean() > 0.5  # white, with text

@@ -164,6 +164,8 @@ def captioned(
         y += 6
         bar = key[:, : min(key.shape[1], text_w)]
         image.paste(Image.fromarray(np.ascontiguousarray(bar)), (pad, y))
+        # outlined: a mask's key ends in white, on white
+        draw.rectangle([pad - 1, y - 1, pad + bar.shape[1], y + bar.shape[0]], outline=(200,) * 3)
         y += bar.shape[0] + 2
         draw.text((pad, y), labels[0], fill=MUTED, font=font(12))
         draw.text((pad + bar.shape[1], y), labels[1], fill=MUTED, font=font(12), anchor="ra")
