@@ -22,6 +22,11 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 # Worker processes beyond this many per CPU only add memory and start-up time.
 MAX_WORKERS_PER_CPU = 1
 
+# Sizes an option or a file may ask for, checked before anything is allocated, with the limit
+# in the message: one definition for every command (weights/limits.py bounds the rest).
+MAX_BATCH = 65_536  # images per forward pass
+MAX_IMAGE_SIDE = 4096  # pixels per side of a model input (export, train, checkpoints)
+
 
 def cpu_count() -> int:
     """CPUs this process may run on (the affinity mask, not the machine's total)."""

@@ -20,7 +20,14 @@ from ..services.attention.options import (
     Style,
 )
 from ..text import terminal_safe
-from .common import DeviceOption, Int8Option, ModelOption, QuietOption, WorkersOption
+from .common import (
+    DeviceOption,
+    FastDecodeOption,
+    Int8Option,
+    ModelOption,
+    QuietOption,
+    WorkersOption,
+)
 
 EXAMPLES = """\
 [b]Examples[/b]
@@ -160,8 +167,8 @@ def register(app: typer.Typer) -> None:
             Style,
             typer.Option(
                 "--style",
-                help="heatmap: colormap blend; mask: the image dimmed where attention is low "
-                "(the paper's Fig. 6).",
+                help="heatmap: colormap blend; mask: the photo dimmed where attention is low, "
+                "to 30% where it is 0 (the paper's Fig. 6 dims to black: alpha 1).",
             ),
         ] = Style.heatmap,
         colormap: Annotated[
@@ -177,7 +184,7 @@ def register(app: typer.Typer) -> None:
                 "--alpha",
                 metavar="X",
                 show_default=False,
-                help="Overlay strength, 0 to 1. \\[default: 0.5 heatmap, 1.0 mask]",
+                help="Overlay strength, 0 to 1. \\[default: 0.5 heatmap, 0.7 mask]",
             ),
         ] = None,
         interpolation: Annotated[
@@ -188,11 +195,12 @@ def register(app: typer.Typer) -> None:
             Scale,
             typer.Option(
                 "--scale",
-                help="shared: one colour range for all heads of an image and one per method "
-                "(its targets), so weak maps look weak; per-map: each map stretched on its own "
-                "(read the peak printed on each tile).",
+                help="per-map: each map from 0 to its own peak, so every target's and every "
+                "head's map shows (compare them by the peak printed on each tile); shared: one "
+                "colour range for all heads of an image and one per method (its targets), so "
+                "weak maps look weak.",
             ),
-        ] = Scale.shared,
+        ] = Scale.per_map,
         blur: Annotated[
             float,
             typer.Option(
@@ -204,7 +212,10 @@ def register(app: typer.Typer) -> None:
         tile: Annotated[
             int,
             typer.Option(
-                "--tile", metavar="N", help="Long side of each sheet tile, 32 to 1024 px."
+                "--tile",
+                metavar="N",
+                help="Sheet tile size, 32 to 1024 px: a square image's side; other shapes keep "
+                "its area (a 4:1 image's tiles are 2x wide, 1/2 high).",
             ),
         ] = 224,
         html: Annotated[
@@ -242,6 +253,7 @@ def register(app: typer.Typer) -> None:
         workers: WorkersOption = None,
         device: DeviceOption = "auto",
         int8: Int8Option = False,
+        fast_decode: FastDecodeOption = False,
         quiet: QuietOption = False,
     ) -> None:
         """Attention maps: per-head CLS maps, rollout, and class-specific maps (gae, attribution, \
@@ -287,6 +299,7 @@ gradcam) as overlays on the original image.
             workers=worker_count,
             device=device,
             int8=int8,
+            fast_decode=fast_decode,
         )
         with make_progress(quiet=quiet) as bar:
             task = bar.add_task("attention", total=None, rate="")

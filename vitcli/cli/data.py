@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from ..runtime import MAX_IMAGE_SIDE
+from ..text import terminal_safe
 from .common import Group, QuietOption
 
 GROUP_EXAMPLES = """\
@@ -24,7 +26,7 @@ data_app = typer.Typer(
 )
 
 MAX_PER_CLASS = 1_000_000
-MAX_IMAGE_SIZE = 4096
+MAX_IMAGE_SIZE = MAX_IMAGE_SIDE
 
 
 EXAMPLES = """\
@@ -148,9 +150,11 @@ Guide: docs/train.md.
         unit = "class" if objects == 1 else "pair"
         also = f", {pairs} per pair" if pairs else ""
         err.print(
-            f"wrote {summary['images']} images ({per_class} per {unit}{also}, "
-            f"{len(summary['classes'])} classes, {image_size}x{image_size}, seed {seed}) "
-            f"to {out_dir}",
+            terminal_safe(
+                f"wrote {summary['images']} images ({per_class} per {unit}{also}, "
+                f"{len(summary['classes'])} classes, {image_size}x{image_size}, seed {seed}) "
+                f"to {out_dir}"
+            ),
             markup=False,
             soft_wrap=True,
         )

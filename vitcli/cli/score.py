@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -75,7 +74,7 @@ control. Generate data with `vit data shapes DIR --objects 2`. Guide: docs/expla
     """
     from ..console import err, make_progress
     from ..errors import InputError
-    from ..fileio import atomic_write_bytes
+    from ..fileio import write_output
     from ..runtime import resolve_workers
     from ..services.explain import METHODS, parse_methods
     from ..services.scoring import (
@@ -84,6 +83,7 @@ control. Generate data with `vit data shapes DIR --objects 2`. Guide: docs/expla
         score_explanations,
         shapes_objects,
     )
+    from ..text import json_bytes
 
     if not data.is_dir():
         raise InputError(f"{data}: not a folder; generate one with `vit data shapes {data}`")
@@ -109,7 +109,7 @@ control. Generate data with `vit data shapes DIR --objects 2`. Guide: docs/expla
         )
     summary = report.to_dict()
     if output is not None:
-        atomic_write_bytes(output, json.dumps(summary, indent=2).encode())
+        write_output(output, json_bytes(summary))
     # Markdown, not a rich table: eleven columns do not fit a terminal, and the same text
     # pastes into docs and issues.
     typer.echo(markdown_table(summary["methods"]))

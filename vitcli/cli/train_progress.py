@@ -7,6 +7,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from ..text import terminal_safe
+
 if TYPE_CHECKING:
     from rich.progress import TaskID
 
@@ -106,9 +108,9 @@ class TrainRenderer:
             f"{info['val_images']} val images, {event.steps} steps/epoch, lr {info['lr']:g}, "
             f"{device}, {info['workers']} workers{resumed} -> {info['out']}"
         )
-        self.err.print(line, soft_wrap=True, markup=False)
+        self.err.print(terminal_safe(line), soft_wrap=True, markup=False)
         for note in info["notes"]:
-            self.err.print(f"note: {note}", soft_wrap=True, markup=False)
+            self.err.print(terminal_safe(f"note: {note}"), soft_wrap=True, markup=False)
         if info["mode"] == "scratch" and info["device"].startswith("cpu"):
             done = info["resumed_at_epoch"] or 0
             self.estimate = {"images": info["train_images"], "epochs": event.epochs - done}
