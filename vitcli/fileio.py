@@ -9,10 +9,12 @@ temp file before the error propagates.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import OutputError
@@ -99,10 +101,12 @@ def output_error(where: str, error: OSError, replaced: bool = True) -> OutputErr
         hint = "the file size limit (ulimit -f) was reached; raise it or write somewhere else"
     elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         hint = "choose a folder you can write to"
+    elif error.errno in (errno.ENOTDIR, errno.EEXIST):
+        hint = "a part of the path is a file, not a folder; choose another path"
     elif error.errno == errno.EPIPE:
         hint = "the reader of the pipe went away"
     elif error.errno == errno.EBADF:
-        hint = "it is closed; redirect it to a file or /dev/null instead"
+        hint = "redirect it to a file or /dev/null instead"
     else:
         hint = "choose another path"
     kept = " (nothing was replaced)" if replaced else ""
@@ -113,7 +117,15 @@ def write_output(path: str | Path, data: bytes, option: str = "--output") -> Non
     """`atomic_write_bytes` for a file the user named: any OSError becomes one OutputError
     line naming `option` (a read-only folder, a full disk, a file size limit, a path under a
     regular file)."""
-    try:
+    with output_errors(f"{option} {path}".strip()):
         atomic_write_bytes(path, data, durable=False)
+
+
+@contextlib.contextmanager
+def output_errors(where: str) -> Iterator[None]:
+    """Inside: any OSError of writing an output becomes one OutputError line naming
+    `where` (temporary files are removed by the atomic writers before it gets here)."""
+    try:
+        yield
     except OSError as error:
-        raise output_error(f"{option} {path}", error) from None
+        raise output_error(where, error) from None

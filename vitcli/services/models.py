@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, OptionError
+from ..fileio import output_errors
 from ..model import describe_family
 from ..model.int8 import is_quantized, quantize
 from ..weights.format import ModelBundle, save_model
@@ -65,12 +66,14 @@ def convert_model(
             f"{source} holds int8 weights; the float ones are gone: add --int8 to copy it, "
             "or convert the float model"
         )
-    if int8:
-        # In place: no second copy of a large model's weights; the file stores what ran.
-        bundle.model = quantize(bundle.model, inplace=True)
-        save_quantized(bundle, destination, source=source_text)
-    else:
-        save_model(bundle, destination, dtype=torch.float16 if fp16 else None, source=source_text)
+    with output_errors(str(destination)):
+        if int8:
+            # In place: no second copy of a large model's weights; the file stores what ran.
+            bundle.model = quantize(bundle.model, inplace=True)
+            save_quantized(bundle, destination, source=source_text)
+        else:
+            dtype = torch.float16 if fp16 else None
+            save_model(bundle, destination, dtype=dtype, source=source_text)
     return Converted(
         path=destination,
         name=bundle.config.name or "custom",

@@ -23,7 +23,7 @@ from ..._version import __version__
 from ...data.inputs import collect_inputs, is_within
 from ...data.loader import image_batches, normalize
 from ...errors import InputError, OptionError, VitError
-from ...fileio import atomic_write_bytes
+from ...fileio import write_output
 from ...runtime import resolve_device
 from ...text import json_bytes
 from ...weights.format import ModelBundle
@@ -297,7 +297,7 @@ def run_inspect(
     written = []
     for key, image in panels.items():
         path = out / FILES[key]
-        atomic_write_bytes(path, _png(image), durable=False)
+        write_output(path, _png(image), option="--out")
         written.append(path)
 
     from safetensors.numpy import save
@@ -310,10 +310,10 @@ def run_inspect(
         "attention_distance": distances.astype(np.float32),  # L,nh
         "attention_distance_per_image": per_image.astype(np.float32),  # n,L,nh
     }
-    atomic_write_bytes(
+    write_output(
         out / FILES["arrays"],
         save({k: np.ascontiguousarray(v) for k, v in arrays.items()}),
-        durable=False,
+        option="--out",
     )
     written.append(out / FILES["arrays"])
     failed_paths = {path for path, _ in failures}
@@ -356,10 +356,10 @@ def run_inspect(
         },
         "files": {key: name for key, name in FILES.items()},
     }
-    atomic_write_bytes(
+    write_output(
         out / FILES["json"],
         json_bytes(report),
-        durable=False,
+        option="--out",
     )
     written.append(out / FILES["json"])
     return InspectSummary(
