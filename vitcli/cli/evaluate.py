@@ -28,11 +28,17 @@ def evaluate(
     model: ModelOption = None,
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="Write the results to FILE.json or FILE.csv."),
+        typer.Option(
+            "--output", "-o", dir_okay=False, help="Write the results to FILE.json or FILE.csv."
+        ),
     ] = None,
     confusion_png: Annotated[
         Path | None,
-        typer.Option("--confusion-png", help="Save the confusion matrix as a PNG heat map."),
+        typer.Option(
+            "--confusion-png",
+            dir_okay=False,
+            help="Save the confusion matrix as a PNG heat map.",
+        ),
     ] = None,
     batch_size: BatchSizeOption = 64,
     workers: WorkersOption = None,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError, OptionError
+from ..errors import OptionError
 from ..fileio import output_errors
 from ..model import describe_family
 from ..model.int8 import is_quantized, quantize
@@ -54,9 +54,9 @@ def convert_model(
     """Write any supported checkpoint in our format (atomically), as float32, float16 or int8."""
     destination = Path(destination)
     if destination.suffix.lower() != ".safetensors":
-        raise InputError(f"{destination}: the output must end in .safetensors")
+        raise OptionError(f"{destination}: the output must end in .safetensors")
     if destination.is_dir():
-        raise InputError(f"{destination}: is a folder; give a file name ending in .safetensors")
+        raise OptionError(f"{destination}: is a folder; give a file name ending in .safetensors")
     if fp16 and int8:
         raise OptionError("--fp16 and --int8 are two ways to store the weights: choose one")
     bundle = as_bundle(source)

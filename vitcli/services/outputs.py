@@ -31,7 +31,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TextIO
 
-from ..errors import InputError, OutputError, VitError
+from ..errors import InputError, OptionError, OutputError, VitError
 from ..fileio import output_error, temp_file_beside, write_target
 from ..text import csv_text, csv_unescape, json_line
 
@@ -104,7 +104,7 @@ def _open_target(path: Path | None, stream: TextIO | None, atomic: bool):
     if path is None:
         return stream, None, False
     if path.is_dir():
-        raise InputError(
+        raise OptionError(
             f"--output {path}: is a folder; give a file name such as {path / 'predictions.jsonl'}"
         )
     try:
