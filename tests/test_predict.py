@@ -489,7 +489,7 @@ def test_batches_travel_as_uint8_and_normalise_exactly_as_one_image_at_a_time(fo
     assert batch.pixels.dtype == torch.uint8 and batch.pixels.shape == (4, 3, 24, 40)
 
     def documented(path):  # x / 255, then (x - mean) / std, written out in numpy
-        image = preprocess.resize_image(*open_image(path, draft_for=preprocess.resized_size))
+        image = preprocess.resize_image(*open_image(path))  # decoded in full, as the loader
         x = np.asarray(image, dtype=np.float32) * np.float32(1.0 / 255.0)  # H,W,C
         x = (x - np.float32(preprocess.mean)) / np.float32(preprocess.std)
         return np.ascontiguousarray(x.transpose(2, 0, 1))

@@ -10,6 +10,7 @@ import typer
 from .common import (
     BatchSizeOption,
     DeviceOption,
+    FastDecodeOption,
     Int8Option,
     JobsAlias,
     ModelOption,
@@ -45,6 +46,7 @@ def evaluate(
     jobs: JobsAlias = None,
     device: DeviceOption = "auto",
     int8: Int8Option = False,
+    fast_decode: FastDecodeOption = False,
     quiet: Annotated[
         bool,
         typer.Option(
@@ -73,6 +75,7 @@ def evaluate(
         workers=workers if workers is not None else jobs,
         device=device,
         int8=int8,
+        fast_decode=fast_decode,
     )
     with make_progress(quiet=quiet) as progress:
         task = progress.add_task("eval", total=None, rate="")
@@ -86,7 +89,8 @@ def evaluate(
         result = run(options, on_progress=on_progress, on_note=None if quiet else print_note)
     summary = (
         f"top-1 {result.top1:.4f}  top-5 {result.top5:.4f}  "
-        f"({result.images} images, {len(result.classes)} classes)"
+        f"({result.images} images, {len(result.classes)} classes"
+        + (", fast decode)" if result.decode == "fast" else ")")
     )
     if quiet:
         stdout.print(summary, markup=False)

@@ -328,9 +328,9 @@ def explore_image(
             )
     chosen = sorted({index % depth for index in chosen})
     preprocess = bundle.preprocess
-    picture, original_size = open_image(image_path)
+    picture, original_size = open_image(image_path, exif=preprocess.exif, rgb=preprocess.rgb)
     geometry = preprocess.geometry(*original_size)
-    pixels = torch.from_numpy(preprocess.to_uint8(preprocess.resize_image(picture)))[None]
+    pixels = torch.from_numpy(preprocess.pixels(picture))[None]
     target = resolve_device(device)
     model = bundle.model.eval().to(target)
     x = normalize(pixels, preprocess, target)  # 1,C,H,W

@@ -249,10 +249,15 @@ class CsvWriter(RecordWriter):
     atomic = True
 
     def __init__(
-        self, path: str | Path | None = None, stream: TextIO | None = None, top_k: int = 5
+        self,
+        path: str | Path | None = None,
+        stream: TextIO | None = None,
+        top_k: int = 5,
+        decode_column: bool = False,
     ) -> None:
         super().__init__(path, stream)
         self.top_k = top_k
+        self.decode_column = decode_column  # a "decode" column when --fast-decode was used
         # Every control character is escaped in the cells (csv_text), so no raw CR or LF can
         # split a row whatever the line terminator.
         self.csv = csv.writer(self.handle, lineterminator="\n")
@@ -260,7 +265,7 @@ class CsvWriter(RecordWriter):
         for rank in range(1, top_k + 1):
             header += [f"label_{rank}", f"score_{rank}"]
         try:
-            self.csv.writerow(header + ["error"])
+            self.csv.writerow(header + ["error"] + (["decode"] if decode_column else []))
         except (OSError, OutputError) as error:
             raise self._failed(error) from None
 
@@ -273,11 +278,18 @@ class CsvWriter(RecordWriter):
                 row += [csv_text(prediction["label"]), repr(float(prediction["score"]))]
             else:
                 row += ["", ""]
-        self.csv.writerow(row + [csv_text(record.get("error", ""))])
+        row.append(csv_text(record.get("error", "")))
+        if self.decode_column:
+            row.append(record.get("decode", ""))
+        self.csv.writerow(row)
 
 
 def open_writer(
-    format: str, path: str | Path | None = None, stream: TextIO | None = None, top_k: int = 5
+    format: str,
+    path: str | Path | None = None,
+    stream: TextIO | None = None,
+    top_k: int = 5,
+    decode_column: bool = False,
 ) -> RecordWriter:
     """A writer for json, jsonl or csv to `path` (a file) or else `stream`."""
     if format == "jsonl":
@@ -285,5 +297,5 @@ def open_writer(
     if format == "json":
         return JsonWriter(path, stream)
     if format == "csv":
-        return CsvWriter(path, stream, top_k=top_k)
+        return CsvWriter(path, stream, top_k=top_k, decode_column=decode_column)
     raise InputError(f"unknown output format {format!r}: use one of {', '.join(FILE_FORMATS)}")

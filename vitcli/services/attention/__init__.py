@@ -8,7 +8,10 @@ Modules, in the order a batch meets them:
             class-specific gae, attribution, gradcam of services/explain, one map per target)
 - maps:     the maths (CLS maps, head fusion, rollout, mass masks), pure batched torch
 - paint:    sampling grid maps onto pixels, blending overlays; colormaps: the tables
-- sheet:    the contact sheet's band layout and text; png: the fast PNG encoder
+- sheet:    the contact sheet's band layout; heading: its header's words; png: the fast
+            PNG encoder
+- figure:   text that wraps instead of being cut, tile sizes by aspect, colour keys, the
+            captions of --per-head PNGs
 - files:    output folder, maps.safetensors / .npy, meta.json, per-head PNGs
 - preview:  index.html's preview per image, and the --explore page from the batch's attention
 - index:    index.html, the run's contact sheet

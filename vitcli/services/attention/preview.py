@@ -55,7 +55,7 @@ def preview(result: ImageAttention, image: Image.Image, options: AttentionOption
         result.geometry, size, result.grid_size, options.interpolation.value, options.blur
     )
     _, grid_map = preview_map(result)
-    low, high = value_range([grid_map], options.style.value)
+    low, high = value_range([grid_map])
     painter = Painter(np.asarray(base), sampler.inside, options)
     return painter.paint(normalise(sampler(grid_map), low, high))
 
@@ -68,6 +68,7 @@ def write_explorer_page(result: ImageAttention, path: Path, context: RunContext)
     image, _ = open_image(
         result.path,
         draft_for=lambda w, h: display_size((w, h), min(EXPLORER_LONG_SIDE, max(w, h))),
+        exif=result.geometry.exif,
     )
     model = context.model.get("reference") or context.model.get("name") or "model"
     options = context.options
