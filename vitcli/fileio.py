@@ -129,3 +129,26 @@ def output_errors(where: str) -> Iterator[None]:
         yield
     except OSError as error:
         raise output_error(where, error) from None
+
+
+# In every folder vitcli creates for its outputs (sheets, inspect panels): the input scanners
+# (data/inputs.py, data/folder.py) skip folders holding it, so a run's outputs never become
+# the next run's inputs. `.vitcli-attention` is what earlier versions wrote.
+OUTPUT_MARKER = ".vitcli-output"
+OUTPUT_MARKERS = (OUTPUT_MARKER, ".vitcli-attention")
+_MARKER_TEXT = (
+    b"Written by vitcli. Folders holding this file are outputs: they are skipped when vitcli "
+    b"scans a folder for input images.\n"
+)
+
+
+def mark_output_folder(folder: Path) -> None:
+    """Mark `folder` as an output of vitcli (see OUTPUT_MARKER)."""
+    marker = folder / OUTPUT_MARKER
+    if not marker.exists():
+        atomic_write_bytes(marker, _MARKER_TEXT, durable=False)
+
+
+def is_output_folder(folder: str | Path) -> bool:
+    """Whether `folder` holds an output marker (one stat per marker name, nothing opened)."""
+    return any(os.path.lexists(os.path.join(folder, name)) for name in OUTPUT_MARKERS)
