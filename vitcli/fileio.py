@@ -50,7 +50,11 @@ def temp_file_beside(path: Path) -> tuple[int, str]:
     `write_target`; the temp file has the mode the replaced file has (mkstemp alone makes it
     0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
+    # NAME.PID.RANDOM: unique per process (mkstemp's O_EXCL makes it unique in any case), and
+    # a leftover names the process that left it.
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name[:200]}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+    )
     try:
         os.fchmod(fd, _mode_for(path))
     except BaseException:
