@@ -64,6 +64,7 @@ def test_info_table(tiny_model_file):
     assert "patch 8, image 32x32" in text and "32 / 2 / 4 / 64" in text
     assert "labels 5: cat | dog | bird | fish | frog" in text
     assert "resize to 32x32, bilinear (PIL)" in text and "EXIF orientation" in text
+    assert text.lower().count("gelu") == 1 and "layer norm eps 1e-06" in text  # stated once
 
 
 def test_info_json(tiny_model, tiny_model_file):

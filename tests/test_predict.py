@@ -196,7 +196,10 @@ def test_every_format_parses_back_to_the_same_records(folder, model_file, tmp_pa
     for row, record in zip(rows, from_json, strict=True):
         assert row["path"] == record["path"]
         if "error" in record:
-            assert row["error"] == record["error"] and row["label_1"] == row["score_1"] == ""
+            # The path has its own column; the error cell is the reason alone.
+            assert record["error"].startswith(f"{record['path']}: ")
+            assert row["error"] == record["error"].removeprefix(f"{record['path']}: ")
+            assert row["label_1"] == row["score_1"] == ""
         else:
             assert row["error"] == ""
             for k, prediction in enumerate(record["predictions"], start=1):
@@ -312,6 +315,7 @@ def test_stdin_paths_and_quoted_globs_in_a_real_pipe(folder, model_file):
 
 def test_user_mistakes_are_one_red_line(model_file, tmp_path):
     runner = CliRunner()
+    Image.new("RGB", (8, 8)).save(tmp_path / "one.png")  # an input, so the model is the mistake
     result = runner.invoke(
         app, ["predict", str(tmp_path), "--model", str(tmp_path / "nope.safetensors")]
     )

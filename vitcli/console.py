@@ -127,7 +127,8 @@ def stdout_is_terminal() -> bool:
 
 
 def make_progress(*extra_columns, quiet: bool = False) -> Progress:
-    """A progress bar on stderr: done/total, rate, elapsed, ETA; disabled when quiet or piped."""
+    """A progress bar on stderr: done/total, rate, elapsed, ETA; disabled when quiet or piped.
+    Transient: the bar is gone when the run ends, only what was printed stays."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -139,8 +140,25 @@ def make_progress(*extra_columns, quiet: bool = False) -> Progress:
         TimeRemainingColumn(),
         console=err,
         disable=quiet or not stderr_is_terminal(),
-        transient=False,
+        transient=True,
     )
+
+
+def rows_console(progress: Progress) -> Console:
+    """Where a command's results go while `progress` runs: stdout, except when the bar is live
+    and stdout is the same kind of terminal, then through the bar's console, which prints
+    above the bar. (Printed straight to stdout, rows would land inside the bar's line: rich's
+    stdout redirection unwraps itself for a Console that writes to sys.stdout.)"""
+    if not progress.disable and stdout_is_terminal():
+        return progress.console
+    return out
+
+
+def print_line(message: str, console: Console | None = None) -> None:
+    """A summary or status line (rich markup) on stderr: folded at word boundaries to the
+    width of a terminal, one unbroken line in a log."""
+    console = console or err
+    console.print(message, highlight=False, soft_wrap=not console.is_terminal)
 
 
 def markup(text: str) -> str:
@@ -150,13 +168,13 @@ def markup(text: str) -> str:
 
 
 def print_error(message: str) -> None:
-    err.print(f"[bold red]error:[/] {markup(message)}", soft_wrap=True, highlight=False)
+    print_line(f"[bold red]error:[/] {markup(message)}")
 
 
 def print_note(message: str) -> None:
     """Something the user should know that is not a problem (why a step takes a while)."""
-    err.print(f"note: {markup(message)}", soft_wrap=True, highlight=False)
+    print_line(f"note: {markup(message)}")
 
 
 def print_warning(message: str) -> None:
-    err.print(f"[yellow]warning:[/] {markup(message)}", soft_wrap=True, highlight=False)
+    print_line(f"[yellow]warning:[/] {markup(message)}")

@@ -49,9 +49,10 @@ def export(
     image_size: str | None = typer.Option(
         None,
         "--image-size",
-        metavar="HxW",
+        metavar="SIZE",
         show_default=False,
-        help="Input size baked into the graph. \\[default: the model's preprocessing size]",
+        help="Input size baked into the graph: N or HxW. "
+        "\\[default: the model's preprocessing size]",
     ),
     opset: int | None = typer.Option(
         None,

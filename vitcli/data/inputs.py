@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..fileio import is_output_folder
-from .images import is_image_path
+from .images import IMAGE_EXTENSIONS, is_image_path
 
 _DIGITS = re.compile(r"(\d+)")
 
@@ -249,13 +249,17 @@ def collect_inputs(
     *,
     exclude: Iterable[str | Path] = (),
     skip_outputs: bool = True,
+    allow_empty: bool = False,
 ) -> list[InputItem]:
     """Expand arguments in the order given. Folders are scanned recursively (images only, in
     natural order, other files skipped silently); globs are expanded; '-' reads paths from
     stdin, one per line. A named file that isn't a regular image file becomes an item with an
     error. Anything inside an `exclude` folder is left out (e.g. a command's own output folder),
     and, with `skip_outputs`, anything in a folder below a scan's start that holds
-    fileio.OUTPUT_MARKER (another run's outputs)."""
+    fileio.OUTPUT_MARKER (another run's outputs). Nothing found at all is an InputError
+    (`no_images_error`) unless `allow_empty`.
+    """
+    arguments = list(arguments)
     excluded = _Excluded(exclude, outputs=skip_outputs)
     items: list[InputItem] = []
     seen_any = False
@@ -274,7 +278,23 @@ def collect_inputs(
         )
     if excluded.folders:
         items = [item for item in items if not excluded(item.path)]
+    if not items and not allow_empty:
+        raise no_images_error(arguments)
     return items
+
+
+def no_images_error(arguments: Iterable[str], why: str = "") -> InputError:
+    """The one line for a run that found nothing to read: where it looked, what counts."""
+    places = [
+        "the paths on stdin" if argument == "-" else (argument or repr(argument))
+        for argument in arguments
+    ]
+    shown = ", ".join(places[:3]) + (f" and {len(places) - 3} more" if len(places) > 3 else "")
+    extensions = " ".join(sorted(IMAGE_EXTENSIONS))
+    return InputError(
+        f"no images found in {shown}{why} (folders are searched recursively for {extensions}); "
+        "pass image files, a folder holding some, or a quoted glob"
+    )
 
 
 def _expand_one(argument: str, excluded: _Excluded) -> list[InputItem]:

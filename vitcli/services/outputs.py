@@ -278,7 +278,9 @@ class CsvWriter(RecordWriter):
                 row += [csv_text(prediction["label"]), repr(float(prediction["score"]))]
             else:
                 row += ["", ""]
-        row.append(csv_text(record.get("error", "")))
+        # The path has its own column: the error cell says only what went wrong.
+        error = record.get("error", "").removeprefix(f"{record['path']}: ")
+        row.append(csv_text(error))
         if self.decode_column:
             row.append(record.get("decode", ""))
         self.csv.writerow(row)

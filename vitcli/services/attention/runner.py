@@ -16,7 +16,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ...data.inputs import InputItem, collect_inputs, is_within, refuse_output_among_inputs
+from ...data.inputs import (
+    InputItem,
+    collect_inputs,
+    is_within,
+    no_images_error,
+    refuse_output_among_inputs,
+)
 from ...errors import InputError
 from ...fileio import is_output_folder
 from ...runtime import resolve_device
@@ -112,7 +118,7 @@ def collect(arguments: tuple[str, ...], out_dir: Path) -> tuple[list[InputItem],
     items: list[InputItem] = []
     skipped = 0
     for argument in arguments:
-        found = collect_inputs([argument], skip_outputs=False)  # counted below, then left out
+        found = collect_inputs([argument], skip_outputs=False, allow_empty=True)
         if not _is_scan(argument):
             items.extend(found)
             continue
@@ -129,6 +135,9 @@ def collect(arguments: tuple[str, ...], out_dir: Path) -> tuple[list[InputItem],
                 skipped += 1
             else:
                 items.append(item)
+    if not items:
+        why = f" ({skipped} images left out as outputs of `vit attention`)" if skipped else ""
+        raise no_images_error(arguments, why)
     return items, skipped
 
 
