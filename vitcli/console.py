@@ -1,8 +1,17 @@
 """The rich consoles (results on stdout, everything else on stderr), progress bars, and the
-error and warning lines; every text goes through `text.terminal_safe` before a terminal."""
+error and warning lines; every text goes through `text.terminal_safe` before a terminal.
+
+Standard output that fails (closed with `>&-`, `>/dev/full`, a file-size limit, a pipe whose
+reader went away) raises `StdoutError`: one `error:` line and exit status 1, never a traceback
+and never exit 0 with the output lost (`guard_stdout`). A COLUMNS that is not a sensible width
+(0, negative, absurd) is ignored, so rich does not print tables zero columns wide.
+"""
 
 from __future__ import annotations
 
+import errno
+import io
+import os
 import sys
 
 from rich.console import Console
@@ -16,18 +25,105 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from .errors import OutputError
+from .fileio import output_error
 from .text import terminal_safe
 
-out = Console(highlight=False, soft_wrap=False)
-err = Console(stderr=True, highlight=False)
+MAX_COLUMNS = 10_000
+
+
+def _environ() -> dict[str, str]:
+    """The environment rich sizes its consoles from, without a COLUMNS/LINES it cannot use."""
+    environ = dict(os.environ)
+    for name in ("COLUMNS", "LINES"):
+        value = environ.get(name, "").strip()
+        if name in environ and not (value.isdigit() and 0 < int(value) <= MAX_COLUMNS):
+            del environ[name]  # rich then asks the terminal, else assumes 80
+    return environ
+
+
+out = Console(highlight=False, soft_wrap=False, _environ=_environ())
+err = Console(stderr=True, highlight=False, _environ=_environ())
+
+
+class StdoutError(OutputError):
+    """Standard output could not be written (closed, full, a size limit, a broken pipe)."""
+
+
+class _GuardedStdout(io.RawIOBase):
+    """File descriptor 1 as a raw stream whose failure raises StdoutError once; later writes
+    are dropped (the error is already on its way), so the interpreter's last flush at exit
+    cannot fail a second time."""
+
+    def __init__(self, closed: bool) -> None:
+        super().__init__()
+        self.closed_at_start = closed
+        self.failed = False
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return 1
+
+    def isatty(self) -> bool:
+        return not self.closed_at_start and os.isatty(1)
+
+    def write(self, data) -> int:
+        if self.failed:
+            return len(data)
+        try:
+            if self.closed_at_start:
+                raise OSError(errno.EBADF, "it is closed")
+            return os.write(1, data)
+        except OSError as error:
+            self.failed = True
+            raise StdoutError(str(output_error("standard output", error, replaced=False))) from None
+
+
+def guard_stdout() -> None:
+    """Put `sys.stdout` on a `_GuardedStdout`. A closed descriptor 0, 1 or 2 gets /dev/null
+    first, so that no file opened later takes its number (a model written to descriptor 1
+    would receive every print); writes to a stdout closed at start still fail."""
+    closed = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.append(fd)
+            spare = os.open(os.devnull, os.O_RDWR)
+            if spare != fd:
+                os.dup2(spare, fd)
+                os.close(spare)
+    previous = sys.stdout
+    sys.stdout = io.TextIOWrapper(
+        io.BufferedWriter(_GuardedStdout(closed=1 in closed)),
+        encoding=getattr(previous, "encoding", None) or "utf-8",
+        errors=getattr(previous, "errors", None) or "strict",
+        line_buffering=bool(getattr(previous, "line_buffering", False)),
+    )
+    if 0 in closed:
+        sys.stdin = open(0, closefd=False)  # noqa: SIM115 (an empty stdin rather than None)
+    if 2 in closed:
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 (lines go nowhere, no raise)
+
+
+def flush_stdout() -> StdoutError | None:
+    """Flush standard output; the StdoutError when that fails (reported by the caller)."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except StdoutError as error:
+        return error
+    return None
 
 
 def stderr_is_terminal() -> bool:
-    return sys.stderr.isatty()
+    return sys.stderr is not None and sys.stderr.isatty()
 
 
 def stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()
+    return sys.stdout is not None and sys.stdout.isatty()
 
 
 def make_progress(*extra_columns, quiet: bool = False) -> Progress:

@@ -65,6 +65,11 @@ class _VitGroup(Group):
         except click_errors.ClickException as error:
             error.show()
             sys.exit(error.exit_code)
+        except VitError as error:  # raised while parsing: --version or --help to a full stdout
+            from ..console import print_error
+
+            print_error(str(error))
+            sys.exit(EXIT_USAGE if isinstance(error, OptionError) else EXIT_FAILED)
         except typer.Abort:
             click_utils.echo("Aborted.", err=True)
             sys.exit(EXIT_FAILED)
@@ -173,4 +178,17 @@ def main() -> None:
     # Everything alive at exit is about to go: freezing it skips the interpreter's last full
     # collection over the whole heap (it runs the atexit handlers first).
     atexit.register(gc.freeze)
-    app()
+    from ..console import flush_stdout, guard_stdout, print_error
+
+    guard_stdout()  # a closed or full stdout: one error line and exit 1 (console.py)
+    try:
+        app()
+    except SystemExit as leaving:
+        code = leaving.code
+    else:
+        code = 0
+    failed = flush_stdout()  # what is still buffered must reach its reader, or be an error
+    if failed is not None:
+        print_error(str(failed))
+        code = code if isinstance(code, int) and code != 0 else EXIT_FAILED
+    sys.exit(code)

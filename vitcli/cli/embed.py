@@ -54,6 +54,7 @@ def embed(
             "--output",
             "-o",
             metavar="FILE",
+            dir_okay=False,  # an existing folder is a usage error (exit 2), as in predict
             show_default=False,
             help="Where embeddings go: .safetensors or .npy (written atomically at the end, "
             "with the paths) or .jsonl (streamed).",

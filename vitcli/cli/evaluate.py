@@ -30,13 +30,20 @@ def evaluate(
     output: Annotated[
         Path | None,
         typer.Option(
-            "--output", "-o", metavar="FILE", help="Write the results to FILE.json or FILE.csv."
+            "--output",
+            "-o",
+            dir_okay=False,
+            metavar="FILE",
+            help="Write the results to FILE.json or FILE.csv.",
         ),
     ] = None,
     confusion_png: Annotated[
         Path | None,
         typer.Option(
-            "--confusion-png", metavar="FILE", help="Save the confusion matrix as a PNG heat map."
+            "--confusion-png",
+            dir_okay=False,
+            metavar="FILE",
+            help="Save the confusion matrix as a PNG heat map.",
         ),
     ] = None,
     batch_size: BatchSizeOption = 64,

@@ -30,12 +30,7 @@ def inspect(
     ] = None,
     max_images: Annotated[
         int,
-        typer.Option(
-            "--max-images",
-            metavar="N",
-            min=1,
-            help="Use at most the first N (the paper: 128).",
-        ),
+        typer.Option("--max-images", metavar="N", help="Use at most the first N (the paper: 128)."),
     ] = 128,
     batch_size: Annotated[
         int | None,
@@ -43,7 +38,6 @@ def inspect(
             "--batch-size",
             "-b",
             metavar="N",
-            min=1,
             max=MAX_BATCH,
             show_default=False,
             help="Images per forward pass. \\[default: 16, fewer for large models]",

@@ -148,6 +148,7 @@ def predict(
             "--output",
             "-o",
             metavar="FILE",
+            dir_okay=False,  # an existing folder is a usage error (exit 2), as in embed
             help="Write results to this file instead of stdout (json/csv atomically, jsonl "
             "streamed; a symlink is written through to its target).",
         ),

@@ -34,7 +34,11 @@ def score(
     output: Annotated[
         Path | None,
         typer.Option(
-            "--output", "-o", metavar="FILE", help="Also write the scores as JSON to this file."
+            "--output",
+            "-o",
+            metavar="FILE",
+            dir_okay=False,
+            help="Also write the scores as JSON to this file.",
         ),
     ] = None,
     steps: Annotated[

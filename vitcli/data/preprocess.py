@@ -136,7 +136,8 @@ class Preprocess:
             ("rgb", self.rgb, RGB_MODES),
         ):
             if not isinstance(value, str) or value not in allowed:
-                raise InputError(f"unknown {name} {value!r}: use one of {', '.join(allowed)}")
+                what = "resize mode" if name == "resize" else name
+                raise InputError(f"unknown {what} {value!r}: use one of {', '.join(allowed)}")
         if self.backend == "torch" and self.rgb == "late":
             raise InputError("rgb 'late' (convert after the resize) needs the pil backend")
         if self.backend == "torch" and self.interpolation not in TORCH_MODES:
@@ -336,6 +337,7 @@ class Preprocess:
         """torchvision's resize of a uint8 CHW tensor, as transformers' default backend calls
         it (tvF.resize(..., antialias=True)), then the crop: same kernels, same casts."""
         import torch  # here: the recipe itself is plain data, importable without torch
+
         x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
         x = x[None]  # 1,C,H,W
         if tuple(x.shape[-2:]) != resized_hw:
@@ -363,6 +365,7 @@ def _native_uint8_bilinear() -> bool:
     """torchvision resizes uint8 bilinear natively only on AVX2/AVX-512 x86 and on Arm;
     elsewhere through float32 and a rounding cast. Mirrored so the bytes are the same."""
     import torch
+
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in (
         "aarch64",
         "arm64",

@@ -23,7 +23,7 @@ from torch import nn
 
 from .._version import __version__
 from ..errors import InputError, OptionError, VitError
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, output_errors
 from ..model import ViT
 from ..model.int8 import QUANTIZED_LAYERS, is_quantized
 from ..runtime import MAX_IMAGE_SIDE
@@ -368,7 +368,8 @@ def export_onnx(
             result.notes.append(f"not verified: onnxruntime is not installed ({INSTALL_HINT})")
     finally:
         original.train(was_training)
-    atomic_write_bytes(path, graph_bytes)
+    with output_errors(str(path)):
+        atomic_write_bytes(path, graph_bytes)
     return result
 
 

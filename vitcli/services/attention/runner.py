@@ -24,13 +24,13 @@ from ...data.inputs import (
     refuse_output_among_inputs,
 )
 from ...errors import InputError
+from ...fileio import is_output_folder
 from ...runtime import resolve_device
 from ...weights.format import ModelBundle
 from ..int8 import is_int8, prepare_int8
 from .batches import ImageAttention, attention_batches
 from .figure import display_long_side
 from .files import (
-    MARKER,
     IndexEntry,
     RenderError,
     RunContext,
@@ -99,7 +99,7 @@ def _output_folder_test(root: str, out_dir: Path) -> Callable[[str], bool]:
             verdicts[folder] = is_within(folder, out_dir) or (
                 folder != root
                 and parent != folder
-                and (os.path.exists(os.path.join(folder, MARKER)) or is_output(parent))
+                and (is_output_folder(folder) or is_output(parent))
             )
         return verdicts[folder]
 
@@ -118,7 +118,7 @@ def collect(arguments: tuple[str, ...], out_dir: Path) -> tuple[list[InputItem],
     items: list[InputItem] = []
     skipped = 0
     for argument in arguments:
-        found = collect_inputs([argument], allow_empty=True)
+        found = collect_inputs([argument], skip_outputs=False, allow_empty=True)
         if not _is_scan(argument):
             items.extend(found)
             continue
