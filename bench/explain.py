@@ -29,7 +29,7 @@ import torch
 
 from vitcli.data.loader import image_batches, normalize
 from vitcli.data.shapes import generate
-from vitcli.services.explain import METHODS, explain
+from vitcli.explain import METHODS, explain
 from vitcli.services.scoring import (
     ScoreOptions,
     markdown_table,

@@ -15,10 +15,7 @@ from typer.testing import CliRunner
 from vitcli.cli import app
 from vitcli.data.preprocess import Preprocess
 from vitcli.errors import InputError
-from vitcli.model import ViT, ViTConfig
-from vitcli.services.attention import AttentionOptions, attention_batches, colormaps, parse_layers
-from vitcli.services.attention.files import RunContext, write_image_outputs
-from vitcli.services.attention.maps import (
+from vitcli.explain.maps import (
     cls_maps,
     discard_lowest,
     fuse_heads,
@@ -28,7 +25,10 @@ from vitcli.services.attention.maps import (
     rollout_rows,
     rollout_step,
 )
-from vitcli.services.attention.methods import compute_batch, explicit_layers
+from vitcli.explain.registry import compute_batch, explicit_layers
+from vitcli.model import ViT, ViTConfig
+from vitcli.services.attention import AttentionOptions, attention_batches, colormaps, parse_layers
+from vitcli.services.attention.files import RunContext, write_image_outputs
 from vitcli.services.attention.names import output_names
 from vitcli.services.attention.options import Colormap
 from vitcli.services.attention.paint import Painter, Sampler

@@ -12,13 +12,13 @@ from typer.testing import CliRunner
 
 from vitcli.cli import app
 from vitcli.errors import InputError
+from vitcli.explain import explain
+from vitcli.explain.maps import rollout, token_order
+from vitcli.explain.methods import chain
+from vitcli.explain.registry import compute_batch, full_weight_layers
 from vitcli.model import ViT, ViTConfig
 from vitcli.services.attention import METHODS, Method, register
-from vitcli.services.attention.maps import rollout, token_order
-from vitcli.services.attention.methods import compute_batch, full_weight_layers
 from vitcli.services.attention.options import AttentionOptions
-from vitcli.services.explain import explain
-from vitcli.services.explain.methods import chain
 from vitcli.weights.format import save_model
 
 TINY = dict(image_size=32, patch_size=8, num_classes=5, width=32, depth=2, num_heads=4, mlp_dim=64)

@@ -14,14 +14,14 @@ from typer.testing import CliRunner
 from vitcli.cli import app
 from vitcli.cli.attention import parse_method_options
 from vitcli.errors import InputError
+from vitcli.explain import map_function
+from vitcli.explain.registry import compute_batch
 from vitcli.model import ViTConfig
 from vitcli.services.attention import AttentionOptions, run
 from vitcli.services.attention.batches import resolve_batch_size
-from vitcli.services.attention.methods import compute_batch
 from vitcli.services.attention.options import default_batch_size
 from vitcli.services.attention.paint import peak_ratio, range_note
 from vitcli.services.attention.sheet import layout, sheet_size
-from vitcli.services.explain import map_function
 from vitcli.weights.format import load_vitcli_file, save_model
 
 LABELS = ["cat", "dog", "bird", "fish", "frog"]

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from vitcli.errors import InputError
-from vitcli.model import ViT, ViTConfig
-from vitcli.services.explain import (
+from vitcli.explain import (
     METHODS,
     explain,
     parse_methods,
     parse_target,
     resolve_targets,
 )
+from vitcli.model import ViT, ViTConfig
 
 TOLERANCE = 1e-5
 
@@ -378,7 +378,7 @@ def test_bad_targets_are_input_errors(spec):
 
 
 def test_map_function_is_the_attention_plug_in_shape():
-    from vitcli.services.explain import map_function
+    from vitcli.explain import map_function
 
     model = random_model()
     x, targets = images(), torch.tensor([1, 0, 2])

@@ -75,9 +75,9 @@ def score(
     """
     from ..console import err, make_progress
     from ..errors import InputError
+    from ..explain import METHODS, parse_methods
     from ..fileio import atomic_write_bytes
     from ..runtime import resolve_workers
-    from ..services.explain import METHODS, parse_methods
     from ..services.scoring import (
         ScoreOptions,
         markdown_table,

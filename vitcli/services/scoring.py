@@ -39,11 +39,11 @@ from PIL import Image
 
 from ..data.loader import image_batches, normalize
 from ..errors import DatasetError, InputError, OptionError
+from ..explain import CLASS_SPECIFIC, METHODS, explain
 from ..model.vit import ViT
 from ..weights.format import ModelBundle
 from ..weights.resolve import as_bundle
 from .attention.localization import score_map
-from .explain import CLASS_SPECIFIC, METHODS, explain
 
 BASELINES = ("mean", "blur")
 CONTROL = "random"

@@ -29,11 +29,11 @@ _EXPORTS = {
     "parse_layers": "options",
     "ImageAttention": "batches",
     "attention_batches": "batches",
-    "METHODS": "methods",
-    "Forward": "methods",
-    "Method": "methods",
-    "class_specific": "methods",
-    "register": "methods",
+    "METHODS": "...explain.registry",
+    "Forward": "...explain.registry",
+    "Method": "...explain.registry",
+    "class_specific": "...explain.registry",
+    "register": "...explain.registry",
     "Progress": "runner",
     "RunSummary": "runner",
     "run": "runner",
@@ -41,9 +41,9 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
+    from ...explain.registry import METHODS, Forward, Method, class_specific, register
     from . import colormaps
     from .batches import ImageAttention, attention_batches
-    from .methods import METHODS, Forward, Method, class_specific, register
     from .options import AttentionOptions, parse_layers
     from .runner import Progress, RunSummary, run
 
@@ -51,7 +51,8 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = importlib.import_module(f".{_EXPORTS[name] or name}", __name__)
+    where = _EXPORTS[name] or name
+    module = importlib.import_module(where if where.startswith(".") else f".{where}", __name__)
     value = module if not _EXPORTS[name] else getattr(module, name)
     globals()[name] = value
     return value

@@ -19,9 +19,9 @@ import numpy as np
 from ...data.images import special_file_error
 from ...data.loader import image_batches, normalize
 from ...data.preprocess import Geometry
+from ...explain.registry import compute_batch, memory_factor
 from ...runtime import resolve_device
 from ...weights.format import ModelBundle
-from .methods import compute_batch, memory_factor
 from .options import AttentionOptions, default_batch_size, parse_layers
 
 QUERY_CLS = "cls"

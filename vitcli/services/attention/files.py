@@ -17,16 +17,16 @@ from PIL import Image
 from ..._version import __version__
 from ...data.images import display_size, open_image
 from ...errors import ImageDecodeError, InputError, VitError
+from ...explain.maps import token_order
+from ...explain.queries import QUERY_ARRAYS, QUERY_NOTES, prefix_mass_meta
 from ...fileio import atomic_write_bytes
 from ...weights.format import ModelBundle
 from .batches import ImageAttention
-from .maps import token_order
 from .names import json_text, readable
 from .options import AttentionOptions, MapsFormat
 from .paint import peak_ratio, range_note
 from .png import png_bytes
 from .preview import EXPLORER, PREVIEW, preview, preview_map, write_explorer_page
-from .queries import QUERY_ARRAYS, QUERY_NOTES, prefix_mass_meta
 from .sheet import all_tiles, model_phrase, render_sheet
 
 TOKEN_ORDER = "[CLS, patch_0, ..., patch_{N-1}]; patch k covers grid row k // Wp, column k % Wp"
@@ -197,7 +197,7 @@ def _display_fits(result: ImageAttention, tile: int) -> bool:
 
 def methods_meta(result: ImageAttention, depth: int) -> list[dict]:
     """meta.json's "methods": per map its array name, method, target and layers."""
-    from .methods import METHODS
+    from ...explain.registry import METHODS
 
     entries = []
     if result.heads is not None:

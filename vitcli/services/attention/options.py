@@ -140,7 +140,9 @@ class AttentionOptions:
         put("heads", bool(self.heads))
         if not self.heads and not self.methods:
             raise InputError("no maps asked for: give at least one --method (e.g. rollout)")
-        from .methods import check_method  # torch; imported here to keep this module light
+        from ...explain.registry import (
+            check_method,
+        )  # torch; imported here to keep this module light
 
         for name in self.methods:
             check_method(name)
@@ -236,7 +238,7 @@ FIELDS = tuple(f.name for f in fields(AttentionOptions))
 def refuse_gradients(methods: Sequence[str], why: str) -> None:
     """Class-specific methods take gradients, which int8 layers do not have. `why`: what
     made the model int8 (the flag, or the file)."""
-    from .methods import METHODS
+    from ...explain.registry import METHODS
 
     needing = [name for name in methods if METHODS[name].class_specific]
     if needing:

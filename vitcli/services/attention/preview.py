@@ -27,7 +27,7 @@ def preview_name(options: AttentionOptions) -> str:
     """What the previews of a run show, for index.html's legend."""
     if options.methods:
         name = options.methods[0]
-        from .methods import METHODS
+        from ...explain.registry import METHODS
 
         if METHODS[name].class_specific:
             return f"{name} for target {options.targets[0]}"

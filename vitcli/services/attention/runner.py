@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ...data.inputs import InputItem, collect_inputs, is_within, refuse_output_among_inputs
 from ...errors import InputError
+from ...explain.registry import METHODS, parse_targets
 from ...runtime import resolve_device
 from ...weights.format import ModelBundle
 from ..int8 import is_int8, prepare_int8
@@ -31,7 +32,6 @@ from .files import (
     write_image_outputs,
 )
 from .index import write_index_html
-from .methods import METHODS, parse_targets
 from .names import output_names, readable
 from .options import AttentionOptions, parse_layers, refuse_gradients
 from .preview import preview_name

@@ -21,11 +21,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ...data.images import display_size
+from ...explain.queries import mass_note
 from . import colormaps
 from .names import readable
 from .options import AttentionOptions, Scale, Style
 from .paint import Tile, overlay_tiles
-from .queries import mass_note
 
 if TYPE_CHECKING:
     from .batches import ImageAttention

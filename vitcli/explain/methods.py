@@ -31,12 +31,12 @@ from typing import cast
 
 import torch
 
-from ...errors import InputError
-from ...model.vit import Block, ViT
+from ..errors import InputError
+from ..model.vit import Block, ViT
 
 # The attention-map maths lives with `vit attention`; imported here only, so a move of that
 # module needs one line changed.
-from ..attention.maps import (
+from .maps import (
     cls_maps,
     discard_lowest,
     fuse_heads,

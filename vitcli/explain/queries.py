@@ -16,7 +16,7 @@ import torch
 from .maps import discard_lowest, fuse_heads, mass_mask, query_maps, rollout_step
 
 if TYPE_CHECKING:
-    from .batches import ImageAttention
+    from ..services.attention.batches import ImageAttention
 
 # What each query row is, for meta.json's "queries".
 QUERY_NOTES = {

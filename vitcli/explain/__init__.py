@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ...errors import InputError
-from ...model.vit import ViT
+from ..errors import InputError
+from ..model.vit import ViT
 from .lrp import attribution_maps, check_supported
 from .methods import (
     Explanation,

@@ -29,17 +29,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ...errors import InputError
-from ..explain.targets import Target
+from ..errors import InputError
 from .maps import (
     prefix_names,
     rollout_seed,
     seeded_rollout,
 )
 from .queries import QueryTap, query_arrays, query_names
+from .targets import Target
 
 if TYPE_CHECKING:
-    from .options import AttentionOptions
+    from ..services.attention.options import AttentionOptions
 
 TOP_K = 5  # predictions kept per image (meta.json's top5, the sheet header)
 
@@ -113,7 +113,7 @@ def _explained(method: str) -> Callable[[Any, torch.Tensor, torch.Tensor], torch
     backward: nothing here runs unless the method is chosen)."""
 
     def compute(model: Any, pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        from ..explain import map_function
+        from . import map_function
 
         return map_function(method)(model, pixels, targets)
 
@@ -158,7 +158,7 @@ def class_names(labels: Sequence[str], num_classes: int) -> list[str]:
 
 def parse_targets(specs: Sequence[str], labels: Sequence[str], num_classes: int) -> list[Target]:
     """`--target` values -> distinct Targets (by map name), in the order given."""
-    from ..explain import parse_target
+    from . import parse_target
 
     names = class_names(labels, num_classes)
     targets: dict[str, Target] = {}

@@ -32,8 +32,8 @@ from typing import cast
 import torch
 from torch import nn
 
-from ...errors import InputError
-from ...model.vit import Block, ViT
+from ..errors import InputError
+from ..model.vit import Block, ViT
 from .methods import (
     Explanation,
     TargetLike,
