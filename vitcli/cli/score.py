@@ -87,7 +87,7 @@ def score(
 
     if not data.is_dir():
         raise InputError(f"{data}: not a folder; generate one with `vit data shapes {data}`")
-    methods = parse_methods(method) if method else METHODS
+    methods = parse_methods(method) or tuple(METHODS)
     options = ScoreOptions(
         methods=methods, tolerance=tolerance, steps=steps, baseline=baseline.value
     )

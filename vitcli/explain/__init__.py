@@ -1,114 +1,87 @@
-"""Class-specific and class-agnostic explanation maps of a ViT, batched (issue 14).
+"""Explanation maps of a ViT over its patch grid, batched: the maths below the services.
 
     explain(model, images, "gae", targets="top1", labels=bundle.labels) -> Explanation
         .maps (B, Hp, Wp) over the patch grid, .logits (B, K), .targets (B,) or None
 
-Methods (METHODS): raw and rollout are class-agnostic (one forward, no graph); gae,
-attribution and gradcam explain one class per image (one forward and one backward, plus an
-LRP pass for attribution). See methods.py and lrp.py for the equations, docs/explain.md for
-when to use which.
+One registry of methods (registry.METHODS: raw, rollout, gae, attribution, gradcam; name ->
+what it needs -> its function), one shared forward pass per batch (forward.py), the maths of
+attention maps and rollout (maps.py), the per-head query rows (queries.py), targets
+(targets.py) and `vit attention`'s per-batch maps (batch.py). docs/explain.md says when to use
+which method.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..errors import InputError
-from ..model.vit import ViT
-from .lrp import attribution_maps, check_supported
-from .methods import (
-    Explanation,
-    TargetLike,
-    frozen,
-    gae_maps,
-    gradcam_maps,
-    prefix_tokens,
-    raw_maps,
-    readout,
-    rollout_maps,
-)
+from .forward import Forward, Method, Request, forward_pass, frozen
+from .registry import METHODS, class_specific, parse_methods, register
 from .targets import Target, parse_target, resolve_targets
 
-METHODS = ("raw", "rollout", "gae", "attribution", "gradcam")
-CLASS_SPECIFIC = frozenset({"gae", "attribution", "gradcam"})
-
 __all__ = [
-    "CLASS_SPECIFIC",
     "METHODS",
     "Explanation",
+    "Forward",
+    "Method",
+    "Request",
     "Target",
-    "attribution_maps",
-    "check_supported",
+    "class_specific",
     "explain",
+    "forward_pass",
     "frozen",
-    "gae_maps",
-    "gradcam_maps",
-    "map_function",
     "parse_methods",
     "parse_target",
-    "prefix_tokens",
-    "raw_maps",
-    "readout",
+    "register",
     "resolve_targets",
-    "rollout_maps",
 ]
 
 
-def parse_methods(specs: Sequence[str] | None) -> tuple[str, ...]:
-    """`--method` values (repeatable, comma lists) -> distinct methods in the order given."""
-    chosen: list[str] = []
-    for spec in specs or ("rollout",):
-        for part in str(spec).split(","):
-            name = part.strip().lower()
-            if not name:
-                continue
-            if name not in METHODS:
-                raise InputError(f"unknown --method {name!r}: use one of {', '.join(METHODS)}")
-            if name not in chosen:
-                chosen.append(name)
-    return tuple(chosen) or ("rollout",)
-
-
-def map_function(method: str) -> Callable[[ViT, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """`fn(model, pixels, targets) -> (B, Hp, Wp)` of a class-specific method, the shape of
-    `vit attention`'s plug-in: `register(class_specific("gae", map_function("gae")))`."""
-    if method not in CLASS_SPECIFIC:
-        raise ValueError(f"{method!r} is not class-specific: use one of {sorted(CLASS_SPECIFIC)}")
-
-    def compute(model: ViT, pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return explain(model, pixels, method, targets=targets).maps
-
-    return compute
+@dataclass
+class Explanation:
+    maps: torch.Tensor  # (B, Hp, Wp) float32 on the CPU, unnormalised, non-negative
+    logits: torch.Tensor  # (B, K) from the same forward pass
+    targets: torch.Tensor | None  # (B,) explained classes; None for class-agnostic methods
 
 
 def explain(
-    model: ViT,
+    model,
     images: torch.Tensor,
     method: str,
-    targets: TargetLike | None = None,
+    targets: torch.Tensor | str | Target | None = None,
     labels: Sequence[str] = (),
     *,
     layer: int = -1,
     head_fusion: str = "mean",
     discard_ratio: float = 0.0,
 ) -> Explanation:
-    """Maps of one method for a batch of normalised images (B, C, H, W).
+    """Maps of one method for a batch of normalised images (B, C, H, W), one forward pass.
 
     `targets`: (B,) class indices, a Target, or a spec (top1, top2, a label, an index; default
-    top1); ignored by raw and rollout, whose Explanation.targets is None. `layer` is raw's
-    layer; `head_fusion` and `discard_ratio` are rollout's (head_fusion also raw's).
+    top1); ignored by class-agnostic methods, whose Explanation.targets is None. `layer` is
+    raw's layer; `head_fusion` and `discard_ratio` are rollout's (head_fusion also raw's).
     """
-    if method == "raw":
-        return raw_maps(model, images, layer=layer, head_fusion=head_fusion)
-    if method == "rollout":
-        return rollout_maps(model, images, head_fusion=head_fusion, discard_ratio=discard_ratio)
-    target = "top1" if targets is None else targets
-    if method == "gae":
-        return gae_maps(model, images, target, labels)
-    if method == "attribution":
-        return attribution_maps(model, images, target, labels)
-    if method == "gradcam":
-        return gradcam_maps(model, images, target, labels)
-    raise InputError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    depth = len(model.blocks)
+    if not -depth <= layer < depth:
+        raise InputError(f"--layer {layer} is out of range: this model has {depth} layers")
+    chosen = METHODS[method]
+    request = Request(
+        methods=(chosen,), head_fusion=head_fusion, discard_ratio=discard_ratio, layer=layer
+    )
+    with frozen(model):
+        forward = forward_pass(model, images, request)
+    indices = None
+    if chosen.class_specific:
+        spec = "top1" if targets is None else targets
+        indices = resolve_targets(spec, forward.logits, labels)
+        forward = replace(forward, targets=indices.to(forward.logits.device))
+    with frozen(model):
+        maps = chosen.compute(forward)
+    return Explanation(
+        maps=maps.detach().float().cpu(), logits=forward.logits.float().cpu(), targets=indices
+    )

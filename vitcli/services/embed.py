@@ -130,12 +130,7 @@ class Embedder:
         if self.pool == "default":
             return model.embed(inputs).float()
         tokens, _ = model.forward_features(inputs)  # B,T,D
-        cls = tokens[:, 0]  # B,D
-        patches = tokens[:, model.config.num_prefix_tokens :].mean(dim=1)  # B,D
-        parts = {"cls": [cls], "mean": [patches], "cls+mean": [cls, patches]}[self.pool]
-        if model.fc_norm is not None:  # timm's average-pool layout: the LN follows pooling
-            parts = [model.fc_norm(part) for part in parts]
-        return torch.cat(parts, dim=-1).float()
+        return model.pool(tokens, how=self.pool).float()
 
     @torch.inference_mode()
     def compute(self, inputs: torch.Tensor) -> list[dict | str]:

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..data.loader import image_batches, normalize
+from ..data.loader import image_batches
 from ..errors import DatasetError, InputError, OptionError
-from ..explain import CLASS_SPECIFIC, METHODS, explain
+from ..explain import METHODS, explain
 from ..model.vit import ViT
 from ..weights.format import ModelBundle
 from ..weights.resolve import as_bundle
@@ -51,7 +51,7 @@ CONTROL = "random"
 
 @dataclass(frozen=True)
 class ScoreOptions:
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = tuple(METHODS)
     tolerance: float = 15.0  # pointing game, pixels of the original
     steps: int = 10  # perturbation steps from 0% to 100% of the patches
     baseline: str = "mean"
@@ -280,7 +280,7 @@ def score_explanations(
         report.failures.extend(message for _, message in batch.failures)
         if not batch.indices:
             continue
-        x = normalize(batch.pixels, bundle.preprocess)
+        x = batch.inputs  # normalised once, by the loader
         _score_batch(model, labels, x, batch, images, masks, names, options, report)
         report.images += len(batch.indices)
         if progress is not None:
@@ -322,7 +322,7 @@ def _score_batch(model, labels, x, batch, images, masks, names, options, report)
                 ).maps
                 report.seconds[name] += time.perf_counter() - started
                 report.maps[name] += len(batch.indices)
-                if name not in CLASS_SPECIFIC:
+                if not METHODS[name].class_specific:
                     agnostic[name] = maps
             deletion, insertion = perturbation_auc(
                 model, x, maps, targets, steps=options.steps, baseline=options.baseline

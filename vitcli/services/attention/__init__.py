@@ -3,14 +3,13 @@
 Modules, in the order a batch meets them:
 - options:  AttentionOptions, the one frozen object describing a run (validated)
 - runner:   run(options, on_progress) -> RunSummary: inputs, model, the loop, threads
-- batches:  decoding workers -> compute_batch per batch -> ImageAttention per image
-- methods:  the shared forward pass and the registry of named map methods (rollout, and the
-            class-specific gae, attribution, gradcam of services/explain, one map per target)
-- maps:     the maths (CLS maps, head fusion, rollout, mass masks), pure batched torch
+- batches:  decoding workers -> the explain core's maps per batch -> ImageAttention per image
+            (the methods, their registry and the maths live in vitcli/explain)
 - paint:    sampling grid maps onto pixels, blending overlays; colormaps: the tables
 - sheet:    the contact sheet's band layout and text; png: the fast PNG encoder
-- files:    output folder, maps.safetensors / .npy, meta.json, per-head PNGs
-- preview:  index.html's preview per image, and the --explore page from the batch's attention
+- files:    output folder, maps.safetensors / .npy, meta.json, per-head PNGs, explorer page
+- meta:     meta.json's notes on query rows and prefix masses
+- preview:  index.html's preview per image
 - index:    index.html, the run's contact sheet
 - names:    output folder names; file names made safe to show or store
 - localization: rollout scored against object masks (the pointing game)
@@ -30,8 +29,8 @@ _EXPORTS = {
     "ImageAttention": "batches",
     "attention_batches": "batches",
     "METHODS": "...explain.registry",
-    "Forward": "...explain.registry",
-    "Method": "...explain.registry",
+    "Forward": "...explain.forward",
+    "Method": "...explain.forward",
     "class_specific": "...explain.registry",
     "register": "...explain.registry",
     "Progress": "runner",
@@ -41,7 +40,8 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from ...explain.registry import METHODS, Forward, Method, class_specific, register
+    from ...explain.forward import Forward, Method
+    from ...explain.registry import METHODS, class_specific, register
     from . import colormaps
     from .batches import ImageAttention, attention_batches
     from .options import AttentionOptions, parse_layers

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -140,9 +140,7 @@ class AttentionOptions:
         put("heads", bool(self.heads))
         if not self.heads and not self.methods:
             raise InputError("no maps asked for: give at least one --method (e.g. rollout)")
-        from ...explain.registry import (
-            check_method,
-        )  # torch; imported here to keep this module light
+        from ...explain.registry import check_method  # torch: imported when an object is made
 
         for name in self.methods:
             check_method(name)
@@ -230,9 +228,6 @@ class AttentionOptions:
             "per_head": self.per_head,
             "int8": self.int8,
         }
-
-
-FIELDS = tuple(f.name for f in fields(AttentionOptions))
 
 
 def refuse_gradients(methods: Sequence[str], why: str) -> None:

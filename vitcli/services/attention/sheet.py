@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ...data.images import display_size
-from ...explain.queries import mass_note
 from . import colormaps
+from .meta import mass_note
 from .names import readable
 from .options import AttentionOptions, Scale, Style
 from .paint import Tile, overlay_tiles

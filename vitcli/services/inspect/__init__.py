@@ -117,14 +117,16 @@ def choose_images(
     )
 
 
-def _pixel_batches(
-    images: ImageSet, bundle: ModelBundle, batch_size: int
+def _input_batches(
+    images: ImageSet, bundle: ModelBundle, batch_size: int, device: torch.device
 ) -> Iterator[tuple[torch.Tensor | None, list[tuple[int, str]]]]:
-    """(B, C, H, W) uint8 batches and the failures among them, in order."""
+    """(B, C, H, W) model inputs on `device`, normalised once, and the failures among them."""
     if images.paths:
-        loader = image_batches(images.paths, bundle.preprocess, batch_size=batch_size, workers=0)
+        loader = image_batches(
+            images.paths, bundle.preprocess, batch_size=batch_size, workers=0, device=device
+        )
         for batch in loader:
-            yield (batch.pixels if batch.indices else None), list(batch.failures)
+            yield (batch.inputs if batch.indices else None), list(batch.failures)
         return
     preprocess = bundle.preprocess
     for start in range(0, len(images.generated), batch_size):
@@ -132,7 +134,7 @@ def _pixel_batches(
             preprocess.to_uint8(preprocess.resize_image(image))
             for image in images.generated[start : start + batch_size]
         ]
-        yield torch.from_numpy(np.stack(arrays)), []
+        yield normalize(torch.from_numpy(np.stack(arrays)), preprocess, device), []
 
 
 @torch.inference_mode()
@@ -153,10 +155,9 @@ def attention_distances(
     rows: list[np.ndarray] = []
     failures: list[tuple[str, str]] = []
     done = 0
-    for pixels, failed in _pixel_batches(images, bundle, batch_size):
+    for x, failed in _input_batches(images, bundle, batch_size, target):
         failures.extend((images.paths[index], message) for index, message in failed)
-        if pixels is not None:
-            x = normalize(pixels, bundle.preprocess, target)
+        if x is not None:
             grid_size = (x.shape[-2] // config.patch_size, x.shape[-1] // config.patch_size)
             _, weights = model.forward_with_attention(x, layers=layers)
             per_layer = [
@@ -166,7 +167,7 @@ def attention_distances(
                 for layer in layers
             ]  # each B,nh
             rows.append(torch.stack(per_layer, dim=1).float().cpu().numpy())  # B,L,nh
-            done += pixels.shape[0]
+            done += x.shape[0]
         done += len(failed)
         if on_progress is not None:
             on_progress(done, len(images))
