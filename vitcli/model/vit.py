@@ -386,60 +386,40 @@ class ViT(nn.Module):
 
     @property
     def num_prefix_tokens(self) -> int:
-        """Tokens before the patches: CLS, dist, registers (`config.num_prefix_tokens`)."""
         return self.config.num_prefix_tokens
 
     def pool(self, tokens: torch.Tensor, how: str | None = None) -> torch.Tensor:
-        """The features the head reads, (B, pooled_dim): the family's pooled embedding.
-
-        `how` ("cls", "mean" or "cls+mean") reads the tokens another way than the head does
-        (`vit embed --pool`): each part goes through fc_norm on its own when there is one.
-        """
-        if how is not None:
-            parts = [self._read(tokens, part) for part in how.split("+")]
-            if self.fc_norm is not None:  # timm's average-pool layout: the LN follows pooling
-                parts = [self.fc_norm(part) for part in parts]
-            return torch.cat(parts, dim=-1)
-        pool = self.config.pool
-        if pool in ("cls", "dist"):
-            pooled = self._read(tokens, "cls")
-        elif pool == "map":
+        """The features the head reads, (B, pooled_dim): the family's pooled embedding. `how`
+        ("cls", "mean", "cls+mean") reads the tokens another way (`vit embed --pool`), each
+        part through fc_norm on its own when there is one."""
+        pool = how or self.config.pool
+        if pool == "map":
             assert self.attn_pool is not None
             pooled, _ = self.attn_pool(tokens)
-        else:
-            names = ["cls", "mean"] if pool == "cls+mean" else ["mean"]
-            pooled = torch.cat([self._read(tokens, name) for name in names], dim=-1)
-        return self.fc_norm(pooled) if self.fc_norm is not None else pooled
-
-    def _read(self, tokens: torch.Tensor, part: str) -> torch.Tensor:
-        if part == "cls":
-            return tokens[:, 0]  # B,D: the CLS token
-        return tokens[:, self.num_prefix_tokens :].mean(dim=1)  # B,D: the patch mean
+            return self.fc_norm(pooled) if self.fc_norm is not None else pooled
+        cls = tokens[:, 0]  # B,D: the CLS token
+        patches = tokens[:, self.num_prefix_tokens :].mean(dim=1)  # B,D
+        parts = {"cls": [cls], "dist": [cls], "mean": [patches], "cls+mean": [cls, patches]}[pool]
+        if self.fc_norm is not None and how is not None:
+            parts = [self.fc_norm(part) for part in parts]
+        pooled = torch.cat(parts, dim=-1)
+        return self.fc_norm(pooled) if self.fc_norm is not None and how is None else pooled
 
     def readout(self, num_tokens: int) -> torch.Tensor | None:
-        """(T,) float32: how the logits read the final tokens when that read-out is linear in
-        them, the row an explanation chain starts from. pool "cls": e_0; "dist" (eval logits =
-        the mean of the CLS and dist heads): (e_0 + e_1) / 2; "mean": 1/N on the patches;
-        "cls+mean": half of each. None for an attention-pooling probe ("map"): its weights
-        depend on the input (`map_attention`)."""
+        """(T,): how the logits read the final tokens, when linearly: e_0 (cls), (e_0 + e_1) / 2
+        (DeiT: the mean of both heads), 1/N on the patches (mean), half of each (cls+mean).
+        None for the MAP probe, whose weights depend on the input (`map_attention`)."""
         pool, prefix = self.config.pool, self.num_prefix_tokens
-        row = torch.zeros(num_tokens)
-        if pool == "cls":
-            row[0] = 1.0
-        elif pool == "dist":
-            row[:2] = 0.5  # DeiT distilled: eval logits = mean of the CLS and dist heads
-        elif pool == "mean":
-            row[prefix:] = 1.0 / (num_tokens - prefix)
-        elif pool == "cls+mean":
-            row[0] = 0.5
-            row[prefix:] = 0.5 / (num_tokens - prefix)
-        else:
+        if pool == "map":
             return None
+        row = torch.zeros(num_tokens)
+        row[: 2 if pool == "dist" else 1] = {"cls": 1.0, "dist": 0.5, "cls+mean": 0.5}.get(pool, 0)
+        if pool in ("mean", "cls+mean"):
+            row[prefix:] = (1.0 if pool == "mean" else 0.5) / (num_tokens - prefix)
         return row
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        """The family's image embedding from pooled features: the projection for CLIP-style
-        heads, the features themselves otherwise."""
+        """The image embedding from pooled features: CLIP's projection, else the features."""
         return self.head(features) if self.config.head_kind == "projection" else features
 
     def map_attention(self, tokens: torch.Tensor) -> torch.Tensor:
