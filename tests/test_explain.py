@@ -532,7 +532,7 @@ def test_score_reports_every_method_on_one_and_two_object_images(tmp_path, shape
     generate(tmp_path / "two", per_class=1, image_size=32, seed=1, classes=classes, objects=2)
     generate(tmp_path / "two", per_class=1, image_size=32, seed=1, classes=classes)
     bundle = load_model(shapes_model_file)
-    report = score_explanations(bundle, tmp_path / "two", ScoreOptions(steps=3), batch_size=4)
+    report = score_explanations(bundle, tmp_path / "two", ScoreOptions(steps=3, batch_size=4))
     assert report.images == 3 + 3 and not report.failures
     summary = json.loads(json.dumps(report.to_dict()))["methods"]
     assert list(summary) == [*METHODS, "random"]

@@ -383,7 +383,7 @@ def test_device_and_dtype_choice_on_this_machine():
             resolve_device("cuda")
     dtype, warning = resolve_dtype("float16", cpu)
     assert dtype == torch.float16 and "slower" in warning
-    with pytest.raises(InputError, match="unknown dtype"):
+    with pytest.raises(InputError, match="--dtype float8: use one of"):
         resolve_dtype("float8", cpu)
 
 

@@ -56,16 +56,16 @@ WorkersOption = Annotated[
         "--workers",
         "-w",
         metavar="N",
-        min=0,
         show_default=False,
-        help="Decoding processes (0 decodes in the main process; at most the CPU count). "
+        help="Decoding processes, 0 to 64 (0 decodes in the main process; at most the CPU "
+        "count). "
         "\\[default: half the CPUs, 1 to 8]",
     ),
 ]
 
 BatchSizeOption = Annotated[
     int,
-    typer.Option("--batch-size", "-b", metavar="N", help="Images per forward pass."),
+    typer.Option("--batch-size", "-b", metavar="N", help="Images per forward pass, 1 to 4096."),
 ]
 
 QuietOption = Annotated[

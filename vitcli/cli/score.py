@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .common import BatchSizeOption, ModelOption, QuietOption, WorkersOption
+from .common import BatchSizeOption, DeviceOption, ModelOption, QuietOption, WorkersOption
 
 
 class Baseline(str, Enum):
@@ -65,6 +65,7 @@ def score(
     ] = None,
     batch_size: BatchSizeOption = 8,
     workers: WorkersOption = None,
+    device: DeviceOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
     """Score explanation methods against the object masks of a shapes folder.
@@ -88,12 +89,18 @@ def score(
     if not data.is_dir():
         raise InputError(f"{data}: not a folder; generate one with `vit data shapes {data}`")
     methods = parse_methods(method) or tuple(METHODS)
+    workers_used, warning = resolve_workers(workers)
     options = ScoreOptions(
-        methods=methods, tolerance=tolerance, steps=steps, baseline=baseline.value
+        methods=methods,
+        tolerance=tolerance,
+        steps=steps,
+        baseline=baseline.value,
+        batch_size=batch_size,
+        workers=workers_used,
+        device=device,
     )
     images, _ = shapes_objects(data)
     total = min(len(images), limit) if limit else len(images)
-    workers_used, warning = resolve_workers(workers)
     if warning and not quiet:
         err.print(warning)
     with make_progress(quiet=quiet) as progress:
@@ -102,10 +109,8 @@ def score(
             model,
             data,
             options,
-            batch_size=batch_size,
-            workers=workers_used,
             limit=limit,
-            progress=lambda n: progress.advance(task, n),
+            on_progress=lambda done, _: progress.update(task, completed=done),
         )
     summary = report.to_dict()
     if output is not None:

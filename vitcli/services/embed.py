@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ from ..data.images import pixel_limit
 from ..data.inputs import InputItem, collect_inputs, refuse_output_among_inputs
 from ..errors import OptionError, OutputError
 from ..fileio import atomic_write_bytes
-from ..runtime import DTYPE_CHOICES, default_workers, resolve_device, resolve_dtype
+from ..runtime import BatchOptions, resolve_device, resolve_dtype
 from ..weights.format import ModelBundle
 from .batchrun import LoaderOptions, OrderedRun, ProgressCallback, Summary, drain, model_batches
 from .batchrun import share_inputs as share_inputs
@@ -62,30 +62,20 @@ def embed_format(output: Path) -> str:
 
 
 @dataclass(frozen=True)
-class EmbedOptions:
-    """Everything `vit embed` was asked, defaults resolved."""
+class EmbedOptions(BatchOptions):
+    """Everything `vit embed` was asked, defaults resolved, beside the shared BatchOptions."""
 
     output: Path
     inputs: tuple[str, ...] = ()
-    model: str | None = None
     pool: str = "default"
-    batch_size: int = 32
-    workers: int = field(default_factory=default_workers)
-    device: str = "auto"
-    dtype: str = "auto"
     draft: bool = True
     int8: bool = False  # int8 Linear layers on the CPU (docs/int8.md)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         embed_format(self.output)
         if self.pool not in POOLS:
             raise OptionError(f"--pool {self.pool}: use one of {', '.join(POOLS)}")
-        if self.batch_size < 1:
-            raise OptionError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.workers < 0:
-            raise OptionError(f"--workers must be 0 or more, got {self.workers}")
-        if self.dtype not in DTYPE_CHOICES:
-            raise OptionError(f"--dtype {self.dtype}: use one of {', '.join(DTYPE_CHOICES)}")
 
 
 @dataclass(frozen=True)

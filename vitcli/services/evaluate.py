@@ -20,26 +20,23 @@ from ..data.labelled import FolderDataset, ShardSampler, make_loader
 from ..data.loader import normalize
 from ..errors import DatasetError, InputError, OptionError
 from ..fileio import atomic_write_bytes
-from ..runtime import resolve_device, resolve_workers
+from ..runtime import BatchOptions, check_batch_size, resolve_device, resolve_workers
 from ..text import csv_text, json_bytes
 from ..weights.format import ModelBundle
 from .int8 import check_int8_options, prepare_int8
 
 OTHER = "(other)"
-MAX_BATCH = 65_536
 
 
 @dataclass(frozen=True)
-class EvalOptions:
-    """Every option of `vit eval`."""
+class EvalOptions(BatchOptions):
+    """Every option of `vit eval`, beside the shared BatchOptions."""
 
     data: str
-    model: str | None = None  # None: the bundled model
     output: str = ""  # FILE.json or FILE.csv
     confusion_png: str = ""
-    batch_size: int = 64
-    workers: int | None = None  # None: runtime.default_workers()
-    device: str = "auto"
+    batch_size: int = field(default=64, kw_only=True)
+    workers: int | None = field(default=None, kw_only=True)  # None: default_workers()
     int8: bool = False  # int8 Linear layers on the CPU (services/int8.py)
 
 
@@ -157,8 +154,6 @@ def run(
 
 
 def check(options: EvalOptions) -> None:
-    if isinstance(options.batch_size, bool) or not 1 <= options.batch_size <= MAX_BATCH:
-        raise OptionError(f"--batch-size must be from 1 to {MAX_BATCH}, got {options.batch_size}")
     if options.output and Path(options.output).suffix.lower() not in (".json", ".csv"):
         raise OptionError(f"--output {options.output}: use a .json or .csv file name")
     if options.confusion_png and Path(options.confusion_png).suffix.lower() != ".png":
@@ -174,8 +169,7 @@ def evaluate(
     on_progress: Callable[[EvalEvent], None] | None = None,
 ) -> EvalResult:
     """Run the model over every image of an ImageFolder tree with the model's own preprocessing."""
-    if batch_size < 1:
-        raise OptionError("--batch-size must be at least 1")
+    check_batch_size(batch_size)
 
     def emit(event: EvalEvent) -> None:
         if on_progress is not None:

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -41,16 +41,24 @@ from ..data.loader import image_batches
 from ..errors import DatasetError, InputError, OptionError
 from ..explain import METHODS, explain
 from ..model.vit import ViT
+from ..runtime import BatchOptions, resolve_device
 from ..weights.format import ModelBundle
 from ..weights.resolve import as_bundle
 from .attention.localization import score_map
+from .batchrun import ProgressCallback
+
+SHARED = {f.name for f in fields(BatchOptions)}  # recorded by the run, not in the report
 
 BASELINES = ("mean", "blur")
 CONTROL = "random"
 
 
 @dataclass(frozen=True)
-class ScoreOptions:
+class ScoreOptions(BatchOptions):
+    """`vit score`'s options, beside the shared BatchOptions."""
+
+    batch_size: int = field(default=8, kw_only=True)
+    workers: int = field(default=0, kw_only=True)
     methods: tuple[str, ...] = tuple(METHODS)
     tolerance: float = 15.0  # pointing game, pixels of the original
     steps: int = 10  # perturbation steps from 0% to 100% of the patches
@@ -61,6 +69,7 @@ class ScoreOptions:
     discard_ratio: float = 0.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise InputError(f"unknown method {unknown[0]!r}: use one of {', '.join(METHODS)}")
@@ -248,15 +257,14 @@ def score_explanations(
     model_ref: ModelBundle | str | Path | None,
     data_dir: str | Path,
     options: ScoreOptions | None = None,
-    batch_size: int = 8,
-    workers: int = 0,
     limit: int | None = None,
-    progress: Callable[[int], None] | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> ScoreReport:
     """Score every method (and the random control) on every image of a shapes folder."""
-    bundle = as_bundle(model_ref)
     options = options or ScoreOptions()
-    model, labels = bundle.model.eval(), list(bundle.labels)
+    device = resolve_device(options.device)  # a bad --device fails before the model loads
+    bundle = as_bundle(model_ref)
+    model, labels = bundle.model.eval().to(device), list(bundle.labels)
     images, masks = shapes_objects(data_dir)
     if limit is not None:
         images, masks = images[:limit], masks[:limit]
@@ -270,21 +278,33 @@ def score_explanations(
     report = ScoreReport(
         data=str(data_dir),
         model=bundle.reference or "default",
-        options={**asdict(options), "methods": names},
+        options={
+            **{k: v for k, v in asdict(options).items() if k not in SHARED},
+            "methods": names,
+        },
         images=0,
         records={name: [] for name in names},
         seconds=dict.fromkeys(names, 0.0),
         maps=dict.fromkeys(names, 0),
     )
-    for batch in image_batches(images, bundle.preprocess, batch_size=batch_size, workers=workers):
+    loader = image_batches(
+        images,
+        bundle.preprocess,
+        batch_size=options.batch_size,
+        workers=options.workers,
+        device=device,
+    )
+    done = 0
+    for batch in loader:
         report.failures.extend(message for _, message in batch.failures)
         if not batch.indices:
             continue
         x = batch.inputs  # normalised once, by the loader
         _score_batch(model, labels, x, batch, images, masks, names, options, report)
         report.images += len(batch.indices)
-        if progress is not None:
-            progress(len(batch.indices) + len(batch.failures))
+        done += len(batch.indices) + len(batch.failures)
+        if on_progress is not None:
+            on_progress(done, len(images))
     return report
 
 

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ...errors import InputError, OptionError
-from ...runtime import default_workers, render_threads
+from ...runtime import BatchOptions, render_threads
 
 TILE_RANGE = (32, 1024)  # a sheet tile's long side, pixels; larger ones only make huge sheets
 MAX_BLUR = 10_000.0  # pixels of the original; far blurrier than any useful overlay
-MAX_BATCH_SIZE = 4096
 
 
 class Choice(str, Enum):
@@ -87,12 +86,12 @@ def _number(value: object, option: str) -> float:
 
 
 @dataclass(frozen=True)
-class AttentionOptions:
-    """One `vit attention` run. Strings are accepted for the Enum fields and converted."""
+class AttentionOptions(BatchOptions):
+    """One `vit attention` run, beside the shared BatchOptions. Strings are accepted for the
+    Enum fields and converted."""
 
     inputs: tuple[str, ...] = ()  # files, folders, quoted globs, '-' for paths on stdin
     out: Path = Path("attention")
-    model: str | None = None  # None: the bundled model (as `load_model`)
     # Maps
     layers: tuple[int | str, ...] = (-1,)  # per-head maps: indices (negative from the end), "all"
     heads: bool = True  # "raw": the per-head maps (and head mean) of `layers`
@@ -120,13 +119,13 @@ class AttentionOptions:
     explore: bool = False  # an explorer page (explorer.py) per image, next to its sheet
     maps_format: MapsFormat = MapsFormat.safetensors
     # Runtime
-    batch_size: int | Literal["auto"] = "auto"  # auto: 32, fewer for large models
-    workers: int = field(default_factory=default_workers)  # decoding processes
-    device: str = "auto"  # as runtime.resolve_device
+    batch_size: int | Literal["auto"] = field(default="auto", kw_only=True)  # auto: 32 or fewer
     int8: bool = False  # int8 Linear layers on the CPU (services/int8.py); no gradients
     render_threads: int = field(default_factory=render_threads)  # 0: draw inline
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+
         def put(name: str, value: object) -> None:
             object.__setattr__(self, name, value)
 
@@ -191,12 +190,6 @@ class AttentionOptions:
             raise OptionError(f"--tile must be {low} to {high} pixels, got {self.tile}")
         if not low <= _integer(self.individual_size, "individual_size") <= high:
             raise InputError(f"individual_size must be {low} to {high}, got {self.individual_size}")
-        if self.batch_size != "auto" and not (
-            1 <= _integer(self.batch_size, "--batch-size") <= MAX_BATCH_SIZE
-        ):
-            raise OptionError(f"--batch-size must be 1 to {MAX_BATCH_SIZE}, got {self.batch_size}")
-        if _integer(self.workers, "--workers") < 0:
-            raise OptionError(f"--workers must be 0 or more, got {self.workers}")
         if _integer(self.render_threads, "render_threads") < 0:
             raise InputError(f"render_threads must be 0 or more, got {self.render_threads}")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,9 +25,10 @@ from ...data.inputs import collect_inputs, is_within
 from ...data.loader import image_batches, normalize
 from ...errors import InputError, OptionError, VitError
 from ...fileio import atomic_write_bytes
-from ...runtime import resolve_device
+from ...runtime import check_batch_size, check_device, resolve_device
 from ...weights.format import ModelBundle
 from ...weights.resolve import as_bundle
+from ..batchrun import ProgressCallback
 from . import analysis, figures
 
 FILES = {
@@ -47,8 +48,6 @@ DISTANCE_DEFINITION = (
     "renormalised over the patch keys), g = (row, column) on the patch grid, P the patch "
     "size, so d is in pixels of the model input; averaged over the queries, then the images"
 )
-
-ProgressCallback = Callable[[int, int], None]
 
 
 @dataclass
@@ -225,8 +224,8 @@ def run_inspect(
     started = time.perf_counter()
     if batch_size is None:
         batch_size = default_batch_size(bundle.config)
-    if batch_size < 1:
-        raise OptionError(f"--batch-size must be at least 1, got {batch_size}")
+    check_batch_size(batch_size)
+    check_device(device)
     if colormap not in figures.colormap_names():
         raise InputError(
             f"unknown --colormap {colormap!r}: use one of {', '.join(figures.colormap_names())}"
