@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import checkpoints
 import numpy as np
 import pytest
 import torch
@@ -47,12 +48,7 @@ def tiny(**overrides) -> ViTConfig:
 
 def randomised(config: ViTConfig, seed: int = 0) -> ViT:
     """Every parameter drawn from N(0, 0.3): attention far from uniform."""
-    torch.manual_seed(seed)
-    model = ViT(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.3)
-    return model
+    return checkpoints.randomised(config, seed=seed, std=0.3)
 
 
 def bright_patch_model(image_size=(32, 48), patch_size=8) -> ViT:

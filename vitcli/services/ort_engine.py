@@ -232,6 +232,14 @@ class OrtInt8ViT(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self._run("embedding", x)
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.config.num_prefix_tokens
+
+    def pool(self, tokens: torch.Tensor, how: str | None = None) -> torch.Tensor:
+        """The float model's read-out of the engine's tokens (`ViT.pool`, for --pool)."""
+        return ViT.pool(self, tokens, how)  # type: ignore[arg-type]  # reads config, fc_norm
+
     def forward_features(
         self, x: torch.Tensor, attn_layers: Collection[int] = ()
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:

@@ -133,9 +133,6 @@ class ScoreReport:
             "methods": self.summary(),
         }
 
-    def records_dict(self) -> dict:
-        return {name: [asdict(r) for r in records] for name, records in self.records.items()}
-
 
 def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
