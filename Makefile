@@ -6,7 +6,18 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint check-wheel bench weights clean
+# The home libraries themselves, for the parity tests and the benchmarks: torchvision (which
+# transformers 5 runs its image processors on by default), timm and open_clip. They need a
+# torch build that torchvision loads with, so they live in a venv of their own; the tests call
+# it as a subprocess (tests/reference/home.py) and skip without it, unless VITCLI_REQUIRE_REF=1.
+REF_VENV ?= .venv-ref
+REF_SPEC ?= torch==2.14.1 torchvision==0.29.1 timm==1.0.31 transformers==5.25.0 open_clip_torch==3.3.0 \
+	pytest==9.2.0
+# The tests that import a home library in-process and need torchvision beside it (timm's model
+# parity): run by the reference venv's own python when it exists.
+REF_TESTS ?= tests/test_families_timm.py
+
+.PHONY: install demo test test-fast lint check-wheel bench weights clean ref-env
 
 $(BIN)/vit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +28,13 @@ $(BIN)/vit: pyproject.toml
 
 install: $(BIN)/vit
 
+$(REF_VENV)/bin/python:
+	$(PYTHON) -m venv $(REF_VENV)
+	$(REF_VENV)/bin/python -m pip install -q --upgrade pip
+	$(REF_VENV)/bin/python -m pip install -q $(REF_SPEC)
+
+ref-env: $(REF_VENV)/bin/python
+
 # The main job on the bundled default model: classify the examples, render attention sheets.
 demo: install
 	$(BIN)/vit predict examples/shapes-ring.jpg examples/shapes-star.jpg examples/shapes-triangle.jpg --format table
@@ -25,6 +43,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@if [ -x $(REF_VENV)/bin/python ]; then \
+		echo "timm parity in the reference venv ($(REF_VENV)):"; \
+		PYTHONPATH=$(CURDIR) $(REF_VENV)/bin/python -m pytest $(REF_TESTS) $(PYTEST_ARGS); \
+	fi
 
 # The suite without the tests marked slow (subprocesses, multi-process runs): under a minute.
 test-fast: install
@@ -59,4 +81,4 @@ weights: install
 	bash weights/recipe/recipe.sh
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info out .pytest_cache
+	rm -rf $(VENV) $(REF_VENV) build dist *.egg-info out .pytest_cache

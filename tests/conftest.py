@@ -39,3 +39,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def hf_backend(monkeypatch) -> str:
+    """The transformers backend an in-process reference runs: its default (torchvision) where
+    torchvision imports, else its PIL fallback. vitcli is told to reproduce that one
+    (VITCLI_HF_BACKEND), so the comparison is like for like."""
+    import importlib.util
+
+    name = "torchvision" if importlib.util.find_spec("torchvision") else "pil"
+    monkeypatch.setenv("VITCLI_HF_BACKEND", name)
+    return name

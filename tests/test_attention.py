@@ -518,8 +518,9 @@ def test_cli_localises_the_bright_square_and_overlay_aligns(tmp_path):
     heads = np.load(folder / "heads.npy")
     assert heads.shape == (1, 1, 4, 6) and np.unravel_index(heads[0, 0].argmax(), (4, 6)) == (1, 4)
     assert np.unravel_index(np.load(folder / "rollout.npy").argmax(), (4, 6)) == (1, 4)
-    overlay = np.asarray(Image.open(folder / "layer00_head00.png").convert("L")).astype(float)
-    scale = overlay.shape[1] / 96
+    labelled = np.asarray(Image.open(folder / "layer00_head00.png").convert("L")).astype(float)
+    scale = labelled.shape[1] / 96
+    overlay = labelled[: round(64 * scale)]  # the caption strip below it: title, note, key
     top, left = int(16 * scale), int(64 * scale)
     size = int(16 * scale)
     assert (
@@ -659,7 +660,8 @@ def test_sheet_from_the_decoders_display_equals_the_sheet_from_a_second_decode(t
     Image.fromarray(rng.integers(0, 256, (1200, 1600, 3), dtype=np.uint8)).save(
         tmp_path / "big.jpg", quality=90
     )
-    options = AttentionOptions(layers=(-1,), batch_size=3, workers=0)
+    # --fast-decode: the draft path (exact decoding, the default, decodes big.jpg in full).
+    options = AttentionOptions(layers=(-1,), batch_size=3, workers=0, fast_decode=True)
     paths = [str(tmp_path / "wide.png"), str(tmp_path / "small.png"), str(tmp_path / "big.jpg")]
     ((results, failures),) = list(attention_batches(bundle, paths, options, display_long_side=224))
     assert not failures

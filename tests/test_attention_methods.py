@@ -150,7 +150,7 @@ def test_default_run_keeps_heads_rollout_and_its_names(tmp_path, model_file, ima
     assert sorted(maps) == ["head_mean", "heads", "layers", "prefix_mass", "rollout"]
     meta = json.loads((tmp_path / "o" / "a" / "meta.json").read_text())
     assert [entry["method"] for entry in meta["methods"]] == ["raw", "rollout"]
-    assert meta["options"]["scale"] == "shared"
+    assert meta["options"]["scale"] == "per-map"
 
 
 def _grad_states(model, options, pixels):
@@ -233,7 +233,7 @@ def test_sheet_rows_per_method_and_target(tmp_path, model_file, images):
 
 def test_sheet_text(tmp_path, model_file, images):
     from vitcli.services.attention import attention_batches
-    from vitcli.services.attention.sheet import title_lines
+    from vitcli.services.attention.heading import title_lines
 
     bundle = load_vitcli_file(model_file)
     options = AttentionOptions(methods=("rollout", "gae"), targets=("top1", "frog"), workers=0)
@@ -304,9 +304,9 @@ def test_preview_shows_the_first_method(tmp_path, model_file, images):
     assert "<b>gradcam for target top1</b>" in (out / "index.html").read_text()
 
 
-def test_shared_scale_draws_near_flat_maps_flat_and_per_map_does_not():
-    """Heads within 1% of uniform: shared (0..max) paints an even wash; per-map stretches the
-    1% over the whole colormap. Each tile's note says the map is flat either way."""
+def test_both_scales_draw_near_flat_maps_flat():
+    """Heads within 1% of uniform: both scales run from 0, so they paint an even wash instead
+    of stretching the 1% over the whole colormap. Each tile's note says the map is flat."""
     from vitcli.data.preprocess import Geometry
     from vitcli.services.attention.batches import ImageAttention
     from vitcli.services.attention.paint import overlay_tiles
@@ -324,10 +324,9 @@ def test_shared_scale_draws_near_flat_maps_flat_and_per_map_does_not():
         top=[(0, "cat", 0.5)],
     )
     image = Image.new("RGB", (64, 64), (128, 128, 128))
-    spread = {}
     for scale in ("shared", "per-map"):
         options = AttentionOptions(scale=scale, interpolation="nearest")
         tiles = overlay_tiles(result, image, options, (64, 64))
         assert [tile.note for tile in tiles][1:] == ["peak 1.0x uniform (flat)"] * 4
-        spread[scale] = max(int(np.ptp(tile.pixels.reshape(-1, 3), axis=0).max()) for tile in tiles)
-    assert spread["shared"] < 20 and spread["per-map"] > 100, spread  # of 255 levels
+        spread = max(int(np.ptp(tile.pixels.reshape(-1, 3), axis=0).max()) for tile in tiles)
+        assert spread < 20, (scale, spread)  # of 255 levels

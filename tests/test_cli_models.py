@@ -63,7 +63,7 @@ def test_info_table(tiny_model_file):
     assert "source format vitcli" in text
     assert "patch 8, image 32x32" in text and "32 / 2 / 4 / 64" in text
     assert "labels 5: cat | dog | bird | fish | frog" in text
-    assert "squash to 32x32, bilinear" in text
+    assert "resize to 32x32, bilinear (PIL)" in text and "EXIF orientation" in text
 
 
 def test_info_json(tiny_model, tiny_model_file):

@@ -228,7 +228,9 @@ def test_unsupported_families_are_refused_by_name(tmp_path, model_type, family):
 
 
 @pytest.mark.parametrize("family", ["clip", "dinov2", "siglip"])
-def test_preprocessing_matches_the_family_image_processor(tmp_path, examples_dir, family):
+def test_preprocessing_matches_the_family_image_processor(
+    tmp_path, examples_dir, family, hf_backend
+):
     import numpy as np
     from PIL import Image
 

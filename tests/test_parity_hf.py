@@ -183,7 +183,7 @@ def test_labels_come_from_id2label(tmp_path):
 )
 @pytest.mark.parametrize("photo", ["chelsea.png", "rocket.jpg"])
 def test_preprocessing_matches_vitimageprocessor_pil_backend(
-    tmp_path, examples_dir, settings, photo
+    tmp_path, examples_dir, settings, photo, hf_backend
 ):
     from PIL import Image
     from transformers import ViTImageProcessor

@@ -9,10 +9,13 @@ temp file before the error propagates.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tempfile
 from pathlib import Path
+
+from .errors import OutputError
 
 
 def _current_umask() -> int:
@@ -84,3 +87,33 @@ def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> N
         raise
     if durable:
         fsync_folder(target.parent)
+
+
+def output_error(where: str, error: OSError, replaced: bool = True) -> OutputError:
+    """The one-line error for an output that could not be written: the cause in words and
+    what to do. `where` names the output (`--output x.json`, `standard output`)."""
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free some space or write somewhere else"
+    elif error.errno == errno.EFBIG:
+        hint = "the file size limit (ulimit -f) was reached; raise it or write somewhere else"
+    elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = "choose a folder you can write to"
+    elif error.errno == errno.EPIPE:
+        hint = "the reader of the pipe went away"
+    elif error.errno == errno.EBADF:
+        hint = "it is closed; redirect it to a file or /dev/null instead"
+    else:
+        hint = "choose another path"
+    kept = " (nothing was replaced)" if replaced else ""
+    return OutputError(f"{where}: cannot write ({reason}){kept}; {hint}")
+
+
+def write_output(path: str | Path, data: bytes, option: str = "--output") -> None:
+    """`atomic_write_bytes` for a file the user named: any OSError becomes one OutputError
+    line naming `option` (a read-only folder, a full disk, a file size limit, a path under a
+    regular file)."""
+    try:
+        atomic_write_bytes(path, data, durable=False)
+    except OSError as error:
+        raise output_error(f"{option} {path}", error) from None

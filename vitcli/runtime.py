@@ -18,11 +18,15 @@ if TYPE_CHECKING:
     import torch
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-MAX_BATCH_SIZE = 4096  # images per forward pass: far past any speed-up, short of absurd
 MAX_WORKERS = 64  # decoding processes; resolve_workers also clamps to the CPUs here
 
 # Worker processes beyond this many per CPU only add memory and start-up time.
 MAX_WORKERS_PER_CPU = 1
+
+# Sizes an option or a file may ask for, checked before anything is allocated, with the limit
+# in the message: one definition for every command (weights/limits.py bounds the rest).
+MAX_BATCH = 4096  # images per forward pass: far past any speed-up, short of absurd
+MAX_IMAGE_SIDE = 4096  # pixels per side of a model input (export, train, checkpoints)
 
 
 def cpu_count() -> int:
@@ -52,9 +56,9 @@ def resolve_workers(requested: int | None, what: str = "--workers") -> tuple[int
 
 def check_batch_size(value: Any) -> int:
     """--batch-size, the same limits and words in every command."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BATCH_SIZE:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BATCH:
         raise OptionError(
-            f"--batch-size must be a whole number from 1 to {MAX_BATCH_SIZE}, got {value!r}"
+            f"--batch-size must be a whole number from 1 to {MAX_BATCH}, got {value!r}"
         )
     return value
 
@@ -89,7 +93,7 @@ class BatchOptions:
     command resolves them)."""
 
     model: str | None = None  # a file, folder or hub id; None is the bundled model
-    batch_size: Any = 32  # images per forward pass, 1 to MAX_BATCH_SIZE
+    batch_size: Any = 32  # images per forward pass, 1 to MAX_BATCH
     workers: Any = field(default_factory=default_workers)  # decoding processes; 0: in-process
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     dtype: str = "auto"  # auto, float32, bfloat16, float16 (commands without --dtype: auto)

@@ -20,7 +20,14 @@ from ..services.attention.options import (
     Style,
 )
 from ..text import terminal_safe
-from .common import DeviceOption, Int8Option, ModelOption, QuietOption, WorkersOption
+from .common import (
+    DeviceOption,
+    FastDecodeOption,
+    Int8Option,
+    ModelOption,
+    QuietOption,
+    WorkersOption,
+)
 
 EXAMPLES = """\
 [b]Examples[/b]
@@ -142,8 +149,8 @@ def register(app: typer.Typer) -> None:
             Style,
             typer.Option(
                 "--style",
-                help="heatmap: colormap blend; mask: the image dimmed where attention is low "
-                "(the paper's Fig. 6).",
+                help="heatmap: colormap blend; mask: the photo dimmed where attention is low, "
+                "to 30% where it is 0 (the paper's Fig. 6 dims to black: alpha 1).",
             ),
         ] = Style.heatmap,
         colormap: Annotated[
@@ -159,7 +166,7 @@ def register(app: typer.Typer) -> None:
                 "--alpha",
                 metavar="[0,1]",
                 show_default=False,
-                help="Overlay strength. \\[default: 0.5 heatmap, 1.0 mask]",
+                help="Overlay strength. \\[default: 0.5 heatmap, 0.7 mask]",
             ),
         ] = None,
         interpolation: Annotated[
@@ -170,11 +177,12 @@ def register(app: typer.Typer) -> None:
             Scale,
             typer.Option(
                 "--scale",
-                help="shared: one colour range for all heads of an image and one per method "
-                "(its targets), so weak maps look weak; per-map: each map stretched on its own "
-                "(read the peak printed on each tile).",
+                help="per-map: each map from 0 to its own peak, so every target's and every "
+                "head's map shows (compare them by the peak printed on each tile); shared: one "
+                "colour range for all heads of an image and one per method (its targets), so "
+                "weak maps look weak.",
             ),
-        ] = Scale.shared,
+        ] = Scale.per_map,
         blur: Annotated[
             float,
             typer.Option(
@@ -185,7 +193,12 @@ def register(app: typer.Typer) -> None:
         ] = 0.0,
         tile: Annotated[
             int,
-            typer.Option("--tile", metavar="32..1024", help="Long side of each sheet tile, px."),
+            typer.Option(
+                "--tile",
+                metavar="32..1024",
+                help="Sheet tile size, px: a square image's side; other shapes keep its area "
+                "(a 4:1 image's tiles are 2x wide, 1/2 high).",
+            ),
         ] = 224,
         html: Annotated[
             bool,
@@ -222,6 +235,7 @@ def register(app: typer.Typer) -> None:
         workers: WorkersOption = None,
         device: DeviceOption = "auto",
         int8: Int8Option = False,
+        fast_decode: FastDecodeOption = False,
         quiet: QuietOption = False,
     ) -> None:
         """Attention maps: per-head CLS maps, rollout, and class-specific maps (gae, attribution,
@@ -267,6 +281,7 @@ def register(app: typer.Typer) -> None:
             workers=worker_count,
             device=device,
             int8=int8,
+            fast_decode=fast_decode,
         )
         with make_progress(quiet=quiet) as bar:
             task = bar.add_task("attention", total=None, rate="")

@@ -14,6 +14,8 @@ from typing import Annotated
 import typer
 from typer.core import TyperArgument, TyperCommand
 
+from ..runtime import MAX_BATCH
+
 
 class DType(str, Enum):
     auto = "auto"
@@ -65,7 +67,9 @@ WorkersOption = Annotated[
 
 BatchSizeOption = Annotated[
     int,
-    typer.Option("--batch-size", "-b", metavar="N", help="Images per forward pass, 1 to 4096."),
+    typer.Option(
+        "--batch-size", "-b", metavar="N", help=f"Images per forward pass, 1 to {MAX_BATCH}."
+    ),
 ]
 
 QuietOption = Annotated[
@@ -82,6 +86,17 @@ Int8Option = Annotated[
         metavar="",
         help="Run the Linear layers in int8 (CPU only, float32 around them; ~3x faster on "
         "large models). docs/int8.md",
+    ),
+]
+
+FastDecodeOption = Annotated[
+    bool,
+    typer.Option(
+        "--fast-decode",
+        metavar="",
+        help="Decode large JPEGs at a reduced scale (JPEG draft mode): several times faster "
+        "to read, but not the home library's pixels (outputs move by up to ~2% of their "
+        "range; docs/models.md). Off by default: every image is decoded in full.",
     ),
 ]
 

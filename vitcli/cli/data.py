@@ -7,12 +7,14 @@ from typing import Annotated
 
 import typer
 
+from ..runtime import MAX_IMAGE_SIDE
+from ..text import terminal_safe
 from .common import QuietOption
 
 data_app = typer.Typer(help="Dataset utilities.", no_args_is_help=True)
 
 MAX_PER_CLASS = 1_000_000
-MAX_IMAGE_SIZE = 4096
+MAX_IMAGE_SIZE = MAX_IMAGE_SIDE
 
 
 EXAMPLES = """\
@@ -136,9 +138,11 @@ def shapes(
         unit = "class" if objects == 1 else "pair"
         also = f", {pairs} per pair" if pairs else ""
         err.print(
-            f"wrote {summary['images']} images ({per_class} per {unit}{also}, "
-            f"{len(summary['classes'])} classes, {image_size}x{image_size}, seed {seed}) "
-            f"to {out_dir}",
+            terminal_safe(
+                f"wrote {summary['images']} images ({per_class} per {unit}{also}, "
+                f"{len(summary['classes'])} classes, {image_size}x{image_size}, seed {seed}) "
+                f"to {out_dir}"
+            ),
             markup=False,
             soft_wrap=True,
         )

@@ -17,6 +17,7 @@ from .common import (
     DeviceOption,
     DType,
     DTypeOption,
+    FastDecodeOption,
     Int8Option,
     ModelOption,
     QuietOption,
@@ -73,6 +74,7 @@ def embed(
     device: DeviceOption = "auto",
     dtype: DTypeOption = DType.auto,
     int8: Int8Option = False,
+    fast_decode: FastDecodeOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Embed images: one vector per image, in input order, with the paths.
@@ -98,6 +100,7 @@ def embed(
         device=device,
         dtype=dtype.value,
         int8=int8,
+        fast_decode=fast_decode,
     )
     main = distributed.is_main()
     if clamped and main:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +10,7 @@ import typer
 from .common import (
     BatchSizeOption,
     DeviceOption,
+    FastDecodeOption,
     Int8Option,
     JobsAlias,
     ModelOption,
@@ -40,6 +40,7 @@ def evaluate(
     jobs: JobsAlias = None,
     device: DeviceOption = "auto",
     int8: Int8Option = False,
+    fast_decode: FastDecodeOption = False,
     quiet: Annotated[
         bool,
         typer.Option(
@@ -68,6 +69,7 @@ def evaluate(
         workers=workers if workers is not None else jobs,
         device=device,
         int8=int8,
+        fast_decode=fast_decode,
     )
     with make_progress(quiet=quiet) as progress:
         task = progress.add_task("eval", total=None, rate="")
@@ -81,7 +83,8 @@ def evaluate(
         result = run(options, on_progress=on_progress, on_note=None if quiet else print_note)
     summary = (
         f"top-1 {result.top1:.4f}  top-5 {result.top5:.4f}  "
-        f"({result.images} images, {len(result.classes)} classes)"
+        f"({result.images} images, {len(result.classes)} classes"
+        + (", fast decode)" if result.decode == "fast" else ")")
     )
     if quiet:
         stdout.print(summary, markup=False)
@@ -104,11 +107,11 @@ def evaluate(
 
 
 def _shown(text: str) -> str:
-    """Text for the terminal: bytes of a file name that are not UTF-8 shown as \\xNN (a
-    terminal cannot take them raw), markup escaped."""
-    from rich.markup import escape
+    """Text for the terminal (a label, a path): control characters such as ESC and bytes that
+    are not UTF-8 as visible escapes (text.terminal_safe), markup escaped."""
+    from ..console import markup
 
-    return escape(os.fsencode(text).decode("utf-8", "backslashreplace"))
+    return markup(text)
 
 
 def _render(result, console) -> None:

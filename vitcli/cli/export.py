@@ -10,18 +10,30 @@ from pathlib import Path
 
 import typer
 
-from ..errors import InputError
+from ..errors import InputError, OptionError
+from ..runtime import MAX_IMAGE_SIDE
+
+MIN_OPSET, MAX_OPSET = 14, 20  # the TorchScript exporter's range (services/export.py)
 
 
 def parse_image_size(text: str | None) -> tuple[int, int] | None:
-    """'384' or '384x512' (height x width) -> (384, 384) / (384, 512)."""
+    """'384' or '384x512' (height x width) -> (384, 384) / (384, 512); each side 1 to
+    MAX_IMAGE_SIDE, checked before anything is allocated (a usage error: exit 2)."""
     if text is None:
         return None
     match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text)
     if not match:
-        raise InputError(f"--image-size {text!r}: use N or HxW, e.g. 224 or 384x512")
-    height = int(match.group(1))
-    return height, int(match.group(2) or height)
+        raise OptionError(f"--image-size {text!r}: use N or HxW, e.g. 224 or 384x512")
+    sides = [side for side in match.groups() if side is not None]
+    # Compared as text first: int() of a 5,000-digit number raises instead of comparing.
+    if any(len(side.lstrip("0")) > 9 for side in sides) or not all(
+        1 <= int(side) <= MAX_IMAGE_SIDE for side in sides
+    ):
+        raise OptionError(
+            f"--image-size {text.strip()}: each side must be from 1 to {MAX_IMAGE_SIDE} pixels"
+        )
+    height = int(sides[0])
+    return height, int(sides[-1])
 
 
 def export(
@@ -42,7 +54,13 @@ def export(
         help="Input size baked into the graph. \\[default: the model's preprocessing size]",
     ),
     opset: int | None = typer.Option(
-        None, "--opset", metavar="N", show_default=False, help="ONNX opset (14-20). \\[default: 17]"
+        None,
+        "--opset",
+        metavar="N",
+        min=MIN_OPSET,
+        max=MAX_OPSET,
+        show_default=False,
+        help="ONNX opset (14-20). \\[default: 17]",
     ),
     attention_layers: list[int] | None = typer.Option(
         None,
@@ -66,7 +84,7 @@ def export(
 
     require_onnx()  # before the (slow) model load: say at once what to install
 
-    from ..console import err, out
+    from ..console import err, out, terminal_safe
     from ..services.export import export_onnx
 
     def stage(message: str) -> None:
@@ -84,9 +102,11 @@ def export(
     height, width = result.image_size
     kind = "int8" if result.int8 else "float32"
     out.print(
-        f"wrote {result.path} ({result.model_name}, {kind}, {height}x{width}, "
-        f"opset {result.opset}, outputs {', '.join(result.outputs)}, "
-        f"{result.size_bytes / 1e6:.1f} MB)",
+        terminal_safe(
+            f"wrote {result.path} ({result.model_name}, {kind}, {height}x{width}, "
+            f"opset {result.opset}, outputs {', '.join(result.outputs)}, "
+            f"{result.size_bytes / 1e6:.1f} MB)"
+        ),
         highlight=False,
         markup=False,
         soft_wrap=True,
@@ -99,7 +119,7 @@ def export(
             line += f", top-1 agreement with float32 {result.top1_agreement:.0%}"
         out.print(line, highlight=False, markup=False, soft_wrap=True)
     for note in result.notes:
-        out.print(note, highlight=False, markup=False, soft_wrap=True)
+        out.print(terminal_safe(note), highlight=False, markup=False, soft_wrap=True)
 
 
 EXAMPLES = """\

@@ -25,6 +25,7 @@ def _render_info(info: dict) -> None:
     from rich.table import Table
 
     from ..console import out
+    from ..data.preprocess import Preprocess
 
     config, pre = info["config"], info["preprocess"]
     table = Table(show_header=False, box=None, pad_edge=False)
@@ -33,7 +34,7 @@ def _render_info(info: dict) -> None:
     height, width = config["image_size"]
     rows = [
         ("model", printable(info["reference"])),
-        ("source format", info["source_format"]),
+        ("source format", printable(str(info["source_format"]))),
         (
             "architecture",
             f"{printable(info['name'] or 'custom')} ViT, patch {config['patch_size']}, "
@@ -45,8 +46,8 @@ def _render_info(info: dict) -> None:
         ),
         ("parameters", _count(info["num_parameters"])),
         *_family_rows(info["family"]),
-        ("position embedding", f"{config['pos_embed']}, pool {config['pool']}"),
-        ("activation / ln eps", f"{config['act']} / {config['ln_eps']:g}"),
+        ("position embedding", printable(f"{config['pos_embed']}, pool {config['pool']}")),
+        ("activation / ln eps", printable(f"{config['act']} / {config['ln_eps']:g}")),
         ("qkv bias", str(config["qkv_bias"])),
     ]
     labels = info["labels"]
@@ -56,12 +57,16 @@ def _render_info(info: dict) -> None:
         rows.append(("labels", f"{len(labels)}: {printable(' | '.join(shown))}"))
     else:
         rows.append(("labels", "none (no classifier head: features only)"))
-    size = f"{pre['size'][0]}x{pre['size'][1]}"
-    if pre["resize"] == "squash":
-        resize = f"squash to {size}"
-    else:
-        resize = f"shorter side to size/{pre['crop_pct']:g}, center crop {size}"
-    rows.append(("preprocessing", f"{resize}, {pre['interpolation']}"))
+    rows.append(("preprocessing", Preprocess.from_dict(pre).describe()))
+    rescale = "" if abs(pre["rescale"] - 1 / 255) < 1e-12 else f", rescale x{pre['rescale']:g}"
+    rows.append(
+        (
+            "decode",
+            ("EXIF orientation, " if pre["exif"] else "no EXIF orientation, ")
+            + _RGB_WORDS[pre["rgb"]]
+            + rescale,
+        )
+    )
     rows.append(("mean / std", f"{_triple(pre['mean'])} / {_triple(pre['std'])}"))
     extra = info["extra"]
     for dropped in extra.get("dropped", []):
@@ -81,9 +86,29 @@ def _render_info(info: dict) -> None:
             rows.append((title, printable(str(extra[key]))))
     for note in extra.get("preprocess_notes", []):
         rows.append(("preprocessing note", printable(note)))
+    # Where each value came from, grouped by source ("preprocessor_config.json size" and
+    # "... crop_size" under one file name).
+    grouped: dict[str, list[str]] = {}
+    for key, where in (pre.get("origins") or {}).items():
+        if key == "decode":  # the decode row says it
+            continue
+        source, _, field = where.rpartition(" ")
+        if field != key:
+            source, field = where, key
+        grouped.setdefault(source, []).append(field)
+    for source, keys in grouped.items():
+        rows.append((f"  from {printable(source)}", printable(", ".join(keys))))
     for key, value in rows:
         table.add_row(key, value)
     out.print(table)
+
+
+_RGB_WORDS = {
+    "pil": "PIL convert('RGB')",
+    "hf": "PIL convert('RGB'), transparent colour on white",
+    "viewer": "alpha on white, 16-bit scaled",
+    "late": "PIL convert('RGB') after the resize",
+}
 
 
 def _family_rows(family: dict) -> list[tuple[str, str]]:

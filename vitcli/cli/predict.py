@@ -20,6 +20,7 @@ from .common import (
     DeviceOption,
     DType,
     DTypeOption,
+    FastDecodeOption,
     Int8Option,
     ModelOption,
     QuietOption,
@@ -172,6 +173,7 @@ def predict(
     device: DeviceOption = "auto",
     dtype: DTypeOption = DType.auto,
     int8: Int8Option = False,
+    fast_decode: FastDecodeOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Classify images: one record per image, in input order.
@@ -202,6 +204,7 @@ written), 2 for a usage error.
         device=device,
         dtype=dtype.value,
         int8=int8,
+        fast_decode=fast_decode,
         inputs=tuple(inputs),
         model=model,
         format=chosen,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -77,7 +76,7 @@ def score(
     from ..console import err, make_progress
     from ..errors import InputError
     from ..explain import METHODS, parse_methods
-    from ..fileio import atomic_write_bytes
+    from ..fileio import write_output
     from ..runtime import resolve_workers
     from ..services.scoring import (
         ScoreOptions,
@@ -85,13 +84,11 @@ def score(
         score_explanations,
         shapes_objects,
     )
+    from ..text import json_bytes
 
-    if not data.is_dir():
-        raise InputError(f"{data}: not a folder; generate one with `vit data shapes {data}`")
-    methods = parse_methods(method) or tuple(METHODS)
     workers_used, warning = resolve_workers(workers)
-    options = ScoreOptions(
-        methods=methods,
+    options = ScoreOptions(  # usage errors first, before any file is looked at
+        methods=parse_methods(method) or tuple(METHODS),
         tolerance=tolerance,
         steps=steps,
         baseline=baseline.value,
@@ -99,6 +96,8 @@ def score(
         workers=workers_used,
         device=device,
     )
+    if not data.is_dir():
+        raise InputError(f"{data}: not a folder; generate one with `vit data shapes {data}`")
     images, _ = shapes_objects(data)
     total = min(len(images), limit) if limit else len(images)
     if warning and not quiet:
@@ -114,7 +113,7 @@ def score(
         )
     summary = report.to_dict()
     if output is not None:
-        atomic_write_bytes(output, json.dumps(summary, indent=2).encode())
+        write_output(output, json_bytes(summary))
     # Markdown, not a rich table: eleven columns do not fit a terminal, and the same text
     # pastes into docs and issues.
     typer.echo(markdown_table(summary["methods"]))

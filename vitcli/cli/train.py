@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from ..services.train_choices import Amp, Pool, PosEmbed  # torch-free: --help stays light
+from ..text import terminal_safe
 from .common import BatchSizeOption, DeviceOption, JobsAlias, WorkersOption
 
 _SCRATCH = "From scratch only"
@@ -296,8 +297,10 @@ def train(
 
     if result.nothing_to_do:
         err.print(
-            f"nothing left to do: the run in {result.out_dir} has finished its "
-            f"{result.epochs_done} epochs; pass a larger --epochs to train on",
+            terminal_safe(
+                f"nothing left to do: the run in {result.out_dir} has finished its "
+                f"{result.epochs_done} epochs; pass a larger --epochs to train on"
+            ),
             markup=False,
             soft_wrap=True,
         )
@@ -327,8 +330,10 @@ def _interrupted(config, not_main: bool) -> None:
         epochs = f" --epochs {config.epochs}" if config.epochs is not None else ""
         if done:
             err.print(
-                f"interrupted: epoch {done} is saved in {folder}; continue with: "
-                f"vit train --resume {shlex.quote(folder)}{epochs}",
+                terminal_safe(
+                    f"interrupted: epoch {done} is saved in {folder}; continue with: "
+                    f"vit train --resume {shlex.quote(folder)}{epochs}"
+                ),
                 markup=False,
                 soft_wrap=True,
             )

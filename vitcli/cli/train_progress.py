@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..text import terminal_safe
+
 if TYPE_CHECKING:
     from rich.progress import TaskID
 
@@ -97,9 +99,9 @@ class TrainRenderer:
             f"{info['val_images']} val images, {event.steps} steps/epoch, lr {info['lr']:g}, "
             f"{device}, {info['workers']} workers{resumed} -> {info['out']}"
         )
-        self.err.print(line, soft_wrap=True, markup=False)
+        self.err.print(terminal_safe(line), soft_wrap=True, markup=False)
         for note in info["notes"]:
-            self.err.print(f"note: {note}", soft_wrap=True, markup=False)
+            self.err.print(terminal_safe(f"note: {note}"), soft_wrap=True, markup=False)
 
     def _print_row(self, event) -> None:
         m = event.metrics

@@ -1,9 +1,13 @@
 """Decoding one image file into RGB, the way an image viewer would show it.
 
-Handles EXIF rotation, CMYK, 16-bit and float greyscale, palettes and alpha (composited on
-white, as transformers' convert_rgb does), animated files (first frame), and refuses images
-too large to decode safely. JPEG draft mode decodes large JPEGs at a reduced DCT scale that
-is still at least the size the resize needs, which is several times faster.
+Two RGB conversions: "pil" is PIL's own `convert("RGB")`, exactly what the home libraries
+call (transformers' load_image, timm's dataset, the originals' scripts: alpha dropped, 16-bit
+clipped); "viewer" is what an image viewer shows (alpha composited on white, 16-bit and float
+greyscale scaled), for vitcli's own models. EXIF orientation is applied or not, as the
+checkpoint's home does. Animated files give their first frame; images too large to decode
+safely are refused. Opt-in JPEG draft mode (`--fast-decode`) decodes large JPEGs at a
+reduced DCT scale that is still at least the size the resize needs: several times faster,
+and different pixels.
 """
 
 from __future__ import annotations
@@ -84,6 +88,29 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _pil_rgb(image: Image.Image) -> Image.Image:
+    """PIL's own conversion, as `Image.open(path).convert("RGB")` in the home libraries."""
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _hf_rgb(image: Image.Image) -> Image.Image:
+    """transformers' pipeline with do_convert_rgb: load_image's convert("RGB"), then its
+    convert_to_rgb, which composites on white what is still marked transparent (PIL keeps a
+    palette's transparent colour in `info` through the conversion)."""
+    image = _pil_rgb(image)
+    if image.info.get("transparency") is None:
+        return image
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _loaded(image: Image.Image) -> Image.Image:
+    """The image in its own mode (rgb "late": converted after the resize); a lazily
+    transposed or palette image is made a standalone copy so the file can close."""
+    return image.copy() if image.mode not in ("RGB",) else image
+
+
 def _open_regular(path: Path):
     """A binary file object for `path`, which must be a regular file. A FIFO, socket or device
     is refused from its stat alone; the open itself is non-blocking and checked again with
@@ -149,19 +176,21 @@ def open_image(
     path: str | Path,
     draft_for: Callable[[int, int], tuple[int, int]] | None = None,
     max_pixels: int | None = None,
+    exif: bool = True,
+    rgb: str = "viewer",
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Decode `path` to an RGB image; returns (image, full-resolution (width, height)).
 
     `draft_for(width, height)` gives, for the upright full-resolution size, the (width,
     height) the caller will resize to (e.g. `Preprocess.resized_size`); a JPEG at least twice
     that size is decoded at a reduced DCT scale that is still at least that size. The returned
-    size is always the full-resolution upright size.
+    size is always the full-resolution upright size (upright only when `exif`).
     """
     path = Path(path)
     limit = max_pixels if max_pixels is not None else pixel_limit()
     handle = _open_regular(path)
     with handle:
-        return _decode(path, handle, draft_for, limit)
+        return _decode(path, handle, draft_for, limit, exif=exif, rgb=rgb)
 
 
 def _decode(
@@ -169,6 +198,8 @@ def _decode(
     handle,
     draft_for: Callable[[int, int], tuple[int, int]] | None,
     max_pixels: int,
+    exif: bool = True,
+    rgb: str = "viewer",
 ) -> tuple[Image.Image, tuple[int, int]]:
     # Pillow's own bomb check (a warning above MAX_IMAGE_PIXELS, an error above twice that)
     # would otherwise refuse at its default of 89 MP whatever VITCLI_MAX_PIXELS says: it is set
@@ -210,10 +241,12 @@ def _decode(
                 # the pixels itself and the guard below would turn a decode error into a
                 # silently blank image.
                 image.load()
-            try:
-                orientation = int(image.getexif().get(0x0112, 1))
-            except Exception:  # a broken EXIF block is not worth losing the image over
-                orientation = 1
+            orientation = 1
+            if exif:
+                try:
+                    orientation = int(image.getexif().get(0x0112, 1))
+                except Exception:  # a broken EXIF block is not worth losing the image over
+                    orientation = 1
             transposed = orientation in _TRANSPOSED_ORIENTATIONS
             if (
                 draft_for is not None
@@ -228,9 +261,10 @@ def _decode(
                     image.draft("RGB", (want_w, want_h))
             image.load()
             upright = (height, width) if transposed else (width, height)
+            convert = {"viewer": _to_rgb, "pil": _pil_rgb, "hf": _hf_rgb}.get(rgb, _loaded)
             if orientation != 1:
-                return _to_rgb(ImageOps.exif_transpose(image)), upright
-            return _to_rgb(image), upright
+                return convert(ImageOps.exif_transpose(image)), upright
+            return convert(image), upright
     except ImageDecodeError:
         raise
     except (

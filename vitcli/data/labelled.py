@@ -42,12 +42,16 @@ class FolderDataset(Dataset):
         data: LabelledImages,
         transform: TrainTransform | Preprocess,
         seed: int = 0,
-        draft: bool = True,
+        draft: bool | None = None,
     ) -> None:
         self.samples = list(data.samples)
         self.transform = transform
         self.seed = seed
-        self.draft = draft
+        # JPEG draft decoding by default only under training augmentation (a random crop of
+        # a draft decode is as good a sample); evaluation decodes in full, as the home does.
+        self.draft = not isinstance(transform, Preprocess) if draft is None else draft
+        recipe = transform if isinstance(transform, Preprocess) else transform.preprocess
+        self.exif, self.rgb = recipe.exif, recipe.rgb
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -65,11 +69,13 @@ class FolderDataset(Dataset):
         path, label = self.samples[index]
         try:
             image, original_size = open_image(
-                path, draft_for=self._draft_size if self.draft else None
+                path,
+                draft_for=self._draft_size if self.draft else None,
+                exif=self.exif,
+                rgb=self.rgb,
             )
             if isinstance(self.transform, Preprocess):
-                resized = self.transform.resize_image(image, original_size)
-                array = self.transform.to_uint8(resized)
+                array = self.transform.pixels(image, original_size)
             else:
                 array = self.transform(image, item_rng(self.seed, epoch, index))
             return index, array, label, None

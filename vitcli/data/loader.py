@@ -61,16 +61,16 @@ def normalize(
     """(B, C, H, W) uint8 -> the model input on `device` in `dtype`: the one normalisation,
     for inference batches and training batches alike.
 
-    x / 255, then (x - mean) / std, in float32 whatever the target dtype, elementwise: the
-    result is bitwise identical to normalising image by image (`prepare`). Anything but uint8
-    is refused: normalising twice would give plausible-looking garbage.
+    x * rescale (1/255), then (x - mean) / std, in float32 whatever the target dtype,
+    elementwise: the result is bitwise identical to normalising image by image (`prepare`).
+    Anything but uint8 is refused: normalising twice would give plausible-looking garbage.
     """
     if pixels.dtype != torch.uint8:
         raise TypeError(f"normalize takes uint8 pixels, got {pixels.dtype}: already normalised?")
     x = pixels.to(device, non_blocking=True) if device is not None else pixels
     mean = torch.tensor(preprocess.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(preprocess.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    x = x.to(torch.float32).mul_(1.0 / 255.0).sub_(mean).div_(std)
+    x = x.to(torch.float32).mul_(preprocess.rescale).sub_(mean).div_(std)
     return x if dtype == torch.float32 else x.to(dtype)
 
 
@@ -79,7 +79,7 @@ def prepare(
 ) -> torch.Tensor:
     """One decoded RGB image -> (C, H, W) float32 model input: resize/crop, then `normalize`.
     The single-image form of what the batch pipeline does (parity tests, notebooks)."""
-    pixels = torch.from_numpy(preprocess.to_uint8(preprocess.resize_image(image, original_size)))
+    pixels = torch.from_numpy(preprocess.pixels(image, original_size))
     return normalize(pixels[None], preprocess)[0]  # C,H,W
 
 
@@ -91,7 +91,7 @@ class ImageFiles(Dataset):
         self,
         paths: Sequence[str],
         preprocess: Preprocess,
-        draft: bool = True,
+        draft: bool = False,
         errors: Sequence[str | None] | None = None,
         display_long_side: int | None = None,
     ) -> None:
@@ -114,8 +114,10 @@ class ImageFiles(Dataset):
             return index, None, None, None, self.errors[index]
         try:
             draft_for = self.preprocess.resized_size if self.draft else None
-            image, original_size = open_image(path, draft_for=draft_for)
-            array = self.preprocess.to_uint8(self.preprocess.resize_image(image, original_size))
+            image, original_size = open_image(
+                path, draft_for=draft_for, exif=self.preprocess.exif, rgb=self.preprocess.rgb
+            )
+            array = self.preprocess.pixels(image, original_size)
             return (
                 index,
                 array,
@@ -141,6 +143,8 @@ class ImageFiles(Dataset):
         if self.display_long_side is None:
             return None
         size = display_size(original_size, self.display_long_side)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
         if image.width > size[0] and image.height > size[1]:
             image = image.resize(size, Image.Resampling.BILINEAR)
         return np.asarray(image)
@@ -183,7 +187,7 @@ def image_batches(
     preprocess: Preprocess,
     batch_size: int = 32,
     workers: int = 2,
-    draft: bool = True,
+    draft: bool = False,
     pin_memory: bool = False,
     errors: Sequence[str | None] | None = None,
     display_long_side: int | None = None,

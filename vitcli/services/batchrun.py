@@ -49,7 +49,7 @@ class LoaderOptions:
 
     batch_size: int
     workers: int
-    draft: bool
+    fast_decode: bool  # JPEG draft decoding (opt-in)
     device: torch.device
     dtype: torch.dtype
 
@@ -72,7 +72,7 @@ def model_batches(
         preprocess,
         batch_size=batch_size,
         workers=workers,
-        draft=loader.draft,
+        draft=loader.fast_decode,
         pin_memory=loader.device.type == "cuda",
         errors=[item.error for item in items],
         device=loader.device,

@@ -68,7 +68,7 @@ class EmbedOptions(BatchOptions):
     output: Path
     inputs: tuple[str, ...] = ()
     pool: str = "default"
-    draft: bool = True
+    fast_decode: bool = False  # opt-in JPEG draft decoding (not the home's pixels)
     int8: bool = False  # int8 Linear layers on the CPU (docs/int8.md)
 
     def __post_init__(self) -> None:
@@ -138,11 +138,19 @@ class Embedder:
         loader = LoaderOptions(
             batch_size=options.batch_size,
             workers=options.workers,
-            draft=options.draft,
+            fast_decode=options.fast_decode,
             device=self.device,
             dtype=self.dtype,
         )
-        return model_batches(items, self.bundle.preprocess, loader, self.compute)
+        if not options.fast_decode:
+            return model_batches(items, self.bundle.preprocess, loader, self.compute)
+
+        def compute(inputs: torch.Tensor) -> list[dict | str]:  # records say "decode": "fast"
+            return [
+                r if isinstance(r, str) else {**r, "decode": "fast"} for r in self.compute(inputs)
+            ]
+
+        return model_batches(items, self.bundle.preprocess, loader, compute)
 
 
 class EmbedRun(OrderedRun):
@@ -323,7 +331,8 @@ def run(
         distributed.shutdown()
     return EmbedResult(
         summary=embed.summary,
-        device=runs_on(embed.embedder.model, embed.embedder.device, embed.embedder.dtype),
+        device=runs_on(embed.embedder.model, embed.embedder.device, embed.embedder.dtype)
+        + (", fast decode" if options.fast_decode else ""),
         dim=embed.embedder.dim,
         output=options.output,
         is_main=main,

@@ -23,6 +23,7 @@ from ..fileio import atomic_write_bytes
 from ..runtime import BatchOptions, check_batch_size, resolve_device, resolve_workers
 from ..text import csv_text, json_bytes
 from ..weights.format import ModelBundle
+from .finite import require_finite
 from .int8 import check_int8_options, prepare_int8
 
 OTHER = "(other)"
@@ -38,6 +39,7 @@ class EvalOptions(BatchOptions):
     batch_size: int = field(default=64, kw_only=True)
     workers: int | None = field(default=None, kw_only=True)  # None: default_workers()
     int8: bool = False  # int8 Linear layers on the CPU (services/int8.py)
+    fast_decode: bool = False  # opt-in JPEG draft decoding (not the home's pixels)
 
 
 @dataclass
@@ -79,6 +81,7 @@ class EvalResult:
     # Top-1 model label index of each image in folder order (-1: not decoded).
     predictions: list[int] = field(default_factory=list)
     written: list[Path] = field(default_factory=list)
+    decode: str = "exact"  # "fast" with --fast-decode (JPEG draft decoding)
 
     @property
     def failed_classes(self) -> list[str]:
@@ -91,6 +94,7 @@ class EvalResult:
             "data": self.data,
             "images": self.images,
             "failed_images": len(self.failures),
+            "decode": self.decode,
             "top1": self.top1,
             "top5": self.top5,
             "per_class": [
@@ -139,7 +143,10 @@ def run(
         workers=options.workers,
         device=device,
         on_progress=on_progress,
+        fast_decode=options.fast_decode,
     )
+    from .confusion import confusion_png  # Pillow drawing, only when a picture is asked for
+
     for path, write in ((output, write_report), (png, confusion_png)):
         if path is None:
             continue
@@ -167,6 +174,7 @@ def evaluate(
     workers: int | None = None,
     device: str | torch.device = "auto",
     on_progress: Callable[[EvalEvent], None] | None = None,
+    fast_decode: bool = False,
 ) -> EvalResult:
     """Run the model over every image of an ImageFolder tree with the model's own preprocessing."""
     check_batch_size(batch_size)
@@ -195,7 +203,7 @@ def evaluate(
         device = str(device)
     target = resolve_device(prepare_int8(bundle, False, device))  # an int8 model: the CPU
     model = bundle.model.to(target).eval()
-    dataset = FolderDataset(data, bundle.preprocess)
+    dataset = FolderDataset(data, bundle.preprocess, draft=fast_decode)
     loader = make_loader(dataset, ShardSampler(len(dataset)), batch_size, workers)
 
     folder_index = {labels.index(name): row for row, name in enumerate(folder.classes)}
@@ -216,6 +224,7 @@ def evaluate(
             if len(batch):
                 pixels = normalize(batch.pixel_tensor(), bundle.preprocess, target)  # B,C,H,W
                 logits = model(pixels).float()
+                require_finite(logits, "the model output", bundle.reference)
                 top = logits.topk(k, dim=1).indices.cpu()  # B,k
                 for index, true, ranked in zip(batch.indices, batch.labels.tolist(), top.tolist()):
                     predictions[index] = ranked[0]
@@ -242,6 +251,7 @@ def evaluate(
         confusion_labels=columns,
         failures=failures,
         predictions=predictions,
+        decode="fast" if fast_decode else "exact",
     )
 
 
@@ -278,54 +288,3 @@ def write_report(result: EvalResult, path: str | Path) -> Path:
 
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.6f}"
-
-
-def confusion_png(result: EvalResult, path: str | Path, cell: int = 36) -> Path:
-    """The confusion matrix as a heat map (rows normalised: the fraction of each true class)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise OptionError(f"--confusion-png {path}: use a .png file name")
-    rows, columns = [c.label for c in result.classes], result.confusion_labels
-    font = ImageFont.load_default()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_w = lambda text: int(probe.textlength(text, font=font))  # noqa: E731
-    margin_left = max(text_w(name) for name in rows) + 16
-    margin_top = max(text_w(name) for name in columns) + 16
-    footer = f"rows: true class, columns: predicted; top-1 {result.top1:.3f}"
-    width = max(margin_left + cell * len(columns) + 8, text_w(footer) + 16)
-    height = margin_top + cell * len(rows) + 24
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    for r, name in enumerate(rows):
-        total = max(sum(result.confusion[r]), 1)
-        draw.text((8, margin_top + r * cell + cell // 2 - 5), name, fill="black", font=font)
-        for c in range(len(columns)):
-            count = result.confusion[r][c]
-            share = count / total
-            shade = int(255 * (1 - share))
-            x0, y0 = margin_left + c * cell, margin_top + r * cell
-            draw.rectangle(
-                (x0, y0, x0 + cell - 1, y0 + cell - 1),
-                fill=(shade, shade, 255),
-                outline=(200, 200, 200),
-            )
-            label = str(count)
-            draw.text(
-                (x0 + (cell - text_w(label)) // 2, y0 + cell // 2 - 5),
-                label,
-                fill="white" if share > 0.5 else "black",
-                font=font,
-            )
-    # Column names written vertically: draw horizontally on a strip, rotate it.
-    for c, name in enumerate(columns):
-        strip = Image.new("RGB", (margin_top - 8, 12), "white")
-        ImageDraw.Draw(strip).text((0, 0), name, fill="black", font=font)
-        strip = strip.rotate(90, expand=True)
-        image.paste(strip, (margin_left + c * cell + cell // 2 - 6, 4))
-    draw.text((8, height - 18), footer, fill="black", font=font)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
-    return path

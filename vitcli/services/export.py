@@ -22,15 +22,17 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..errors import InputError, VitError
+from ..errors import InputError, OptionError, VitError
 from ..fileio import atomic_write_bytes
 from ..model import ViT
 from ..model.int8 import QUANTIZED_LAYERS, is_quantized
+from ..runtime import MAX_IMAGE_SIDE
 from ..weights.format import ModelBundle
 from ..weights.resolve import as_bundle
 
 INSTALL_HINT = "pip install 'vitcli[onnx]'"
 DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on
+MAX_TRACE_BYTES = 8 * 2**30  # attention matrices of the check forward (check_trace_memory)
 MIN_OPSET = 14  # scaled_dot_product_attention needs 14
 MAX_OPSET = 20  # the TorchScript exporter's ceiling
 FP32_TOLERANCE = 1e-4
@@ -102,8 +104,12 @@ def check_exportable(
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise InputError("export traces the model on the CPU: move it there first (.cpu())")
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise InputError(f"--opset {opset} is not supported: use {MIN_OPSET} to {MAX_OPSET}")
+        raise OptionError(f"--opset {opset} is not supported: use {MIN_OPSET} to {MAX_OPSET}")
     height, width = image_size
+    if max(height, width) > MAX_IMAGE_SIDE:
+        raise OptionError(
+            f"--image-size {height}x{width}: each side must be from 1 to {MAX_IMAGE_SIDE} pixels"
+        )
     if (
         min(height, width) < config.patch_size
         or height % config.patch_size
@@ -286,6 +292,22 @@ def build_graph(
     return graph.SerializeToString()
 
 
+def check_trace_memory(config, image_size: tuple[int, int], count: int) -> None:
+    """Refuse an export whose check forward would hold attention matrices over
+    MAX_TRACE_BYTES (count x heads x T x T floats): --image-size 4096 on a /16 model is
+    65,537 tokens, ~200 GB, which must fail in one line rather than in the kernel's OOM
+    killer."""
+    grid = (image_size[0] // config.patch_size) * (image_size[1] // config.patch_size)
+    tokens = grid + config.num_prefix_tokens
+    needed = count * config.num_heads * tokens * tokens * 4
+    if needed > MAX_TRACE_BYTES:
+        raise OptionError(
+            f"--image-size {image_size[0]}x{image_size[1]}: {tokens:,} tokens; checking the "
+            f"export needs {needed / 2**30:,.1f} GiB of attention matrices, over the "
+            f"{MAX_TRACE_BYTES / 2**30:.0f} GiB limit; use a smaller --image-size"
+        )
+
+
 def export_onnx(
     model_ref: ModelBundle | str | Path | None,
     path: str | Path,
@@ -318,6 +340,7 @@ def export_onnx(
         outputs = [head, *(f"attention_{layer}" for layer in layers)]
         module = _Exported(sized_model(model, image_size), layers).eval()
         count = verify_batch if verify_batch else (16 if int8 else 2)
+        check_trace_memory(bundle.config, image_size, count)
         example = sample_input(bundle, image_size, count)
         graph_bytes = build_graph(
             module,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
 import os
 from collections.abc import Iterable
 from enum import Enum
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import InputError, OutputError
-from ..fileio import temp_file_beside, write_target
+from ..fileio import output_error, temp_file_beside, write_target
 from ..text import csv_text, csv_unescape, json_line
 
 __all__ = ["csv_text", "csv_unescape", "json_line"]  # re-exported: the writers' escaping
@@ -70,17 +69,7 @@ def choose_format(
 
 def _cannot_write(path: Path | None, error: OSError) -> OutputError:
     where = f"--output {path}" if path is not None else "standard output"
-    reason = error.strerror or str(error)
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        hint = "free some space or write somewhere else"
-    elif error.errno == errno.EFBIG:
-        hint = "the file size limit (ulimit -f) was reached; raise it or write somewhere else"
-    elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        hint = "choose a folder you can write to"
-    else:
-        hint = "choose another path"
-    kept = " (nothing was replaced)" if path is not None else ""
-    return OutputError(f"{where}: cannot write ({reason}){kept}; {hint}")
+    return output_error(where, error, replaced=path is not None)
 
 
 class _AtomicTextFile:
@@ -222,10 +211,15 @@ class CsvWriter(RecordWriter):
     atomic = True
 
     def __init__(
-        self, path: str | Path | None = None, stream: TextIO | None = None, top_k: int = 5
+        self,
+        path: str | Path | None = None,
+        stream: TextIO | None = None,
+        top_k: int = 5,
+        decode_column: bool = False,
     ) -> None:
         super().__init__(path, stream)
         self.top_k = top_k
+        self.decode_column = decode_column  # a "decode" column when --fast-decode was used
         # Every control character is escaped in the cells (csv_text), so no raw CR or LF can
         # split a row whatever the line terminator.
         self.csv = csv.writer(self.handle, lineterminator="\n")
@@ -233,7 +227,7 @@ class CsvWriter(RecordWriter):
         for rank in range(1, top_k + 1):
             header += [f"label_{rank}", f"score_{rank}"]
         try:
-            self.csv.writerow(header + ["error"])
+            self.csv.writerow(header + ["error"] + (["decode"] if decode_column else []))
         except OSError as error:
             self.abort()
             raise _cannot_write(self.path, error) from None
@@ -247,11 +241,18 @@ class CsvWriter(RecordWriter):
                 row += [csv_text(prediction["label"]), repr(float(prediction["score"]))]
             else:
                 row += ["", ""]
-        self.csv.writerow(row + [csv_text(record.get("error", ""))])
+        row.append(csv_text(record.get("error", "")))
+        if self.decode_column:
+            row.append(record.get("decode", ""))
+        self.csv.writerow(row)
 
 
 def open_writer(
-    format: str, path: str | Path | None = None, stream: TextIO | None = None, top_k: int = 5
+    format: str,
+    path: str | Path | None = None,
+    stream: TextIO | None = None,
+    top_k: int = 5,
+    decode_column: bool = False,
 ) -> RecordWriter:
     """A writer for json, jsonl or csv to `path` (a file) or else `stream`."""
     if format == "jsonl":
@@ -259,5 +260,5 @@ def open_writer(
     if format == "json":
         return JsonWriter(path, stream)
     if format == "csv":
-        return CsvWriter(path, stream, top_k=top_k)
+        return CsvWriter(path, stream, top_k=top_k, decode_column=decode_column)
     raise InputError(f"unknown output format {format!r}: use one of {', '.join(FILE_FORMATS)}")

@@ -65,7 +65,8 @@ class PredictOptions(BatchOptions):
 
     top_k: int = 5
     logits: bool = False  # raw scores instead of softmax probabilities
-    draft: bool = True  # JPEG draft-mode decoding of large sources
+    # Opt-in JPEG draft decoding (--fast-decode): faster, and not the home library's pixels.
+    fast_decode: bool = False
     int8: bool = False  # int8 Linear layers, CPU only (services/int8.py)
 
     inputs: tuple[str, ...] = ()  # files, folders, globs, '-' for stdin
@@ -155,14 +156,17 @@ class Predictor:
         loader = LoaderOptions(
             batch_size=self.options.batch_size,
             workers=self.options.workers,
-            draft=self.options.draft,
+            fast_decode=self.options.fast_decode,
             device=self.device,
             dtype=self.dtype,
         )
 
+        # Records say when they came from draft-decoded pixels (jsonl/json keys, a csv column).
+        marks = {"decode": "fast"} if self.options.fast_decode else {}
+
         def compute(inputs: torch.Tensor) -> list[dict | str]:
             return [
-                result if isinstance(result, str) else {"predictions": result}
+                result if isinstance(result, str) else {"predictions": result, **marks}
                 for result in self.classify(inputs)
             ]
 
@@ -273,6 +277,7 @@ def run(
                     path=options.output,
                     stream=stdout if stdout is not None else sys.stdout,
                     top_k=top_k,
+                    decode_column=options.fast_decode,
                 )
         drain(predict.records(), sink)
         distributed.barrier()
@@ -280,7 +285,8 @@ def run(
         distributed.shutdown()
     return PredictResult(
         summary=predict.summary,
-        device=runs_on(predict.predictor.model, predict.predictor.device, predict.predictor.dtype),
+        device=runs_on(predict.predictor.model, predict.predictor.device, predict.predictor.dtype)
+        + (", fast decode" if options.fast_decode else ""),
         top_k=top_k,
         model=predict.predictor.bundle.describe(),
         output=options.output,

@@ -46,6 +46,7 @@ from ..weights.format import ModelBundle
 from ..weights.resolve import as_bundle
 from .attention.localization import score_map
 from .batchrun import ProgressCallback
+from .finite import require_finite
 
 SHARED = {f.name for f in fields(BatchOptions)}  # recorded by the run, not in the report
 
@@ -310,6 +311,7 @@ def _score_batch(model, labels, x, batch, images, masks, names, options, report)
     arrays = [[np.asarray(Image.open(path).convert("L")) > 127 for _, path in g] for g in groups]
     with torch.no_grad():
         logits = model(x)
+    require_finite(logits, "the model output", report.model)
     ranks = logits.argsort(dim=1, descending=True).argsort(dim=1) + 1  # B,K: 1 = top-1
     class_ids = [[labels.index(label) for label, _ in g] for g in groups]
     both_top2 = [
@@ -341,9 +343,11 @@ def _score_batch(model, labels, x, batch, images, masks, names, options, report)
                 report.maps[name] += len(batch.indices)
                 if not METHODS[name].class_specific:
                     agnostic[name] = maps
+            require_finite(maps, f"the {name} map", report.model)
             deletion, insertion = perturbation_auc(
                 model, x, maps, targets, steps=options.steps, baseline=options.baseline
             )
+            require_finite(torch.stack([deletion, insertion]), "the model output", report.model)
             for row, index in enumerate(batch.indices):
                 if slot >= len(groups[row]):
                     continue

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from ..data.preprocess import PIL_RESAMPLE, Preprocess
-from ..errors import CheckpointError, VitError
+from ..errors import CheckpointError
 from ..model import ViTConfig
 from .format import ModelBundle, build_model
 from .limits import check_config
 from .readers import read_json, read_safetensors, read_torch_pickle
+from .recipes import preprocess_from_hf
 
 __all__ = ["load_hf_folder", "read_hf_weights"]
 
@@ -242,96 +242,6 @@ def labels_from_hf(config: dict, num_classes: int, where: str) -> list[str]:
             "not a class name (string)"
         )
     return [labels[i] for i in range(num_classes)]
-
-
-def preprocess_from_hf(folder: Path, image_size: tuple[int, int]) -> tuple[Preprocess, list[str]]:
-    """Preprocessing from preprocessor_config.json, else ViTImageProcessor's defaults.
-
-    Returns the recipe and notes about anything our Preprocess can only approximate.
-    """
-    notes: list[str] = []
-    path = folder / "preprocessor_config.json"
-    if not path.is_file():
-        notes.append(
-            "no preprocessor_config.json: ViTImageProcessor defaults (squash, bilinear, 0.5/0.5)"
-        )
-        return Preprocess(size=image_size, resize="squash", interpolation="bilinear"), notes
-    spec = read_json(path)
-    if not isinstance(spec, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    try:
-        return _preprocess_from_spec(spec, image_size)
-    except VitError as error:  # InputError from Preprocess' own checks
-        raise CheckpointError(f"{path}: unusable preprocessing ({error})") from None
-    except (ValueError, TypeError, ArithmeticError, AttributeError, KeyError) as error:
-        raise CheckpointError(f"{path}: unusable preprocessing ({error})") from None
-
-
-def _preprocess_from_spec(spec: dict, image_size: tuple[int, int]) -> tuple[Preprocess, list[str]]:
-    notes: list[str] = []
-    resample = spec.get("resample", 2)
-    if isinstance(resample, int) and not isinstance(resample, bool):
-        if resample not in PIL_RESAMPLE:
-            raise ValueError(f"resample {resample} is not a PIL filter (0..5)")
-        interpolation = PIL_RESAMPLE[resample]
-    else:
-        interpolation = resample  # a name, checked by Preprocess
-    if spec.get("do_normalize", True):
-        mean = spec.get("image_mean", (0.5, 0.5, 0.5))
-        std = spec.get("image_std", (0.5, 0.5, 0.5))
-    else:
-        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    if (
-        not spec.get("do_rescale", True)
-        or abs(float(spec.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9
-    ):
-        notes.append("rescale other than x/255 is not supported; x/255 is used")
-    if not spec.get("do_resize", True):
-        notes.append("do_resize is false in the source; images are squashed to the model size")
-    size = spec.get("size", image_size)
-    crop = spec.get("crop_size")
-    do_crop = bool(spec.get("do_center_crop", False)) and crop is not None
-    crop_hw = _hw(crop, image_size) if do_crop else None
-    fields: dict = dict(interpolation=interpolation, mean=tuple(mean), std=tuple(std))
-    if isinstance(size, dict) and "shortest_edge" in size:
-        edge = int(size["shortest_edge"])
-        if "crop_pct" in spec and spec["crop_pct"] is not None:
-            # ConvNeXt style: shorter side to edge / crop_pct, then center crop edge.
-            fields.update(size=(edge, edge), resize="shorter", crop_pct=float(spec["crop_pct"]))
-        elif crop_hw is not None:
-            fields.update(size=crop_hw, resize="shorter", crop_pct=min(1.0, crop_hw[0] / edge))
-        else:
-            notes.append(
-                "shortest_edge resize without a crop is approximated by a center crop to a square"
-            )
-            fields.update(size=(edge, edge), resize="shorter", crop_pct=1.0)
-    else:
-        height, width = _hw(size, image_size)
-        if crop_hw is not None and crop_hw != (height, width):
-            # DeiT style: squash to 256x256 then crop 224; shorter-side resize is the same on
-            # square photos and close otherwise.
-            notes.append(
-                f"squash to {height}x{width} then crop {crop_hw[0]}x{crop_hw[1]} is "
-                "approximated by a shorter-side resize and center crop"
-            )
-            fields.update(size=crop_hw, resize="shorter", crop_pct=min(1.0, crop_hw[0] / height))
-        else:
-            fields.update(size=(height, width), resize="squash")
-    return Preprocess(**fields), notes
-
-
-def _hw(value, default: tuple[int, int]) -> tuple[int, int]:
-    if isinstance(value, dict):
-        if "height" in value and "width" in value:
-            return int(value["height"]), int(value["width"])
-        if "shortest_edge" in value:
-            return int(value["shortest_edge"]), int(value["shortest_edge"])
-        return default
-    if isinstance(value, int):
-        return value, value
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        return int(value[0]), int(value[1])
-    return default
 
 
 def load_hf_folder(path: Path, config: dict, reference: str) -> ModelBundle:

@@ -22,8 +22,9 @@ import torch
 from ..errors import CheckpointError
 from ..model import ViTConfig
 from .format import ModelBundle, build_model
-from .hf import HF_ACTS, _stack_qkv, labels_from_hf, preprocess_from_hf, read_hf_weights
+from .hf import HF_ACTS, _stack_qkv, labels_from_hf, read_hf_weights
 from .limits import check_config, whole
+from .recipes import preprocess_from_hf
 
 FAMILY_TYPES = (
     "deit",

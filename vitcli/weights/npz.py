@@ -366,6 +366,10 @@ def load_npz(path: str | Path, reference: str = "") -> ModelBundle:
         interpolation="bilinear",
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
+        origins={
+            "recipe": "vit_jax / big_vision eval (squash, [-1, 1]); their tf.image.resize is "
+            "read as PIL bilinear, as transformers' port of these checkpoints does"
+        },
     )
     extra = {key: facts[key] for key in ("prefix", "layout", "scanned")}
     if facts["dropped"]:

@@ -27,10 +27,9 @@ from ..model import ViT, ViTConfig
 from .format import ModelBundle, build_model
 from .limits import max_parameters
 from .readers import library_reason, read_json, read_safetensors, read_torch_pickle, regular_file
+from .recipes import dino_recipe, openclip_recipe, preprocess_from_timm
 from .timm_families import config_from_state, timm_hints
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _OPENAI_SWAPS = (
     ("conv1.", "patch_embed.proj."),
     ("positional_embedding", "pos_embed"),
@@ -154,11 +153,68 @@ def dino_state(raw: dict, where: str) -> tuple[dict[str, torch.Tensor], list[str
     return state, dropped
 
 
-def load_dino_pth(path: Path, reference: str) -> ModelBundle:
-    """A DINO or DINOv2 release `.pth` (or a DINO training checkpoint's teacher)."""
+RAW_FAMILIES = ("dino", "dinov2", "timm")
+_RELEASE_NAME = re.compile(r"^(?P<family>dinov2|dino)_")
+
+
+def load_raw_pth(
+    path: Path, reference: str, family: str | None = None, arch: str | None = None
+) -> ModelBundle:
+    """A `.pth`/`.bin` with no config beside it, identified from evidence, never guessed.
+
+    Evidence, in order: `family` (and `arch`) named by the user (`-m dino:FILE`,
+    `-m timm:ARCH:FILE`); a DINO training checkpoint (teacher/student); DINOv2's own tensors
+    (mask_token, register_tokens); a classifier head (a timm or DeiT classifier: timm's
+    defaults for the architecture its shapes name); a release file name (dino_*, dinov2_*).
+    A headless ViT with none of these could be any backbone: refused, naming the options.
+    """
     where = str(path)
-    state, dropped = dino_state(read_checkpoint(path), where)
-    dinov2 = "blocks.0.ls1.gamma" in state
+    raw = read_checkpoint(path)
+    wrapper = next(
+        (
+            key
+            for key in ("teacher", "student", "model", "state_dict")
+            if isinstance(raw.get(key), dict)
+        ),
+        None,
+    )
+    inner = raw[wrapper] if wrapper else raw
+    keys = {
+        key.removeprefix("module.").removeprefix("backbone.")
+        for key, value in inner.items()
+        if isinstance(key, str) and isinstance(value, torch.Tensor)
+    }
+    if "patch_embed.proj.weight" not in keys:
+        raise CheckpointError(
+            f"{where}: not a ViT state dict (no patch_embed.proj.weight, in timm's, DINO's or "
+            "DINOv2's names); pass a *_pretrain.pth file or a model folder"
+        )
+    dinov2 = bool({"mask_token", "register_tokens"} & keys)
+    named = _RELEASE_NAME.match(path.name)
+    if family is None:
+        if wrapper in ("teacher", "student"):
+            family = "dinov2" if dinov2 or "blocks.0.ls1.gamma" in keys else "dino"
+        elif dinov2:
+            family = "dinov2"
+        elif "head.weight" in keys:
+            family = "timm"
+        elif named:
+            family = named.group("family")
+        else:
+            raise CheckpointError(
+                f"{where}: a ViT state dict with no classifier and no config: it could be a DINO "
+                "release or another backbone, whose preprocessing differ; name it: "
+                f"--model dino:{path} (DINO's eval transform) or --model "
+                f"timm:vit_small_patch16_224:{path} (timm's defaults for that architecture)"
+            )
+    if family == "timm":
+        return _load_timm_pth(inner, path, reference, arch, deit_release=wrapper == "model")
+    return _load_dino(raw, where, reference, family)
+
+
+def _load_dino(raw: dict, where: str, reference: str, family: str) -> ModelBundle:
+    state, dropped = dino_state(raw, where)
+    dinov2 = "blocks.0.ls1.gamma" in state or family == "dinov2"
     registers = "reg_token" in state
     config = config_from_state(
         state,
@@ -167,17 +223,75 @@ def load_dino_pth(path: Path, reference: str) -> ModelBundle:
         family=("dinov2-reg" if registers else "dinov2") if dinov2 else "dino",
     )
     model = _build(state, config, where)
-    # DINOv2 evaluates at 224 with shorter side 256; DINO the same (its eval_linear.py).
-    preprocess = Preprocess(
-        size=(224, 224),
-        resize="shorter",
-        crop_pct=224 / 256,
-        interpolation="bicubic",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-    )
     extra: dict = {"dropped": sorted(dropped)} if dropped else {}
-    return _bundle(model, preprocess, reference, "dino", extra)
+    return _bundle(model, dino_recipe(), reference, "dino", extra)
+
+
+def _load_timm_pth(
+    raw: dict, path: Path, reference: str, arch: str | None, deit_release: bool
+) -> ModelBundle:
+    """A timm (or DeiT release) classifier's state dict: timm's pretrained defaults for its
+    architecture, which the shapes name unless `arch` does."""
+    where = str(path)
+    state = {
+        key.removeprefix("module."): value
+        for key, value in raw.items()
+        if isinstance(key, str) and isinstance(value, torch.Tensor)
+    }
+    if arch is None:
+        arch = _architecture(state, where, deit="dist_token" in state or deit_release)
+    cfg = timm_default_cfg(arch, where)
+    config = config_from_state(state, where, name=arch, **timm_hints(arch))
+    model = _build(state, config, where)
+    preprocess, _ = preprocess_from_timm(cfg, config.image_size, f"timm's {arch} defaults")
+    bundle = _bundle(model, preprocess, reference, "timm", {"architecture": arch})
+    bundle.extra["note"] = (
+        f"a state dict without config: read as timm's {arch} (its default preprocessing); "
+        f"name another with --model timm:ARCH:{path}"
+    )
+    if config.num_classes == 1000:
+        from .timm import imagenet1k_labels
+
+        bundle.labels[:] = list(imagenet1k_labels())
+    return bundle
+
+
+def timm_default_cfg(arch: str, where: str) -> dict:
+    """timm's pretrained_cfg defaults (vision_transformer.py's and deit.py's _cfg)."""
+    name = arch.split(".")[0]
+    if name.startswith("deit_"):
+        return {"crop_pct": 0.875, "interpolation": "bicubic", "mean": IMAGENET_MEAN,
+                "std": IMAGENET_STD}  # fmt: skip
+    words = set(name.split("_"))
+    if name.startswith("vit_") and not words & {"clip", "siglip", "dinov2", "reg4", "sam"}:
+        return {"crop_pct": 0.9, "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5),
+                "std": (0.5, 0.5, 0.5)}  # fmt: skip
+    raise CheckpointError(
+        f"{where}: timm architecture {arch!r}: only vit_* and deit_* defaults are known for a "
+        "state dict without config; pass the model's hub folder (config.json) instead"
+    )
+
+
+def _architecture(state: dict[str, torch.Tensor], where: str, deit: bool) -> str:
+    """timm's name for the plain ViT these shapes describe, e.g. vit_small_patch16_224."""
+    from .timm import TIMM_SIZES
+
+    proj, pos = state.get("patch_embed.proj.weight"), state.get("pos_embed")
+    if proj is None or pos is None or proj.ndim != 4 or pos.ndim != 3:
+        raise CheckpointError(f"{where}: not a ViT state dict in timm's layout")
+    width, patch = int(proj.shape[0]), int(proj.shape[2])
+    depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
+    prefix = int("cls_token" in state) + int("dist_token" in state)
+    side = int(round((int(pos.shape[1]) - prefix) ** 0.5))
+    for word, (size_depth, size_width, _, _) in TIMM_SIZES.items():
+        if (size_depth, size_width) == (depth, width):
+            stem = "deit" if deit else "vit"
+            suffix = "_distilled" if "dist_token" in state else ""
+            return f"{stem}_{word}{suffix}_patch{patch}_{side * patch}"
+    raise CheckpointError(
+        f"{where}: depth {depth} and width {width} match no timm ViT size; name the "
+        f"architecture: --model timm:ARCH:{where}"
+    )
 
 
 def _head_bias(state: dict[str, torch.Tensor]) -> None:
@@ -292,13 +406,5 @@ def load_openclip(weights: Path, reference: str) -> ModelBundle:
     recipe = spec.get("preprocess_cfg") or {}
     if not isinstance(recipe, dict):
         raise CheckpointError(f"{spec_path}: preprocess_cfg must be a JSON object")
-    # OpenCLIP: shorter side to the size then centre crop, unless resize_mode says squash.
-    preprocess = Preprocess(
-        size=config.image_size,
-        resize="squash" if recipe.get("resize_mode") == "squash" else "shorter",
-        crop_pct=1.0,
-        interpolation=recipe.get("interpolation") or "bicubic",
-        mean=recipe.get("mean") or vision.get("image_mean") or OPENAI_CLIP_MEAN,
-        std=recipe.get("std") or vision.get("image_std") or OPENAI_CLIP_STD,
-    )
+    preprocess = openclip_recipe(recipe, vision, config.image_size, str(spec_path))
     return _bundle(model, preprocess, reference, "openclip", {"dropped_text_tower": len(dropped)})

@@ -57,6 +57,14 @@ def load_model(reference: str | Path | None = None) -> ModelBundle:
     text = str(reference)
     path = Path(text).expanduser()
     kind = _kind(path)
+    named = _named_family(text) if kind == "missing" else None
+    if named is not None:
+        from .originals import load_raw_pth
+
+        family, arch, file = named
+        if _kind(Path(file).expanduser()) != "file":
+            raise ModelNotFoundError(f"{file}: no such file (named by --model {text})")
+        return load_raw_pth(Path(file).expanduser(), text, family=family, arch=arch)
     if kind == "file":
         return _load_file(path, text)
     if kind == "folder":
@@ -75,6 +83,22 @@ def load_model(reference: str | Path | None = None) -> ModelBundle:
         f"{text}: no such file or folder; pass a .safetensors/.npz file, a model folder, "
         f"a hub id such as google/vit-base-patch16-224, or {BUNDLED_NAME} (the bundled model)"
     )
+
+
+def _named_family(text: str) -> tuple[str, str | None, str] | None:
+    """`dino:FILE`, `dinov2:FILE` or `timm:ARCH:FILE`: a raw state dict whose family (and
+    architecture) the user names, when its tensors cannot tell. None for anything else."""
+    head, _, rest = text.partition(":")
+    if head in ("dino", "dinov2") and rest:
+        return head, None, rest
+    if head == "timm" and rest:
+        arch, _, file = rest.partition(":")
+        if not arch or not file:
+            raise ModelNotFoundError(
+                f"--model {text}: write timm:ARCH:FILE, e.g. timm:vit_small_patch16_224:w.pth"
+            )
+        return "timm", arch, file
+    return None
 
 
 def as_bundle(model: ModelBundle | str | Path | None) -> ModelBundle:
@@ -129,9 +153,9 @@ def _load_file(path: Path, reference: str) -> ModelBundle:
     if suffix in (".bin", ".pt", ".pth"):
         if (path.parent / "config.json").exists():
             return _load_folder(path.parent, reference)
-        from .originals import load_dino_pth  # a DINO / DINOv2 release, else a clear error
+        from .originals import load_raw_pth  # identified from evidence, else a clear error
 
-        return load_dino_pth(path, reference=reference)
+        return load_raw_pth(path, reference=reference)
     raise CheckpointError(
         f"{path}: unknown checkpoint type {suffix or '(no extension)'}; "
         "use .safetensors, .npz or a model folder"

@@ -9,12 +9,12 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from ..data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from ..errors import CheckpointError, VitError
+from ..errors import CheckpointError
 from ..model import VARIANTS, ViTConfig
 from .format import ModelBundle, build_model, default_labels
 from .limits import check_config
 from .readers import read_safetensors, read_torch_pickle
+from .recipes import preprocess_from_timm
 
 _PAPER_NAMES = {"tiny": "Ti", "small": "S", "base": "B", "large": "L", "huge": "H"}
 # timm's size words -> (depth, width, mlp_dim, num_heads): the paper's table plus timm's medium.
@@ -100,50 +100,6 @@ def labels_for(config: dict, num_classes: int, where: str = "") -> tuple[list[st
     return default_labels(num_classes), "generic"
 
 
-def preprocess_from_timm(
-    pretrained: dict, image_size: tuple[int, int]
-) -> tuple[Preprocess, list[str]]:
-    """timm's eval transform: resize (shorter side to size / crop_pct), center crop, normalise."""
-    try:
-        return _preprocess_from_timm(pretrained, image_size)
-    except VitError as error:  # InputError from Preprocess' own checks
-        raise CheckpointError(f"unusable timm preprocessing ({error})") from None
-    except (ValueError, TypeError, ArithmeticError, IndexError, KeyError) as error:
-        raise CheckpointError(f"unusable timm preprocessing ({error})") from None
-
-
-def _preprocess_from_timm(
-    pretrained: dict, image_size: tuple[int, int]
-) -> tuple[Preprocess, list[str]]:
-    notes: list[str] = []
-    input_size = pretrained.get("input_size")
-    size = (int(input_size[-2]), int(input_size[-1])) if input_size else image_size
-    crop_pct = float(pretrained.get("crop_pct") or 0.875)  # timm's DEFAULT_CROP_PCT
-    crop_mode = pretrained.get("crop_mode") or "center"
-    interpolation = pretrained.get("interpolation") or "bicubic"
-    mean = tuple(pretrained.get("mean") or IMAGENET_MEAN)
-    std = tuple(pretrained.get("std") or IMAGENET_STD)
-    if crop_mode == "squash":
-        if crop_pct != 1.0:
-            notes.append(
-                f"timm's squash with crop_pct {crop_pct} is approximated by a plain squash"
-            )
-        resize = "squash"
-    else:
-        if crop_mode != "center":
-            notes.append(f"crop_mode {crop_mode!r} is approximated by a center crop")
-        resize = "shorter"
-    preprocess = Preprocess(
-        size=size,
-        resize=resize,
-        crop_pct=min(crop_pct, 1.0),
-        interpolation=interpolation,
-        mean=mean,
-        std=std,
-    )
-    return preprocess, notes
-
-
 def load_timm_folder(path: Path, config: dict, reference: str) -> ModelBundle:
     """A timm hub folder as a ModelBundle; shapes are checked before tensor data is read."""
     path = Path(path)
@@ -175,7 +131,9 @@ def load_timm_folder(path: Path, config: dict, reference: str) -> ModelBundle:
     vit_config = _timm_config(path, config, args, pretrained, state, size, patch, name_size)
     model = build_model(vit_config, state, str(weights), read=read)
     labels, label_source = labels_for(config, vit_config.num_classes, str(path))
-    preprocess, notes = preprocess_from_timm(pretrained, vit_config.image_size)
+    preprocess, notes = preprocess_from_timm(
+        pretrained, vit_config.image_size, f"{path / 'config.json'} pretrained_cfg"
+    )
     extra: dict = {"architecture": arch, "labels_from": label_source}
     if pretrained.get("tag"):
         extra["tag"] = pretrained["tag"]

@@ -292,7 +292,9 @@ def load_timm_family(path: Path, config: dict, reference: str) -> ModelBundle:
         labels, label_source = [f"dim_{i}" for i in range(vit_config.num_classes)], "projection"
     else:
         labels, label_source = labels_for(config, vit_config.num_classes)
-    preprocess, notes = preprocess_from_timm(pretrained, vit_config.image_size)
+    preprocess, notes = preprocess_from_timm(
+        pretrained, vit_config.image_size, f"{path / 'config.json'} pretrained_cfg"
+    )
     extra: dict = {"architecture": arch, "labels_from": label_source, "family": vit_config.family}
     if pretrained.get("tag"):
         extra["tag"] = pretrained["tag"]

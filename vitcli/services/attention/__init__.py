@@ -6,13 +6,16 @@ Modules, in the order a batch meets them:
 - batches:  decoding workers -> the explain core's maps per batch -> ImageAttention per image
             (the methods, their registry and the maths live in vitcli/explain)
 - paint:    sampling grid maps onto pixels, blending overlays; colormaps: the tables
-- sheet:    the contact sheet's band layout and text; png: the fast PNG encoder
+- sheet:    the contact sheet's band layout; heading: its header's words; png: the fast
+            PNG encoder
+- figure:   text that wraps instead of being cut, tile sizes by aspect, colour keys, the
+            captions of --per-head PNGs
 - files:    output folder, maps.safetensors / .npy, meta.json, per-head PNGs, explorer page
 - meta:     meta.json's notes on query rows and prefix masses
 - preview:  index.html's preview per image
 - index:    index.html, the run's contact sheet
 - names:    output folder names; file names made safe to show or store
-- localization: rollout scored against object masks (the pointing game)
+- localization: a map scored against an object mask (the pointing game; `vit score`)
 """
 
 from __future__ import annotations

@@ -21,13 +21,15 @@ from ...explain.maps import token_order
 from ...fileio import atomic_write_bytes
 from ...weights.format import ModelBundle
 from .batches import ImageAttention
+from .figure import captioned, display_long_side, key_labels, key_pixels, tile_size
+from .heading import model_phrase
 from .meta import QUERY_ARRAYS, QUERY_NOTES, prefix_mass_meta
 from .names import json_text, readable
-from .options import AttentionOptions, MapsFormat, Style
+from .options import AttentionOptions, MapsFormat, Scale, Style
 from .paint import peak_ratio, range_note
 from .png import png_bytes
 from .preview import PREVIEW, preview, preview_map
-from .sheet import all_tiles, model_phrase, render_sheet
+from .sheet import all_tiles, render_sheet
 
 TOKEN_ORDER = "[CLS, patch_0, ..., patch_{N-1}]; patch k covers grid row k // Wp, column k % Wp"
 MARKER = ".vitcli-attention"  # in every output folder: scans for inputs skip such folders
@@ -175,24 +177,23 @@ def _write_maps(
     return written
 
 
-def _load_original(path: str, long_side: int) -> Image.Image:
+def _load_original(path: str, long_side: int, exif: bool = True) -> Image.Image:
     def draft_for(width: int, height: int) -> tuple[int, int]:
         return display_size((width, height), min(long_side, max(width, height)))
 
-    image, _ = open_image(path, draft_for=draft_for)
+    image, _ = open_image(path, draft_for=draft_for, exif=exif)
     return image
 
 
 def _display_fits(result: ImageAttention, tile: int) -> bool:
-    """Whether the decoder's display image is what a fresh decode would give the sheet: scaled
-    to the tile exactly, or the whole original when that is no larger. (A model whose JPEG
-    draft decode came out smaller than the tile sends less; then the file is read again.)"""
+    """Whether the decoder's display image can make the sheet: at least the tiles' size, or
+    the whole original. (A model whose JPEG draft decode came out smaller than the tiles
+    sends less; then the file is read again.)"""
     if result.display is None:
         return False
     size = (result.display.shape[1], result.display.shape[0])
-    return size == display_size(result.geometry.original_size, tile) or size == tuple(
-        result.geometry.original_size
-    )
+    width, height = tile_size(result.geometry.original_size, tile)
+    return (size[0] >= width and size[1] >= height) or size == tuple(result.geometry.original_size)
 
 
 def methods_meta(result: ImageAttention, depth: int) -> list[dict]:
@@ -262,7 +263,7 @@ def write_image_outputs(result: ImageAttention, folder: Path, context: RunContex
     try:
         original_long = max(result.geometry.original_size)
         individual_long = min(max(original_long, options.tile), options.individual_size)
-        needed = max(options.tile, individual_long if options.per_head else 0)
+        needed = max(display_long_side(options.tile), individual_long if options.per_head else 0)
         if (
             result.display is not None
             and _display_fits(result, options.tile)
@@ -271,7 +272,7 @@ def write_image_outputs(result: ImageAttention, folder: Path, context: RunContex
             # The decoding worker already made the sheet-sized original: no second decode.
             image = Image.fromarray(result.display)
         else:
-            image = _load_original(result.path, needed)
+            image = _load_original(result.path, needed, exif=result.geometry.exif)
         folder.mkdir(parents=True, exist_ok=True)
         files: dict = {"sheet": "sheet.png"}
         write_atomic(
@@ -281,8 +282,13 @@ def write_image_outputs(result: ImageAttention, folder: Path, context: RunContex
         if options.per_head:
             size = display_size(result.geometry.original_size, individual_long)
             individual = []
+            key = key_pixels(
+                options.style.value, options.colormap.value, options.overlay_alpha, 160, 10
+            )
+            labels = key_labels(options.scale == Scale.per_map, one=True)
             for tile in all_tiles(result, image, options, size):
-                write_atomic(folder / f"{tile.stem}.png", png_bytes(tile.pixels))
+                pixels = captioned(tile.pixels, tile.title, tile.note, key, labels)
+                write_atomic(folder / f"{tile.stem}.png", png_bytes(pixels))
                 individual.append(f"{tile.stem}.png")
             files["per_head"] = individual
         if options.html:
@@ -341,12 +347,16 @@ def write_image_outputs(result: ImageAttention, folder: Path, context: RunContex
             "queries": [result.head_query, *result.queries],
             "prefix_mass": prefix_mass_meta(result),
             "methods": methods_meta(result, context.depth),
+            # A target naming the class of an earlier one (top1 and class3 when top-1 is
+            # class 3) has no maps of its own: target -> the target whose maps it shares.
+            "merged_targets": dict(result.merged_targets),
             "maps": {name: list(array.shape) for name, array in arrays.items()},
             "files": files,
         }
         # Non-UTF-8 names stay lossless: their bytes become \udcXX escapes (names.json_text).
         write_atomic(
-            folder / "meta.json", json_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+            folder / "meta.json",
+            json_text(json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n"),
         )
     except ImageDecodeError as error:
         raise RenderError(str(error)) from None
@@ -378,6 +388,7 @@ def write_explorer_page(result: ImageAttention, path: Path, context: RunContext)
     image, _ = open_image(
         result.path,
         draft_for=lambda w, h: display_size((w, h), min(EXPLORER_LONG_SIDE, max(w, h))),
+        exif=result.geometry.exif,
     )
     model = context.model.get("reference") or context.model.get("name") or "model"
     options = context.options

@@ -21,6 +21,7 @@ from ...runtime import BatchOptions, render_threads
 
 TILE_RANGE = (32, 1024)  # a sheet tile's long side, pixels; larger ones only make huge sheets
 MAX_BLUR = 10_000.0  # pixels of the original; far blurrier than any useful overlay
+MASK_ALPHA = 0.7  # --style mask: unattended parts keep 1 - 0.7 = 30% of their brightness
 
 
 class Choice(str, Enum):
@@ -38,7 +39,7 @@ class HeadFusion(Choice):
 
 class Style(Choice):
     heatmap = "heatmap"  # colormap blended with alpha
-    mask = "mask"  # the image dimmed where attention is low (the paper's Fig. 6)
+    mask = "mask"  # the image dimmed where attention is low (the paper's Fig. 6), to 30% at 0
 
 
 class Colormap(Choice):  # the names of colormaps.COLORMAPS (a test keeps them equal)
@@ -58,8 +59,8 @@ class Interpolation(Choice):
 
 
 class Scale(Choice):
-    per_map = "per-map"
-    shared = "shared"  # one range for all head and head-mean maps of an image
+    per_map = "per-map"  # each map from 0 to its own peak: every target's and head's map shows
+    shared = "shared"  # one range for all head and head-mean maps of an image, one per method
 
 
 class MapsFormat(Choice):
@@ -108,9 +109,11 @@ class AttentionOptions(BatchOptions):
     per_head: bool = False  # one PNG per overlay besides the sheet
     style: Style = Style.heatmap
     colormap: Colormap = Colormap.viridis
-    alpha: float | None = None  # resolved at construction: 0.5 for heatmap, 1.0 for mask
+    # Resolved at construction: 0.5 for heatmap; 0.7 for mask, which keeps the least attended
+    # parts at 30% brightness (1.0 is the paper's black).
+    alpha: float | None = None
     interpolation: Interpolation = Interpolation.bilinear
-    scale: Scale = Scale.shared  # per image: one range for the heads, one per method
+    scale: Scale = Scale.per_map  # shared: one range per image for the heads, one per method
     blur: float = 0.0  # Gaussian sigma in original pixels (the paper blurs with ~P)
     tile: int = 224  # long side of a sheet tile, pixels
     individual_size: int = 1024  # cap on the long side of --per-head PNGs
@@ -121,6 +124,7 @@ class AttentionOptions(BatchOptions):
     # Runtime
     batch_size: int | Literal["auto"] = field(default="auto", kw_only=True)  # auto: 32 or fewer
     int8: bool = False  # int8 Linear layers on the CPU (services/int8.py); no gradients
+    fast_decode: bool = False  # opt-in JPEG draft decoding (not the home's pixels)
     render_threads: int = field(default_factory=render_threads)  # 0: draw inline
 
     def __post_init__(self) -> None:
@@ -173,7 +177,7 @@ class AttentionOptions(BatchOptions):
                 raise OptionError(f"--threshold must be in (0, 1], got {self.threshold}")
             put("threshold", threshold)
         if self.alpha is None:
-            put("alpha", 0.5 if self.style == Style.heatmap else 1.0)
+            put("alpha", 0.5 if self.style == Style.heatmap else MASK_ALPHA)
         else:
             alpha = _number(self.alpha, "--alpha")
             if not 0.0 <= alpha <= 1.0:
@@ -220,6 +224,7 @@ class AttentionOptions(BatchOptions):
             "maps_format": self.maps_format.value,
             "per_head": self.per_head,
             "int8": self.int8,
+            "decode": "fast" if self.fast_decode else "exact",
         }
 
 

@@ -49,6 +49,6 @@ def preview(result: ImageAttention, image: Image.Image, options: AttentionOption
         result.geometry, size, result.grid_size, options.interpolation.value, options.blur
     )
     _, grid_map = preview_map(result)
-    low, high = value_range([grid_map], options.style.value)
+    low, high = value_range([grid_map])
     painter = Painter(np.asarray(base), sampler.inside, options)
     return painter.paint(normalise(sampler(grid_map), low, high))

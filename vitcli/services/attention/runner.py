@@ -23,6 +23,7 @@ from ...runtime import resolve_device
 from ...weights.format import ModelBundle
 from ..int8 import is_int8, prepare_int8
 from .batches import ImageAttention, attention_batches
+from .figure import display_long_side
 from .files import (
     MARKER,
     IndexEntry,
@@ -214,7 +215,7 @@ def run(
             options,
             errors=[item.error for item in items],
             # --per-head needs originals larger than a tile and reads the file again anyway.
-            display_long_side=None if options.per_head else options.tile,
+            display_long_side=None if options.per_head else display_long_side(options.tile),
         )
         if items
         else iter(())

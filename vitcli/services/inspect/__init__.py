@@ -10,7 +10,6 @@ the images, runs the model and writes the files. No typer or rich here.
 from __future__ import annotations
 
 import io
-import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,9 +25,11 @@ from ...data.loader import image_batches, normalize
 from ...errors import InputError, OptionError, VitError
 from ...fileio import atomic_write_bytes
 from ...runtime import check_batch_size, check_device, resolve_device
+from ...text import json_bytes
 from ...weights.format import ModelBundle
 from ...weights.resolve import as_bundle
 from ..batchrun import ProgressCallback
+from ..finite import require_finite
 from . import analysis, figures
 
 FILES = {
@@ -220,12 +221,13 @@ def run_inspect(
     on_progress: ProgressCallback | None = None,
 ) -> InspectSummary:
     """Compute and write the three panels of Fig. 7 and their numbers into `out_dir`."""
+    if batch_size is not None:
+        check_batch_size(batch_size)  # usage errors before the model loads
+    check_device(device)
     bundle = as_bundle(model_ref)
     started = time.perf_counter()
     if batch_size is None:
         batch_size = default_batch_size(bundle.config)
-    check_batch_size(batch_size)
-    check_device(device)
     if colormap not in figures.colormap_names():
         raise InputError(
             f"unknown --colormap {colormap!r}: use one of {', '.join(figures.colormap_names())}"
@@ -243,13 +245,16 @@ def run_inspect(
     )
 
     weight = bundle.model.patch_embed.proj.weight.detach().float().cpu().numpy()  # D,C,P,P
+    require_finite(weight, "patch_embed.proj.weight", model_name)
     pca = analysis.filter_components(weight)
     grid_h, grid_w = config.grid_size
     table = analysis.position_table(bundle.model)  # N,D
+    require_finite(table, "the position embedding", model_name)
     similarity = analysis.position_similarity(table, config.grid_size)  # Hp,Wp,Hp,Wp
     per_image, failures = attention_distances(
         bundle, image_set, batch_size=batch_size, device=device, on_progress=on_progress
     )
+    require_finite(per_image, "the attention weights", model_name)
     distances = per_image.mean(axis=0)  # L,nh
     uniform = analysis.uniform_distance(config.grid_size, config.patch_size)
 
@@ -354,7 +359,7 @@ def run_inspect(
     }
     atomic_write_bytes(
         out / FILES["json"],
-        (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode(),
+        json_bytes(report),
         durable=False,
     )
     written.append(out / FILES["json"])

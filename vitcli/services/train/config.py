@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ... import runtime
 from ...errors import InputError, OptionError, TrainingError
 from ...model.config import is_variant
 from ...runtime import check_batch_size, check_workers
@@ -22,7 +23,7 @@ from ..train_choices import Amp, Pool, PosEmbed
 
 # Bounds that keep every run finite and allocatable; generous for real use.
 MAX_EPOCHS = 100_000
-MAX_IMAGE_SIZE = 4096
+MAX_IMAGE_SIZE = runtime.MAX_IMAGE_SIDE
 MAX_ALPHA = 100.0  # Beta(alpha, alpha) of mixup/cutmix; huge alphas make betavariate spin
 MAX_RANDAUGMENT_OPS = 16
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; seed + epoch must stay inside
