@@ -90,7 +90,12 @@ class EmbedResult:
 class Embedder:
     """A model on a device, turning normalised pixel batches into embeddings."""
 
-    def __init__(self, bundle: ModelBundle, options: EmbedOptions) -> None:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        options: EmbedOptions,
+        on_note: Callable[[str], None] | None = None,
+    ) -> None:
         config = bundle.config
         if options.pool in ("cls", "cls+mean") and not config.class_token:
             raise OptionError(
@@ -99,7 +104,7 @@ class Embedder:
         self.bundle = bundle
         self.pool = options.pool
         self.device = resolve_device(
-            prepare_int8(bundle, options.int8, options.device, options.dtype, "embed")
+            prepare_int8(bundle, options.int8, options.device, options.dtype, "embed", on_note)
         )
         self.dtype, self.warning = resolve_dtype(options.dtype, self.device)
         self.model = bundle.model.eval().to(device=self.device, dtype=self.dtype)
@@ -162,8 +167,9 @@ class EmbedRun(OrderedRun):
         items: list[InputItem],
         options: EmbedOptions,
         on_progress: ProgressCallback | None = None,
+        on_note: Callable[[str], None] | None = None,
     ) -> None:
-        self.embedder = Embedder(bundle, options)
+        self.embedder = Embedder(bundle, options, on_note)
         super().__init__(
             items,
             lambda chosen: self.embedder.batches(chosen, options),
@@ -311,11 +317,9 @@ def run(
         main = distributed.is_main()
         items = share_inputs(collect)
         bundle = load_model(options.model)
-        # Before EmbedRun (whose own call is then a no-op): see predict.run.
-        prepare_int8(
-            bundle, options.int8, options.device, options.dtype, "embed", on_note if main else None
+        embed = EmbedRun(
+            bundle, items, options, on_progress if main else None, on_note if main else None
         )
-        embed = EmbedRun(bundle, items, options, on_progress if main else None)
         if embed.embedder.warning and main and on_warning is not None:
             on_warning(embed.embedder.warning)
         sink: _JsonLinesSink | _MatrixSink | None = None

@@ -130,20 +130,19 @@ def run(
     png = Path(options.confusion_png) if options.confusion_png else None
     if options.int8:
         check_int8_options(options.device)
-    device = resolve_device(options.device)  # a bad --device fails before the model loads
+    resolve_device(options.device)  # a bad --device fails before the model loads
     resolve_workers(options.workers)
     bundle = load_model(options.model)
-    device = resolve_device(
-        prepare_int8(bundle, options.int8, options.device, command="eval", on_note=on_note)
-    )
     result = evaluate(
         options.data,
         bundle,
         batch_size=options.batch_size,
         workers=options.workers,
-        device=device,
+        device=options.device,
         on_progress=on_progress,
         fast_decode=options.fast_decode,
+        int8=options.int8,
+        on_note=on_note,
     )
     from .confusion import confusion_png  # Pillow drawing, only when a picture is asked for
 
@@ -175,6 +174,8 @@ def evaluate(
     device: str | torch.device = "auto",
     on_progress: Callable[[EvalEvent], None] | None = None,
     fast_decode: bool = False,
+    int8: bool = False,
+    on_note: Callable[[str], None] | None = None,
 ) -> EvalResult:
     """Run the model over every image of an ImageFolder tree with the model's own preprocessing."""
     check_batch_size(batch_size)
@@ -201,7 +202,8 @@ def evaluate(
     data = relabel(folder, labels, what="evaluation")
     if isinstance(device, torch.device):
         device = str(device)
-    target = resolve_device(prepare_int8(bundle, False, device))  # an int8 model: the CPU
+    # The one int8 decision: --int8, or an int8 file, runs on the CPU.
+    target = resolve_device(prepare_int8(bundle, int8, device, command="eval", on_note=on_note))
     model = bundle.model.to(target).eval()
     dataset = FolderDataset(data, bundle.preprocess, draft=fast_decode)
     loader = make_loader(dataset, ShardSampler(len(dataset)), batch_size, workers)

@@ -108,7 +108,12 @@ TableFactory = Callable[[list[str], list[str], int], RecordSink]
 class Predictor:
     """A model on a device, turning pixel batches into top-k predictions."""
 
-    def __init__(self, bundle: ModelBundle, options: PredictOptions) -> None:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        options: PredictOptions,
+        on_note: Callable[[str], None] | None = None,
+    ) -> None:
         num_classes = bundle.config.num_classes
         if num_classes < 1 or bundle.config.head_kind == "projection":
             raise VitError(
@@ -119,8 +124,10 @@ class Predictor:
         self.options = options
         self.labels = list(bundle.labels)
         self.top_k = min(options.top_k, num_classes)  # clipped to the number of classes
+        # The one int8 decision of the run (`on_note`: a first --int8 run builds its graph,
+        # and the user hears why it takes a while).
         self.device = resolve_device(
-            prepare_int8(bundle, options.int8, options.device, options.dtype, "predict")
+            prepare_int8(bundle, options.int8, options.device, options.dtype, "predict", on_note)
         )
         self.dtype, self.warning = resolve_dtype(options.dtype, self.device)
         self.model = bundle.model.eval().to(device=self.device, dtype=self.dtype)
@@ -190,9 +197,10 @@ class PredictRun(OrderedRun):
         items: Sequence[InputItem],
         options: PredictOptions | None = None,
         on_progress: ProgressCallback | None = None,
+        on_note: Callable[[str], None] | None = None,
     ) -> None:
         self.options = options if options is not None else PredictOptions()
-        self.predictor = Predictor(bundle, self.options)
+        self.predictor = Predictor(bundle, self.options, on_note)
         super().__init__(items, self.predictor.batches, self.options.batch_size, on_progress)
 
     @property
@@ -252,17 +260,13 @@ def run(
         main = distributed.is_main()
         items = share_inputs(collect)
         bundle = load_model(options.model)
-        # Before PredictRun (whose own call is then a no-op): a first --int8 run of a model
-        # builds its graph, and the user hears why it takes a while.
-        prepare_int8(
+        predict = PredictRun(
             bundle,
-            options.int8,
-            options.device,
-            options.dtype,
-            "predict",
-            on_note if main else None,
+            items,
+            options,
+            on_progress if main else None,
+            on_note=on_note if main else None,
         )
-        predict = PredictRun(bundle, items, options, on_progress if main else None)
         if predict.warning and main and on_warning is not None:
             on_warning(predict.warning)
         top_k = predict.predictor.top_k
