@@ -61,8 +61,7 @@ class _EngineOutputs(nn.Module):
             tokens, _ = model.forward_features(pixel_values)  # B,T,D
             logits = model.forward_head(tokens)
             # ViT.embed on the same tokens (calling it would trace the encoder twice).
-            pooled = model.pool(tokens)
-            embedding = model.head(pooled) if model.config.head_kind == "projection" else pooled
+            embedding = model.project(model.pool(tokens))
             # The exporter cannot name one tensor twice (a model without classes has an
             # Identity head): the + 0 makes the embedding a tensor of its own.
             return logits, embedding + 0, tokens
