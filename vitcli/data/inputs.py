@@ -15,11 +15,12 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from ..text import terminal_safe
 from .images import is_image_path
 
 _DIGITS = re.compile(r"(\d+)")
@@ -234,16 +235,88 @@ def _stdin_lines(stdin: Iterable[str] | None) -> Iterator[str]:
         yield os.fsdecode(raw)
 
 
+@dataclass
+class EarlierRuns:
+    """What a folder scan or glob leaves out so that a command's outputs never become its next
+    inputs: anything inside `out_dir`, and, below the scan's start, any folder holding
+    `marker` (an earlier run's output folder). Files named one by one are always kept (the
+    user asked for them). `skipped` counts the images left out."""
+
+    out_dir: Path
+    marker: str
+    option: str = "--out"  # the option that named out_dir, for the error message
+    skipped: int = 0
+
+    def keep(self, argument: str, found: list[InputItem]) -> list[InputItem]:
+        if not _is_scan(argument):
+            return found
+        root = _scan_root(argument)
+        if is_within(root, self.out_dir):
+            raise InputError(
+                f"{self.option} {terminal_safe(str(self.out_dir))} holds the input folder "
+                f"{terminal_safe(argument)}: its images would be skipped as outputs; pick an "
+                f"{self.option} outside the inputs"
+            )
+        is_output = self._output_folder_test(root)
+        kept = []
+        for item in found:
+            if item.error is None and is_output(os.path.dirname(os.path.abspath(item.path))):
+                self.skipped += 1
+            else:
+                kept.append(item)
+        return kept
+
+    def _output_folder_test(self, root: str) -> Callable[[str], bool]:
+        """folder -> whether it is out_dir or inside it, or below `root` and inside a folder
+        holding the marker (answers cached: one check per folder, not per file)."""
+        verdicts: dict[str, bool] = {}
+
+        def is_output(folder: str) -> bool:
+            if folder not in verdicts:
+                parent = os.path.dirname(folder)
+                verdicts[folder] = is_within(folder, self.out_dir) or (
+                    folder != root
+                    and parent != folder
+                    and (os.path.exists(os.path.join(folder, self.marker)) or is_output(parent))
+                )
+            return verdicts[folder]
+
+        return is_output
+
+
+def _is_scan(argument: str) -> bool:
+    """Whether an argument names many files (a folder or a glob) rather than one."""
+    if argument == "-":
+        return False
+    path = Path(argument).expanduser()
+    return path.is_dir() or (not path.exists() and glob.has_magic(argument))
+
+
+def _scan_root(argument: str) -> str:
+    """The folder a scan starts from: the folder itself, or a glob's leading plain folders."""
+    path = os.path.expanduser(argument)
+    if os.path.isdir(path):
+        return os.path.abspath(path)
+    parts = []
+    for part in Path(path).parts:
+        if glob.has_magic(part):
+            break
+        parts.append(part)
+    return os.path.abspath(os.path.join(*parts) if parts else ".")
+
+
 def collect_inputs(
     arguments: Iterable[str],
     stdin: Iterable[str] | None = None,
     *,
     exclude: Iterable[str | Path] = (),
+    earlier_runs: EarlierRuns | None = None,
 ) -> list[InputItem]:
     """Expand arguments in the order given. Folders are scanned recursively (images only, in
     natural order, other files skipped silently); globs are expanded; '-' reads paths from
     stdin, one per line. A named file that isn't a regular image file becomes an item with an
-    error. Anything inside an `exclude` folder is left out (e.g. a command's own output folder).
+    error. Anything inside an `exclude` folder is left out (e.g. a command's own output folder);
+    `earlier_runs` leaves a command's earlier outputs out of scans (and counts them).
     """
     excluded = _Excluded(exclude)
     items: list[InputItem] = []
@@ -256,7 +329,8 @@ def collect_inputs(
                 if line:
                     items.extend(_expand_one(line, excluded))
             continue
-        items.extend(_expand_one(argument, excluded))
+        found = _expand_one(argument, excluded)
+        items.extend(earlier_runs.keep(argument, found) if earlier_runs is not None else found)
     if not seen_any:
         raise InputError(
             "no inputs given: pass image files, folders, globs, or '-' to read paths from stdin"
