@@ -13,7 +13,7 @@ import typer
 from ..errors import InputError, OptionError
 from ..runtime import MAX_IMAGE_SIDE
 
-MIN_OPSET, MAX_OPSET = 14, 20  # the TorchScript exporter's range (services/export.py)
+MIN_OPSET, MAX_OPSET = 14, 20  # the TorchScript exporter's range (services/onnx_graph.py)
 
 
 def parse_image_size(text: str | None) -> tuple[int, int] | None:

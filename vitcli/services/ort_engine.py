@@ -31,7 +31,7 @@ from .._version import __version__
 from ..fileio import atomic_write_bytes
 from ..model import ViT, ViTConfig
 from ..weights.format import ModelBundle
-from .export import (
+from .onnx_graph import (
     DEFAULT_OPSET,
     INPUT_NAME,
     build_graph,
