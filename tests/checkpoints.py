@@ -27,6 +27,16 @@ UNSAFE_ADVICE = ("weights_only", "allow_pickle", "trust")
 savez = cast(Any, np.savez)  # numpy's stubs take **arrays for its own keyword arguments
 
 
+def randomise_hf(model, seed: int = 0):
+    """A transformers model with every parameter drawn from N(0, 0.2), position tables from
+    N(0, 1) (5x larger: a wrong resampling rule then shows far above the tests' tolerance)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.normal_(0.0, 1.0 if "position" in name else 0.2)
+    return model.eval()
+
+
 def tiny_config(**overrides: Any) -> ViTConfig:
     """A tiny ViTConfig (32x32, patch 8, width 32, depth 2, 4 heads, 5 classes) with overrides."""
     return ViTConfig(**{**TINY, **overrides})

@@ -128,3 +128,30 @@ def test_two_real_runs_into_one_folder_one_is_refused_and_the_other_is_whole(col
         timeout=300,
     )
     assert again.returncode == 0, again.stderr.decode()
+
+
+class _Runs:
+    """Pickles a call: unpickling it would create the file `target` (it must never exist)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_a_pickled_state_is_refused_without_unsafe_advice(colours, tmp_path):
+    import torch
+
+    out = tmp_path / "run"
+    run(tiny(colours, out, epochs=1))
+    marker = tmp_path / "ran"
+    torch.save(
+        {"format": "vitcli-train-state", "epoch": 1, "x": _Runs(str(marker))}, out / "state.pt"
+    )
+    result = CliRunner().invoke(app, ["train", "--resume", str(out), "--epochs", "2"])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "holds pickled Python objects" in lines[0]
+    assert "weights_only" not in result.output and "trust" not in result.output
+    assert not marker.exists()

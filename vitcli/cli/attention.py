@@ -123,18 +123,19 @@ def register(app: typer.Typer) -> None:
             float,
             typer.Option(
                 "--discard-ratio",
-                metavar="[0,1)",
-                help="Rollout: zero this fraction of the lowest patch weights per row (CLS kept).",
+                metavar="X",
+                help="Rollout: zero this fraction (0 to below 1) of the lowest patch weights per "
+                "row (CLS kept).",
             ),
         ] = 0.0,
         threshold: Annotated[
             float | None,
             typer.Option(
                 "--threshold",
-                metavar="(0,1]",
+                metavar="X",
                 show_default=False,
-                help="Outline, per head, the top patches holding this share of the mass "
-                "(DINO; e.g. 0.6).",
+                help="Outline, per head, the top patches holding this share (above 0, up to 1) "
+                "of the mass (DINO; e.g. 0.6).",
             ),
         ] = None,
         per_head: Annotated[
@@ -164,9 +165,9 @@ def register(app: typer.Typer) -> None:
             float | None,
             typer.Option(
                 "--alpha",
-                metavar="[0,1]",
+                metavar="X",
                 show_default=False,
-                help="Overlay strength. \\[default: 0.5 heatmap, 0.7 mask]",
+                help="Overlay strength, 0 to 1. \\[default: 0.5 heatmap, 0.7 mask]",
             ),
         ] = None,
         interpolation: Annotated[
@@ -195,9 +196,9 @@ def register(app: typer.Typer) -> None:
             int,
             typer.Option(
                 "--tile",
-                metavar="32..1024",
-                help="Sheet tile size, px: a square image's side; other shapes keep its area "
-                "(a 4:1 image's tiles are 2x wide, 1/2 high).",
+                metavar="N",
+                help="Sheet tile size, 32 to 1024 px: a square image's side; other shapes keep "
+                "its area (a 4:1 image's tiles are 2x wide, 1/2 high).",
             ),
         ] = 224,
         html: Annotated[
@@ -238,8 +239,8 @@ def register(app: typer.Typer) -> None:
         fast_decode: FastDecodeOption = False,
         quiet: QuietOption = False,
     ) -> None:
-        """Attention maps: per-head CLS maps, rollout, and class-specific maps (gae, attribution,
-        gradcam) as overlays on the original image.
+        """Attention maps: per-head CLS maps, rollout, and class-specific maps (gae, attribution, \
+gradcam) as overlays on the original image.
 
         Writes OUT/<image stem>/sheet.png, maps.safetensors (or .npy) and meta.json per image.
         """
@@ -248,7 +249,7 @@ def register(app: typer.Typer) -> None:
         prefer_passive_waiting()  # before torch loads: decoders share the CPU with the model
         from rich.markup import escape
 
-        from ..console import err, make_progress, print_error, print_warning
+        from ..console import make_progress, print_error, print_line, print_warning
         from ..services.attention import AttentionOptions, Progress, run
 
         heads, methods = parse_method_options(method, rollout)
@@ -305,6 +306,6 @@ def register(app: typer.Typer) -> None:
             line += f" in {summary.seconds:.1f} s"
             if summary.index_html is not None:
                 line += f"; contact sheet {escape(terminal_safe(str(summary.index_html)))}"
-            err.print(line, highlight=False, soft_wrap=True)
+            print_line(line)
         if summary.failures:
             raise typer.Exit(1)

@@ -12,7 +12,7 @@ from enum import Enum
 from typing import Annotated
 
 import typer
-from typer.core import TyperArgument, TyperCommand
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from ..runtime import MAX_BATCH
 
@@ -123,11 +123,57 @@ class Command(TyperCommand):
                 param.metavar = ""
             param._get_number_range_help_str = _no_range  # type: ignore[attr-defined]
 
+    def invoke(self, ctx):
+        # `vit train -q` still logs its notes (one plain line per epoch); elsewhere -q is silence.
+        _note_run_folder(ctx.params, quiet=bool(ctx.params.get("quiet")) and self.name != "train")
+        return super().invoke(ctx)
+
     def get_help_option(self, ctx):
         option = super().get_help_option(ctx)
         if option is not None:
             option.metavar = ""
         return option
+
+
+class Group(TyperGroup):
+    """A command group whose --help reads like a command's: flags (--version, the completion
+    options typer adds after construction, --help) show no `<bool>` placeholder."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+def _note_run_folder(params: dict, quiet: bool) -> None:
+    """`-m runs/a` (a `vit train --out` folder): one note naming the model file it stands for,
+    before anything loads. Every command's model is its `model` parameter (`source` in
+    `vit convert`)."""
+    import os
+
+    reference = params.get("model", params.get("source"))
+    if reference is None and "model" in params:
+        reference = os.environ.get("VIT_MODEL", "").strip() or None
+    if not isinstance(reference, str) or quiet:
+        return
+    if not os.path.isdir(os.path.expanduser(reference)):
+        return
+    from ..distributed import is_main
+    from ..weights.resolve import run_folder_model
+
+    found = run_folder_model(os.path.expanduser(reference))
+    if found is not None and is_main():
+        from ..console import print_note
+
+        print_note(found[1])
 
 
 def _no_type(ctx=None) -> None:

@@ -9,9 +9,21 @@ import typer
 
 from ..runtime import MAX_IMAGE_SIDE
 from ..text import terminal_safe
-from .common import QuietOption
+from .common import Group, QuietOption
 
-data_app = typer.Typer(help="Dataset utilities.", no_args_is_help=True)
+GROUP_EXAMPLES = """\
+[bold]Examples[/]
+
+  vit data shapes shapes/ --per-class 100       [dim]# six classes, one shape per image[/]
+  vit data shapes pairs/ --objects 2 --per-class 40   [dim]# two shapes per image[/]
+"""
+
+data_app = typer.Typer(
+    cls=Group,
+    help="Dataset utilities: synthetic labelled image folders to train, evaluate and score on.",
+    epilog=GROUP_EXAMPLES,
+    no_args_is_help=True,
+)
 
 MAX_PER_CLASS = 1_000_000
 MAX_IMAGE_SIZE = MAX_IMAGE_SIDE
@@ -87,10 +99,10 @@ def shapes(
 ) -> None:
     """Generate a deterministic synthetic dataset of shapes, with each object's mask.
 
-    Six classes (circle, cross, ring, square, star, triangle) of random colour, size, rotation
-    and position on gradient, photo-like and textured backgrounds. Images go to
-    OUT_DIR/<class>/*.jpg, masks to OUT_DIR/.masks/<class>/*.png, a summary to OUT_DIR/shapes.json.
-    Guide: docs/train.md.
+    Six classes (circle, cross, ring, square, star, triangle) of random colour, size, rotation \
+and position on gradient, photo-like and textured backgrounds. Images go to \
+OUT_DIR/<class>/*.jpg, masks to OUT_DIR/.masks/<class>/*.png, a summary to OUT_DIR/shapes.json. \
+Guide: docs/train.md.
     """
     from ..console import err, make_progress, print_warning
     from ..data.shapes import SHAPES, generate

@@ -29,11 +29,22 @@ def evaluate(
     model: ModelOption = None,
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="Write the results to FILE.json or FILE.csv."),
+        typer.Option(
+            "--output",
+            "-o",
+            dir_okay=False,
+            metavar="FILE",
+            help="Write the results to FILE.json or FILE.csv.",
+        ),
     ] = None,
     confusion_png: Annotated[
         Path | None,
-        typer.Option("--confusion-png", help="Save the confusion matrix as a PNG heat map."),
+        typer.Option(
+            "--confusion-png",
+            dir_okay=False,
+            metavar="FILE",
+            help="Save the confusion matrix as a PNG heat map.",
+        ),
     ] = None,
     batch_size: BatchSizeOption = 64,
     workers: WorkersOption = None,
@@ -53,8 +64,8 @@ def evaluate(
 ) -> None:
     """Evaluate a model on a labelled image folder: top-1, top-5, per-class accuracy, confusion.
 
-    Exit status 1 when any image could not be decoded (the others are still evaluated and the
-    files still written); a class none of whose images decoded has no accuracy and is an error.
+    Exit status 1 when any image could not be decoded (the others are still evaluated and the \
+files still written); a class none of whose images decoded has no accuracy and is an error.
     """
     from ..console import err, make_progress, print_error, print_note, print_warning
     from ..console import out as stdout

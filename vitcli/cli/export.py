@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from ..errors import InputError, OptionError
+from ..errors import OptionError
 from ..runtime import MAX_IMAGE_SIDE
 
 MIN_OPSET, MAX_OPSET = 14, 20  # the TorchScript exporter's range (services/onnx_graph.py)
@@ -49,9 +49,10 @@ def export(
     image_size: str | None = typer.Option(
         None,
         "--image-size",
-        metavar="HxW",
+        metavar="SIZE",
         show_default=False,
-        help="Input size baked into the graph. \\[default: the model's preprocessing size]",
+        help="Input size baked into the graph: N or HxW. "
+        "\\[default: the model's preprocessing size]",
     ),
     opset: int | None = typer.Option(
         None,
@@ -76,9 +77,9 @@ def export(
     Needs the onnx extra: pip install 'vitcli[onnx]'. Guide: docs/export.md.
     """
     if destination.suffix.lower() != ".onnx":
-        raise InputError(f"{destination}: the output must end in .onnx")
+        raise OptionError(f"{destination}: the output must end in .onnx")
     if destination.is_dir():
-        raise InputError(f"{destination}: is a folder; give a file name ending in .onnx")
+        raise OptionError(f"{destination}: is a folder; give a file name ending in .onnx")
     size = parse_image_size(image_size)
     from ..services.export import require_onnx
 

@@ -47,7 +47,8 @@ def _render_info(info: dict) -> None:
         ("parameters", _count(info["num_parameters"])),
         *_family_rows(info["family"]),
         ("position embedding", printable(f"{config['pos_embed']}, pool {config['pool']}")),
-        ("activation / ln eps", printable(f"{config['act']} / {config['ln_eps']:g}")),
+        # The activation is in the family's "mlp" row above.
+        ("layer norm eps", f"{config['ln_eps']:g}"),
         ("qkv bias", str(config["qkv_bias"])),
     ]
     labels = info["labels"]
@@ -79,6 +80,7 @@ def _render_info(info: dict) -> None:
         "layout": "npz layout",
         "prefix": "npz key prefix",
         "weights_file": "weights file",
+        "run_model": "run folder",  # `-m runs/a`: which file of the run
         "quantization": "int8 weights",  # `vit convert --int8`: runs on the CPU only
     }
     for key, title in shown_extra.items():
@@ -186,7 +188,9 @@ def convert(
 
 def fetch(
     repo_id: str = typer.Argument(..., help="A hub id such as google/vit-base-patch16-224."),
-    revision: str = typer.Option(None, "--revision", help="Branch, tag or commit (default: main)."),
+    revision: str = typer.Option(
+        None, "--revision", metavar="REV", help="Branch, tag or commit (default: main)."
+    ),
 ) -> None:
     """Download a hub model into the Hugging Face cache so later runs work offline."""
     from ..console import out

@@ -34,7 +34,11 @@ def score(
     output: Annotated[
         Path | None,
         typer.Option(
-            "--output", "-o", metavar="FILE", help="Also write the scores as JSON to this file."
+            "--output",
+            "-o",
+            metavar="FILE",
+            dir_okay=False,
+            help="Also write the scores as JSON to this file.",
         ),
     ] = None,
     steps: Annotated[
@@ -69,9 +73,9 @@ def score(
 ) -> None:
     """Score explanation methods against the object masks of a shapes folder.
 
-    Per method: pointing game on the target's object and on the other object, mass on each
-    vs its area share, deletion and insertion AUC, and ms per map; a random map is the
-    control. Generate data with `vit data shapes DIR --objects 2`. Guide: docs/explain.md.
+    Per method: pointing game on the target's object and on the other object, mass on each \
+vs its area share, deletion and insertion AUC, and ms per map; a random map is the \
+control. Generate data with `vit data shapes DIR --objects 2`. Guide: docs/explain.md.
     """
     from ..console import err, make_progress
     from ..errors import InputError

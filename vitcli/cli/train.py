@@ -32,11 +32,15 @@ def train(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Output folder for checkpoints, metrics and config."),
+        typer.Option(
+            "--out", "-o", metavar="DIR", help="Output folder for checkpoints, metrics and config."
+        ),
     ] = None,
     resume: Annotated[
         Path | None,
-        typer.Option("--resume", help="Continue the run saved in this folder, up to --epochs."),
+        typer.Option(
+            "--resume", metavar="DIR", help="Continue the run saved in this folder, up to --epochs."
+        ),
     ] = None,
     model: Annotated[
         str,
@@ -61,7 +65,10 @@ def train(
     epochs: Annotated[
         int | None,
         typer.Option(
-            "--epochs", help="Epochs. \\[default: 30 scratch, 10 fine-tune]", show_default=False
+            "--epochs",
+            metavar="N",
+            help="Epochs. \\[default: 30 scratch, 10 fine-tune]",
+            show_default=False,
         ),
     ] = None,
     batch_size: BatchSizeOption = 64,
@@ -69,6 +76,7 @@ def train(
         int | None,
         typer.Option(
             "--image-size",
+            metavar="N",
             help="Input side, 8 to 4096, a multiple of the patch size. "
             "\\[default: 224 scratch, the model's own when fine-tuning]",
             show_default=False,
@@ -180,18 +188,24 @@ def train(
     depth: Annotated[
         int | None,
         typer.Option(
-            "--depth", help="Override the variant's number of blocks.", rich_help_panel=_SCRATCH
+            "--depth",
+            metavar="N",
+            help="Override the variant's number of blocks.",
+            rich_help_panel=_SCRATCH,
         ),
     ] = None,
     width: Annotated[
         int | None,
-        typer.Option("--width", help="Override the variant's width D.", rich_help_panel=_SCRATCH),
+        typer.Option(
+            "--width", metavar="N", help="Override the variant's width D.", rich_help_panel=_SCRATCH
+        ),
     ] = None,
     heads: Annotated[
         int | None,
         typer.Option(
             "--heads",
             "--num-heads",
+            metavar="N",
             help="Override the variant's number of heads.",
             rich_help_panel=_SCRATCH,
         ),
@@ -199,7 +213,10 @@ def train(
     mlp_dim: Annotated[
         int | None,
         typer.Option(
-            "--mlp-dim", help="Override the variant's MLP size.", rich_help_panel=_SCRATCH
+            "--mlp-dim",
+            metavar="N",
+            help="Override the variant's MLP size.",
+            rich_help_panel=_SCRATCH,
         ),
     ] = None,
     dropout: Annotated[
@@ -218,7 +235,7 @@ def train(
     ] = 0,
     val: Annotated[
         Path | None,
-        typer.Option("--val", help="Validation folder (the same class subfolders)."),
+        typer.Option("--val", metavar="DIR", help="Validation folder (the same class subfolders)."),
     ] = None,
     val_split: Annotated[
         float,
@@ -236,10 +253,13 @@ def train(
 ) -> None:
     """Train a ViT on an image folder, from scratch or by fine-tuning; resumable.
 
-    Writes OUT/last.safetensors and OUT/best.safetensors (ready for `vit predict --model`),
-    OUT/state.pt (to --resume), OUT/metrics.jsonl, OUT/metrics.csv and OUT/config.json, and
-    prints the best model's path on stdout. Under torchrun it trains with
-    DistributedDataParallel and only rank 0 writes. Ctrl-C keeps the last finished epoch.
+    Writes OUT/last.safetensors and OUT/best.safetensors, OUT/state.pt (to --resume), \
+OUT/metrics.jsonl, OUT/metrics.csv and OUT/config.json, and prints the best model's path on \
+stdout; OUT itself is a model for --model elsewhere (its best epoch). Under torchrun it trains \
+with DistributedDataParallel and only rank 0 writes. Ctrl-C keeps the last finished epoch.
+
+    On a CPU, fine-tuning the bundled model (--model bundled) learns a new task in minutes; \
+from scratch takes far longer, and the run says how long after its first steps.
     """
     from ..services.train import TrainConfig
     from ..services.train import run as run_training

@@ -336,6 +336,7 @@ class Preprocess:
         """torchvision's resize of a uint8 CHW tensor, as transformers' default backend calls
         it (tvF.resize(..., antialias=True)), then the crop: same kernels, same casts."""
         import torch  # here: the recipe itself is plain data, importable without torch
+
         x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
         x = x[None]  # 1,C,H,W
         if tuple(x.shape[-2:]) != resized_hw:
@@ -363,6 +364,7 @@ def _native_uint8_bilinear() -> bool:
     """torchvision resizes uint8 bilinear natively only on AVX2/AVX-512 x86 and on Arm;
     elsewhere through float32 and a rounding cast. Mirrored so the bytes are the same."""
     import torch
+
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in (
         "aarch64",
         "arm64",

@@ -19,8 +19,11 @@ Decoding, batching, failures and torchrun sharding are predict's (services/batch
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +34,8 @@ import torch
 from .. import distributed
 from ..data.images import pixel_limit
 from ..data.inputs import InputItem, collect_inputs, refuse_output_among_inputs
-from ..errors import OptionError, OutputError
-from ..fileio import atomic_write_bytes
+from ..errors import OptionError
+from ..fileio import atomic_write_bytes, output_errors, temp_file_beside, write_target
 from ..runtime import BatchOptions, resolve_device, resolve_dtype
 from ..weights.format import ModelBundle
 from .batchrun import LoaderOptions, OrderedRun, ProgressCallback, Summary, drain, model_batches
@@ -129,7 +132,9 @@ class Embedder:
 
     @torch.inference_mode()
     def compute(self, inputs: torch.Tensor) -> list[dict | str]:
-        vectors = self.vectors(inputs).cpu().numpy()
+        # A copy: `model.embed` may return a view of the (B, T, D) tokens, which a row kept by
+        # a writer would hold alive (~150 KB per image for a B/16).
+        vectors = self.vectors(inputs).cpu().numpy().copy()
         finite = np.isfinite(vectors).all(axis=1)
         return [
             {"embedding": row}
@@ -199,57 +204,89 @@ class _JsonLinesSink:
 
 
 class _MatrixSink:
-    """Collects rows; writes .npy (+ sidecar) or .safetensors atomically on close()."""
+    """Streams rows as raw float32 to a temporary file beside the output, then writes .npy
+    (+ sidecar) or .safetensors atomically on close(): memory stays flat in the number of
+    images (only the paths are held), the output appears whole or not at all."""
 
     def __init__(self, path: Path, kind: str, dim: int) -> None:
         if path.is_dir():
             raise OptionError(f"--output {path}: is a folder; give a file name such as emb.npy")
         self.path, self.kind, self.dim = path, kind, dim
-        self.rows: list[np.ndarray] = []
+        self.rows = 0
         self.index: list[dict] = []  # per input: {"path", "row"} or {"path", "error"}
+        with output_errors(f"--output {path}"):
+            fd, self.raw_path = temp_file_beside(write_target(path))
+        self.raw = os.fdopen(fd, "w+b")
 
     def write(self, records: list[dict]) -> None:
+        rows = []
         for record in records:
             if "embedding" in record:
-                self.index.append({"path": record["path"], "row": len(self.rows)})
-                self.rows.append(record["embedding"])
+                self.index.append({"path": record["path"], "row": self.rows})
+                rows.append(record["embedding"])
+                self.rows += 1
             else:
                 self.index.append({"path": record["path"], "error": record["error"]})
+        if rows:
+            with output_errors(f"--output {self.path}"):
+                self.raw.write(np.stack(rows).astype("<f4", copy=False).tobytes())
 
     def close(self) -> None:
-        matrix = (
-            np.stack(self.rows).astype(np.float32, copy=False)
-            if self.rows
-            else np.zeros((0, self.dim), dtype=np.float32)
-        )
-        try:
+        with output_errors(f"--output {self.path}"):
+            self.raw.flush()
+            self.raw.seek(0)
             if self.kind == "npy":
                 sidecar = "".join(json_line(entry) + "\n" for entry in self.index)
                 atomic_write_bytes(sidecar_path(self.path), sidecar.encode("utf-8"))
-                buffer = io.BytesIO()
-                np.save(buffer, matrix, allow_pickle=False)
-                atomic_write_bytes(self.path, buffer.getvalue())
+                header = io.BytesIO()
+                np.lib.format.write_array_header_1_0(
+                    header, {"descr": "<f4", "fortran_order": False, "shape": (self.rows, self.dim)}
+                )
+                self._write_file(header.getvalue())
             else:
-                from safetensors.torch import save
+                self._write_file(self._safetensors_header())
+        self.abort()  # the raw rows are in the output now
 
-                paths = [entry["path"] for entry in self.index if "row" in entry]
-                errors = [entry for entry in self.index if "error" in entry]
-                metadata = {
-                    "format": "vitcli-embeddings",
-                    # ASCII JSON: a name that is not UTF-8 stays a \udcXX escape, lossless.
-                    "paths": json.dumps(paths, ensure_ascii=True),
-                    "errors": json.dumps(errors, ensure_ascii=True),
-                }
-                data = save({"embeddings": torch.from_numpy(matrix)}, metadata=metadata)
-                atomic_write_bytes(self.path, data)
-        except OSError as error:
-            raise OutputError(
-                f"--output {self.path}: cannot write ({error.strerror or error}); "
-                "choose another path"
-            ) from None
+    def _safetensors_header(self) -> bytes:
+        """The safetensors header for one F32 tensor "embeddings" (rows, dim), padded with
+        spaces to 8 bytes as the library writes it."""
+        size = self.rows * self.dim * 4
+        paths = [entry["path"] for entry in self.index if "row" in entry]
+        errors = [entry for entry in self.index if "error" in entry]
+        header = {
+            "__metadata__": {
+                "format": "vitcli-embeddings",
+                # ASCII JSON: a name that is not UTF-8 stays a \udcXX escape, lossless.
+                "paths": json.dumps(paths, ensure_ascii=True),
+                "errors": json.dumps(errors, ensure_ascii=True),
+            },
+            "embeddings": {
+                "dtype": "F32",
+                "shape": [self.rows, self.dim],
+                "data_offsets": [0, size],
+            },
+        }
+        text = json.dumps(header, ensure_ascii=True, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        return len(text).to_bytes(8, "little") + text
+
+    def _write_file(self, header: bytes) -> None:
+        """`header` then the raw rows, to a temp file renamed over the output."""
+        target = write_target(self.path)
+        fd, tmp = temp_file_beside(target)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(header)
+                shutil.copyfileobj(self.raw, handle, 1 << 20)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def abort(self) -> None:
-        self.rows.clear()
+        with contextlib.suppress(OSError):
+            self.raw.close()
+        Path(self.raw_path).unlink(missing_ok=True)
 
 
 def sidecar_path(output: Path) -> Path:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import OptionError
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, output_errors
 from ..model import ViT
 from ..model.int8 import QUANTIZED_LAYERS
 from ..weights.format import ModelBundle
@@ -182,7 +182,8 @@ def export_onnx(
             result.notes.append(f"not verified: onnxruntime is not installed ({INSTALL_HINT})")
     finally:
         original.train(was_training)
-    atomic_write_bytes(path, graph_bytes)
+    with output_errors(str(path)):
+        atomic_write_bytes(path, graph_bytes)
     return result
 
 

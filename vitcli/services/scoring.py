@@ -179,7 +179,9 @@ def shapes_objects(data_dir: str | Path) -> tuple[list[str], list[dict[str, Path
     images = sorted((str(p) for p in root.glob("*/*.jpg")), key=natural_key)
     if not images:
         raise DatasetError(
-            f"{root}: no images; generate a set with `vit data shapes {root} --objects 2`"
+            f"no images found in {root} (looked for CLASS/*.jpg with masks in .masks/, as "
+            f"`vit data shapes` writes them); generate a set with "
+            f"`vit data shapes {root} --objects 2`"
         )
     masks = [object_masks(p) for p in images]
     missing = [str(m) for group in masks for m in group.values() if not m.is_file()]

@@ -18,7 +18,7 @@ from ..._version import __version__
 from ...data.images import display_size, open_image
 from ...errors import ImageDecodeError, InputError, VitError
 from ...explain.maps import token_order
-from ...fileio import atomic_write_bytes
+from ...fileio import OUTPUT_MARKER, atomic_write_bytes, mark_output_folder
 from ...weights.format import ModelBundle
 from .batches import ImageAttention
 from .figure import captioned, display_long_side, key_labels, key_pixels, tile_size
@@ -32,7 +32,7 @@ from .preview import PREVIEW, preview, preview_map
 from .sheet import all_tiles, render_sheet
 
 TOKEN_ORDER = "[CLS, patch_0, ..., patch_{N-1}]; patch k covers grid row k // Wp, column k % Wp"
-MARKER = ".vitcli-attention"  # in every output folder: scans for inputs skip such folders
+MARKER = OUTPUT_MARKER  # in every output folder: scans for inputs skip such folders
 
 
 class RenderError(VitError):
@@ -100,14 +100,8 @@ def prepare_out_dir(out_dir: Path) -> Path:
     try:
         fresh = not out_dir.exists() or next(os.scandir(out_dir), None) is None
         out_dir.mkdir(parents=True, exist_ok=True)
-        marker = out_dir / MARKER
         if fresh:
-            atomic_write_bytes(
-                marker,
-                b"Written by vit attention. Folders holding this file are skipped when vitcli "
-                b"scans a folder for input images.\n",
-                durable=False,
-            )
+            mark_output_folder(out_dir)
     except OSError as error:
         raise InputError(
             f"--out {readable(str(out_dir))}: cannot write there ({error.strerror or error}); "
@@ -274,6 +268,9 @@ def write_image_outputs(result: ImageAttention, folder: Path, context: RunContex
         else:
             image = _load_original(result.path, needed, exif=result.geometry.exif)
         folder.mkdir(parents=True, exist_ok=True)
+        # Each image's folder is marked too: with --out inside (or equal to) an input folder,
+        # which cannot be marked itself, a later scan still skips the sheets.
+        mark_output_folder(folder)
         files: dict = {"sheet": "sheet.png"}
         write_atomic(
             folder / "sheet.png",

@@ -8,22 +8,30 @@ and per-image failures go to a callback (the CLI binds it to a progress bar; tes
 
 from __future__ import annotations
 
+import glob
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ...data.inputs import EarlierRuns, InputItem, collect_inputs, refuse_output_among_inputs
+from ...data.inputs import (
+    InputItem,
+    collect_inputs,
+    is_within,
+    no_images_error,
+    refuse_output_among_inputs,
+)
 from ...errors import InputError
 from ...explain.registry import METHODS, parse_targets
+from ...fileio import is_output_folder
 from ...runtime import resolve_device
 from ...weights.format import ModelBundle
 from ..int8 import is_int8, prepare_int8
 from .batches import ImageAttention, attention_batches
 from .figure import display_long_side
 from .files import (
-    MARKER,
     IndexEntry,
     RenderError,
     RunContext,
@@ -59,6 +67,80 @@ class RunSummary:
     warnings: list[str] = field(default_factory=list)
 
 
+def _is_scan(argument: str) -> bool:
+    """Whether an argument names many files (a folder or a glob) rather than one."""
+    if argument == "-":
+        return False
+    path = Path(argument).expanduser()
+    return path.is_dir() or (not path.exists() and glob.has_magic(argument))
+
+
+def _scan_root(argument: str) -> str:
+    """The folder a scan starts from: the folder itself, or a glob's leading plain folders."""
+    path = os.path.expanduser(argument)
+    if os.path.isdir(path):
+        return os.path.abspath(path)
+    parts = []
+    for part in Path(path).parts:
+        if glob.has_magic(part):
+            break
+        parts.append(part)
+    return os.path.abspath(os.path.join(*parts) if parts else ".")
+
+
+def _output_folder_test(root: str, out_dir: Path) -> Callable[[str], bool]:
+    """folder -> whether it is `out_dir` or inside it, or below `root` and inside a folder
+    holding an earlier run's MARKER (answers cached: one check per folder, not per file)."""
+    verdicts: dict[str, bool] = {}
+
+    def is_output(folder: str) -> bool:
+        if folder not in verdicts:
+            parent = os.path.dirname(folder)
+            verdicts[folder] = is_within(folder, out_dir) or (
+                folder != root
+                and parent != folder
+                and (is_output_folder(folder) or is_output(parent))
+            )
+        return verdicts[folder]
+
+    return is_output
+
+
+def collect(arguments: tuple[str, ...], out_dir: Path) -> tuple[list[InputItem], int]:
+    """(inputs, how many images were left out as outputs of `vit attention`).
+
+    A folder or glob never yields files inside `out_dir` or inside a folder below its start
+    that holds the MARKER of an earlier run, so a run's sheets never become inputs of the
+    next. Files named one by one are always kept (the user asked for them).
+    """
+    if not arguments:
+        return collect_inputs(arguments), 0  # raises the "no inputs given" error
+    items: list[InputItem] = []
+    skipped = 0
+    for argument in arguments:
+        found = collect_inputs([argument], skip_outputs=False, allow_empty=True)
+        if not _is_scan(argument):
+            items.extend(found)
+            continue
+        root = _scan_root(argument)
+        if is_within(root, out_dir):
+            raise InputError(
+                f"--out {readable(str(out_dir))} holds the input folder {readable(argument)}: "
+                "its images would be skipped as outputs; pick an --out outside the inputs"
+            )
+        is_output = _output_folder_test(root, out_dir)
+
+        for item in found:
+            if item.error is None and is_output(os.path.dirname(os.path.abspath(item.path))):
+                skipped += 1
+            else:
+                items.append(item)
+    if not items:
+        why = f" ({skipped} images left out as outputs of `vit attention`)" if skipped else ""
+        raise no_images_error(arguments, why)
+    return items, skipped
+
+
 def prepare(
     options: AttentionOptions, bundle: ModelBundle | None = None
 ) -> tuple[AttentionOptions, ModelBundle, list[InputItem], list[str]]:
@@ -66,9 +148,7 @@ def prepare(
     Returns the options with layers resolved, the model, the inputs and warnings."""
     from ...weights.resolve import load_model
 
-    earlier = EarlierRuns(options.out, MARKER, "--out")
-    items = collect_inputs(options.inputs, earlier_runs=earlier)
-    skipped = earlier.skipped
+    items, skipped = collect(options.inputs, options.out)
     refuse_output_among_inputs(options.out, items, "--out")
     warnings = []
     if skipped:

@@ -10,6 +10,7 @@ the images, runs the model and writes the files. No typer or rich here.
 from __future__ import annotations
 
 import io
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from ..._version import __version__
 from ...data.inputs import collect_inputs, is_within
 from ...data.loader import image_batches, normalize
 from ...errors import InputError, OptionError, VitError
-from ...fileio import atomic_write_bytes
+from ...fileio import mark_output_folder, write_output
 from ...runtime import check_batch_size, check_device, resolve_device
 from ...text import json_bytes
 from ...weights.format import ModelBundle
@@ -194,7 +195,10 @@ def _prepare_out_dir(out_dir: str | Path) -> Path:
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out {out_dir}: exists and is not a folder; pick another --out")
     try:
+        fresh = not out_dir.exists() or next(os.scandir(out_dir), None) is None
         out_dir.mkdir(parents=True, exist_ok=True)
+        if fresh:  # a folder of the user's own images is never marked (it would hide them)
+            mark_output_folder(out_dir)
     except OSError as error:
         raise InputError(
             f"--out {out_dir}: cannot create the folder ({error.strerror or error}); "
@@ -298,7 +302,7 @@ def run_inspect(
     written = []
     for key, image in panels.items():
         path = out / FILES[key]
-        atomic_write_bytes(path, _png(image), durable=False)
+        write_output(path, _png(image), option="--out")
         written.append(path)
 
     from safetensors.numpy import save
@@ -311,10 +315,10 @@ def run_inspect(
         "attention_distance": distances.astype(np.float32),  # L,nh
         "attention_distance_per_image": per_image.astype(np.float32),  # n,L,nh
     }
-    atomic_write_bytes(
+    write_output(
         out / FILES["arrays"],
         save({k: np.ascontiguousarray(v) for k, v in arrays.items()}),
-        durable=False,
+        option="--out",
     )
     written.append(out / FILES["arrays"])
     failed_paths = {path for path, _ in failures}
@@ -357,10 +361,10 @@ def run_inspect(
         },
         "files": {key: name for key, name in FILES.items()},
     }
-    atomic_write_bytes(
+    write_output(
         out / FILES["json"],
         json_bytes(report),
-        durable=False,
+        option="--out",
     )
     written.append(out / FILES["json"])
     return InspectSummary(

@@ -35,6 +35,7 @@ import fcntl
 import io
 import json
 import os
+import pickle
 import random
 import re
 import secrets
@@ -48,6 +49,7 @@ import torch
 from ...errors import TrainingError
 from ...fileio import atomic_write_bytes
 from ...text import finite_or_none, json_bytes
+from ...weights.readers import library_reason
 from .config import ResolvedConfig, config_from_saved
 
 STATE_FORMAT = "vitcli-train-state"
@@ -155,11 +157,17 @@ def read_state(path: str | Path) -> dict:
         raise TrainingError(
             f"{path}: no training state here; pass the --out folder of an earlier `vit train` run"
         ) from None
-    except Exception as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    except pickle.UnpicklingError:
+        # torch's own message advises weights_only=False, which would run the file's code.
         raise TrainingError(
-            f"{path}: unreadable training state ({reason[:200]}); the file is damaged, start a "
-            "new run (last.safetensors can be fine-tuned with --model)"
+            f"{path}: holds pickled Python objects, not a vitcli training state (refused, "
+            "nothing in it was run); start a new run (last.safetensors can be fine-tuned "
+            "with --model)"
+        ) from None
+    except Exception as error:
+        raise TrainingError(
+            f"{path}: unreadable training state ({library_reason(error)}); the file is "
+            "damaged, start a new run (last.safetensors can be fine-tuned with --model)"
         ) from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise TrainingError(f"{path}: not a vitcli training state; start a new run")
