@@ -494,7 +494,7 @@ def test_class_specific_maps_point_at_the_patch_each_class_reads(method):
 
 # -- scoring ---------------------------------------------------------------------------------
 def test_deleting_the_patch_a_class_reads_first_drops_its_probability_first():
-    from vitcli.services.scoring import perturbation_auc
+    from vitcli.explain.perturbation import perturbation_auc
 
     model = two_patch_model()
     x = two_patch_image().expand(2, -1, -1, -1)
