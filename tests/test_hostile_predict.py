@@ -498,7 +498,7 @@ def test_paths_longer_than_the_system_allows_are_error_records(model_file, tmp_p
 
 def test_usage_errors_exit_2_and_run_errors_exit_1(model_file, tmp_path):
     image = str(tiny_image(tmp_path / "a.png"))
-    assert invoke("predict", image, "--top-k", "0").exit_code == 2  # Click's own check
+    assert invoke("predict", image, "--top-k", "0").exit_code == 2  # a usage error
     assert invoke("predict", image, "-m", str(model_file), "--device", "gpu7").exit_code == 2
     assert invoke("predict", image, "-f", "table", "-o", str(tmp_path / "t.json")).exit_code == 2
     assert invoke("predict", image, "-m", str(tmp_path / "missing.safetensors")).exit_code == 1

@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from .common import BatchSizeOption, DeviceOption, ModelOption, QuietOption, WorkersOption
+from .common import (
+    BatchSizeOption,
+    DeviceOption,
+    ModelOption,
+    QuietOption,
+    WorkersOption,
+    number,
+    whole_number,
+)
 
 
 class Baseline(str, Enum):
@@ -44,7 +52,10 @@ def score(
     steps: Annotated[
         int,
         typer.Option(
-            "--steps", metavar="N", min=1, max=1000, help="Deletion/insertion steps, 1 to 1000."
+            "--steps",
+            metavar="N",
+            parser=whole_number("--steps", 1, 1000),
+            help="Deletion/insertion steps, 1 to 1000.",
         ),
     ] = 10,
     baseline: Annotated[
@@ -53,7 +64,10 @@ def score(
     tolerance: Annotated[
         float,
         typer.Option(
-            "--tolerance", metavar="PIXELS", min=0.0, help="Pointing game tolerance, 0 or more."
+            "--tolerance",
+            metavar="PIXELS",
+            parser=number("--tolerance", 0.0),
+            help="Pointing game tolerance, 0 or more.",
         ),
     ] = 15.0,
     limit: Annotated[
@@ -61,7 +75,7 @@ def score(
         typer.Option(
             "--limit",
             metavar="N",
-            min=1,
+            parser=whole_number("--limit", 1),
             show_default=False,
             help="Score the first N images only (1 or more). \\[default: all]",
         ),
