@@ -116,6 +116,9 @@ class _Stream:
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         import httpcore2
 
+        # A request starts a new exchange: a kept-alive connection that sat idle between two
+        # requests has not stalled.
+        self.window_start, self.window_bytes = time.monotonic(), 0
         try:
             self.inner.write(buffer, self.limit if timeout is None else min(timeout, self.limit))
         except httpcore2.WriteTimeout:
