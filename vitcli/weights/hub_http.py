@@ -169,7 +169,7 @@ def _refuse_huge(response) -> None:
     if not declared.strip().isdigit() or len(declared.strip()) > 20 or int(declared) > limit:
         raise HubStalled(
             f"the hub declared a file of {declared.strip()[:24]} bytes, over the "
-            f"{limit / 2**30:.0f} GiB a model file may have"
+            f"{limit / 2**30:.0f} GiB a model file may have (VITCLI_MAX_PARAMETERS raises it)"
         )
 
 
