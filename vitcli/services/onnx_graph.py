@@ -64,7 +64,7 @@ def check_exportable(
         or height % config.patch_size
         or (width % config.patch_size)
     ):
-        raise InputError(
+        raise OptionError(
             f"--image-size {height}x{width} is not a positive multiple of the patch size "
             f"{config.patch_size}"
         )
@@ -78,7 +78,7 @@ def check_exportable(
     chosen: list[int] = []
     for layer in layers:
         if not -depth <= layer < depth:
-            raise InputError(
+            raise OptionError(
                 f"--attention-layer {layer} is out of range for a model with {depth} layers "
                 f"(use 0..{depth - 1}, or -1 for the last)"
             )
