@@ -259,3 +259,18 @@ def bin_folder(tmp_path: Path, save: Callable[[dict, Path], object]) -> Path:
     (folder / "model.safetensors").unlink()
     save(tensors, folder / "pytorch_model.bin")
     return folder
+
+
+def colour_folder(root: Path, per_class: int = 4, size: int = 32) -> Path:
+    """A labelled folder to train on: red/, green/, blue/, each image one bright square of
+    its class's colour channel on dark noise (a tiny model learns it in a few steps)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for channel, name in enumerate(("red", "green", "blue")):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+            pixels[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4, channel] = 230
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
