@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import randomised, tiny_config
+from checkpoints import randomised, tiny_config
 
 from vitcli.errors import CheckpointError
 from vitcli.weights.resolve import load_model

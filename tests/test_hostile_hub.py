@@ -169,3 +169,23 @@ def test_a_cached_model_still_loads_when_the_hub_is_unreachable(tmp_path):
     result = fetch(tmp_path, "http://127.0.0.1:1")
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode().strip() == str(snapshot)
+
+
+def test_an_idle_kept_alive_connection_is_not_a_stall(monkeypatch):
+    monkeypatch.setenv(hub_http.TIMEOUT_ENV, "0.5")
+
+    class Quiet:
+        def read(self, max_bytes, timeout=None):
+            return b"x" * 10
+
+        def write(self, buffer, timeout=None):
+            pass
+
+    stream = hub_http._Stream(Quiet(), 0.5)
+    stream.read(10)
+    stream.window_start -= 5  # idle for 5 s after a small reply
+    stream.write(b"GET / HTTP/1.1\r\n\r\n")  # the next request on the same connection
+    assert stream.read(10) == b"x" * 10
+    stream.window_start -= 5  # but a reply that then trickles is dropped
+    with pytest.raises(hub_http.HubStalled):
+        stream.read(10)

@@ -21,6 +21,8 @@ from vitcli.cli import app
         ["export", "bundled", "m.txt"],
         ["export", "bundled", "m.onnx", "--opset", "99"],
         ["export", "bundled", "m.onnx", "--image-size", "100000x100000"],
+        ["export", "bundled", "m.onnx", "--attention-layer", "99999999999999999999"],
+        ["export", "bundled", "m.onnx", "--image-size", "100x100"],
         ["convert", "bundled", "m.pt"],
         ["embed", "x.jpg", "-o", "e.txt"],
     ],

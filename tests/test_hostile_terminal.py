@@ -78,3 +78,11 @@ def test_inspect_and_data_messages_escape_paths(hostile, tmp_path):
     shapes = tmp_path / "sh\x1b[2Japes"
     result = CliRunner().invoke(app, ["data", "shapes", str(shapes), "--per-class", "1"])
     assert "wrote" in clean(result)
+
+
+def test_info_json_escapes_every_control_character(hostile):
+    import json
+
+    _, model = hostile
+    text = clean(CliRunner().invoke(app, ["info", str(model), "--json"]))
+    assert json.loads(text)["labels"] == LABELS  # escaped, not changed

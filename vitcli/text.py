@@ -43,7 +43,15 @@ def json_bytes(data: object, indent: int | None = 2) -> bytes:
     """`data` as a UTF-8 JSON document ending in a newline; undecodable file-name bytes (lone
     surrogates) become \\udcXX escapes instead of raising UnicodeEncodeError. Never a bare
     NaN or Infinity (not JSON): ValueError instead, so callers check finiteness first."""
-    return utf8_json(json.dumps(data, indent=indent, ensure_ascii=False, allow_nan=False) + "\n")
+    return utf8_json(json_document(data, indent) + "\n")
+
+
+def json_document(data: object, indent: int | None = 2) -> str:
+    """`data` as JSON text, safe to print on a terminal and to encode as UTF-8: json.dumps
+    escapes C0 controls, this also DEL, C1 controls, bidi overrides and lone surrogates
+    (\\uXXXX, the same characters to any JSON reader); never NaN or Infinity."""
+    text = json.dumps(data, indent=indent, ensure_ascii=False, allow_nan=False)
+    return _JSON_UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 def utf8_json(document: str) -> bytes:

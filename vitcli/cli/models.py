@@ -5,7 +5,6 @@ No torch at import time: the loaders are imported inside the commands.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -155,7 +154,9 @@ def info(
 
     data = describe(model)
     if as_json:
-        typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        from ..text import json_document
+
+        typer.echo(json_document(data))
     else:
         _render_info(data)
 

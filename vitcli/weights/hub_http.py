@@ -116,6 +116,9 @@ class _Stream:
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         import httpcore2
 
+        # A request starts a new exchange: a kept-alive connection that sat idle between two
+        # requests has not stalled.
+        self.window_start, self.window_bytes = time.monotonic(), 0
         try:
             self.inner.write(buffer, self.limit if timeout is None else min(timeout, self.limit))
         except httpcore2.WriteTimeout:
@@ -166,7 +169,7 @@ def _refuse_huge(response) -> None:
     if not declared.strip().isdigit() or len(declared.strip()) > 20 or int(declared) > limit:
         raise HubStalled(
             f"the hub declared a file of {declared.strip()[:24]} bytes, over the "
-            f"{limit / 2**30:.0f} GiB a model file may have"
+            f"{limit / 2**30:.0f} GiB a model file may have (VITCLI_MAX_PARAMETERS raises it)"
         )
 
 
