@@ -13,15 +13,14 @@ from typer.testing import CliRunner
 
 from vitcli.cli import app
 from vitcli.cli.attention import parse_method_options
-from vitcli.errors import InputError
+from vitcli.errors import InputError, OptionError
+from vitcli.explain import explain
 from vitcli.model import ViTConfig
 from vitcli.services.attention import AttentionOptions, run
-from vitcli.services.attention.batches import resolve_batch_size
-from vitcli.services.attention.methods import compute_batch
+from vitcli.services.attention.batches import compute_batch, resolve_batch_size
 from vitcli.services.attention.options import default_batch_size
 from vitcli.services.attention.paint import peak_ratio, range_note
 from vitcli.services.attention.sheet import layout, sheet_size
-from vitcli.services.explain import map_function
 from vitcli.weights.format import load_vitcli_file, save_model
 
 LABELS = ["cat", "dog", "bird", "fish", "frog"]
@@ -73,7 +72,7 @@ def test_options_check_methods_and_targets():
         AttentionOptions(targets=("",))
     with pytest.raises(InputError, match="--threshold outlines the per-head maps"):
         AttentionOptions(methods=("rollout",), heads=False, threshold=0.5)
-    with pytest.raises(InputError, match="unknown method 'nope'"):
+    with pytest.raises(OptionError, match="unknown --method 'nope'"):
         AttentionOptions(methods=("nope",))
 
 
@@ -136,7 +135,7 @@ def test_maps_are_named_by_method_and_target_and_equal_the_explain_service(
         from vitcli.data.loader import normalize
 
         x = normalize(pixels, bundle.preprocess, torch.device("cpu"))
-        expected = map_function("gae")(bundle.model.eval(), x, torch.tensor([1]))
+        expected = explain(bundle.model.eval(), x, "gae", targets=torch.tensor([1])).maps
         np.testing.assert_allclose(maps["gae.class1"], expected[0].numpy(), rtol=1e-4, atol=1e-6)
 
 
@@ -167,14 +166,18 @@ def _grad_states(model, options, pixels):
     return seen
 
 
-def test_rollout_builds_no_autograd_graph_and_gae_does(tiny_model):
+def test_rollout_builds_no_autograd_graph_and_gae_records_the_one_forward(tiny_model):
     pixels = torch.randn(2, 3, 32, 32)
     for parameter in tiny_model.parameters():
         parameter.requires_grad_(True)  # as a freshly built model has them
     rollout = _grad_states(tiny_model, AttentionOptions(methods=("rollout",)), pixels)
     assert rollout == [(False, True)]  # one forward, in inference mode
     gae = _grad_states(tiny_model, AttentionOptions(methods=("rollout", "gae")), pixels)
-    assert gae[0] == (False, True) and gae[1:] == [(True, False)]  # + one recorded forward
+    assert gae == [(True, False)]  # the one forward, recorded: no second pass for gae
+    every = AttentionOptions(
+        methods=("rollout", "gae", "gradcam", "attribution"), targets=("top1", "top2")
+    )
+    assert _grad_states(tiny_model, every, pixels) == [(True, False)]  # one, for every target
     assert all(parameter.grad is None for parameter in tiny_model.parameters())
 
 

@@ -14,7 +14,8 @@ from vitcli.cli import app
 from vitcli.errors import OptionError
 from vitcli.model import ViTConfig
 from vitcli.runtime import MAX_BATCH, MAX_IMAGE_SIDE
-from vitcli.services.export import MAX_OPSET, MIN_OPSET, check_trace_memory
+from vitcli.services.export import check_trace_memory
+from vitcli.services.onnx_graph import MAX_OPSET, MIN_OPSET
 
 HUGE = "99999999999999999999"
 # Each command with the arguments it needs to get as far as its options.

@@ -272,7 +272,8 @@ def test_top_k_is_clipped_and_logits_are_raw(folder, model_file):
     )
     assert abs(float(logits.sum()) - 1.0) > 1e-3
     result = runner.invoke(app, [*base, "--top-k", "0"])
-    assert result.exit_code == 2  # typer's own range check
+    assert result.exit_code == 2  # a usage error, in our words (cli.common.whole_number)
+    assert "error: --top-k must be a whole number 1 or more, got 0" in result.output
 
 
 def test_quiet_success_prints_nothing_on_stderr(folder, model_file):
@@ -387,7 +388,7 @@ def test_device_and_dtype_choice_on_this_machine():
             resolve_device("cuda")
     dtype, warning = resolve_dtype("float16", cpu)
     assert dtype == torch.float16 and "slower" in warning
-    with pytest.raises(InputError, match="unknown dtype"):
+    with pytest.raises(InputError, match="--dtype float8: use one of"):
         resolve_dtype("float8", cpu)
 
 

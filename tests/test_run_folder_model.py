@@ -7,10 +7,9 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from checkpoints import colour_folder
 from typer.testing import CliRunner
 
 from vitcli.cli import app
@@ -26,13 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def run_folder(tmp_path_factory) -> Path:
     """Two epochs of a tiny model on three colours, with validation."""
     root = tmp_path_factory.mktemp("runfolder")
-    rng = np.random.default_rng(0)
-    for channel, name in enumerate(("red", "green", "blue")):
-        (root / "data" / name).mkdir(parents=True)
-        for i in range(8):
-            pixels = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
-            pixels[8:24, 8:24, channel] = 230
-            Image.fromarray(pixels).save(root / "data" / name / f"{i}.png")
+    colour_folder(root / "data", per_class=8)
     config = TrainConfig(
         data=str(root / "data"),
         out=str(root / "run"),

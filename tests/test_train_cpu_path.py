@@ -6,9 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from checkpoints import colour_folder
 from typer.testing import CliRunner
 
 from vitcli.cli import app
@@ -19,15 +18,7 @@ TINY = ["--image-size", "32", "--depth", "1", "--width", "32", "--heads", "2", "
 
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cpu") / "colours"
-    rng = np.random.default_rng(0)
-    for channel, name in enumerate(("red", "green", "blue")):
-        (root / name).mkdir(parents=True)
-        for i in range(4):
-            pixels = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
-            pixels[8:24, 8:24, channel] = 230
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-    return root
+    return colour_folder(tmp_path_factory.mktemp("cpu") / "colours")
 
 
 def train(*args: str):

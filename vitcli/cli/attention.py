@@ -40,32 +40,15 @@ EXAMPLES = """\
   vit attention cat.jpg --threshold 0.6 -m timm/vit_small_patch16_224.augreg_in21k_ft_in1k
 """
 
-METHOD_NAMES = ("raw", "rollout", "gae", "attribution", "gradcam")
-
 
 def parse_method_options(specs: list[str] | None, rollout: bool) -> tuple[bool, tuple[str, ...]]:
-    """--method values (repeatable, comma lists) -> (per-head maps wanted, other methods).
-    Without --method: per-head maps and rollout (as before --method existed), or per-head
-    maps only with --no-rollout."""
-    from ..errors import InputError
+    """--method values -> (per-head maps wanted, other methods). Without --method: per-head
+    maps and rollout, or per-head maps only with --no-rollout."""
+    from ..explain.registry import parse_methods
 
     if not specs:
         return True, ("rollout",) if rollout else ()
-    chosen: list[str] = []
-    for spec in specs:
-        for part in spec.split(","):
-            name = part.strip().lower()
-            if not name:
-                continue
-            if name not in METHOD_NAMES:
-                raise InputError(
-                    f"unknown --method {name!r}: use one of {', '.join(METHOD_NAMES)} "
-                    "(repeat it or separate with commas)"
-                )
-            if name not in chosen:
-                chosen.append(name)
-    if not chosen:
-        raise InputError(f"--method needs a value: one of {', '.join(METHOD_NAMES)}")
+    chosen = parse_methods(specs)
     return "raw" in chosen, tuple(name for name in chosen if name != "raw")
 
 

@@ -8,13 +8,48 @@ Use them as annotations:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from enum import Enum
 from typing import Annotated
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
+from ..errors import OptionError
 from ..runtime import MAX_BATCH
+
+
+def whole_number(option: str, low: int, high: int | None = None) -> Callable[[str], int]:
+    """An option's parser (typer's `parser=`): a whole number from `low` (to `high`), refused
+    in our words with exit 2, and no `[x>=1]` range placeholder in --help."""
+    span = f"from {low} to {high}" if high is not None else f"{low} or more"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(str(text).strip())
+        except ValueError:
+            raise OptionError(f"{option} must be a whole number {span}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise OptionError(f"{option} must be a whole number {span}, got {value}")
+        return value
+
+    return parse
+
+
+def number(option: str, low: float) -> Callable[[str], float]:
+    """An option's parser: a finite number, `low` or more, refused in our words (exit 2)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(str(text).strip())
+        except ValueError:
+            raise OptionError(f"{option} must be a number, {low:g} or more, got {text!r}") from None
+        if not math.isfinite(value) or value < low:
+            raise OptionError(f"{option} must be a number, {low:g} or more, got {text}")
+        return value
+
+    return parse
 
 
 class DType(str, Enum):
@@ -58,9 +93,9 @@ WorkersOption = Annotated[
         "--workers",
         "-w",
         metavar="N",
-        min=0,
         show_default=False,
-        help="Decoding processes (0 decodes in the main process; at most the CPU count). "
+        help="Decoding processes, 0 to 64 (0 decodes in the main process; at most the CPU "
+        "count). "
         "\\[default: half the CPUs, 1 to 8]",
     ),
 ]
@@ -68,7 +103,7 @@ WorkersOption = Annotated[
 BatchSizeOption = Annotated[
     int,
     typer.Option(
-        "--batch-size", "-b", metavar="N", min=1, max=MAX_BATCH, help="Images per forward pass."
+        "--batch-size", "-b", metavar="N", help=f"Images per forward pass, 1 to {MAX_BATCH}."
     ),
 ]
 
@@ -107,9 +142,9 @@ JobsAlias = Annotated[int | None, typer.Option("-j", hidden=True, show_default=F
 class Command(TyperCommand):
     """A command whose --help reads the same everywhere: flags show no `<bool>` placeholder,
     arguments are named in capitals (INPUTS, DATA, OUT_DIR) without a `<list[str]>` or `<path>`
-    type, and numeric ranges are said in the option's help, not as `<int range> [x>=1]`.
-    Every command gets this class (see `vitcli.cli._register`); Click still enforces the
-    ranges."""
+    type, and numeric ranges are said in the option's help and checked by our own parsers
+    (`whole_number`, `number`) or options objects, never as `<int range> [x>=1]`. Every
+    command gets this class (see `vitcli.cli._register`)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -121,7 +156,6 @@ class Command(TyperCommand):
                 param.display_type_rich = _no_type  # type: ignore[method-assign]
             elif getattr(param, "is_flag", False) and param.metavar is None:
                 param.metavar = ""
-            param._get_number_range_help_str = _no_range  # type: ignore[attr-defined]
 
     def invoke(self, ctx):
         # `vit train -q` still logs its notes (one plain line per epoch); elsewhere -q is silence.
@@ -177,10 +211,6 @@ def _note_run_folder(params: dict, quiet: bool) -> None:
 
 
 def _no_type(ctx=None) -> None:
-    return None
-
-
-def _no_range() -> None:
     return None
 
 

@@ -12,8 +12,9 @@ import typer
 
 from ..errors import OptionError
 from ..runtime import MAX_IMAGE_SIDE
+from .common import whole_number
 
-MIN_OPSET, MAX_OPSET = 14, 20  # the TorchScript exporter's range (services/export.py)
+MIN_OPSET, MAX_OPSET = 14, 20  # the TorchScript exporter's range (services/onnx_graph.py)
 
 
 def parse_image_size(text: str | None) -> tuple[int, int] | None:
@@ -58,8 +59,7 @@ def export(
         None,
         "--opset",
         metavar="N",
-        min=MIN_OPSET,
-        max=MAX_OPSET,
+        parser=whole_number("--opset", MIN_OPSET, MAX_OPSET),
         show_default=False,
         help="ONNX opset (14-20). \\[default: 17]",
     ),

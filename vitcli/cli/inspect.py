@@ -30,7 +30,11 @@ def inspect(
     ] = None,
     max_images: Annotated[
         int,
-        typer.Option("--max-images", metavar="N", help="Use at most the first N (the paper: 128)."),
+        typer.Option(
+            "--max-images",
+            metavar="N",
+            help="Use at most the first N, 1 or more (the paper: 128).",
+        ),
     ] = 128,
     batch_size: Annotated[
         int | None,
@@ -38,9 +42,9 @@ def inspect(
             "--batch-size",
             "-b",
             metavar="N",
-            max=MAX_BATCH,
             show_default=False,
-            help="Images per forward pass. \\[default: 16, fewer for large models]",
+            help=f"Images per forward pass, 1 to {MAX_BATCH}. "
+            "\\[default: 16, fewer for large models]",
         ),
     ] = None,
     colormap: Annotated[

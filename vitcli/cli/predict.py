@@ -27,6 +27,7 @@ from .common import (
     WorkersOption,
     batch_progress,
     batch_summary,
+    whole_number,
 )
 
 EXAMPLES = """\
@@ -159,7 +160,7 @@ def predict(
             "--top-k",
             "-k",
             metavar="K",
-            min=1,
+            parser=whole_number("--top-k", 1),
             help="Predictions per image, 1 or more (clipped to the number of classes).",
         ),
     ] = 5,

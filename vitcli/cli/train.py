@@ -365,7 +365,8 @@ def _interrupted(config, not_main: bool) -> None:
 EXAMPLES = """\
 [bold]Examples[/]
 
-  vit train shapes/ --out runs/a --epochs 20 --val-split 0.1
+  vit train photos/ --out runs/p --model bundled --linear-probe -b 16 --lr 1e-2 --val-split 0.2
+  vit train shapes/ --out runs/a --epochs 20 --val-split 0.1      [dim]# from scratch: a GPU job[/]
   vit train photos/ --out runs/ft --model google/vit-base-patch16-224 --epochs 3
   vit train photos/ --out runs/probe --model facebook/dinov2-small --linear-probe
   vit train --resume runs/a --epochs 40

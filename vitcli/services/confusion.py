@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -21,9 +21,9 @@ from ..fileio import atomic_write_bytes
 from .attention.figure import middle_ellipsis
 from .inspect.figures import INK, MUTED, WHITE, Canvas, colourbar, font
 
-if TYPE_CHECKING:
-    from .evaluate import EvalResult
-
+# `result` below is an evaluate.EvalResult, typed Any so that evaluate (which draws with this
+# module) and this module do not import each other.
+EvalResult = Any
 COLORMAP = "viridis"  # as scikit-learn's ConfusionMatrixDisplay
 MAX_LABEL_W = 240  # pixels; a longer class name loses its middle
 

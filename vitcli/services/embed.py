@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ from ..data.images import pixel_limit
 from ..data.inputs import InputItem, collect_inputs, refuse_output_among_inputs
 from ..errors import OptionError
 from ..fileio import atomic_write_bytes, output_errors, temp_file_beside, write_target
-from ..runtime import DTYPE_CHOICES, default_workers, resolve_device, resolve_dtype
+from ..runtime import BatchOptions, resolve_device, resolve_dtype
 from ..weights.format import ModelBundle
 from .batchrun import LoaderOptions, OrderedRun, ProgressCallback, Summary, drain, model_batches
 from .batchrun import share_inputs as share_inputs
@@ -65,30 +65,20 @@ def embed_format(output: Path) -> str:
 
 
 @dataclass(frozen=True)
-class EmbedOptions:
-    """Everything `vit embed` was asked, defaults resolved."""
+class EmbedOptions(BatchOptions):
+    """Everything `vit embed` was asked, defaults resolved, beside the shared BatchOptions."""
 
     output: Path
     inputs: tuple[str, ...] = ()
-    model: str | None = None
     pool: str = "default"
-    batch_size: int = 32
-    workers: int = field(default_factory=default_workers)
-    device: str = "auto"
-    dtype: str = "auto"
     fast_decode: bool = False  # opt-in JPEG draft decoding (not the home's pixels)
     int8: bool = False  # int8 Linear layers on the CPU (docs/int8.md)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         embed_format(self.output)
         if self.pool not in POOLS:
             raise OptionError(f"--pool {self.pool}: use one of {', '.join(POOLS)}")
-        if self.batch_size < 1:
-            raise OptionError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.workers < 0:
-            raise OptionError(f"--workers must be 0 or more, got {self.workers}")
-        if self.dtype not in DTYPE_CHOICES:
-            raise OptionError(f"--dtype {self.dtype}: use one of {', '.join(DTYPE_CHOICES)}")
 
 
 @dataclass(frozen=True)
@@ -103,7 +93,12 @@ class EmbedResult:
 class Embedder:
     """A model on a device, turning normalised pixel batches into embeddings."""
 
-    def __init__(self, bundle: ModelBundle, options: EmbedOptions) -> None:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        options: EmbedOptions,
+        on_note: Callable[[str], None] | None = None,
+    ) -> None:
         config = bundle.config
         if options.pool in ("cls", "cls+mean") and not config.class_token:
             raise OptionError(
@@ -112,7 +107,7 @@ class Embedder:
         self.bundle = bundle
         self.pool = options.pool
         self.device = resolve_device(
-            prepare_int8(bundle, options.int8, options.device, options.dtype, "embed")
+            prepare_int8(bundle, options.int8, options.device, options.dtype, "embed", on_note)
         )
         self.dtype, self.warning = resolve_dtype(options.dtype, self.device)
         self.model = bundle.model.eval().to(device=self.device, dtype=self.dtype)
@@ -133,12 +128,7 @@ class Embedder:
         if self.pool == "default":
             return model.embed(inputs).float()
         tokens, _ = model.forward_features(inputs)  # B,T,D
-        cls = tokens[:, 0]  # B,D
-        patches = tokens[:, model.config.num_prefix_tokens :].mean(dim=1)  # B,D
-        parts = {"cls": [cls], "mean": [patches], "cls+mean": [cls, patches]}[self.pool]
-        if model.fc_norm is not None:  # timm's average-pool layout: the LN follows pooling
-            parts = [model.fc_norm(part) for part in parts]
-        return torch.cat(parts, dim=-1).float()
+        return model.pool(tokens, how=self.pool).float()
 
     @torch.inference_mode()
     def compute(self, inputs: torch.Tensor) -> list[dict | str]:
@@ -182,8 +172,9 @@ class EmbedRun(OrderedRun):
         items: list[InputItem],
         options: EmbedOptions,
         on_progress: ProgressCallback | None = None,
+        on_note: Callable[[str], None] | None = None,
     ) -> None:
-        self.embedder = Embedder(bundle, options)
+        self.embedder = Embedder(bundle, options, on_note)
         super().__init__(
             items,
             lambda chosen: self.embedder.batches(chosen, options),
@@ -363,11 +354,9 @@ def run(
         main = distributed.is_main()
         items = share_inputs(collect)
         bundle = load_model(options.model)
-        # Before EmbedRun (whose own call is then a no-op): see predict.run.
-        prepare_int8(
-            bundle, options.int8, options.device, options.dtype, "embed", on_note if main else None
+        embed = EmbedRun(
+            bundle, items, options, on_progress if main else None, on_note if main else None
         )
-        embed = EmbedRun(bundle, items, options, on_progress if main else None)
         if embed.embedder.warning and main and on_warning is not None:
             on_warning(embed.embedder.warning)
         sink: _JsonLinesSink | _MatrixSink | None = None

@@ -20,7 +20,7 @@ from ..data.labelled import FolderDataset, ShardSampler, make_loader
 from ..data.loader import normalize
 from ..errors import DatasetError, InputError, OptionError
 from ..fileio import atomic_write_bytes
-from ..runtime import MAX_BATCH, resolve_device, resolve_workers
+from ..runtime import BatchOptions, check_batch_size, resolve_device, resolve_workers
 from ..text import csv_text, json_bytes
 from ..weights.format import ModelBundle
 from .finite import require_finite
@@ -30,16 +30,14 @@ OTHER = "(other)"
 
 
 @dataclass(frozen=True)
-class EvalOptions:
-    """Every option of `vit eval`."""
+class EvalOptions(BatchOptions):
+    """Every option of `vit eval`, beside the shared BatchOptions."""
 
     data: str
-    model: str | None = None  # None: the bundled model
     output: str = ""  # FILE.json or FILE.csv
     confusion_png: str = ""
-    batch_size: int = 64
-    workers: int | None = None  # None: runtime.default_workers()
-    device: str = "auto"
+    batch_size: int = field(default=64, kw_only=True)
+    workers: int | None = field(default=None, kw_only=True)  # None: default_workers()
     int8: bool = False  # int8 Linear layers on the CPU (services/int8.py)
     fast_decode: bool = False  # opt-in JPEG draft decoding (not the home's pixels)
 
@@ -132,20 +130,19 @@ def run(
     png = Path(options.confusion_png) if options.confusion_png else None
     if options.int8:
         check_int8_options(options.device)
-    device = resolve_device(options.device)  # a bad --device fails before the model loads
+    resolve_device(options.device)  # a bad --device fails before the model loads
     resolve_workers(options.workers)
     bundle = load_model(options.model)
-    device = resolve_device(
-        prepare_int8(bundle, options.int8, options.device, command="eval", on_note=on_note)
-    )
     result = evaluate(
         options.data,
         bundle,
         batch_size=options.batch_size,
         workers=options.workers,
-        device=device,
+        device=options.device,
         on_progress=on_progress,
         fast_decode=options.fast_decode,
+        int8=options.int8,
+        on_note=on_note,
     )
     from .confusion import confusion_png  # Pillow drawing, only when a picture is asked for
 
@@ -163,8 +160,6 @@ def run(
 
 
 def check(options: EvalOptions) -> None:
-    if isinstance(options.batch_size, bool) or not 1 <= options.batch_size <= MAX_BATCH:
-        raise OptionError(f"--batch-size must be from 1 to {MAX_BATCH}, got {options.batch_size}")
     if options.output and Path(options.output).suffix.lower() not in (".json", ".csv"):
         raise OptionError(f"--output {options.output}: use a .json or .csv file name")
     if options.confusion_png and Path(options.confusion_png).suffix.lower() != ".png":
@@ -179,10 +174,11 @@ def evaluate(
     device: str | torch.device = "auto",
     on_progress: Callable[[EvalEvent], None] | None = None,
     fast_decode: bool = False,
+    int8: bool = False,
+    on_note: Callable[[str], None] | None = None,
 ) -> EvalResult:
     """Run the model over every image of an ImageFolder tree with the model's own preprocessing."""
-    if batch_size < 1:
-        raise OptionError("--batch-size must be at least 1")
+    check_batch_size(batch_size)
 
     def emit(event: EvalEvent) -> None:
         if on_progress is not None:
@@ -206,7 +202,8 @@ def evaluate(
     data = relabel(folder, labels, what="evaluation")
     if isinstance(device, torch.device):
         device = str(device)
-    target = resolve_device(prepare_int8(bundle, False, device))  # an int8 model: the CPU
+    # The one int8 decision: --int8, or an int8 file, runs on the CPU.
+    target = resolve_device(prepare_int8(bundle, int8, device, command="eval", on_note=on_note))
     model = bundle.model.to(target).eval()
     dataset = FolderDataset(data, bundle.preprocess, draft=fast_decode)
     loader = make_loader(dataset, ShardSampler(len(dataset)), batch_size, workers)

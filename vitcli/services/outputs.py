@@ -47,7 +47,6 @@ class OutputFormat(str, Enum):
     csv = "csv"
 
 
-FORMATS = tuple(fmt.value for fmt in OutputFormat)
 FILE_FORMATS = ("json", "jsonl", "csv")
 _SUFFIX_FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 

@@ -17,12 +17,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ...data.images import special_file_error
-from ...data.loader import image_batches, normalize
+from ...data.loader import image_batches
 from ...data.preprocess import Geometry
+from ...explain.batch import compute_batch as batch_maps
+from ...explain.forward import Request
+from ...explain.registry import METHODS, memory_factor
 from ...runtime import resolve_device
 from ...weights.format import ModelBundle
 from ..finite import finite_rows, is_finite, not_finite_message
-from .methods import compute_batch, memory_factor
 from .options import AttentionOptions, default_batch_size, parse_layers
 
 QUERY_CLS = "cls"
@@ -115,6 +117,30 @@ def family_fields(maps: dict, row: int) -> dict:
     }
 
 
+def request_of(options: AttentionOptions, depth: int) -> Request:
+    """What the explain core computes per batch for these options (layers resolved)."""
+    layers = parse_layers(options.layers, depth) if options.heads else ()
+    return Request(
+        methods=tuple(METHODS[name] for name in options.methods),
+        head_layers=tuple(layers),
+        head_fusion=options.head_fusion.value,
+        discard_ratio=options.discard_ratio,
+        explore=options.explore,
+    )
+
+
+def compute_batch(model, pixels, options: AttentionOptions, labels) -> dict:
+    """`explain.batch.compute_batch` for one batch of a `vit attention` run."""
+    return batch_maps(
+        model,
+        pixels,
+        request_of(options, model.config.depth),
+        labels,
+        targets=options.targets,
+        threshold=options.threshold,
+    )
+
+
 def resolve_batch_size(options: AttentionOptions, config) -> int:
     if options.batch_size == "auto":
         return default_batch_size(config, factor=memory_factor(options.methods))
@@ -155,14 +181,14 @@ def attention_batches(
         pin_memory=target.type == "cuda",
         errors=known,
         display_long_side=display_long_side,
+        device=target,
     )
     for batch in loader:
         results: list[ImageAttention] = []
         failures = list(batch.failures)
         if batch.indices:
-            maps = compute_batch(
-                model, normalize(batch.pixels, bundle.preprocess, target), options, bundle.labels
-            )
+            assert batch.inputs is not None  # normalised once, by the loader, on the device
+            maps = compute_batch(model, batch.inputs, options, bundle.labels)
             finite = _finite_rows(maps, len(batch.indices))
             for row, (index, geometry) in enumerate(zip(batch.indices, batch.geometries)):
                 if not finite[row]:  # NaN weights: an error record, never a NaN in meta.json

@@ -17,18 +17,18 @@ from PIL import Image
 from ..._version import __version__
 from ...data.images import display_size, open_image
 from ...errors import ImageDecodeError, InputError, VitError
+from ...explain.maps import token_order
 from ...fileio import OUTPUT_MARKER, atomic_write_bytes, mark_output_folder
 from ...weights.format import ModelBundle
 from .batches import ImageAttention
 from .figure import captioned, display_long_side, key_labels, key_pixels, tile_size
 from .heading import model_phrase
-from .maps import token_order
+from .meta import QUERY_ARRAYS, QUERY_NOTES, prefix_mass_meta
 from .names import json_text, readable
-from .options import AttentionOptions, MapsFormat, Scale
+from .options import AttentionOptions, MapsFormat, Scale, Style
 from .paint import peak_ratio, range_note
 from .png import png_bytes
-from .preview import EXPLORER, PREVIEW, preview, preview_map, write_explorer_page
-from .queries import QUERY_ARRAYS, QUERY_NOTES, prefix_mass_meta
+from .preview import PREVIEW, preview, preview_map
 from .sheet import all_tiles, render_sheet
 
 TOKEN_ORDER = "[CLS, patch_0, ..., patch_{N-1}]; patch k covers grid row k // Wp, column k % Wp"
@@ -192,7 +192,7 @@ def _display_fits(result: ImageAttention, tile: int) -> bool:
 
 def methods_meta(result: ImageAttention, depth: int) -> list[dict]:
     """meta.json's "methods": per map its array name, method, target and layers."""
-    from .methods import METHODS
+    from ...explain.registry import METHODS
 
     entries = []
     if result.heads is not None:
@@ -370,4 +370,37 @@ def write_image_outputs(result: ImageAttention, folder: Path, context: RunContex
         preview=files.get("preview"),
         note=range_note(preview_map(result)[1]) if "preview" in files else None,
         explorer=files.get("explorer"),
+    )
+
+
+EXPLORER = "explorer.html"
+EXPLORER_LONG_SIDE = 640  # pixels of the original the explorer page shows, at most
+
+
+def write_explorer_page(result: ImageAttention, path: Path, context: RunContext) -> None:
+    """explorer.html from the batch's attention of every layer (no second forward pass)."""
+    from ..explorer import write_explorer
+
+    assert result.attentions is not None
+    image, _ = open_image(
+        result.path,
+        draft_for=lambda w, h: display_size((w, h), min(EXPLORER_LONG_SIDE, max(w, h))),
+        exif=result.geometry.exif,
+    )
+    model = context.model.get("reference") or context.model.get("name") or "model"
+    options = context.options
+    write_explorer(
+        path,
+        np.asarray(image.convert("RGB")),
+        result.geometry,
+        result.attentions,
+        grid_size=result.grid_size,
+        layers=sorted(result.attentions),
+        num_prefix_tokens=context.num_prefix_tokens,
+        patch_size=context.patch_size,
+        title=readable(Path(result.path).name),
+        subtitle=f"{model} · patch {context.patch_size} · grid "
+        f"{result.grid_size[0]}x{result.grid_size[1]}",
+        predictions=[(label, score) for _, label, score in result.top],
+        colormap=options.colormap.value if options.style == Style.heatmap else "viridis",
     )

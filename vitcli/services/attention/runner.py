@@ -24,6 +24,7 @@ from ...data.inputs import (
     refuse_output_among_inputs,
 )
 from ...errors import InputError
+from ...explain.registry import METHODS, parse_targets
 from ...fileio import is_output_folder
 from ...runtime import resolve_device
 from ...weights.format import ModelBundle
@@ -38,7 +39,6 @@ from .files import (
     write_image_outputs,
 )
 from .index import write_index_html
-from .methods import METHODS, parse_targets
 from .names import output_names, readable
 from .options import AttentionOptions, parse_layers, refuse_gradients
 from .preview import preview_name

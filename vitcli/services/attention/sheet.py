@@ -34,9 +34,9 @@ from .figure import (
     wrapped,
 )
 from .heading import header_parts, header_texts
+from .meta import mass_note
 from .options import AttentionOptions, Scale
 from .paint import Tile, overlay_tiles
-from .queries import mass_note
 
 if TYPE_CHECKING:
     from .batches import ImageAttention

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,10 +25,11 @@ from ...data.inputs import collect_inputs, is_within
 from ...data.loader import image_batches, normalize
 from ...errors import InputError, OptionError, VitError
 from ...fileio import mark_output_folder, write_output
-from ...runtime import resolve_device
+from ...runtime import check_batch_size, check_device, resolve_device
 from ...text import json_bytes
 from ...weights.format import ModelBundle
 from ...weights.resolve import as_bundle
+from ..batchrun import ProgressCallback
 from ..finite import require_finite
 from . import analysis, figures
 
@@ -49,8 +50,6 @@ DISTANCE_DEFINITION = (
     "renormalised over the patch keys), g = (row, column) on the patch grid, P the patch "
     "size, so d is in pixels of the model input; averaged over the queries, then the images"
 )
-
-ProgressCallback = Callable[[int, int], None]
 
 
 @dataclass
@@ -119,14 +118,16 @@ def choose_images(
     )
 
 
-def _pixel_batches(
-    images: ImageSet, bundle: ModelBundle, batch_size: int
+def _input_batches(
+    images: ImageSet, bundle: ModelBundle, batch_size: int, device: torch.device
 ) -> Iterator[tuple[torch.Tensor | None, list[tuple[int, str]]]]:
-    """(B, C, H, W) uint8 batches and the failures among them, in order."""
+    """(B, C, H, W) model inputs on `device`, normalised once, and the failures among them."""
     if images.paths:
-        loader = image_batches(images.paths, bundle.preprocess, batch_size=batch_size, workers=0)
+        loader = image_batches(
+            images.paths, bundle.preprocess, batch_size=batch_size, workers=0, device=device
+        )
         for batch in loader:
-            yield (batch.pixels if batch.indices else None), list(batch.failures)
+            yield (batch.inputs if batch.indices else None), list(batch.failures)
         return
     preprocess = bundle.preprocess
     for start in range(0, len(images.generated), batch_size):
@@ -134,7 +135,7 @@ def _pixel_batches(
             preprocess.to_uint8(preprocess.resize_image(image))
             for image in images.generated[start : start + batch_size]
         ]
-        yield torch.from_numpy(np.stack(arrays)), []
+        yield normalize(torch.from_numpy(np.stack(arrays)), preprocess, device), []
 
 
 @torch.inference_mode()
@@ -155,10 +156,9 @@ def attention_distances(
     rows: list[np.ndarray] = []
     failures: list[tuple[str, str]] = []
     done = 0
-    for pixels, failed in _pixel_batches(images, bundle, batch_size):
+    for x, failed in _input_batches(images, bundle, batch_size, target):
         failures.extend((images.paths[index], message) for index, message in failed)
-        if pixels is not None:
-            x = normalize(pixels, bundle.preprocess, target)
+        if x is not None:
             grid_size = (x.shape[-2] // config.patch_size, x.shape[-1] // config.patch_size)
             _, weights = model.forward_with_attention(x, layers=layers)
             per_layer = [
@@ -168,7 +168,7 @@ def attention_distances(
                 for layer in layers
             ]  # each B,nh
             rows.append(torch.stack(per_layer, dim=1).float().cpu().numpy())  # B,L,nh
-            done += pixels.shape[0]
+            done += x.shape[0]
         done += len(failed)
         if on_progress is not None:
             on_progress(done, len(images))
@@ -225,12 +225,13 @@ def run_inspect(
     on_progress: ProgressCallback | None = None,
 ) -> InspectSummary:
     """Compute and write the three panels of Fig. 7 and their numbers into `out_dir`."""
+    if batch_size is not None:
+        check_batch_size(batch_size)  # usage errors before the model loads
+    check_device(device)
     bundle = as_bundle(model_ref)
     started = time.perf_counter()
     if batch_size is None:
         batch_size = default_batch_size(bundle.config)
-    if batch_size < 1:
-        raise OptionError(f"--batch-size must be at least 1, got {batch_size}")
     if colormap not in figures.colormap_names():
         raise InputError(
             f"unknown --colormap {colormap!r}: use one of {', '.join(figures.colormap_names())}"
