@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from vitcli.cli import app
 from vitcli.errors import InputError
 from vitcli.explain import explain
-from vitcli.explain.batch import full_weight_layers
+from vitcli.explain.forward import kept_layers
 from vitcli.explain.maps import rollout, token_order
 from vitcli.explain.methods import chain
 from vitcli.model import ViT, ViTConfig
@@ -162,7 +162,7 @@ def test_no_whole_attention_matrix_is_kept_for_heads_and_rollout():
     try:
         model = family("registers")
         options = AttentionOptions(layers=("all",), methods=("rollout", "spy"))
-        assert full_weight_layers(request_of(options, 2), 2) == []
+        assert kept_layers(request_of(options, 2), 2) == []
         compute_batch(
             model, pixels(), AttentionOptions(layers=(0, 1), methods=options.methods), LABELS
         )

@@ -237,3 +237,15 @@ def test_the_matrix_sink_streams_rows_to_disk(tmp_path):
     assert matrix.tolist() == [[0, 1, 2, 3], [1, 1, 1, 1]] and paths == ["a.png", "c.png"]
     assert errors == [{"path": "b.png", "error": "bad"}]
     assert [p.name for p in tmp_path.iterdir()] == ["e.safetensors"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs Linux sysfs")
+def test_a_folder_even_root_cannot_write_is_one_line():
+    from typer.testing import CliRunner
+
+    from vitcli.cli import app
+
+    result = CliRunner().invoke(app, ["convert", "bundled", "/sys/kernel/x.safetensors"])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: /sys/kernel/x.safetensors: cannot")

@@ -43,7 +43,7 @@ EXAMPLES = """\
 
 def parse_method_options(specs: list[str] | None, rollout: bool) -> tuple[bool, tuple[str, ...]]:
     """--method values -> (per-head maps wanted, other methods). Without --method: per-head
-    maps and rollout (as before --method existed), or per-head maps only with --no-rollout."""
+    maps and rollout, or per-head maps only with --no-rollout."""
     from ..explain.registry import parse_methods
 
     if not specs:

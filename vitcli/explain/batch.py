@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .forward import Request, forward_pass
+from .forward import Request, forward_pass, kept_layers
 from .maps import prefix_names
 from .queries import query_arrays, query_names
 from .registry import class_names, parse_targets, target_key
@@ -18,29 +18,11 @@ TOP_K = 5  # predictions kept per image (meta.json's top5, the sheet header)
 
 
 def explicit_layers(request: Request, depth: int) -> list[int]:
-    """The layers that must take the explicit (weights-returning) attention path: those of the
-    per-head maps and those the methods need."""
-    if request.explore:  # the explorer page embeds every layer
-        return list(range(depth))
-    needed = set(request.head_layers)
-    for method in request.methods:
-        needed.update(method.layers(depth))
-        if method.needs & {"rollout", "graph"}:
-            needed.update(range(depth))
-    return sorted(needed)
-
-
-def full_weight_layers(request: Request, depth: int) -> list[int]:
-    """The layers whose whole (B, nh, T, T) weights a method or --explore keeps for the batch.
-    Per-head maps keep only their query rows and rollout only its (B, T, T) factors (a DINOv2
-    grid at 518 has 1370 tokens: all weights of all layers would be gigabytes per image)."""
-    if request.explore:
-        return list(range(depth))
-    needed: set[int] = set()
-    for method in request.methods:
-        needed.update(method.layers(depth))
-        if "graph" in method.needs:
-            needed.update(range(depth))
+    """The layers that take the explicit (weights-returning) attention path: those of the
+    per-head maps, those kept whole (`kept_layers`) and, for rollout, all of them."""
+    needed = set(request.head_layers) | set(kept_layers(request, depth))
+    if any(method.rollout for method in request.methods):
+        needed.update(range(depth))  # every layer's rollout factor
     return sorted(needed)
 
 

@@ -120,25 +120,37 @@ def _explicit(module: Any, args: Any, kwargs: dict) -> tuple[Any, dict]:
     return args, {**kwargs, "return_weights": True}
 
 
+def kept_layers(request: Request, depth: int) -> list[int]:
+    """The layers whose whole (B, nh, T, T) weights the forward keeps: those a method reads
+    (all of them in the autograd graph for a "graph" method) and, with `explore`, every layer.
+    Per-head maps keep only their query rows and rollout only its (B, T, T) factors (a DINOv2
+    grid at 518 has 1370 tokens: all weights of all layers would be gigabytes per image)."""
+    if request.explore:
+        return list(range(depth))
+    keep: set[int] = set()
+    for method in request.methods:
+        keep.update(index % depth for index in method.layers(depth))
+        if "layer" in method.needs:
+            keep.add(request.layer % depth)
+        if "graph" in method.needs:
+            keep.update(range(depth))
+    return sorted(keep)
+
+
 def forward_pass(model: Any, pixels: torch.Tensor, request: Request) -> Forward:
     """Run `model` once on `pixels` (B, C, H, W) and keep what `request`'s methods need."""
     config = model.config
     depth, prefix = config.depth, model.num_prefix_tokens
     grid_size = (pixels.shape[-2] // config.patch_size, pixels.shape[-1] // config.patch_size)
     needs: set[str] = set()
-    keep: set[int] = set(range(depth)) if request.explore else set()
     for method in request.methods:
         if method.class_specific:
             require_head(model)
         if method.check is not None:
             method.check(model)
         needs |= method.needs
-        keep.update(index % depth for index in method.layers(depth))
-        if "layer" in method.needs:
-            keep.add(request.layer % depth)
     graph_mode = bool(needs & {"graph", "activations", "relevance"})
-    if "graph" in needs:
-        keep.update(range(depth))  # every layer's weights, in the graph
+    keep = set(kept_layers(request, depth))
     names = query_names(config)
     tap = QueryTap(
         row_layers=set(request.head_layers),
