@@ -29,7 +29,7 @@ import torch
 
 from vitcli.data.loader import image_batches, normalize
 from vitcli.data.shapes import generate
-from vitcli.services.explain import METHODS, explain
+from vitcli.explain import METHODS, explain
 from vitcli.services.scoring import (
     ScoreOptions,
     markdown_table,
@@ -131,8 +131,8 @@ def main() -> None:
 
     started = time.perf_counter()
     ms = speed(bundle, pairs, args.batch_size, args.repeats)
-    options = ScoreOptions(steps=args.steps, baseline=args.baseline)
-    report = score_explanations(bundle, data, options, batch_size=args.batch_size)
+    options = ScoreOptions(steps=args.steps, baseline=args.baseline, batch_size=args.batch_size)
+    report = score_explanations(bundle, data, options)
     summary = report.to_dict()
     for method, value in ms.items():
         summary["methods"][method]["ms_per_map_best"] = value

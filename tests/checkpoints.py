@@ -27,15 +27,35 @@ UNSAFE_ADVICE = ("weights_only", "allow_pickle", "trust")
 savez = cast(Any, np.savez)  # numpy's stubs take **arrays for its own keyword arguments
 
 
-def random_vit(seed: int = 0, std: float = 0.2, **overrides: Any) -> ViT:
-    """A tiny ViT (32x32, patch 8, width 32, depth 2, 4 heads, 5 classes) with overrides and
-    every parameter drawn from N(0, std), in eval mode."""
+def randomise_hf(model, seed: int = 0):
+    """A transformers model with every parameter drawn from N(0, 0.2), position tables from
+    N(0, 1) (5x larger: a wrong resampling rule then shows far above the tests' tolerance)."""
     torch.manual_seed(seed)
-    model = ViT(ViTConfig(**{**TINY, **overrides})).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.normal_(0.0, 1.0 if "position" in name else 0.2)
+    return model.eval()
+
+
+def tiny_config(**overrides: Any) -> ViTConfig:
+    """A tiny ViTConfig (32x32, patch 8, width 32, depth 2, 4 heads, 5 classes) with overrides."""
+    return ViTConfig(**{**TINY, **overrides})
+
+
+def randomised(config: ViTConfig, seed: int = 0, std: float = 0.2) -> ViT:
+    """The ViT of `config` with every parameter drawn from N(0, std) (attention far from
+    uniform), in eval mode."""
+    torch.manual_seed(seed)
+    model = ViT(config).eval()
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0.0, std)
     return model
+
+
+def random_vit(seed: int = 0, std: float = 0.2, **overrides: Any) -> ViT:
+    """A tiny random ViT of `tiny_config(**overrides)`."""
+    return randomised(tiny_config(**overrides), seed=seed, std=std)
 
 
 def to_google(
@@ -239,3 +259,18 @@ def bin_folder(tmp_path: Path, save: Callable[[dict, Path], object]) -> Path:
     (folder / "model.safetensors").unlink()
     save(tensors, folder / "pytorch_model.bin")
     return folder
+
+
+def colour_folder(root: Path, per_class: int = 4, size: int = 32) -> Path:
+    """A labelled folder to train on: red/, green/, blue/, each image one bright square of
+    its class's colour channel on dark noise (a tiny model learns it in a few steps)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for channel, name in enumerate(("red", "green", "blue")):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+            pixels[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4, channel] = 230
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root

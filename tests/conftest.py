@@ -1,39 +1,14 @@
-"""Shared fixtures: tiny random models written to tmp_path (never the bundled model)."""
+"""Shared fixtures: tiny random models written to tmp_path (never the bundled model). The
+builders behind them live in tests/checkpoints.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from checkpoints import TINY_LABELS, random_vit
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-TINY = dict(image_size=32, patch_size=8, num_classes=5, width=32, depth=2, num_heads=4, mlp_dim=64)
-TINY_LABELS = ["cat", "dog", "bird", "fish", "frog"]
-
-
-def tiny_config(**overrides):
-    """A tiny ViTConfig (32x32, patch 8, width 32, depth 2, 4 heads, 5 classes) with overrides."""
-    from vitcli.model import ViTConfig
-
-    return ViTConfig(**{**TINY, **overrides})
-
-
-def randomised(config, seed: int = 0, std: float = 0.2):
-    """The ViT of `config` with every parameter drawn from N(0, std): attention far from uniform."""
-    import torch
-
-    from vitcli.model import ViT
-
-    torch.manual_seed(seed)
-    model = ViT(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, std)
-    return model
-
-
-def random_vit(seed: int = 0, **overrides):
-    return randomised(tiny_config(**overrides), seed=seed)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
+from checkpoints import randomise_hf
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,14 +160,6 @@ HF_CASES = {
 }
 
 
-def _randomise(model, seed: int = 0):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            parameter.normal_(0.0, 1.0 if "position" in name else 0.2)
-    return model.eval()
-
-
 def save_hf_case(name: str, folder: Path) -> Path:
     """A transformers model folder (weights, config.json, preprocessor_config.json)."""
     import transformers as T
@@ -193,7 +185,7 @@ def save_hf_case(name: str, folder: Path) -> Path:
     else:
         model = T.SiglipVisionModel(T.SiglipVisionConfig(**fields, intermediate_size=64))
     path = folder / name
-    _randomise(model).save_pretrained(path)
+    randomise_hf(model).save_pretrained(path)
     spec = {"image_processor_type": processor_class, **settings}
     if "crop_size" in settings:
         spec.setdefault("do_center_crop", True)
@@ -225,7 +217,7 @@ def save_timm_case(name: str, folder: Path) -> Path:
     config = ViTConfig(
         image_size=size, patch_size=8, width=32, depth=2, num_heads=4, mlp_dim=128, num_classes=5
     )
-    model = _randomise(ViT(config))
+    model = randomise_hf(ViT(config))
     path = folder / name
     path.mkdir(parents=True)
     save_file(

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import checkpoints
 import numpy as np
 import pytest
 import torch
@@ -15,20 +16,20 @@ from typer.testing import CliRunner
 from vitcli.cli import app
 from vitcli.data.preprocess import Preprocess
 from vitcli.errors import InputError
-from vitcli.model import ViT, ViTConfig
-from vitcli.services.attention import AttentionOptions, attention_batches, colormaps, parse_layers
-from vitcli.services.attention.files import RunContext, write_image_outputs
-from vitcli.services.attention.maps import (
+from vitcli.explain.batch import explicit_layers
+from vitcli.explain.maps import (
     cls_maps,
     discard_lowest,
     fuse_heads,
     mass_mask,
     rollout,
-    rollout_map,
-    rollout_rows,
     rollout_step,
+    seeded_rollout,
 )
-from vitcli.services.attention.methods import compute_batch, explicit_layers
+from vitcli.model import ViT, ViTConfig
+from vitcli.services.attention import AttentionOptions, attention_batches, colormaps, parse_layers
+from vitcli.services.attention.batches import compute_batch, request_of
+from vitcli.services.attention.files import RunContext, write_image_outputs
 from vitcli.services.attention.names import output_names
 from vitcli.services.attention.options import Colormap
 from vitcli.services.attention.paint import Painter, Sampler
@@ -47,12 +48,7 @@ def tiny(**overrides) -> ViTConfig:
 
 def randomised(config: ViTConfig, seed: int = 0) -> ViT:
     """Every parameter drawn from N(0, 0.3): attention far from uniform."""
-    torch.manual_seed(seed)
-    model = ViT(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.3)
-    return model
+    return checkpoints.randomised(config, seed=seed, std=0.3)
 
 
 def bright_patch_model(image_size=(32, 48), patch_size=8) -> ViT:
@@ -179,9 +175,12 @@ def test_per_head_maps_equal_transformers_eager_attentions(image_size):
 
 
 def test_only_the_needed_layers_take_the_explicit_path():
-    assert explicit_layers(AttentionOptions(layers=(-1,), methods=()), depth=6) == [5]
-    assert explicit_layers(AttentionOptions(layers=(0, -2), methods=()), depth=6) == [0, 4]
-    assert explicit_layers(AttentionOptions(layers=(1,)), depth=3) == [0, 1, 2]
+    def layers(options, depth):
+        return explicit_layers(request_of(options, depth), depth)
+
+    assert layers(AttentionOptions(layers=(-1,), methods=()), depth=6) == [5]
+    assert layers(AttentionOptions(layers=(0, -2), methods=()), depth=6) == [0, 4]
+    assert layers(AttentionOptions(layers=(1,)), depth=3) == [0, 1, 2]
     model = randomised(tiny(depth=3))
     x = pixels(2)
     alone = compute_batch(
@@ -259,9 +258,13 @@ def test_every_rollout_factor_is_row_stochastic():
             matrix = rollout(list(weights.values()), fusion, discard, prefix=1)
             torch.testing.assert_close(matrix.sum(-1), torch.ones(matrix.shape[:-1]))
             # The vector chain the service uses is the CLS row of the full product.
-            torch.testing.assert_close(
-                rollout_rows(list(weights.values()), fusion, discard, prefix=1), matrix[:, 0]
-            )
+            factors = [
+                rollout_step(discard_lowest(fuse_heads(w, fusion), discard, 1))
+                for w in weights.values()
+            ]
+            seed = torch.zeros(matrix.shape[0], matrix.shape[-1])
+            seed[:, 0] = 1.0  # e_0: the CLS query
+            torch.testing.assert_close(seeded_rollout(factors, seed), matrix[:, 0])
 
 
 def test_discard_ratio_is_per_image_and_row_and_keeps_cls():
@@ -301,8 +304,10 @@ def test_model_without_cls_token_falls_back_to_mean_over_queries():
     maps = cls_maps(weights[1], (4, 4), prefix=0)
     torch.testing.assert_close(maps, weights[1].mean(dim=2).reshape(2, 4, 4, 4))
     matrix = rollout([weights[1]], prefix=0)
-    torch.testing.assert_close(rollout_map(matrix, (4, 4), 0), matrix.mean(1).reshape(2, 4, 4))
-    torch.testing.assert_close(rollout_rows([weights[1]], prefix=0), matrix.mean(1))
+    seed = torch.full((2, 16), 1.0 / 16)  # the mean over all queries
+    torch.testing.assert_close(
+        seeded_rollout([rollout_step(weights[1].mean(1))], seed), matrix.mean(1)
+    )
 
 
 def test_bright_patch_model_looks_at_the_bright_patch():
@@ -513,8 +518,9 @@ def test_cli_localises_the_bright_square_and_overlay_aligns(tmp_path):
     heads = np.load(folder / "heads.npy")
     assert heads.shape == (1, 1, 4, 6) and np.unravel_index(heads[0, 0].argmax(), (4, 6)) == (1, 4)
     assert np.unravel_index(np.load(folder / "rollout.npy").argmax(), (4, 6)) == (1, 4)
-    overlay = np.asarray(Image.open(folder / "layer00_head00.png").convert("L")).astype(float)
-    scale = overlay.shape[1] / 96
+    labelled = np.asarray(Image.open(folder / "layer00_head00.png").convert("L")).astype(float)
+    scale = labelled.shape[1] / 96
+    overlay = labelled[: round(64 * scale)]  # the caption strip below it: title, note, key
     top, left = int(16 * scale), int(64 * scale)
     size = int(16 * scale)
     assert (
@@ -682,7 +688,7 @@ def test_a_registered_method_gets_a_tile_and_an_array(tmp_path):
     weights, and a class-specific one using autograd (as gradient methods will)."""
     from vitcli.services.attention import METHODS, Method, class_specific, register, run
 
-    def last_cls(forward, options):
+    def last_cls(forward):
         weights = forward.weights[forward.model.config.depth - 1]  # B,nh,T,T
         return weights.mean(1)[:, 0, forward.prefix :].reshape(-1, *forward.grid_size)
 
@@ -720,7 +726,7 @@ def test_a_registered_method_gets_a_tile_and_an_array(tmp_path):
         assert maps["saliency.top1"].shape == (4, 4) and (maps["saliency.top1"] > 0).all()
         meta = json.loads((tmp_path / "o" / "a" / "meta.json").read_text())
         assert meta["maps"]["saliency.top1"] == [4, 4]
-        with pytest.raises(InputError, match="unknown method"):
+        with pytest.raises(InputError, match="unknown --method"):
             AttentionOptions(methods=("nope",))
     finally:
         METHODS.pop("last-cls", None)

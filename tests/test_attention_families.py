@@ -12,13 +12,14 @@ from typer.testing import CliRunner
 
 from vitcli.cli import app
 from vitcli.errors import InputError
+from vitcli.explain import explain
+from vitcli.explain.forward import kept_layers
+from vitcli.explain.maps import rollout, token_order
+from vitcli.explain.methods import chain
 from vitcli.model import ViT, ViTConfig
 from vitcli.services.attention import METHODS, Method, register
-from vitcli.services.attention.maps import rollout, token_order
-from vitcli.services.attention.methods import compute_batch, full_weight_layers
+from vitcli.services.attention.batches import compute_batch, request_of
 from vitcli.services.attention.options import AttentionOptions
-from vitcli.services.explain import explain
-from vitcli.services.explain.methods import chain
 from vitcli.weights.format import save_model
 
 TINY = dict(image_size=32, patch_size=8, num_classes=5, width=32, depth=2, num_heads=4, mlp_dim=64)
@@ -131,7 +132,7 @@ def test_rollout_of_a_map_head_is_seeded_by_the_probe(name):
     maps = compute_batch(model, x, AttentionOptions(methods=("rollout",), heads=False), LABELS)
     torch.testing.assert_close(maps["methods"]["rollout"].reshape(2, 24), expected[:, prefix:])
     torch.testing.assert_close(maps["rollout_prefix_mass"], expected[:, :prefix])
-    # services/explain's rollout is the same map.
+    # explain()'s rollout is the same map.
     torch.testing.assert_close(explain(model, x, "rollout").maps, maps["methods"]["rollout"])
 
 
@@ -152,7 +153,7 @@ def test_no_whole_attention_matrix_is_kept_for_heads_and_rollout():
     register(
         Method(
             "spy",
-            lambda forward, options: (
+            lambda forward: (
                 seen.append(sorted(forward.weights))
                 or torch.zeros(forward.pixels.shape[0], *forward.grid_size)
             ),
@@ -161,7 +162,7 @@ def test_no_whole_attention_matrix_is_kept_for_heads_and_rollout():
     try:
         model = family("registers")
         options = AttentionOptions(layers=("all",), methods=("rollout", "spy"))
-        assert full_weight_layers(options, 2) == []
+        assert kept_layers(request_of(options, 2), 2) == []
         compute_batch(
             model, pixels(), AttentionOptions(layers=(0, 1), methods=options.methods), LABELS
         )

@@ -13,15 +13,14 @@ from typer.testing import CliRunner
 
 from vitcli.cli import app
 from vitcli.cli.attention import parse_method_options
-from vitcli.errors import InputError
+from vitcli.errors import InputError, OptionError
+from vitcli.explain import explain
 from vitcli.model import ViTConfig
 from vitcli.services.attention import AttentionOptions, run
-from vitcli.services.attention.batches import resolve_batch_size
-from vitcli.services.attention.methods import compute_batch
+from vitcli.services.attention.batches import compute_batch, resolve_batch_size
 from vitcli.services.attention.options import default_batch_size
 from vitcli.services.attention.paint import peak_ratio, range_note
 from vitcli.services.attention.sheet import layout, sheet_size
-from vitcli.services.explain import map_function
 from vitcli.weights.format import load_vitcli_file, save_model
 
 LABELS = ["cat", "dog", "bird", "fish", "frog"]
@@ -73,7 +72,7 @@ def test_options_check_methods_and_targets():
         AttentionOptions(targets=("",))
     with pytest.raises(InputError, match="--threshold outlines the per-head maps"):
         AttentionOptions(methods=("rollout",), heads=False, threshold=0.5)
-    with pytest.raises(InputError, match="unknown method 'nope'"):
+    with pytest.raises(OptionError, match="unknown --method 'nope'"):
         AttentionOptions(methods=("nope",))
 
 
@@ -136,7 +135,7 @@ def test_maps_are_named_by_method_and_target_and_equal_the_explain_service(
         from vitcli.data.loader import normalize
 
         x = normalize(pixels, bundle.preprocess, torch.device("cpu"))
-        expected = map_function("gae")(bundle.model.eval(), x, torch.tensor([1]))
+        expected = explain(bundle.model.eval(), x, "gae", targets=torch.tensor([1])).maps
         np.testing.assert_allclose(maps["gae.class1"], expected[0].numpy(), rtol=1e-4, atol=1e-6)
 
 
@@ -151,7 +150,7 @@ def test_default_run_keeps_heads_rollout_and_its_names(tmp_path, model_file, ima
     assert sorted(maps) == ["head_mean", "heads", "layers", "prefix_mass", "rollout"]
     meta = json.loads((tmp_path / "o" / "a" / "meta.json").read_text())
     assert [entry["method"] for entry in meta["methods"]] == ["raw", "rollout"]
-    assert meta["options"]["scale"] == "shared"
+    assert meta["options"]["scale"] == "per-map"
 
 
 def _grad_states(model, options, pixels):
@@ -167,14 +166,18 @@ def _grad_states(model, options, pixels):
     return seen
 
 
-def test_rollout_builds_no_autograd_graph_and_gae_does(tiny_model):
+def test_rollout_builds_no_autograd_graph_and_gae_records_the_one_forward(tiny_model):
     pixels = torch.randn(2, 3, 32, 32)
     for parameter in tiny_model.parameters():
         parameter.requires_grad_(True)  # as a freshly built model has them
     rollout = _grad_states(tiny_model, AttentionOptions(methods=("rollout",)), pixels)
     assert rollout == [(False, True)]  # one forward, in inference mode
     gae = _grad_states(tiny_model, AttentionOptions(methods=("rollout", "gae")), pixels)
-    assert gae[0] == (False, True) and gae[1:] == [(True, False)]  # + one recorded forward
+    assert gae == [(True, False)]  # the one forward, recorded: no second pass for gae
+    every = AttentionOptions(
+        methods=("rollout", "gae", "gradcam", "attribution"), targets=("top1", "top2")
+    )
+    assert _grad_states(tiny_model, every, pixels) == [(True, False)]  # one, for every target
     assert all(parameter.grad is None for parameter in tiny_model.parameters())
 
 
@@ -230,7 +233,7 @@ def test_sheet_rows_per_method_and_target(tmp_path, model_file, images):
 
 def test_sheet_text(tmp_path, model_file, images):
     from vitcli.services.attention import attention_batches
-    from vitcli.services.attention.sheet import title_lines
+    from vitcli.services.attention.heading import title_lines
 
     bundle = load_vitcli_file(model_file)
     options = AttentionOptions(methods=("rollout", "gae"), targets=("top1", "frog"), workers=0)
@@ -301,9 +304,9 @@ def test_preview_shows_the_first_method(tmp_path, model_file, images):
     assert "<b>gradcam for target top1</b>" in (out / "index.html").read_text()
 
 
-def test_shared_scale_draws_near_flat_maps_flat_and_per_map_does_not():
-    """Heads within 1% of uniform: shared (0..max) paints an even wash; per-map stretches the
-    1% over the whole colormap. Each tile's note says the map is flat either way."""
+def test_both_scales_draw_near_flat_maps_flat():
+    """Heads within 1% of uniform: both scales run from 0, so they paint an even wash instead
+    of stretching the 1% over the whole colormap. Each tile's note says the map is flat."""
     from vitcli.data.preprocess import Geometry
     from vitcli.services.attention.batches import ImageAttention
     from vitcli.services.attention.paint import overlay_tiles
@@ -321,10 +324,9 @@ def test_shared_scale_draws_near_flat_maps_flat_and_per_map_does_not():
         top=[(0, "cat", 0.5)],
     )
     image = Image.new("RGB", (64, 64), (128, 128, 128))
-    spread = {}
     for scale in ("shared", "per-map"):
         options = AttentionOptions(scale=scale, interpolation="nearest")
         tiles = overlay_tiles(result, image, options, (64, 64))
         assert [tile.note for tile in tiles][1:] == ["peak 1.0x uniform (flat)"] * 4
-        spread[scale] = max(int(np.ptp(tile.pixels.reshape(-1, 3), axis=0).max()) for tile in tiles)
-    assert spread["shared"] < 20 and spread["per-map"] > 100, spread  # of 255 levels
+        spread = max(int(np.ptp(tile.pixels.reshape(-1, 3), axis=0).max()) for tile in tiles)
+        assert spread < 20, (scale, spread)  # of 255 levels

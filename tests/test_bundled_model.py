@@ -5,21 +5,35 @@ and card (seed 2) sets; it is small so the test stays fast, so its bounds sit a 
 the card's 1,200-image numbers.
 """
 
+import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from vitcli.data.shapes import SHAPES, generate
-from vitcli.services.attention.localization import evaluate_localization, shapes_dataset
 from vitcli.weights.resolve import DEFAULT_MODEL_NAME, default_model_path, load_model
 
+ROOT = Path(__file__).resolve().parents[1]
 PER_CLASS = 12
 # Measured on this set: top-1 0.986, pointing game 1.0, mass ratio 2.65 (card, 1,200 images:
 # 0.996, 0.999, 2.64). The bounds are the issue's goals.
 TOP1_MIN = 0.97
 POINTING_MIN = 0.85
+
+
+def recipe_evaluate():
+    """weights/recipe/evaluate.py, the card's held-out scores (a script, not in the package)."""
+    spec = importlib.util.spec_from_file_location(
+        "recipe_evaluate", ROOT / "weights" / "recipe" / "evaluate.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +45,7 @@ def bundle():
 def held_out(tmp_path_factory):
     root = tmp_path_factory.mktemp("heldout") / "shapes"
     generate(root, per_class=PER_CLASS, seed=3)
-    return shapes_dataset(root)
+    return recipe_evaluate().shapes_dataset(root)
 
 
 def test_bundled_model_is_the_documented_one(bundle):
@@ -47,7 +61,11 @@ def test_bundled_model_is_the_documented_one(bundle):
 def test_held_out_accuracy_and_attention_localization(bundle, held_out):
     images, masks, labels = held_out
     torch.manual_seed(0)
-    result = evaluate_localization(bundle, images, masks, labels=labels, workers=0).to_dict()
+    result = (
+        recipe_evaluate()
+        .evaluate_localization(bundle, images, masks, labels=labels, workers=0)
+        .to_dict()
+    )
     assert result["images"] == PER_CLASS * len(SHAPES) and result["failures"] == 0
     assert result["top1"] >= TOP1_MIN, result
     assert result["pointing_game"] >= POINTING_MIN, result

@@ -49,11 +49,59 @@ def test_every_command_is_registered():
 
     group = typer.main.get_command(app)
     registered = set(group.commands)  # type: ignore[attr-defined]
-    expected = {"predict", "attention", "train", "eval", "info", "convert", "fetch", "data"}
-    assert expected <= registered, expected - registered
+    expected = {
+        *("predict", "embed", "eval", "attention", "score", "inspect", "export", "train"),
+        *("info", "convert", "fetch", "data"),
+    }
+    assert registered == expected, registered ^ expected  # a new command is added here too
     for name in expected:
         result = CliRunner().invoke(app, [name, "--help"])
         assert result.exit_code == 0 and "Usage: vit " + name in result.output, name
+
+
+# The shared options of the batch commands: one set of limits, one wording, exit 2.
+SHARED_ERRORS = [
+    (["--batch-size", "0"], "--batch-size must be a whole number from 1 to 4096, got 0"),
+    (["--batch-size", "5000"], "--batch-size must be a whole number from 1 to 4096, got 5000"),
+    (["--workers", "-1"], "--workers must be a whole number from 0 to 64, got -1"),
+    (["--device", "nope"], "--device nope: use auto, cpu, cuda, cuda:N or mps"),
+]
+
+
+def batch_commands(tmp_path):
+    """Each batch command with valid arguments, so that only the shared option is wrong."""
+    from PIL import Image
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (16, 16)).save(image)
+    return {
+        "predict": ["predict", str(image)],
+        "embed": ["embed", str(image), "-o", str(tmp_path / "e.npy")],
+        "eval": ["eval", str(tmp_path)],
+        "attention": ["attention", str(image), "--out", str(tmp_path / "att")],
+        "score": ["score", str(tmp_path)],
+        "inspect": ["inspect", "--out", str(tmp_path / "ins")],
+    }
+
+
+def test_batch_commands_share_one_contract_for_their_options(tmp_path):
+    for name, args in batch_commands(tmp_path).items():
+        for option, message in SHARED_ERRORS:
+            if name == "inspect" and option[0] == "--workers":
+                continue  # inspect decodes in the main process: it has no --workers
+            result = CliRunner().invoke(app, [*args, *option])
+            output = result.output + (result.stderr if result.stderr_bytes else "")
+            assert result.exit_code == 2, (name, option, output)
+            assert f"error: {message}" in output, (name, option, output)
+
+
+def test_an_unknown_method_is_a_usage_error_in_attention_and_score(tmp_path):
+    commands = batch_commands(tmp_path)
+    for name in ("attention", "score"):
+        result = CliRunner().invoke(app, [*commands[name], "--method", "nope"])
+        output = result.output + (result.stderr if result.stderr_bytes else "")
+        assert result.exit_code == 2, (name, output)
+        assert "error: unknown --method 'nope': use one of raw, rollout, gae" in output, name
 
 
 ENV_PROBE = PROBE.replace(

@@ -64,6 +64,7 @@ def test_info_table(tiny_model_file):
     assert "patch 8, image 32x32" in text and "32 / 2 / 4 / 64" in text
     assert "labels 5: cat | dog | bird | fish | frog" in text
     assert "resize to 32x32, bilinear (PIL)" in text and "EXIF orientation" in text
+    assert text.lower().count("gelu") == 1 and "layer norm eps 1e-06" in text  # stated once
 
 
 def test_info_json(tiny_model, tiny_model_file):
@@ -152,8 +153,10 @@ def test_convert_fp16_halves_the_file(tmp_path, tiny_model_file):
 
 
 def test_convert_refuses_another_extension(tmp_path, tiny_model_file):
-    assert_one_line_error(
-        vit("convert", tiny_model_file, tmp_path / "out.pt"), "must end in .safetensors"
+    result = vit("convert", tiny_model_file, tmp_path / "out.pt")
+    assert result.exit_code == 2  # a usage error
+    assert (
+        result.stderr.strip().startswith("error: ") and "must end in .safetensors" in result.stderr
     )
     assert not (tmp_path / "out.pt").exists()
 

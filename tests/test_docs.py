@@ -311,6 +311,47 @@ def test_help_is_consistent(path):
     assert set(problems) == expected, problems
 
 
+GROUPS = sorted(p for p, c in COMMANDS.items() if isinstance(c, TyperGroup))
+
+
+@pytest.mark.parametrize("path", GROUPS, ids=lambda p: " ".join(("vit", *p)))
+def test_group_help_has_examples_and_no_placeholders(path):
+    text = help_text(path)
+    assert "<bool>" not in text and "<list[" not in text, text
+    examples = text.rsplit("Examples", 1)
+    assert len(examples) == 2 and re.search(r"^\s*vit \w", examples[1], re.M), text
+
+
+@pytest.mark.parametrize("path", sorted(COMMANDS), ids=lambda p: " ".join(("vit", *p)))
+def test_help_paragraphs_never_break_mid_sentence(path):
+    """rich markup keeps a docstring's single line breaks: prose is written on one logical
+    line (a trailing backslash), only an indented list keeps one item per line."""
+    import inspect
+
+    command = COMMANDS[path]
+    for paragraph in inspect.cleandoc(command.help or "").split("\n\n"):
+        lines = paragraph.splitlines()
+        assert len(lines) == 1 or all(line.startswith("  ") for line in lines), paragraph
+
+
+PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*$|^[a-zA-Z0-9:|]*\|[a-zA-Z0-9:|]*$")
+
+
+def test_placeholders_are_one_style():
+    """Option values are named in capitals (N, X, FILE, DIR, REF), or as a list of literal
+    choices (auto|cpu|...), never as a range or a Python type."""
+    wrong = []
+    for path, command in LEAVES.items():
+        for param in command.params:
+            if not isinstance(param, TyperOption) or param.hidden or param.is_flag:
+                continue
+            if param.type_descriptor.is_choice:
+                continue
+            if not param.metavar or not PLACEHOLDER.match(param.metavar):
+                wrong.append(f"vit {' '.join(path)} {max(param.opts, key=len)}: {param.metavar}")
+    assert not wrong, wrong
+
+
 def test_help_check_catches_a_placeholder_and_missing_examples():
     sample = typer.Typer()
 

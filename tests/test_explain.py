@@ -9,15 +9,15 @@ import weakref
 import pytest
 import torch
 
-from vitcli.errors import InputError
-from vitcli.model import ViT, ViTConfig
-from vitcli.services.explain import (
+from vitcli.errors import InputError, OptionError
+from vitcli.explain import (
     METHODS,
     explain,
     parse_methods,
     parse_target,
     resolve_targets,
 )
+from vitcli.model import ViT, ViTConfig
 
 TOLERANCE = 1e-5
 
@@ -377,21 +377,10 @@ def test_bad_targets_are_input_errors(spec):
         parse_target(spec, ["cat", "dog", "bird"])
 
 
-def test_map_function_is_the_attention_plug_in_shape():
-    from vitcli.services.explain import map_function
-
-    model = random_model()
-    x, targets = images(), torch.tensor([1, 0, 2])
-    compute = map_function("gae")
-    assert torch.equal(compute(model, x, targets), explain(model, x, "gae", targets=targets).maps)
-    with pytest.raises(ValueError, match="not class-specific"):
-        map_function("rollout")
-
-
 def test_methods_parse_comma_lists_and_refuse_unknown_names():
     assert parse_methods(["gae,rollout", "gae", "GradCAM"]) == ("gae", "rollout", "gradcam")
-    assert parse_methods(None) == ("rollout",)
-    with pytest.raises(InputError, match="unknown --method"):
+    assert parse_methods(None) == ()
+    with pytest.raises(OptionError, match="unknown --method"):
         parse_methods(["lime"])
 
 
@@ -505,7 +494,7 @@ def test_class_specific_maps_point_at_the_patch_each_class_reads(method):
 
 # -- scoring ---------------------------------------------------------------------------------
 def test_deleting_the_patch_a_class_reads_first_drops_its_probability_first():
-    from vitcli.services.scoring import perturbation_auc
+    from vitcli.explain.perturbation import perturbation_auc
 
     model = two_patch_model()
     x = two_patch_image().expand(2, -1, -1, -1)
@@ -543,7 +532,7 @@ def test_score_reports_every_method_on_one_and_two_object_images(tmp_path, shape
     generate(tmp_path / "two", per_class=1, image_size=32, seed=1, classes=classes, objects=2)
     generate(tmp_path / "two", per_class=1, image_size=32, seed=1, classes=classes)
     bundle = load_model(shapes_model_file)
-    report = score_explanations(bundle, tmp_path / "two", ScoreOptions(steps=3), batch_size=4)
+    report = score_explanations(bundle, tmp_path / "two", ScoreOptions(steps=3, batch_size=4))
     assert report.images == 3 + 3 and not report.failures
     summary = json.loads(json.dumps(report.to_dict()))["methods"]
     assert list(summary) == [*METHODS, "random"]
@@ -603,7 +592,7 @@ def test_score_command_prints_a_table_and_writes_json(tmp_path, shapes_model_fil
     written = json.loads((tmp_path / "scores.json").read_text())
     assert written["images"] == 4 and set(written["methods"]) == {"gae", "rollout", "random"}
     bad = CliRunner().invoke(app, ["score", str(tmp_path / "d"), "--method", "lime"])
-    assert bad.exit_code == 1
+    assert bad.exit_code == 2  # a usage error
 
 
 @pytest.mark.parametrize("method", ["gae", "attribution", "gradcam"])

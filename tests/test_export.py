@@ -149,4 +149,4 @@ def test_cli_export_writes_and_reports(tmp_path):
     assert result.exit_code == 0, result.output
     assert out.exists() and "max abs diff" in result.output and "48x32" in result.output
     bad = CliRunner().invoke(app, ["export", str(model_path), str(tmp_path / "m.txt")])
-    assert bad.exit_code == 1 and "must end in .onnx" in bad.output
+    assert bad.exit_code == 2 and "must end in .onnx" in bad.output  # a usage error

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import randomised, tiny_config
+from checkpoints import randomised, tiny_config
 
 from vitcli.errors import CheckpointError
 from vitcli.weights.resolve import load_model

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import randomised, tiny_config
+from checkpoints import randomised, tiny_config
 
 from vitcli.errors import CheckpointError
 from vitcli.weights.resolve import load_model
@@ -104,7 +104,8 @@ def test_timm_families_match_timm(tmp_path, arch):
             reference.attn_pool.fused_attn = False
             torch.testing.assert_close(model.embed(x), reference.forward_head(tokens))
     # Our file loads into timm with zero renaming.
-    from vitcli.weights.format import read_safetensors, save_model
+    from vitcli.weights.format import save_model
+    from vitcli.weights.readers import read_safetensors
 
     tensors, _ = read_safetensors(save_model(bundle, tmp_path / "ours.safetensors"))
     reference.load_state_dict(tensors, strict=True)

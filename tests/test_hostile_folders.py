@@ -94,7 +94,8 @@ BAD_PREPROCESSOR: dict[str, tuple[Any, str]] = {
         {"size": {"shortest_edge": 0}, "do_center_crop": True, "crop_size": 32},
         "unusable preprocessing",
     ),
-    "crop-pct": ({"size": {"shortest_edge": 32}, "crop_pct": 0}, "crop_pct"),
+    "rescale-zero": ({"rescale_factor": 0}, "rescale must be a positive number"),
+    "edge-no-crop": ({"size": {"shortest_edge": 32}}, "without a centre crop"),
     "not-object": ([], "expected a JSON object"),
 }
 

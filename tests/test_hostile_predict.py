@@ -315,11 +315,14 @@ def test_quoted_globstar_ignores_symlink_loops_and_lists_each_file_once(tmp_path
 # -- resources --------------------------------------------------------------------------------
 
 
-def test_huge_worker_counts_are_clamped_with_a_warning(model_file, tmp_path):
+def test_worker_counts_above_the_cpus_are_clamped_and_absurd_ones_refused(model_file, tmp_path):
     image = tiny_image(tmp_path / "a.png")
-    result = invoke("predict", str(image), "-m", str(model_file), "-w", "1000000", "-f", "jsonl")
+    result = invoke("predict", str(image), "-m", str(model_file), "-w", "64", "-f", "jsonl")
     assert result.exit_code == 0, result.output
-    assert "warning: --workers 1000000 is more than the" in result.stderr
+    assert "warning: --workers 64 is more than the" in result.stderr  # 64 > the CPUs of CI
+    result = invoke("predict", str(image), "-m", str(model_file), "-w", "1000000", "-f", "jsonl")
+    assert result.exit_code == 2
+    assert "--workers must be a whole number from 0 to 64, got 1000000" in result.output
 
 
 @pytest.mark.slow
@@ -495,7 +498,7 @@ def test_paths_longer_than_the_system_allows_are_error_records(model_file, tmp_p
 
 def test_usage_errors_exit_2_and_run_errors_exit_1(model_file, tmp_path):
     image = str(tiny_image(tmp_path / "a.png"))
-    assert invoke("predict", image, "--top-k", "0").exit_code == 2  # Click's own check
+    assert invoke("predict", image, "--top-k", "0").exit_code == 2  # a usage error
     assert invoke("predict", image, "-m", str(model_file), "--device", "gpu7").exit_code == 2
     assert invoke("predict", image, "-f", "table", "-o", str(tmp_path / "t.json")).exit_code == 2
     assert invoke("predict", image, "-m", str(tmp_path / "missing.safetensors")).exit_code == 1

@@ -8,25 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from checkpoints import random_vit, tiny_config
 from PIL import Image
 
-from vitcli.model import ViT, ViTConfig
+from vitcli.model import ViTConfig
 from vitcli.services.inspect import analysis
-
-TINY = dict(image_size=32, patch_size=8, num_classes=5, width=32, depth=2, num_heads=4, mlp_dim=64)
-
-
-def tiny_config(**overrides) -> ViTConfig:
-    return ViTConfig(**{**TINY, **overrides})
-
-
-def random_vit(seed: int = 0, **overrides) -> ViT:
-    torch.manual_seed(seed)
-    model = ViT(tiny_config(**overrides)).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.2)
-    return model
 
 
 # -- filters -------------------------------------------------------------------------------

@@ -204,7 +204,7 @@ def test_save_and_load_quantized_roundtrip(tmp_path):
     x = images(3)
     with torch.inference_mode():
         torch.testing.assert_close(loaded.model(x), quantize(model)(x), rtol=0, atol=0)
-    from vitcli.weights.format import read_safetensors
+    from vitcli.weights.readers import read_safetensors
 
     assert is_quantized_file(read_safetensors(path)[1])
     float_file = save_model(bundle, tmp_path / "m.safetensors")

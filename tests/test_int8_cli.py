@@ -238,3 +238,37 @@ def test_embed_int8_stays_close_to_float32(tiny_model_file, examples_dir, tmp_pa
         b = runs["int8"][path]
         assert a.shape == b.shape and not np.array_equal(a, b)  # int8 really ran
         assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
+
+
+@pytest.mark.parametrize("command", ["predict", "embed", "eval"])
+def test_the_int8_decision_is_made_once_per_run(command, monkeypatch, tmp_path, examples_dir):
+    """prepare_int8 (quantise, or check an int8 file's device) runs once, not once per layer
+    of the service."""
+    import importlib
+
+    from vitcli.services import int8
+
+    module = importlib.import_module(
+        {"predict": "vitcli.services.predict", "embed": "vitcli.services.embed"}.get(
+            command, "vitcli.services.evaluate"
+        )
+    )
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return int8.prepare_int8(*args, **kwargs)
+
+    monkeypatch.setattr(module, "prepare_int8", counted)
+    image = examples_dir / SHAPES[0]
+    if command == "eval":
+        data = tmp_path / "shapes"
+        assert invoke("data", "shapes", data, "--per-class", "1", "-q").exit_code == 0
+        args = ["eval", data]
+    elif command == "embed":
+        args = ["embed", image, "-o", tmp_path / "e.jsonl"]
+    else:
+        args = ["predict", image]
+    result = invoke(*args, "--int8", "-w", "0", "-q")
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1

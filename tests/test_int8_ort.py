@@ -25,8 +25,8 @@ from vitcli.data.loader import prepare
 from vitcli.data.preprocess import Preprocess
 from vitcli.errors import OptionError
 from vitcli.model.int8 import Int8Linear, quantize
-from vitcli.services import export as export_service
 from vitcli.services import int8 as int8_service
+from vitcli.services import onnx_graph
 from vitcli.services.export import ExportError
 from vitcli.services.int8 import int8_engine, prepare_int8
 from vitcli.services.ort_engine import OrtInt8ViT
@@ -140,7 +140,7 @@ def test_families_run_on_the_onnxruntime_engine(overrides):
 
 
 def test_a_model_export_refuses_is_refused_when_forced_and_runs_on_torch_in_auto(monkeypatch):
-    monkeypatch.setattr(export_service, "PROTOBUF_LIMIT", 0)  # export's 2 GiB rule, made tiny
+    monkeypatch.setattr(onnx_graph, "PROTOBUF_LIMIT", 0)  # the 2 GiB rule, made tiny
     bundle = tiny_bundle()
     monkeypatch.setenv("VITCLI_INT8_ENGINE", "onnxruntime")
     with pytest.raises(ExportError, match="2 GiB"):

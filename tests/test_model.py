@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import randomised, tiny_config
+from checkpoints import randomised, tiny_config
 
 from vitcli.model import ViT, ViTConfig
 from vitcli.model.posembed import resample_grid, sincos_2d

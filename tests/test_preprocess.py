@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import random_vit
+from checkpoints import random_vit
 from PIL import Image
 
 from vitcli.data.images import open_image

@@ -283,7 +283,7 @@ def fail_on(monkeypatch, name: str, epoch_file: Path | None = None, kind: str = 
         real = rundir_module.atomic_write_bytes
 
         def write(path, data, durable=True):
-            if Path(path).name == f".{name}.pending":
+            if Path(path).name.startswith(f".{name}.") and str(path).endswith(".pending"):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
             return real(path, data, durable)
 

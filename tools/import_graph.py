@@ -3,10 +3,11 @@
     python tools/import_graph.py            # the module graph grouped by layer, then the checks
     python tools/import_graph.py --mermaid  # the layer graph as a Mermaid flowchart
 
-Layers, from top to bottom: cli -> services -> (data, weights) -> model, with the shared base
-(errors, fileio, runtime, distributed, _version) below all of them. An import may point down or
-sideways within its own layer, never up; `model/` imports torch and the standard library only;
-`services/` never imports typer or rich. Exit status 1 when a rule is broken or there is a cycle.
+Layers, from top to bottom: cli -> services -> (explain, data, weights) -> model, with the
+shared base (errors, fileio, runtime, distributed, _version) below all of them. An import may
+point down or sideways within its own layer, never up; `model/` imports torch and the standard
+library only; `services/` never imports typer or rich. Exit status 1 when a rule is broken or
+there is a cycle.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ LAYERS = {
     "__main__": 4,
     "__init__": 4,  # the public API re-exports from everywhere, lazily
     "services": 3,
+    "explain": 2,  # the explanation maths, beside data and weights, above model
     "data": 2,
     "weights": 2,
     "model": 1,
@@ -46,6 +48,7 @@ FORBIDDEN_THIRD_PARTY = {
     "services": {"typer", "rich"},
     "data": {"typer", "rich"},
     "weights": {"typer", "rich"},
+    "explain": {"typer", "rich", "PIL"},
 }
 
 

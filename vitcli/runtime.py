@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from .errors import InputError, OptionError
 
 if TYPE_CHECKING:
     import torch
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")  # plus cuda:N
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+MAX_WORKERS = 64  # decoding processes; resolve_workers also clamps to the CPUs here
 
 # Worker processes beyond this many per CPU only add memory and start-up time.
 MAX_WORKERS_PER_CPU = 1
+
+# Sizes an option or a file may ask for, checked before anything is allocated, with the limit
+# in the message: one definition for every command (weights/limits.py bounds the rest).
+MAX_BATCH = 4096  # images per forward pass: far past any speed-up, short of absurd
+MAX_IMAGE_SIDE = 4096  # pixels per side of a model input (export, train, checkpoints)
 
 
 def cpu_count() -> int:
@@ -41,8 +47,7 @@ def resolve_workers(requested: int | None, what: str = "--workers") -> tuple[int
     clamped to it (each worker is a process with its own copy of the decoder and buffers)."""
     if requested is None:
         return default_workers(), None
-    if requested < 0:
-        raise OptionError(f"{what} must be 0 or more, got {requested}")
+    check_workers(requested, what)
     limit = cpu_count() * MAX_WORKERS_PER_CPU
     if requested > limit:
         return limit, f"{what} {requested} is more than the {limit} CPUs here; using {limit}"
@@ -61,6 +66,59 @@ def model_threads(all_threads: int, workers: int, decoding_left: int) -> int:
     "Third round").
     """
     return all_threads if decoding_left == 0 else max(1, all_threads - workers)
+
+
+def check_batch_size(value: Any) -> int:
+    """--batch-size, the same limits and words in every command."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BATCH:
+        raise OptionError(
+            f"--batch-size must be a whole number from 1 to {MAX_BATCH}, got {value!r}"
+        )
+    return value
+
+
+def check_workers(value: Any, what: str = "--workers") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_WORKERS:
+        raise OptionError(f"{what} must be a whole number from 0 to {MAX_WORKERS}, got {value!r}")
+    return value
+
+
+def check_device(name: Any) -> str:
+    """--device by its form (auto, cpu, cuda, cuda:N, mps); `resolve_device` checks it is here."""
+    text = str(name).strip().lower()
+    if text not in ("auto", "cpu", "cuda", "mps") and not (
+        text.startswith("cuda:") and text[5:].isdigit()
+    ):
+        raise OptionError(f"--device {name}: use auto, cpu, cuda, cuda:N or mps")
+    return text
+
+
+def check_dtype(name: Any) -> str:
+    if name not in DTYPE_CHOICES:
+        raise OptionError(f"--dtype {name}: use one of {', '.join(DTYPE_CHOICES)}")
+    return str(name)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchOptions:
+    """The options every batch command shares (predict, embed, eval, attention, score,
+    inspect), validated once, here, with one set of limits and words. A command's options
+    class extends it; a default may differ per command ("auto" batch size, None workers: the
+    command resolves them)."""
+
+    model: str | None = None  # a file, folder or hub id; None is the bundled model
+    batch_size: Any = 32  # images per forward pass, 1 to MAX_BATCH
+    workers: Any = field(default_factory=default_workers)  # decoding processes; 0: in-process
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    dtype: str = "auto"  # auto, float32, bfloat16, float16 (commands without --dtype: auto)
+
+    def __post_init__(self) -> None:
+        if self.batch_size != "auto":
+            check_batch_size(self.batch_size)
+        if self.workers is not None:
+            check_workers(self.workers)
+        check_device(self.device)
+        check_dtype(self.dtype)
 
 
 def render_threads() -> int:
@@ -130,7 +188,7 @@ def resolve_device(name: str = "auto") -> torch.device:
                 f"--device {name}: no such GPU; this machine has cuda:0 to cuda:{count - 1}"
             )
         return torch.device("cuda", int(index_text))
-    raise OptionError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    raise OptionError(f"--device {name}: use auto, cpu, cuda, cuda:N or mps")
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -159,8 +217,7 @@ def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str | N
     CPU needs native bf16 (runtime detection): asked for on one without, it is refused."""
     import torch
 
-    if name not in DTYPE_CHOICES:
-        raise OptionError(f"unknown dtype {name!r}: use one of {', '.join(DTYPE_CHOICES)}")
+    check_dtype(name)
     if name == "auto":
         if device.type == "cuda":
             if torch.cuda.is_bf16_supported():

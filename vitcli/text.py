@@ -16,6 +16,7 @@ decides how such text is written:
 from __future__ import annotations
 
 import json
+import math
 import re
 
 # Characters a terminal acts on instead of showing: C0 controls (ESC starts the sequences that
@@ -40,8 +41,17 @@ def terminal_safe(text: str) -> str:
 
 def json_bytes(data: object, indent: int | None = 2) -> bytes:
     """`data` as a UTF-8 JSON document ending in a newline; undecodable file-name bytes (lone
-    surrogates) become \\udcXX escapes instead of raising UnicodeEncodeError."""
-    return utf8_json(json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
+    surrogates) become \\udcXX escapes instead of raising UnicodeEncodeError. Never a bare
+    NaN or Infinity (not JSON): ValueError instead, so callers check finiteness first."""
+    return utf8_json(json_document(data, indent) + "\n")
+
+
+def json_document(data: object, indent: int | None = 2) -> str:
+    """`data` as JSON text, safe to print on a terminal and to encode as UTF-8: json.dumps
+    escapes C0 controls, this also DEL, C1 controls, bidi overrides and lone surrogates
+    (\\uXXXX, the same characters to any JSON reader); never NaN or Infinity."""
+    text = json.dumps(data, indent=indent, ensure_ascii=False, allow_nan=False)
+    return _JSON_UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 def utf8_json(document: str) -> bytes:
@@ -52,6 +62,18 @@ def utf8_json(document: str) -> bytes:
 
 # Only ever inside JSON strings (the syntax is ASCII), where \uXXXX means the same character.
 _JSON_UNSAFE = re.compile(f"[\x7f-\x9f\ud800-\udfff{_BIDI}]")
+
+
+def finite_or_none(data: object) -> object:
+    """`data` with every NaN or infinite float replaced by None (JSON null): for measurements
+    that may legitimately be undefined (a validation loss that overflowed)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: finite_or_none(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_or_none(value) for value in data]
+    return data
 
 
 def json_line(record: dict) -> str:

@@ -15,10 +15,10 @@ from typing import Any
 import typer
 from typer._click import exceptions as click_errors  # typer 0.29 vendors Click
 from typer._click import utils as click_utils
-from typer.core import TyperGroup
 
 from .._version import __version__
 from ..errors import OptionError, VitError
+from .common import Group
 
 # Exit statuses, the same for every command: 0 success, 1 a VitError (a file, model or image
 # that could not be used; for batch commands, any input that failed), 2 a usage error (Click's
@@ -27,7 +27,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
-class _VitGroup(TyperGroup):
+class _VitGroup(Group):
     """Turns every VitError into one red line and exit status 1 (2 for an OptionError), and
     Click's own usage errors into the same one-line form with status 2; bugs keep their
     traceback."""
@@ -65,6 +65,11 @@ class _VitGroup(TyperGroup):
         except click_errors.ClickException as error:
             error.show()
             sys.exit(error.exit_code)
+        except VitError as error:  # raised while parsing: --version or --help to a full stdout
+            from ..console import print_error
+
+            print_error(str(error))
+            sys.exit(EXIT_USAGE if isinstance(error, OptionError) else EXIT_FAILED)
         except typer.Abort:
             click_utils.echo("Aborted.", err=True)
             sys.exit(EXIT_FAILED)
@@ -82,10 +87,24 @@ class _VitGroup(TyperGroup):
             ) from None
 
 
+EXAMPLES = """\
+[bold]Examples[/]
+
+  vit predict photo.jpg                         [dim]# the bundled model: six shapes[/]
+  vit predict photos/ -m google/vit-base-patch16-224 -o results.csv
+  vit attention photo.jpg --out att/ --html     [dim]# attention sheets and a contact sheet[/]
+  vit data shapes shapes/ --per-class 100       [dim]# a labelled folder to train on[/]
+  vit train shapes/ --out runs/a --model bundled --epochs 2 --val-split 0.2
+  vit predict photo.jpg -m runs/a               [dim]# a run folder is a model[/]
+
+Every command has --help with examples. Guides: README.md and docs/.
+"""
+
 app = typer.Typer(
     cls=_VitGroup,
     name="vit",
     help="Vision Transformer image classification, attention maps and training.",
+    epilog=EXAMPLES,
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
@@ -159,4 +178,17 @@ def main() -> None:
     # Everything alive at exit is about to go: freezing it skips the interpreter's last full
     # collection over the whole heap (it runs the atexit handlers first).
     atexit.register(gc.freeze)
-    app()
+    from ..console import flush_stdout, guard_stdout, print_error
+
+    guard_stdout()  # a closed or full stdout: one error line and exit 1 (console.py)
+    try:
+        app()
+    except SystemExit as leaving:
+        code = leaving.code
+    else:
+        code = 0
+    failed = flush_stdout()  # what is still buffered must reach its reader, or be an error
+    if failed is not None:
+        print_error(str(failed))
+        code = code if isinstance(code, int) and code != 0 else EXIT_FAILED
+    sys.exit(code)

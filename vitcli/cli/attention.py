@@ -42,32 +42,15 @@ EXAMPLES = """\
   vit attention cat.jpg --threshold 0.6 -m timm/vit_small_patch16_224.augreg_in21k_ft_in1k
 """
 
-METHOD_NAMES = ("raw", "rollout", "gae", "attribution", "gradcam")
-
 
 def parse_method_options(specs: list[str] | None, rollout: bool) -> tuple[bool, tuple[str, ...]]:
-    """--method values (repeatable, comma lists) -> (per-head maps wanted, other methods).
-    Without --method: per-head maps and rollout (as before --method existed), or per-head
-    maps only with --no-rollout."""
-    from ..errors import InputError
+    """--method values -> (per-head maps wanted, other methods). Without --method: per-head
+    maps and rollout, or per-head maps only with --no-rollout."""
+    from ..explain.registry import parse_methods
 
     if not specs:
         return True, ("rollout",) if rollout else ()
-    chosen: list[str] = []
-    for spec in specs:
-        for part in spec.split(","):
-            name = part.strip().lower()
-            if not name:
-                continue
-            if name not in METHOD_NAMES:
-                raise InputError(
-                    f"unknown --method {name!r}: use one of {', '.join(METHOD_NAMES)} "
-                    "(repeat it or separate with commas)"
-                )
-            if name not in chosen:
-                chosen.append(name)
-    if not chosen:
-        raise InputError(f"--method needs a value: one of {', '.join(METHOD_NAMES)}")
+    chosen = parse_methods(specs)
     return "raw" in chosen, tuple(name for name in chosen if name != "raw")
 
 
@@ -142,18 +125,19 @@ def register(app: typer.Typer) -> None:
             float,
             typer.Option(
                 "--discard-ratio",
-                metavar="[0,1)",
-                help="Rollout: zero this fraction of the lowest patch weights per row (CLS kept).",
+                metavar="X",
+                help="Rollout: zero this fraction (0 to below 1) of the lowest patch weights per "
+                "row (CLS kept).",
             ),
         ] = 0.0,
         threshold: Annotated[
             float | None,
             typer.Option(
                 "--threshold",
-                metavar="(0,1]",
+                metavar="X",
                 show_default=False,
-                help="Outline, per head, the top patches holding this share of the mass "
-                "(DINO; e.g. 0.6).",
+                help="Outline, per head, the top patches holding this share (above 0, up to 1) "
+                "of the mass (DINO; e.g. 0.6).",
             ),
         ] = None,
         per_head: Annotated[
@@ -168,8 +152,8 @@ def register(app: typer.Typer) -> None:
             Style,
             typer.Option(
                 "--style",
-                help="heatmap: colormap blend; mask: the image dimmed where attention is low "
-                "(the paper's Fig. 6).",
+                help="heatmap: colormap blend; mask: the photo dimmed where attention is low, "
+                "to 30% where it is 0 (the paper's Fig. 6 dims to black: alpha 1).",
             ),
         ] = Style.heatmap,
         colormap: Annotated[
@@ -183,9 +167,9 @@ def register(app: typer.Typer) -> None:
             float | None,
             typer.Option(
                 "--alpha",
-                metavar="[0,1]",
+                metavar="X",
                 show_default=False,
-                help="Overlay strength. \\[default: 0.5 heatmap, 1.0 mask]",
+                help="Overlay strength, 0 to 1. \\[default: 0.5 heatmap, 0.7 mask]",
             ),
         ] = None,
         interpolation: Annotated[
@@ -196,11 +180,12 @@ def register(app: typer.Typer) -> None:
             Scale,
             typer.Option(
                 "--scale",
-                help="shared: one colour range for all heads of an image and one per method "
-                "(its targets), so weak maps look weak; per-map: each map stretched on its own "
-                "(read the peak printed on each tile).",
+                help="per-map: each map from 0 to its own peak, so every target's and every "
+                "head's map shows (compare them by the peak printed on each tile); shared: one "
+                "colour range for all heads of an image and one per method (its targets), so "
+                "weak maps look weak.",
             ),
-        ] = Scale.shared,
+        ] = Scale.per_map,
         blur: Annotated[
             float,
             typer.Option(
@@ -211,7 +196,12 @@ def register(app: typer.Typer) -> None:
         ] = 0.0,
         tile: Annotated[
             int,
-            typer.Option("--tile", metavar="32..1024", help="Long side of each sheet tile, px."),
+            typer.Option(
+                "--tile",
+                metavar="N",
+                help="Sheet tile size, 32 to 1024 px: a square image's side; other shapes keep "
+                "its area (a 4:1 image's tiles are 2x wide, 1/2 high).",
+            ),
         ] = 224,
         html: Annotated[
             bool,
@@ -252,8 +242,8 @@ def register(app: typer.Typer) -> None:
         fast_decode: FastDecodeOption = False,
         quiet: QuietOption = False,
     ) -> None:
-        """Attention maps: per-head CLS maps, rollout, and class-specific maps (gae, attribution,
-        gradcam) as overlays on the original image.
+        """Attention maps: per-head CLS maps, rollout, and class-specific maps (gae, attribution, \
+gradcam) as overlays on the original image.
 
         Writes OUT/<image stem>/sheet.png, maps.safetensors (or .npy) and meta.json per image.
         """
@@ -262,7 +252,7 @@ def register(app: typer.Typer) -> None:
         prefer_passive_waiting()  # before torch loads: decoders share the CPU with the model
         from rich.markup import escape
 
-        from ..console import err, make_progress, print_error, print_warning
+        from ..console import make_progress, print_error, print_line, print_warning
         from ..services.attention import AttentionOptions, Progress, run
 
         heads, methods = parse_method_options(method, rollout)
@@ -320,6 +310,6 @@ def register(app: typer.Typer) -> None:
             line += f" in {summary.seconds:.1f} s"
             if summary.index_html is not None:
                 line += f"; contact sheet {escape(terminal_safe(str(summary.index_html)))}"
-            err.print(line, highlight=False, soft_wrap=True)
+            print_line(line)
         if summary.failures:
             raise typer.Exit(1)

@@ -8,11 +8,48 @@ Use them as annotations:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from enum import Enum
 from typing import Annotated
 
 import typer
-from typer.core import TyperArgument, TyperCommand
+from typer.core import TyperArgument, TyperCommand, TyperGroup
+
+from ..errors import OptionError
+from ..runtime import MAX_BATCH
+
+
+def whole_number(option: str, low: int, high: int | None = None) -> Callable[[str], int]:
+    """An option's parser (typer's `parser=`): a whole number from `low` (to `high`), refused
+    in our words with exit 2, and no `[x>=1]` range placeholder in --help."""
+    span = f"from {low} to {high}" if high is not None else f"{low} or more"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(str(text).strip())
+        except ValueError:
+            raise OptionError(f"{option} must be a whole number {span}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise OptionError(f"{option} must be a whole number {span}, got {value}")
+        return value
+
+    return parse
+
+
+def number(option: str, low: float) -> Callable[[str], float]:
+    """An option's parser: a finite number, `low` or more, refused in our words (exit 2)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(str(text).strip())
+        except ValueError:
+            raise OptionError(f"{option} must be a number, {low:g} or more, got {text!r}") from None
+        if not math.isfinite(value) or value < low:
+            raise OptionError(f"{option} must be a number, {low:g} or more, got {text}")
+        return value
+
+    return parse
 
 
 class DType(str, Enum):
@@ -56,16 +93,18 @@ WorkersOption = Annotated[
         "--workers",
         "-w",
         metavar="N",
-        min=0,
         show_default=False,
-        help="Decoding processes (0 decodes in the main process; at most the CPU count). "
+        help="Decoding processes, 0 to 64 (0 decodes in the main process; at most the CPU "
+        "count). "
         "\\[default: half the CPUs, 1 to 8]",
     ),
 ]
 
 BatchSizeOption = Annotated[
     int,
-    typer.Option("--batch-size", "-b", metavar="N", help="Images per forward pass."),
+    typer.Option(
+        "--batch-size", "-b", metavar="N", help=f"Images per forward pass, 1 to {MAX_BATCH}."
+    ),
 ]
 
 QuietOption = Annotated[
@@ -103,9 +142,9 @@ JobsAlias = Annotated[int | None, typer.Option("-j", hidden=True, show_default=F
 class Command(TyperCommand):
     """A command whose --help reads the same everywhere: flags show no `<bool>` placeholder,
     arguments are named in capitals (INPUTS, DATA, OUT_DIR) without a `<list[str]>` or `<path>`
-    type, and numeric ranges are said in the option's help, not as `<int range> [x>=1]`.
-    Every command gets this class (see `vitcli.cli._register`); Click still enforces the
-    ranges."""
+    type, and numeric ranges are said in the option's help and checked by our own parsers
+    (`whole_number`, `number`) or options objects, never as `<int range> [x>=1]`. Every
+    command gets this class (see `vitcli.cli._register`)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -117,7 +156,11 @@ class Command(TyperCommand):
                 param.display_type_rich = _no_type  # type: ignore[method-assign]
             elif getattr(param, "is_flag", False) and param.metavar is None:
                 param.metavar = ""
-            param._get_number_range_help_str = _no_range  # type: ignore[attr-defined]
+
+    def invoke(self, ctx):
+        # `vit train -q` still logs its notes (one plain line per epoch); elsewhere -q is silence.
+        _note_run_folder(ctx.params, quiet=bool(ctx.params.get("quiet")) and self.name != "train")
+        return super().invoke(ctx)
 
     def get_help_option(self, ctx):
         option = super().get_help_option(ctx)
@@ -126,11 +169,48 @@ class Command(TyperCommand):
         return option
 
 
+class Group(TyperGroup):
+    """A command group whose --help reads like a command's: flags (--version, the completion
+    options typer adds after construction, --help) show no `<bool>` placeholder."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+def _note_run_folder(params: dict, quiet: bool) -> None:
+    """`-m runs/a` (a `vit train --out` folder): one note naming the model file it stands for,
+    before anything loads. Every command's model is its `model` parameter (`source` in
+    `vit convert`)."""
+    import os
+
+    reference = params.get("model", params.get("source"))
+    if reference is None and "model" in params:
+        reference = os.environ.get("VIT_MODEL", "").strip() or None
+    if not isinstance(reference, str) or quiet:
+        return
+    if not os.path.isdir(os.path.expanduser(reference)):
+        return
+    from ..distributed import is_main
+    from ..weights.resolve import run_folder_model
+
+    found = run_folder_model(os.path.expanduser(reference))
+    if found is not None and is_main():
+        from ..console import print_note
+
+        print_note(found[1])
+
+
 def _no_type(ctx=None) -> None:
-    return None
-
-
-def _no_range() -> None:
     return None
 
 

@@ -7,12 +7,26 @@ from typing import Annotated
 
 import typer
 
-from .common import QuietOption
+from ..runtime import MAX_IMAGE_SIDE
+from ..text import terminal_safe
+from .common import Group, QuietOption
 
-data_app = typer.Typer(help="Dataset utilities.", no_args_is_help=True)
+GROUP_EXAMPLES = """\
+[bold]Examples[/]
+
+  vit data shapes shapes/ --per-class 100       [dim]# six classes, one shape per image[/]
+  vit data shapes pairs/ --objects 2 --per-class 40   [dim]# two shapes per image[/]
+"""
+
+data_app = typer.Typer(
+    cls=Group,
+    help="Dataset utilities: synthetic labelled image folders to train, evaluate and score on.",
+    epilog=GROUP_EXAMPLES,
+    no_args_is_help=True,
+)
 
 MAX_PER_CLASS = 1_000_000
-MAX_IMAGE_SIZE = 4096
+MAX_IMAGE_SIZE = MAX_IMAGE_SIDE
 
 
 EXAMPLES = """\
@@ -85,10 +99,10 @@ def shapes(
 ) -> None:
     """Generate a deterministic synthetic dataset of shapes, with each object's mask.
 
-    Six classes (circle, cross, ring, square, star, triangle) of random colour, size, rotation
-    and position on gradient, photo-like and textured backgrounds. Images go to
-    OUT_DIR/<class>/*.jpg, masks to OUT_DIR/.masks/<class>/*.png, a summary to OUT_DIR/shapes.json.
-    Guide: docs/train.md.
+    Six classes (circle, cross, ring, square, star, triangle) of random colour, size, rotation \
+and position on gradient, photo-like and textured backgrounds. Images go to \
+OUT_DIR/<class>/*.jpg, masks to OUT_DIR/.masks/<class>/*.png, a summary to OUT_DIR/shapes.json. \
+Guide: docs/train.md.
     """
     from ..console import err, make_progress, print_warning
     from ..data.shapes import SHAPES, generate
@@ -136,9 +150,11 @@ def shapes(
         unit = "class" if objects == 1 else "pair"
         also = f", {pairs} per pair" if pairs else ""
         err.print(
-            f"wrote {summary['images']} images ({per_class} per {unit}{also}, "
-            f"{len(summary['classes'])} classes, {image_size}x{image_size}, seed {seed}) "
-            f"to {out_dir}",
+            terminal_safe(
+                f"wrote {summary['images']} images ({per_class} per {unit}{also}, "
+                f"{len(summary['classes'])} classes, {image_size}x{image_size}, seed {seed}) "
+                f"to {out_dir}"
+            ),
             markup=False,
             soft_wrap=True,
         )

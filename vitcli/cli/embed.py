@@ -54,6 +54,7 @@ def embed(
             "--output",
             "-o",
             metavar="FILE",
+            dir_okay=False,  # an existing folder is a usage error (exit 2), as in predict
             show_default=False,
             help="Where embeddings go: .safetensors or .npy (written atomically at the end, "
             "with the paths) or .jsonl (streamed).",
@@ -85,7 +86,7 @@ def embed(
 
     prefer_passive_waiting()
     from .. import distributed
-    from ..console import err, markup, print_note, print_warning
+    from ..console import markup, print_line, print_note, print_warning
     from ..runtime import resolve_workers
     from ..services import embed as service
 
@@ -119,9 +120,7 @@ def embed(
     if result.is_main and (summary.failed or not quiet):
         verb = f"embedded ({result.dim} numbers each)"
         tail = f" -> {markup(str(result.output))}"
-        err.print(
-            batch_summary(summary, verb, result.device, tail), highlight=False, soft_wrap=True
-        )
+        print_line(batch_summary(summary, verb, result.device, tail))
     # As predict: a completed distributed run exits 0 on every rank (failures are recorded).
     if summary.failed and summary.world_size == 1:
         raise typer.Exit(1)

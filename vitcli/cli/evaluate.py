@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -32,11 +31,22 @@ def evaluate(
     model: ModelOption = None,
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="Write the results to FILE.json or FILE.csv."),
+        typer.Option(
+            "--output",
+            "-o",
+            dir_okay=False,
+            metavar="FILE",
+            help="Write the results to FILE.json or FILE.csv.",
+        ),
     ] = None,
     confusion_png: Annotated[
         Path | None,
-        typer.Option("--confusion-png", help="Save the confusion matrix as a PNG heat map."),
+        typer.Option(
+            "--confusion-png",
+            dir_okay=False,
+            metavar="FILE",
+            help="Save the confusion matrix as a PNG heat map.",
+        ),
     ] = None,
     batch_size: BatchSizeOption = 64,
     workers: WorkersOption = None,
@@ -57,8 +67,8 @@ def evaluate(
 ) -> None:
     """Evaluate a model on a labelled image folder: top-1, top-5, per-class accuracy, confusion.
 
-    Exit status 1 when any image could not be decoded (the others are still evaluated and the
-    files still written); a class none of whose images decoded has no accuracy and is an error.
+    Exit status 1 when any image could not be decoded (the others are still evaluated and the \
+files still written); a class none of whose images decoded has no accuracy and is an error.
     """
     from ..console import err, make_progress, print_error, print_note, print_warning
     from ..console import out as stdout
@@ -112,11 +122,11 @@ def evaluate(
 
 
 def _shown(text: str) -> str:
-    """Text for the terminal: bytes of a file name that are not UTF-8 shown as \\xNN (a
-    terminal cannot take them raw), markup escaped."""
-    from rich.markup import escape
+    """Text for the terminal (a label, a path): control characters such as ESC and bytes that
+    are not UTF-8 as visible escapes (text.terminal_safe), markup escaped."""
+    from ..console import markup
 
-    return escape(os.fsencode(text).decode("utf-8", "backslashreplace"))
+    return markup(text)
 
 
 def _render(result, console) -> None:

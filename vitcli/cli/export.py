@@ -10,18 +10,31 @@ from pathlib import Path
 
 import typer
 
-from ..errors import InputError
+from ..errors import OptionError
+from ..runtime import MAX_IMAGE_SIDE
+from .common import whole_number
+
+MIN_OPSET, MAX_OPSET = 14, 20  # the TorchScript exporter's range (services/onnx_graph.py)
 
 
 def parse_image_size(text: str | None) -> tuple[int, int] | None:
-    """'384' or '384x512' (height x width) -> (384, 384) / (384, 512)."""
+    """'384' or '384x512' (height x width) -> (384, 384) / (384, 512); each side 1 to
+    MAX_IMAGE_SIDE, checked before anything is allocated (a usage error: exit 2)."""
     if text is None:
         return None
     match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text)
     if not match:
-        raise InputError(f"--image-size {text!r}: use N or HxW, e.g. 224 or 384x512")
-    height = int(match.group(1))
-    return height, int(match.group(2) or height)
+        raise OptionError(f"--image-size {text!r}: use N or HxW, e.g. 224 or 384x512")
+    sides = [side for side in match.groups() if side is not None]
+    # Compared as text first: int() of a 5,000-digit number raises instead of comparing.
+    if any(len(side.lstrip("0")) > 9 for side in sides) or not all(
+        1 <= int(side) <= MAX_IMAGE_SIDE for side in sides
+    ):
+        raise OptionError(
+            f"--image-size {text.strip()}: each side must be from 1 to {MAX_IMAGE_SIDE} pixels"
+        )
+    height = int(sides[0])
+    return height, int(sides[-1])
 
 
 def export(
@@ -37,12 +50,18 @@ def export(
     image_size: str | None = typer.Option(
         None,
         "--image-size",
-        metavar="HxW",
+        metavar="SIZE",
         show_default=False,
-        help="Input size baked into the graph. \\[default: the model's preprocessing size]",
+        help="Input size baked into the graph: N or HxW. "
+        "\\[default: the model's preprocessing size]",
     ),
     opset: int | None = typer.Option(
-        None, "--opset", metavar="N", show_default=False, help="ONNX opset (14-20). \\[default: 17]"
+        None,
+        "--opset",
+        metavar="N",
+        parser=whole_number("--opset", MIN_OPSET, MAX_OPSET),
+        show_default=False,
+        help="ONNX opset (14-20). \\[default: 17]",
     ),
     attention_layers: list[int] | None = typer.Option(
         None,
@@ -58,15 +77,15 @@ def export(
     Needs the onnx extra: pip install 'vitcli[onnx]'. Guide: docs/export.md.
     """
     if destination.suffix.lower() != ".onnx":
-        raise InputError(f"{destination}: the output must end in .onnx")
+        raise OptionError(f"{destination}: the output must end in .onnx")
     if destination.is_dir():
-        raise InputError(f"{destination}: is a folder; give a file name ending in .onnx")
+        raise OptionError(f"{destination}: is a folder; give a file name ending in .onnx")
     size = parse_image_size(image_size)
     from ..services.export import require_onnx
 
     require_onnx()  # before the (slow) model load: say at once what to install
 
-    from ..console import err, out
+    from ..console import err, out, terminal_safe
     from ..services.export import export_onnx
 
     def stage(message: str) -> None:
@@ -84,9 +103,11 @@ def export(
     height, width = result.image_size
     kind = "int8" if result.int8 else "float32"
     out.print(
-        f"wrote {result.path} ({result.model_name}, {kind}, {height}x{width}, "
-        f"opset {result.opset}, outputs {', '.join(result.outputs)}, "
-        f"{result.size_bytes / 1e6:.1f} MB)",
+        terminal_safe(
+            f"wrote {result.path} ({result.model_name}, {kind}, {height}x{width}, "
+            f"opset {result.opset}, outputs {', '.join(result.outputs)}, "
+            f"{result.size_bytes / 1e6:.1f} MB)"
+        ),
         highlight=False,
         markup=False,
         soft_wrap=True,
@@ -99,7 +120,7 @@ def export(
             line += f", top-1 agreement with float32 {result.top1_agreement:.0%}"
         out.print(line, highlight=False, markup=False, soft_wrap=True)
     for note in result.notes:
-        out.print(note, highlight=False, markup=False, soft_wrap=True)
+        out.print(terminal_safe(note), highlight=False, markup=False, soft_wrap=True)
 
 
 EXAMPLES = """\

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..runtime import MAX_BATCH
 from ..services.attention.options import Colormap
 from .common import DeviceOption, ModelOption, QuietOption
 
@@ -29,7 +30,11 @@ def inspect(
     ] = None,
     max_images: Annotated[
         int,
-        typer.Option("--max-images", metavar="N", help="Use at most the first N (the paper: 128)."),
+        typer.Option(
+            "--max-images",
+            metavar="N",
+            help="Use at most the first N, 1 or more (the paper: 128).",
+        ),
     ] = 128,
     batch_size: Annotated[
         int | None,
@@ -38,7 +43,8 @@ def inspect(
             "-b",
             metavar="N",
             show_default=False,
-            help="Images per forward pass. \\[default: 16, fewer for large models]",
+            help=f"Images per forward pass, 1 to {MAX_BATCH}. "
+            "\\[default: 16, fewer for large models]",
         ),
     ] = None,
     colormap: Annotated[
@@ -58,9 +64,7 @@ def inspect(
 
     Guide: docs/inspect.md.
     """
-    from rich.markup import escape
-
-    from ..console import err, make_progress, print_warning
+    from ..console import err, make_progress, markup, print_warning
     from ..console import out as stdout
     from ..services.inspect import run_inspect
 
@@ -85,10 +89,10 @@ def inspect(
     if quiet:
         return
     err.print(
-        f"attention distance over {summary.used} images: {escape(summary.images.description)}"
+        f"attention distance over {summary.used} images: {markup(summary.images.description)}"
     )
     for written in summary.files:
-        stdout.print(escape(str(written)))
+        stdout.print(markup(str(written)))
 
 
 EXAMPLES = """\

@@ -5,7 +5,6 @@ No torch at import time: the loaders are imported inside the commands.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -34,7 +33,7 @@ def _render_info(info: dict) -> None:
     height, width = config["image_size"]
     rows = [
         ("model", printable(info["reference"])),
-        ("source format", info["source_format"]),
+        ("source format", printable(str(info["source_format"]))),
         (
             "architecture",
             f"{printable(info['name'] or 'custom')} ViT, patch {config['patch_size']}, "
@@ -46,8 +45,9 @@ def _render_info(info: dict) -> None:
         ),
         ("parameters", _count(info["num_parameters"])),
         *_family_rows(info["family"]),
-        ("position embedding", f"{config['pos_embed']}, pool {config['pool']}"),
-        ("activation / ln eps", f"{config['act']} / {config['ln_eps']:g}"),
+        ("position embedding", printable(f"{config['pos_embed']}, pool {config['pool']}")),
+        # The activation is in the family's "mlp" row above.
+        ("layer norm eps", f"{config['ln_eps']:g}"),
         ("qkv bias", str(config["qkv_bias"])),
     ]
     labels = info["labels"]
@@ -79,6 +79,7 @@ def _render_info(info: dict) -> None:
         "layout": "npz layout",
         "prefix": "npz key prefix",
         "weights_file": "weights file",
+        "run_model": "run folder",  # `-m runs/a`: which file of the run
         "quantization": "int8 weights",  # `vit convert --int8`: runs on the CPU only
     }
     for key, title in shown_extra.items():
@@ -153,7 +154,9 @@ def info(
 
     data = describe(model)
     if as_json:
-        typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        from ..text import json_document
+
+        typer.echo(json_document(data))
     else:
         _render_info(data)
 
@@ -186,7 +189,9 @@ def convert(
 
 def fetch(
     repo_id: str = typer.Argument(..., help="A hub id such as google/vit-base-patch16-224."),
-    revision: str = typer.Option(None, "--revision", help="Branch, tag or commit (default: main)."),
+    revision: str = typer.Option(
+        None, "--revision", metavar="REV", help="Branch, tag or commit (default: main)."
+    ),
 ) -> None:
     """Download a hub model into the Hugging Face cache so later runs work offline."""
     from ..console import out

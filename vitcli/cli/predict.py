@@ -27,6 +27,7 @@ from .common import (
     WorkersOption,
     batch_progress,
     batch_summary,
+    whole_number,
 )
 
 EXAMPLES = """\
@@ -148,6 +149,7 @@ def predict(
             "--output",
             "-o",
             metavar="FILE",
+            dir_okay=False,  # an existing folder is a usage error (exit 2), as in embed
             help="Write results to this file instead of stdout (json/csv atomically, jsonl "
             "streamed; a symlink is written through to its target).",
         ),
@@ -158,7 +160,7 @@ def predict(
             "--top-k",
             "-k",
             metavar="K",
-            min=1,
+            parser=whole_number("--top-k", 1),
             help="Predictions per image, 1 or more (clipped to the number of classes).",
         ),
     ] = 5,
@@ -187,7 +189,14 @@ written), 2 for a usage error.
 
     prefer_passive_waiting()  # before torch loads: decoders share the CPU with the model
     from .. import distributed
-    from ..console import err, markup, out, print_note, print_warning, stdout_is_terminal
+    from ..console import (
+        markup,
+        print_line,
+        print_note,
+        print_warning,
+        rows_console,
+        stdout_is_terminal,
+    )
     from ..runtime import resolve_workers
     from ..services import predict as service
     from ..services.outputs import choose_format
@@ -217,7 +226,7 @@ written), 2 for a usage error.
     progress, on_progress = batch_progress("predict", show)
 
     def table(paths: list[str], labels: list[str], top_k: int) -> service.RecordSink:
-        return _Table(out, paths, labels, logits)
+        return _Table(rows_console(progress), paths, labels, logits)
 
     try:
         # The service writes everything, json's closing bracket included, while the bar is
@@ -240,7 +249,7 @@ written), 2 for a usage error.
         line = batch_summary(
             summary, "classified", result.device, target, by=f" by {markup(result.model)}"
         )
-        err.print(line, highlight=False, soft_wrap=True)
+        print_line(line)
     # Under torchrun any non-zero exit makes the launcher stop the other ranks and print its
     # own ChildFailedError traceback; images that failed are in the records and the summary,
     # so a distributed run that completed exits 0 on every rank (docs/predict.md).

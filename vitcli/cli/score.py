@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .common import BatchSizeOption, ModelOption, QuietOption, WorkersOption
+from .common import (
+    BatchSizeOption,
+    DeviceOption,
+    ModelOption,
+    QuietOption,
+    WorkersOption,
+    number,
+    whole_number,
+)
 
 
 class Baseline(str, Enum):
@@ -35,13 +42,20 @@ def score(
     output: Annotated[
         Path | None,
         typer.Option(
-            "--output", "-o", metavar="FILE", help="Also write the scores as JSON to this file."
+            "--output",
+            "-o",
+            metavar="FILE",
+            dir_okay=False,
+            help="Also write the scores as JSON to this file.",
         ),
     ] = None,
     steps: Annotated[
         int,
         typer.Option(
-            "--steps", metavar="N", min=1, max=1000, help="Deletion/insertion steps, 1 to 1000."
+            "--steps",
+            metavar="N",
+            parser=whole_number("--steps", 1, 1000),
+            help="Deletion/insertion steps, 1 to 1000.",
         ),
     ] = 10,
     baseline: Annotated[
@@ -50,7 +64,10 @@ def score(
     tolerance: Annotated[
         float,
         typer.Option(
-            "--tolerance", metavar="PIXELS", min=0.0, help="Pointing game tolerance, 0 or more."
+            "--tolerance",
+            metavar="PIXELS",
+            parser=number("--tolerance", 0.0),
+            help="Pointing game tolerance, 0 or more.",
         ),
     ] = 15.0,
     limit: Annotated[
@@ -58,42 +75,49 @@ def score(
         typer.Option(
             "--limit",
             metavar="N",
-            min=1,
+            parser=whole_number("--limit", 1),
             show_default=False,
             help="Score the first N images only (1 or more). \\[default: all]",
         ),
     ] = None,
     batch_size: BatchSizeOption = 8,
     workers: WorkersOption = None,
+    device: DeviceOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
     """Score explanation methods against the object masks of a shapes folder.
 
-    Per method: pointing game on the target's object and on the other object, mass on each
-    vs its area share, deletion and insertion AUC, and ms per map; a random map is the
-    control. Generate data with `vit data shapes DIR --objects 2`. Guide: docs/explain.md.
+    Per method: pointing game on the target's object and on the other object, mass on each \
+vs its area share, deletion and insertion AUC, and ms per map; a random map is the \
+control. Generate data with `vit data shapes DIR --objects 2`. Guide: docs/explain.md.
     """
     from ..console import err, make_progress
     from ..errors import InputError
-    from ..fileio import atomic_write_bytes
+    from ..explain import METHODS, parse_methods
+    from ..fileio import write_output
     from ..runtime import resolve_workers
-    from ..services.explain import METHODS, parse_methods
     from ..services.scoring import (
         ScoreOptions,
         markdown_table,
         score_explanations,
         shapes_objects,
     )
+    from ..text import json_bytes
 
+    workers_used, warning = resolve_workers(workers)
+    options = ScoreOptions(  # usage errors first, before any file is looked at
+        methods=parse_methods(method) or tuple(METHODS),
+        tolerance=tolerance,
+        steps=steps,
+        baseline=baseline.value,
+        batch_size=batch_size,
+        workers=workers_used,
+        device=device,
+    )
     if not data.is_dir():
         raise InputError(f"{data}: not a folder; generate one with `vit data shapes {data}`")
-    methods = parse_methods(method) if method else METHODS
-    options = ScoreOptions(
-        methods=methods, tolerance=tolerance, steps=steps, baseline=baseline.value
-    )
     images, _ = shapes_objects(data)
     total = min(len(images), limit) if limit else len(images)
-    workers_used, warning = resolve_workers(workers)
     if warning and not quiet:
         err.print(warning)
     with make_progress(quiet=quiet) as progress:
@@ -102,14 +126,12 @@ def score(
             model,
             data,
             options,
-            batch_size=batch_size,
-            workers=workers_used,
             limit=limit,
-            progress=lambda n: progress.advance(task, n),
+            on_progress=lambda done, _: progress.update(task, completed=done),
         )
     summary = report.to_dict()
     if output is not None:
-        atomic_write_bytes(output, json.dumps(summary, indent=2).encode())
+        write_output(output, json_bytes(summary))
     # Markdown, not a rich table: eleven columns do not fit a terminal, and the same text
     # pastes into docs and issues.
     typer.echo(markdown_table(summary["methods"]))

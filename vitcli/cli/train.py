@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from ..services.train_choices import Amp, Pool, PosEmbed  # torch-free: --help stays light
+from ..text import terminal_safe
 from .common import BatchSizeOption, DeviceOption, JobsAlias, WorkersOption
 
 _SCRATCH = "From scratch only"
@@ -31,11 +32,15 @@ def train(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Output folder for checkpoints, metrics and config."),
+        typer.Option(
+            "--out", "-o", metavar="DIR", help="Output folder for checkpoints, metrics and config."
+        ),
     ] = None,
     resume: Annotated[
         Path | None,
-        typer.Option("--resume", help="Continue the run saved in this folder, up to --epochs."),
+        typer.Option(
+            "--resume", metavar="DIR", help="Continue the run saved in this folder, up to --epochs."
+        ),
     ] = None,
     model: Annotated[
         str,
@@ -60,7 +65,10 @@ def train(
     epochs: Annotated[
         int | None,
         typer.Option(
-            "--epochs", help="Epochs. \\[default: 30 scratch, 10 fine-tune]", show_default=False
+            "--epochs",
+            metavar="N",
+            help="Epochs. \\[default: 30 scratch, 10 fine-tune]",
+            show_default=False,
         ),
     ] = None,
     batch_size: BatchSizeOption = 64,
@@ -68,6 +76,7 @@ def train(
         int | None,
         typer.Option(
             "--image-size",
+            metavar="N",
             help="Input side, 8 to 4096, a multiple of the patch size. "
             "\\[default: 224 scratch, the model's own when fine-tuning]",
             show_default=False,
@@ -179,18 +188,24 @@ def train(
     depth: Annotated[
         int | None,
         typer.Option(
-            "--depth", help="Override the variant's number of blocks.", rich_help_panel=_SCRATCH
+            "--depth",
+            metavar="N",
+            help="Override the variant's number of blocks.",
+            rich_help_panel=_SCRATCH,
         ),
     ] = None,
     width: Annotated[
         int | None,
-        typer.Option("--width", help="Override the variant's width D.", rich_help_panel=_SCRATCH),
+        typer.Option(
+            "--width", metavar="N", help="Override the variant's width D.", rich_help_panel=_SCRATCH
+        ),
     ] = None,
     heads: Annotated[
         int | None,
         typer.Option(
             "--heads",
             "--num-heads",
+            metavar="N",
             help="Override the variant's number of heads.",
             rich_help_panel=_SCRATCH,
         ),
@@ -198,7 +213,10 @@ def train(
     mlp_dim: Annotated[
         int | None,
         typer.Option(
-            "--mlp-dim", help="Override the variant's MLP size.", rich_help_panel=_SCRATCH
+            "--mlp-dim",
+            metavar="N",
+            help="Override the variant's MLP size.",
+            rich_help_panel=_SCRATCH,
         ),
     ] = None,
     dropout: Annotated[
@@ -217,7 +235,7 @@ def train(
     ] = 0,
     val: Annotated[
         Path | None,
-        typer.Option("--val", help="Validation folder (the same class subfolders)."),
+        typer.Option("--val", metavar="DIR", help="Validation folder (the same class subfolders)."),
     ] = None,
     val_split: Annotated[
         float,
@@ -235,10 +253,13 @@ def train(
 ) -> None:
     """Train a ViT on an image folder, from scratch or by fine-tuning; resumable.
 
-    Writes OUT/last.safetensors and OUT/best.safetensors (ready for `vit predict --model`),
-    OUT/state.pt (to --resume), OUT/metrics.jsonl, OUT/metrics.csv and OUT/config.json, and
-    prints the best model's path on stdout. Under torchrun it trains with
-    DistributedDataParallel and only rank 0 writes. Ctrl-C keeps the last finished epoch.
+    Writes OUT/last.safetensors and OUT/best.safetensors, OUT/state.pt (to --resume), \
+OUT/metrics.jsonl, OUT/metrics.csv and OUT/config.json, and prints the best model's path on \
+stdout; OUT itself is a model for --model elsewhere (its best epoch). Under torchrun it trains \
+with DistributedDataParallel and only rank 0 writes. Ctrl-C keeps the last finished epoch.
+
+    On a CPU, fine-tuning the bundled model (--model bundled) learns a new task in minutes; \
+from scratch takes far longer, and the run says how long after its first steps.
     """
     from ..services.train import TrainConfig
     from ..services.train import run as run_training
@@ -296,8 +317,10 @@ def train(
 
     if result.nothing_to_do:
         err.print(
-            f"nothing left to do: the run in {result.out_dir} has finished its "
-            f"{result.epochs_done} epochs; pass a larger --epochs to train on",
+            terminal_safe(
+                f"nothing left to do: the run in {result.out_dir} has finished its "
+                f"{result.epochs_done} epochs; pass a larger --epochs to train on"
+            ),
             markup=False,
             soft_wrap=True,
         )
@@ -327,8 +350,10 @@ def _interrupted(config, not_main: bool) -> None:
         epochs = f" --epochs {config.epochs}" if config.epochs is not None else ""
         if done:
             err.print(
-                f"interrupted: epoch {done} is saved in {folder}; continue with: "
-                f"vit train --resume {shlex.quote(folder)}{epochs}",
+                terminal_safe(
+                    f"interrupted: epoch {done} is saved in {folder}; continue with: "
+                    f"vit train --resume {shlex.quote(folder)}{epochs}"
+                ),
                 markup=False,
                 soft_wrap=True,
             )
@@ -340,7 +365,8 @@ def _interrupted(config, not_main: bool) -> None:
 EXAMPLES = """\
 [bold]Examples[/]
 
-  vit train shapes/ --out runs/a --epochs 20 --val-split 0.1
+  vit train photos/ --out runs/p --model bundled --linear-probe -b 16 --lr 1e-2 --val-split 0.2
+  vit train shapes/ --out runs/a --epochs 20 --val-split 0.1      [dim]# from scratch: a GPU job[/]
   vit train photos/ --out runs/ft --model google/vit-base-patch16-224 --epochs 3
   vit train photos/ --out runs/probe --model facebook/dinov2-small --linear-probe
   vit train --resume runs/a --epochs 40

@@ -1,12 +1,20 @@
 """`vit train`'s progress on the terminal: a rich progress bar per epoch, a table row (or a
-plain log line with --quiet) per finished epoch, warnings as they come."""
+plain log line with --quiet) per finished epoch, warnings as they come, and for a from-scratch
+run on the CPU how long it will take and what is faster."""
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
+
+from ..text import terminal_safe
 
 if TYPE_CHECKING:
     from rich.progress import TaskID
+
+
+# Steps timed before a from-scratch CPU run says how long it will take.
+ESTIMATE_AFTER_STEPS = 3
 
 
 class TrainRenderer:
@@ -44,6 +52,7 @@ class TrainRenderer:
         self.progress = make_progress(TextColumn("{task.fields[stats]}"), quiet=quiet)
         self.task: TaskID | None = None
         self.rows_printed = 0
+        self.estimate: dict | None = None  # a scratch CPU run's sizes, until its estimate is out
 
     def __enter__(self):
         self.progress.__enter__()
@@ -67,6 +76,8 @@ class TrainRenderer:
                 self.task = self.progress.add_task(
                     f"epoch {event.epoch}/{event.epochs}", total=event.steps, rate="", stats=""
                 )
+            if self.estimate is not None:
+                self._estimate(event)
             self.progress.update(
                 self.task,
                 completed=event.step,
@@ -97,9 +108,40 @@ class TrainRenderer:
             f"{info['val_images']} val images, {event.steps} steps/epoch, lr {info['lr']:g}, "
             f"{device}, {info['workers']} workers{resumed} -> {info['out']}"
         )
-        self.err.print(line, soft_wrap=True, markup=False)
+        self.err.print(terminal_safe(line), soft_wrap=True, markup=False)
         for note in info["notes"]:
-            self.err.print(f"note: {note}", soft_wrap=True, markup=False)
+            self.err.print(terminal_safe(f"note: {note}"), soft_wrap=True, markup=False)
+        if info["mode"] == "scratch" and info["device"].startswith("cpu"):
+            done = info["resumed_at_epoch"] or 0
+            self.estimate = {"images": info["train_images"], "epochs": event.epochs - done}
+
+    def _estimate(self, event) -> None:
+        """After a few steps (or a short epoch's end): the whole run at the measured rate, and
+        the faster path. Validation and the first decode are not in it: "about"."""
+        assert self.estimate is not None
+        started = self.estimate.setdefault("started", time.perf_counter())
+        steps = event.step
+        if (
+            steps < ESTIMATE_AFTER_STEPS
+            and steps < event.steps
+            and time.perf_counter() - started < 20
+        ):
+            return
+        rate = event.metrics["images_per_s"]
+        images, epochs = self.estimate["images"], self.estimate["epochs"]
+        self.estimate = None
+        if not rate:
+            return
+        minutes = images * epochs / rate / 60
+        took = f"{minutes:.0f} min" if minutes >= 1.5 else f"{minutes * 60:.0f} s"
+        self.progress.console.print(
+            f"note: from scratch on the CPU at {rate:.1f} img/s this run takes about {took} "
+            f"({epochs} epochs of {images} images); fine-tuning the bundled model learns a new "
+            "task in minutes: --model bundled (docs/train.md)",
+            soft_wrap=not self.progress.console.is_terminal,
+            markup=False,
+            highlight=False,
+        )
 
     def _print_row(self, event) -> None:
         m = event.metrics

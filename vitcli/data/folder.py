@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DatasetError
+from ..fileio import is_output_folder
 from .images import IMAGE_EXTENSIONS, is_image_path
 from .inputs import natural_key
 
@@ -99,7 +100,10 @@ def _images_under(folder: str, skipped: list[str]) -> list[str]:
             dirs[:] = []
             continue
         visited.add((info.st_dev, info.st_ino))
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        # Hidden folders and other runs' outputs (fileio.OUTPUT_MARKER) are not data.
+        dirs[:] = [
+            d for d in dirs if not d.startswith(".") and not is_output_folder(os.path.join(root, d))
+        ]
         for name in files:
             if not is_image_path(name) or name.startswith("."):
                 continue
@@ -154,7 +158,9 @@ def scan_image_folder(
         (
             entry.name
             for entry in os.scandir(root)
-            if entry.is_dir() and not entry.name.startswith(".")
+            if entry.is_dir()
+            and not entry.name.startswith(".")
+            and not is_output_folder(entry.path)
         ),
         key=natural_key,
     )

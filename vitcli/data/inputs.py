@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from .images import is_image_path
+from ..fileio import is_output_folder
+from .images import IMAGE_EXTENSIONS, is_image_path
 
 _DIGITS = re.compile(r"(\d+)")
 
@@ -86,10 +87,12 @@ def _file_item(path: str, *, named: bool) -> InputItem | None:
 
 
 class _Excluded:
-    """Folders whose contents are never inputs (e.g. the output folder of an earlier run)."""
+    """Folders whose contents are never inputs (e.g. the output folder of an earlier run);
+    `outputs`: also every folder below a scan's start that holds fileio.OUTPUT_MARKER."""
 
-    def __init__(self, folders: Iterable[str | Path]) -> None:
+    def __init__(self, folders: Iterable[str | Path], outputs: bool = True) -> None:
         self.folders = [os.path.realpath(folder) for folder in folders]
+        self.outputs = outputs
 
     def __call__(self, path: str) -> bool:
         if not self.folders:
@@ -108,6 +111,9 @@ def _scan_folder_items(folder: str, excluded: _Excluded | None = None) -> list[I
         current = pending.pop()
         if excluded is not None and excluded(current):
             continue
+        skip_outputs = excluded is None or excluded.outputs
+        if skip_outputs and current != folder and is_output_folder(current):
+            continue  # another run's outputs (fileio.OUTPUT_MARKER): never inputs
         try:
             with os.scandir(current) as listing:
                 entries = list(listing)
@@ -150,8 +156,9 @@ def _join(base: str, name: str) -> str:
     return os.path.join(base, name) if base else name
 
 
-def _subfolders(base: str) -> Iterator[str]:
-    """Every non-hidden folder below `base`, symlinked folders not entered."""
+def _subfolders(base: str, skip_outputs: bool = True) -> Iterator[str]:
+    """Every non-hidden folder below `base`, symlinked folders not entered (nor, with
+    `skip_outputs`, folders holding fileio.OUTPUT_MARKER)."""
     pending = [base]
     while pending:
         current = pending.pop()
@@ -163,7 +170,9 @@ def _subfolders(base: str) -> Iterator[str]:
         below = [
             _join(current, entry.name)
             for entry in entries
-            if not entry.name.startswith(".") and _is_real_dir(entry)
+            if not entry.name.startswith(".")
+            and _is_real_dir(entry)
+            and not (skip_outputs and is_output_folder(_join(current, entry.name)))
         ]
         yield from below
         pending.extend(reversed(below))
@@ -176,7 +185,7 @@ def _is_real_dir(entry: os.DirEntry) -> bool:
         return False
 
 
-def glob_paths(pattern: str) -> list[str]:
+def glob_paths(pattern: str, skip_outputs: bool = True) -> list[str]:
     """Paths matching `pattern` (`*`, `?`, `[...]` within a name, `**` for any depth of
     folders). Unlike glob.glob(recursive=True), `**` never enters a symlinked folder, and a
     wildcard only matches a symlinked folder as the last part of the pattern: a folder spelled
@@ -195,7 +204,7 @@ def glob_paths(pattern: str) -> list[str]:
         last = index == len(parts) - 1
         if part == "**":
             match(current, index + 1)
-            for folder in _subfolders(current):
+            for folder in _subfolders(current, skip_outputs):
                 match(folder, index + 1)
             return
         if not glob.has_magic(part):
@@ -239,13 +248,19 @@ def collect_inputs(
     stdin: Iterable[str] | None = None,
     *,
     exclude: Iterable[str | Path] = (),
+    skip_outputs: bool = True,
+    allow_empty: bool = False,
 ) -> list[InputItem]:
     """Expand arguments in the order given. Folders are scanned recursively (images only, in
     natural order, other files skipped silently); globs are expanded; '-' reads paths from
     stdin, one per line. A named file that isn't a regular image file becomes an item with an
-    error. Anything inside an `exclude` folder is left out (e.g. a command's own output folder).
+    error. Anything inside an `exclude` folder is left out (e.g. a command's own output folder),
+    and, with `skip_outputs`, anything in a folder below a scan's start that holds
+    fileio.OUTPUT_MARKER (another run's outputs). Nothing found at all is an InputError
+    (`no_images_error`) unless `allow_empty`.
     """
-    excluded = _Excluded(exclude)
+    arguments = list(arguments)
+    excluded = _Excluded(exclude, outputs=skip_outputs)
     items: list[InputItem] = []
     seen_any = False
     for argument in arguments:
@@ -263,7 +278,23 @@ def collect_inputs(
         )
     if excluded.folders:
         items = [item for item in items if not excluded(item.path)]
+    if not items and not allow_empty:
+        raise no_images_error(arguments)
     return items
+
+
+def no_images_error(arguments: Iterable[str], why: str = "") -> InputError:
+    """The one line for a run that found nothing to read: where it looked, what counts."""
+    places = [
+        "the paths on stdin" if argument == "-" else (argument or repr(argument))
+        for argument in arguments
+    ]
+    shown = ", ".join(places[:3]) + (f" and {len(places) - 3} more" if len(places) > 3 else "")
+    extensions = " ".join(sorted(IMAGE_EXTENSIONS))
+    return InputError(
+        f"no images found in {shown}{why} (folders are searched recursively for {extensions}); "
+        "pass image files, a folder holding some, or a quoted glob"
+    )
 
 
 def _expand_one(argument: str, excluded: _Excluded) -> list[InputItem]:
@@ -286,7 +317,7 @@ def _expand_one(argument: str, excluded: _Excluded) -> list[InputItem]:
 
 def _expand_glob(argument: str, excluded: _Excluded) -> list[InputItem]:
     result: list[InputItem] = []
-    for match in glob_paths(argument):
+    for match in glob_paths(argument, excluded.outputs):
         if os.path.isdir(match):
             result.extend(_scan_folder_items(match, excluded))
         else:

@@ -136,7 +136,8 @@ class Preprocess:
             ("rgb", self.rgb, RGB_MODES),
         ):
             if not isinstance(value, str) or value not in allowed:
-                raise InputError(f"unknown {name} {value!r}: use one of {', '.join(allowed)}")
+                what = "resize mode" if name == "resize" else name
+                raise InputError(f"unknown {what} {value!r}: use one of {', '.join(allowed)}")
         if self.backend == "torch" and self.rgb == "late":
             raise InputError("rgb 'late' (convert after the resize) needs the pil backend")
         if self.backend == "torch" and self.interpolation not in TORCH_MODES:

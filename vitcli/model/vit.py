@@ -384,18 +384,43 @@ class ViT(nn.Module):
                 weights[index] = layer_weights
         return self.norm(x), weights
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The features the head reads, (B, pooled_dim): the family's pooled embedding."""
-        pool = self.config.pool
-        if pool in ("cls", "dist"):
-            pooled = tokens[:, 0]  # B,D: the CLS token
-        elif pool == "map":
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.config.num_prefix_tokens
+
+    def pool(self, tokens: torch.Tensor, how: str | None = None) -> torch.Tensor:
+        """The features the head reads, (B, pooled_dim): the family's pooled embedding. `how`
+        ("cls", "mean", "cls+mean") reads the tokens another way (`vit embed --pool`), each
+        part through fc_norm on its own when there is one."""
+        pool = how or self.config.pool
+        if pool == "map":
             assert self.attn_pool is not None
             pooled, _ = self.attn_pool(tokens)
-        else:
-            patches = tokens[:, self.config.num_prefix_tokens :].mean(dim=1)  # B,D
-            pooled = torch.cat([tokens[:, 0], patches], dim=-1) if pool == "cls+mean" else patches
-        return self.fc_norm(pooled) if self.fc_norm is not None else pooled
+            return self.fc_norm(pooled) if self.fc_norm is not None else pooled
+        cls = tokens[:, 0]  # B,D: the CLS token
+        patches = tokens[:, self.num_prefix_tokens :].mean(dim=1)  # B,D
+        parts = {"cls": [cls], "dist": [cls], "mean": [patches], "cls+mean": [cls, patches]}[pool]
+        if self.fc_norm is not None and how is not None:
+            parts = [self.fc_norm(part) for part in parts]
+        pooled = torch.cat(parts, dim=-1)
+        return self.fc_norm(pooled) if self.fc_norm is not None and how is None else pooled
+
+    def readout(self, num_tokens: int) -> torch.Tensor | None:
+        """(T,): how the logits read the final tokens, when linearly: e_0 (cls), (e_0 + e_1) / 2
+        (DeiT: the mean of both heads), 1/N on the patches (mean), half of each (cls+mean).
+        None for the MAP probe, whose weights depend on the input (`map_attention`)."""
+        pool, prefix = self.config.pool, self.num_prefix_tokens
+        if pool == "map":
+            return None
+        row = torch.zeros(num_tokens)
+        row[: 2 if pool == "dist" else 1] = {"cls": 1.0, "dist": 0.5, "cls+mean": 0.5}.get(pool, 0)
+        if pool in ("mean", "cls+mean"):
+            row[prefix:] = (1.0 if pool == "mean" else 0.5) / (num_tokens - prefix)
+        return row
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The image embedding from pooled features: CLIP's projection, else the features."""
+        return self.head(features) if self.config.head_kind == "projection" else features
 
     def map_attention(self, tokens: torch.Tensor) -> torch.Tensor:
         """The MAP probe's softmax weights over all tokens, (B, nh, 1, T): SigLIP's class map."""
@@ -419,9 +444,7 @@ class ViT(nn.Module):
         """The family's image embedding: the projection output for CLIP-style heads, else the
         pooled features before any classifier (CLS after the final LN, MAP output, ...)."""
         tokens, _ = self.forward_features(x)
-        if self.config.head_kind == "projection":
-            return self.head(self.pool(tokens))
-        return self.pool(tokens)
+        return self.project(self.pool(tokens))
 
     def forward_with_attention(
         self, x: torch.Tensor, layers: Collection[int]

@@ -19,10 +19,13 @@ Decoding, batching, failures and torchrun sharding are predict's (services/batch
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import shutil
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +34,9 @@ import torch
 from .. import distributed
 from ..data.images import pixel_limit
 from ..data.inputs import InputItem, collect_inputs, refuse_output_among_inputs
-from ..errors import OptionError, OutputError
-from ..fileio import atomic_write_bytes
-from ..runtime import DTYPE_CHOICES, default_workers, resolve_device, resolve_dtype
+from ..errors import OptionError
+from ..fileio import atomic_write_bytes, output_errors, temp_file_beside, write_target
+from ..runtime import BatchOptions, resolve_device, resolve_dtype
 from ..weights.format import ModelBundle
 from .batchrun import LoaderOptions, OrderedRun, ProgressCallback, Summary, drain, model_batches
 from .batchrun import share_inputs as share_inputs
@@ -62,30 +65,20 @@ def embed_format(output: Path) -> str:
 
 
 @dataclass(frozen=True)
-class EmbedOptions:
-    """Everything `vit embed` was asked, defaults resolved."""
+class EmbedOptions(BatchOptions):
+    """Everything `vit embed` was asked, defaults resolved, beside the shared BatchOptions."""
 
     output: Path
     inputs: tuple[str, ...] = ()
-    model: str | None = None
     pool: str = "default"
-    batch_size: int = 32
-    workers: int = field(default_factory=default_workers)
-    device: str = "auto"
-    dtype: str = "auto"
     fast_decode: bool = False  # opt-in JPEG draft decoding (not the home's pixels)
     int8: bool = False  # int8 Linear layers on the CPU (docs/int8.md)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         embed_format(self.output)
         if self.pool not in POOLS:
             raise OptionError(f"--pool {self.pool}: use one of {', '.join(POOLS)}")
-        if self.batch_size < 1:
-            raise OptionError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.workers < 0:
-            raise OptionError(f"--workers must be 0 or more, got {self.workers}")
-        if self.dtype not in DTYPE_CHOICES:
-            raise OptionError(f"--dtype {self.dtype}: use one of {', '.join(DTYPE_CHOICES)}")
 
 
 @dataclass(frozen=True)
@@ -100,7 +93,12 @@ class EmbedResult:
 class Embedder:
     """A model on a device, turning normalised pixel batches into embeddings."""
 
-    def __init__(self, bundle: ModelBundle, options: EmbedOptions) -> None:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        options: EmbedOptions,
+        on_note: Callable[[str], None] | None = None,
+    ) -> None:
         config = bundle.config
         if options.pool in ("cls", "cls+mean") and not config.class_token:
             raise OptionError(
@@ -109,7 +107,7 @@ class Embedder:
         self.bundle = bundle
         self.pool = options.pool
         self.device = resolve_device(
-            prepare_int8(bundle, options.int8, options.device, options.dtype, "embed")
+            prepare_int8(bundle, options.int8, options.device, options.dtype, "embed", on_note)
         )
         self.dtype, self.warning = resolve_dtype(options.dtype, self.device)
         self.model = bundle.model.eval().to(device=self.device, dtype=self.dtype)
@@ -130,16 +128,13 @@ class Embedder:
         if self.pool == "default":
             return model.embed(inputs).float()
         tokens, _ = model.forward_features(inputs)  # B,T,D
-        cls = tokens[:, 0]  # B,D
-        patches = tokens[:, model.config.num_prefix_tokens :].mean(dim=1)  # B,D
-        parts = {"cls": [cls], "mean": [patches], "cls+mean": [cls, patches]}[self.pool]
-        if model.fc_norm is not None:  # timm's average-pool layout: the LN follows pooling
-            parts = [model.fc_norm(part) for part in parts]
-        return torch.cat(parts, dim=-1).float()
+        return model.pool(tokens, how=self.pool).float()
 
     @torch.inference_mode()
     def compute(self, inputs: torch.Tensor) -> list[dict | str]:
-        vectors = self.vectors(inputs).cpu().numpy()
+        # A copy: `model.embed` may return a view of the (B, T, D) tokens, which a row kept by
+        # a writer would hold alive (~150 KB per image for a B/16).
+        vectors = self.vectors(inputs).cpu().numpy().copy()
         finite = np.isfinite(vectors).all(axis=1)
         return [
             {"embedding": row}
@@ -177,8 +172,9 @@ class EmbedRun(OrderedRun):
         items: list[InputItem],
         options: EmbedOptions,
         on_progress: ProgressCallback | None = None,
+        on_note: Callable[[str], None] | None = None,
     ) -> None:
-        self.embedder = Embedder(bundle, options)
+        self.embedder = Embedder(bundle, options, on_note)
         super().__init__(
             items,
             lambda chosen: self.embedder.batches(chosen, options),
@@ -208,57 +204,89 @@ class _JsonLinesSink:
 
 
 class _MatrixSink:
-    """Collects rows; writes .npy (+ sidecar) or .safetensors atomically on close()."""
+    """Streams rows as raw float32 to a temporary file beside the output, then writes .npy
+    (+ sidecar) or .safetensors atomically on close(): memory stays flat in the number of
+    images (only the paths are held), the output appears whole or not at all."""
 
     def __init__(self, path: Path, kind: str, dim: int) -> None:
         if path.is_dir():
             raise OptionError(f"--output {path}: is a folder; give a file name such as emb.npy")
         self.path, self.kind, self.dim = path, kind, dim
-        self.rows: list[np.ndarray] = []
+        self.rows = 0
         self.index: list[dict] = []  # per input: {"path", "row"} or {"path", "error"}
+        with output_errors(f"--output {path}"):
+            fd, self.raw_path = temp_file_beside(write_target(path))
+        self.raw = os.fdopen(fd, "w+b")
 
     def write(self, records: list[dict]) -> None:
+        rows = []
         for record in records:
             if "embedding" in record:
-                self.index.append({"path": record["path"], "row": len(self.rows)})
-                self.rows.append(record["embedding"])
+                self.index.append({"path": record["path"], "row": self.rows})
+                rows.append(record["embedding"])
+                self.rows += 1
             else:
                 self.index.append({"path": record["path"], "error": record["error"]})
+        if rows:
+            with output_errors(f"--output {self.path}"):
+                self.raw.write(np.stack(rows).astype("<f4", copy=False).tobytes())
 
     def close(self) -> None:
-        matrix = (
-            np.stack(self.rows).astype(np.float32, copy=False)
-            if self.rows
-            else np.zeros((0, self.dim), dtype=np.float32)
-        )
-        try:
+        with output_errors(f"--output {self.path}"):
+            self.raw.flush()
+            self.raw.seek(0)
             if self.kind == "npy":
                 sidecar = "".join(json_line(entry) + "\n" for entry in self.index)
                 atomic_write_bytes(sidecar_path(self.path), sidecar.encode("utf-8"))
-                buffer = io.BytesIO()
-                np.save(buffer, matrix, allow_pickle=False)
-                atomic_write_bytes(self.path, buffer.getvalue())
+                header = io.BytesIO()
+                np.lib.format.write_array_header_1_0(
+                    header, {"descr": "<f4", "fortran_order": False, "shape": (self.rows, self.dim)}
+                )
+                self._write_file(header.getvalue())
             else:
-                from safetensors.torch import save
+                self._write_file(self._safetensors_header())
+        self.abort()  # the raw rows are in the output now
 
-                paths = [entry["path"] for entry in self.index if "row" in entry]
-                errors = [entry for entry in self.index if "error" in entry]
-                metadata = {
-                    "format": "vitcli-embeddings",
-                    # ASCII JSON: a name that is not UTF-8 stays a \udcXX escape, lossless.
-                    "paths": json.dumps(paths, ensure_ascii=True),
-                    "errors": json.dumps(errors, ensure_ascii=True),
-                }
-                data = save({"embeddings": torch.from_numpy(matrix)}, metadata=metadata)
-                atomic_write_bytes(self.path, data)
-        except OSError as error:
-            raise OutputError(
-                f"--output {self.path}: cannot write ({error.strerror or error}); "
-                "choose another path"
-            ) from None
+    def _safetensors_header(self) -> bytes:
+        """The safetensors header for one F32 tensor "embeddings" (rows, dim), padded with
+        spaces to 8 bytes as the library writes it."""
+        size = self.rows * self.dim * 4
+        paths = [entry["path"] for entry in self.index if "row" in entry]
+        errors = [entry for entry in self.index if "error" in entry]
+        header = {
+            "__metadata__": {
+                "format": "vitcli-embeddings",
+                # ASCII JSON: a name that is not UTF-8 stays a \udcXX escape, lossless.
+                "paths": json.dumps(paths, ensure_ascii=True),
+                "errors": json.dumps(errors, ensure_ascii=True),
+            },
+            "embeddings": {
+                "dtype": "F32",
+                "shape": [self.rows, self.dim],
+                "data_offsets": [0, size],
+            },
+        }
+        text = json.dumps(header, ensure_ascii=True, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        return len(text).to_bytes(8, "little") + text
+
+    def _write_file(self, header: bytes) -> None:
+        """`header` then the raw rows, to a temp file renamed over the output."""
+        target = write_target(self.path)
+        fd, tmp = temp_file_beside(target)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(header)
+                shutil.copyfileobj(self.raw, handle, 1 << 20)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def abort(self) -> None:
-        self.rows.clear()
+        with contextlib.suppress(OSError):
+            self.raw.close()
+        Path(self.raw_path).unlink(missing_ok=True)
 
 
 def sidecar_path(output: Path) -> Path:
@@ -326,11 +354,9 @@ def run(
         main = distributed.is_main()
         items = share_inputs(collect)
         bundle = load_model(options.model)
-        # Before EmbedRun (whose own call is then a no-op): see predict.run.
-        prepare_int8(
-            bundle, options.int8, options.device, options.dtype, "embed", on_note if main else None
+        embed = EmbedRun(
+            bundle, items, options, on_progress if main else None, on_note if main else None
         )
-        embed = EmbedRun(bundle, items, options, on_progress if main else None)
         if embed.embedder.warning and main and on_warning is not None:
             on_warning(embed.embedder.warning)
         sink: _JsonLinesSink | _MatrixSink | None = None

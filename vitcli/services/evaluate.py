@@ -20,27 +20,30 @@ from ..data.labelled import FolderDataset, ShardSampler, make_loader
 from ..data.loader import normalize
 from ..errors import DatasetError, InputError, OptionError
 from ..fileio import atomic_write_bytes
-from ..runtime import resolve_device, resolve_dtype, resolve_workers
+from ..runtime import (
+    BatchOptions,
+    check_batch_size,
+    resolve_device,
+    resolve_dtype,
+    resolve_workers,
+)
 from ..text import csv_text, json_bytes
 from ..weights.format import ModelBundle
+from .finite import require_finite
 from .int8 import check_int8_options, prepare_int8
 
 OTHER = "(other)"
-MAX_BATCH = 65_536
 
 
 @dataclass(frozen=True)
-class EvalOptions:
-    """Every option of `vit eval`."""
+class EvalOptions(BatchOptions):
+    """Every option of `vit eval`, beside the shared BatchOptions."""
 
     data: str
-    model: str | None = None  # None: the bundled model
     output: str = ""  # FILE.json or FILE.csv
     confusion_png: str = ""
-    batch_size: int = 64
-    workers: int | None = None  # None: runtime.default_workers()
-    device: str = "auto"
-    dtype: str = "auto"  # as runtime.resolve_dtype: bfloat16 on a CPU only with native bf16
+    batch_size: int = field(default=64, kw_only=True)
+    workers: int | None = field(default=None, kw_only=True)  # None: default_workers()
     int8: bool = False  # int8 Linear layers on the CPU (services/int8.py)
     fast_decode: bool = False  # opt-in JPEG draft decoding (not the home's pixels)
 
@@ -134,27 +137,26 @@ def run(
     if options.int8:
         check_int8_options(options.device, options.dtype)
     device = resolve_device(options.device)  # a bad --device fails before the model loads
-    resolve_dtype(options.dtype, device)  # and so does a dtype this machine cannot run
-    resolve_workers(options.workers)
-    bundle = load_model(options.model)
-    device = resolve_device(
-        prepare_int8(
-            bundle, options.int8, options.device, options.dtype, command="eval", on_note=on_note
-        )
-    )
+    # and so does a dtype this machine cannot run (an int8 run is float32 on the CPU)
     dtype, warning = resolve_dtype(options.dtype, device)
     if warning and on_progress is not None:
         on_progress(EvalEvent("warning", message=warning))
+    resolve_workers(options.workers)
+    bundle = load_model(options.model)
     result = evaluate(
         options.data,
         bundle,
         batch_size=options.batch_size,
         workers=options.workers,
-        device=device,
+        device=options.device,
         on_progress=on_progress,
         dtype=dtype,
         fast_decode=options.fast_decode,
+        int8=options.int8,
+        on_note=on_note,
     )
+    from .confusion import confusion_png  # Pillow drawing, only when a picture is asked for
+
     for path, write in ((output, write_report), (png, confusion_png)):
         if path is None:
             continue
@@ -169,8 +171,6 @@ def run(
 
 
 def check(options: EvalOptions) -> None:
-    if isinstance(options.batch_size, bool) or not 1 <= options.batch_size <= MAX_BATCH:
-        raise OptionError(f"--batch-size must be from 1 to {MAX_BATCH}, got {options.batch_size}")
     if options.output and Path(options.output).suffix.lower() not in (".json", ".csv"):
         raise OptionError(f"--output {options.output}: use a .json or .csv file name")
     if options.confusion_png and Path(options.confusion_png).suffix.lower() != ".png":
@@ -186,11 +186,12 @@ def evaluate(
     on_progress: Callable[[EvalEvent], None] | None = None,
     dtype: torch.dtype = torch.float32,
     fast_decode: bool = False,
+    int8: bool = False,
+    on_note: Callable[[str], None] | None = None,
 ) -> EvalResult:
     """Run the model over every image of an ImageFolder tree with the model's own preprocessing
     (in `dtype`: float32, or bfloat16 where runtime.resolve_dtype allows it)."""
-    if batch_size < 1:
-        raise OptionError("--batch-size must be at least 1")
+    check_batch_size(batch_size)
 
     def emit(event: EvalEvent) -> None:
         if on_progress is not None:
@@ -214,7 +215,8 @@ def evaluate(
     data = relabel(folder, labels, what="evaluation")
     if isinstance(device, torch.device):
         device = str(device)
-    target = resolve_device(prepare_int8(bundle, False, device))  # an int8 model: the CPU
+    # The one int8 decision: --int8, or an int8 file, runs on the CPU.
+    target = resolve_device(prepare_int8(bundle, int8, device, command="eval", on_note=on_note))
     model = bundle.model.to(target).eval()
     if dtype != torch.float32:
         model = model.to(dtype)
@@ -239,6 +241,7 @@ def evaluate(
             if len(batch):
                 pixels = normalize(batch.pixel_tensor(), bundle.preprocess, target, dtype)
                 logits = model(pixels).float()
+                require_finite(logits, "the model output", bundle.reference)
                 top = logits.topk(k, dim=1).indices.cpu()  # B,k
                 for index, true, ranked in zip(batch.indices, batch.labels.tolist(), top.tolist()):
                     predictions[index] = ranked[0]
@@ -302,54 +305,3 @@ def write_report(result: EvalResult, path: str | Path) -> Path:
 
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.6f}"
-
-
-def confusion_png(result: EvalResult, path: str | Path, cell: int = 36) -> Path:
-    """The confusion matrix as a heat map (rows normalised: the fraction of each true class)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise OptionError(f"--confusion-png {path}: use a .png file name")
-    rows, columns = [c.label for c in result.classes], result.confusion_labels
-    font = ImageFont.load_default()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_w = lambda text: int(probe.textlength(text, font=font))  # noqa: E731
-    margin_left = max(text_w(name) for name in rows) + 16
-    margin_top = max(text_w(name) for name in columns) + 16
-    footer = f"rows: true class, columns: predicted; top-1 {result.top1:.3f}"
-    width = max(margin_left + cell * len(columns) + 8, text_w(footer) + 16)
-    height = margin_top + cell * len(rows) + 24
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    for r, name in enumerate(rows):
-        total = max(sum(result.confusion[r]), 1)
-        draw.text((8, margin_top + r * cell + cell // 2 - 5), name, fill="black", font=font)
-        for c in range(len(columns)):
-            count = result.confusion[r][c]
-            share = count / total
-            shade = int(255 * (1 - share))
-            x0, y0 = margin_left + c * cell, margin_top + r * cell
-            draw.rectangle(
-                (x0, y0, x0 + cell - 1, y0 + cell - 1),
-                fill=(shade, shade, 255),
-                outline=(200, 200, 200),
-            )
-            label = str(count)
-            draw.text(
-                (x0 + (cell - text_w(label)) // 2, y0 + cell // 2 - 5),
-                label,
-                fill="white" if share > 0.5 else "black",
-                font=font,
-            )
-    # Column names written vertically: draw horizontally on a strip, rotate it.
-    for c, name in enumerate(columns):
-        strip = Image.new("RGB", (margin_top - 8, 12), "white")
-        ImageDraw.Draw(strip).text((0, 0), name, fill="black", font=font)
-        strip = strip.rotate(90, expand=True)
-        image.paste(strip, (margin_left + c * cell + cell // 2 - 6, 4))
-    draw.text((8, height - 18), footer, fill="black", font=font)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
-    return path

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -248,18 +249,45 @@ def write_explorer(
         "colormaps": {name: _b64(colormap_lut(name).tobytes()) for name in colormap_names()},
         **parts,
     }
-    # "</" must not appear inside a <script> element: a title could otherwise close it.
-    blob = json.dumps(data, ensure_ascii=True, separators=(",", ":")).replace("</", "<\\/")
-    page = (
-        _asset("explorer.html")
-        .replace("/*STYLE*/", _asset("explorer.css"))
-        .replace("/*SCRIPT*/", _asset("explorer.js"))
-        .replace("{{TITLE}}", _escape(title or "attention explorer"))
-        .replace("{{DATA}}", blob)
+    page = fill_template(
+        _asset("explorer.html"),
+        {
+            "/*STYLE*/": _asset("explorer.css"),
+            "/*SCRIPT*/": _asset("explorer.js"),
+            "{{TITLE}}": _escape(title or "attention explorer"),
+            "{{DATA}}": script_json(data),
+        },
     )
     encoded = page.encode("utf-8")
     atomic_write_bytes(path, encoded, durable=False)
     return ExplorerFile(path=path, size=len(encoded), payload=payload)
+
+
+# Inside <script>, "<!--" then "<script" puts the HTML parser in a state where the closing
+# </script> no longer closes the element (a file named `<!--<script>.jpg` would swallow the
+# page's own script); "</" would close it early. JSON allows \\uXXXX for any character in a
+# string, and these characters only ever occur inside strings, so escaping them changes
+# nothing the script reads. U+2028/9 end a line in older JavaScript parsers.
+_SCRIPT_UNSAFE = {
+    "<": "\\u003c",
+    ">": "\\u003e",
+    "&": "\\u0026",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+}
+
+
+def script_json(data: object) -> str:
+    """`data` as JSON that is safe to place inside a <script> element as it is."""
+    text = json.dumps(data, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    return re.sub("[<>&\u2028\u2029]", lambda match: _SCRIPT_UNSAFE[match.group()], text)
+
+
+def fill_template(template: str, values: dict[str, str]) -> str:
+    """`template` with each key replaced by its value in ONE pass: a value that contains a
+    key (a title `{{DATA}}.jpg`) is never substituted again."""
+    pattern = "|".join(re.escape(key) for key in values)
+    return re.sub(pattern, lambda match: values[match.group()], template)
 
 
 def _escape(text: str) -> str:

@@ -33,7 +33,7 @@ INT8_DTYPES = ("auto", "float32")
 ENGINE_ENV = "VITCLI_INT8_ENGINE"
 ENGINES = ("auto", "torch", "onnxruntime")
 ORT_COMMANDS = ("predict", "embed", "eval")  # they need logits or features, nothing more
-ORT_HINT = "pip install 'vitcli[onnx]'"  # services/export.py's INSTALL_HINT (not imported:
+ORT_HINT = "pip install 'vitcli[onnx]'"  # services/onnx_graph.py's INSTALL_HINT (not imported:
 # that module imports torch.onnx's machinery, which the torch engine does not need)
 
 
@@ -114,7 +114,7 @@ def prepare_int8(
         return "cpu"
     model = bundle.model.to("cpu")
     if choose_engine(command) == "onnxruntime":
-        from .export import ExportError
+        from .onnx_graph import ExportError
         from .ort_engine import OrtInt8ViT
 
         try:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError, OptionError
+from ..errors import OptionError
+from ..fileio import output_errors
 from ..model import describe_family
 from ..model.int8 import is_quantized, quantize
 from ..weights.format import ModelBundle, save_model
@@ -53,9 +54,9 @@ def convert_model(
     """Write any supported checkpoint in our format (atomically), as float32, float16 or int8."""
     destination = Path(destination)
     if destination.suffix.lower() != ".safetensors":
-        raise InputError(f"{destination}: the output must end in .safetensors")
+        raise OptionError(f"{destination}: the output must end in .safetensors")
     if destination.is_dir():
-        raise InputError(f"{destination}: is a folder; give a file name ending in .safetensors")
+        raise OptionError(f"{destination}: is a folder; give a file name ending in .safetensors")
     if fp16 and int8:
         raise OptionError("--fp16 and --int8 are two ways to store the weights: choose one")
     bundle = as_bundle(source)
@@ -65,12 +66,14 @@ def convert_model(
             f"{source} holds int8 weights; the float ones are gone: add --int8 to copy it, "
             "or convert the float model"
         )
-    if int8:
-        # In place: no second copy of a large model's weights; the file stores what ran.
-        bundle.model = quantize(bundle.model, inplace=True)
-        save_quantized(bundle, destination, source=source_text)
-    else:
-        save_model(bundle, destination, dtype=torch.float16 if fp16 else None, source=source_text)
+    with output_errors(str(destination)):
+        if int8:
+            # In place: no second copy of a large model's weights; the file stores what ran.
+            bundle.model = quantize(bundle.model, inplace=True)
+            save_quantized(bundle, destination, source=source_text)
+        else:
+            dtype = torch.float16 if fp16 else None
+            save_model(bundle, destination, dtype=dtype, source=source_text)
     return Converted(
         path=destination,
         name=bundle.config.name or "custom",

@@ -31,7 +31,7 @@ from .._version import __version__
 from ..fileio import atomic_write_bytes
 from ..model import ViT, ViTConfig
 from ..weights.format import ModelBundle
-from .export import (
+from .onnx_graph import (
     DEFAULT_OPSET,
     INPUT_NAME,
     build_graph,
@@ -61,8 +61,7 @@ class _EngineOutputs(nn.Module):
             tokens, _ = model.forward_features(pixel_values)  # B,T,D
             logits = model.forward_head(tokens)
             # ViT.embed on the same tokens (calling it would trace the encoder twice).
-            pooled = model.pool(tokens)
-            embedding = model.head(pooled) if model.config.head_kind == "projection" else pooled
+            embedding = model.project(model.pool(tokens))
             # The exporter cannot name one tensor twice (a model without classes has an
             # Identity head): the + 0 makes the embedding a tensor of its own.
             return logits, embedding + 0, tokens
@@ -246,6 +245,14 @@ class OrtInt8ViT(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self._run("embedding", x)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.config.num_prefix_tokens
+
+    def pool(self, tokens: torch.Tensor, how: str | None = None) -> torch.Tensor:
+        """The float model's read-out of the engine's tokens (`ViT.pool`, for --pool)."""
+        return ViT.pool(self, tokens, how)  # type: ignore[arg-type]  # reads config, fc_norm
 
     def forward_features(
         self, x: torch.Tensor, attn_layers: Collection[int] = ()

@@ -4,8 +4,10 @@ Every writer streams: records are written as batches arrive and never collected.
 flushed after every batch, so an interrupted run keeps every finished record. json and csv
 files go to a temporary file beside the target that is renamed over it only when the run
 finishes, so a reader never sees half a file (an interrupted run leaves the old file alone).
-A write that fails (disk full, read-only folder, file size limit) removes the temporary file
-and raises OutputError: one line, no traceback.
+A write that fails (disk full, read-only folder, file size limit, a closed or broken stdout)
+removes the temporary file and raises OutputError: one line, no traceback. A streamed file
+(jsonl to a file, anything to a stdout that is a file) is cut back to the end of the last
+batch written in full, so it never ends on half a record.
 
 Text that cannot go into a file as it is, is escaped reversibly by vitcli/text.py
 (docs/predict.md):
@@ -21,15 +23,16 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
+import io
 import os
+import stat
 from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
 from typing import TextIO
 
-from ..errors import InputError, OutputError
-from ..fileio import temp_file_beside, write_target
+from ..errors import InputError, OptionError, OutputError, VitError
+from ..fileio import output_error, temp_file_beside, write_target
 from ..text import csv_text, csv_unescape, json_line
 
 __all__ = ["csv_text", "csv_unescape", "json_line"]  # re-exported: the writers' escaping
@@ -44,7 +47,6 @@ class OutputFormat(str, Enum):
     csv = "csv"
 
 
-FORMATS = tuple(fmt.value for fmt in OutputFormat)
 FILE_FORMATS = ("json", "jsonl", "csv")
 _SUFFIX_FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 
@@ -69,19 +71,11 @@ def choose_format(
 # -- targets -----------------------------------------------------------------------------------
 
 
-def _cannot_write(path: Path | None, error: OSError) -> OutputError:
+def _cannot_write(path: Path | None, error: OSError, atomic: bool = True) -> OutputError:
     where = f"--output {path}" if path is not None else "standard output"
-    reason = error.strerror or str(error)
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        hint = "free some space or write somewhere else"
-    elif error.errno == errno.EFBIG:
-        hint = "the file size limit (ulimit -f) was reached; raise it or write somewhere else"
-    elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        hint = "choose a folder you can write to"
-    else:
-        hint = "choose another path"
-    kept = " (nothing was replaced)" if path is not None else ""
-    return OutputError(f"{where}: cannot write ({reason}){kept}; {hint}")
+    if path is not None and not atomic:
+        where += " (it ends on the last whole record)"
+    return output_error(where, error, replaced=path is not None and atomic)
 
 
 class _AtomicTextFile:
@@ -109,7 +103,7 @@ def _open_target(path: Path | None, stream: TextIO | None, atomic: bool):
     if path is None:
         return stream, None, False
     if path.is_dir():
-        raise InputError(
+        raise OptionError(
             f"--output {path}: is a folder; give a file name such as {path / 'predictions.jsonl'}"
         )
     try:
@@ -135,6 +129,38 @@ class RecordWriter:
         self.handle, self._atomic, self._owned = _open_target(self.path, stream, self.atomic)
         self.count = 0
         self._ended = False  # closed or aborted: abort() again does nothing
+        self._whole = self._offset()  # where the last whole batch ends (a regular file only)
+
+    def _offset(self) -> int | None:
+        """The byte offset of a streamed regular file (None for a pipe, a terminal, a
+        temporary file that is discarded anyway)."""
+        if self._atomic is not None:
+            return None
+        try:
+            fd = self.handle.fileno()
+            return os.lseek(fd, 0, os.SEEK_CUR) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            return None
+
+    def _cut_back(self) -> None:
+        """After a failed write: drop the partial batch, so the file ends on a record."""
+        if self._whole is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            if self._owned and self.path is not None:
+                os.truncate(self.path, self._whole)  # closed by abort(): by name
+            else:
+                fd = self.handle.fileno()
+                os.ftruncate(fd, self._whole)
+                os.lseek(fd, self._whole, os.SEEK_SET)
+
+    def _failed(self, error: Exception) -> VitError:
+        self.abort()
+        self._cut_back()
+        if isinstance(error, VitError):  # a guarded stdout said it already (console.py)
+            return error
+        assert isinstance(error, OSError)
+        return _cannot_write(self.path, error, atomic=self._atomic is not None)
 
     def write(self, records: Iterable[dict]) -> None:
         try:
@@ -144,9 +170,9 @@ class RecordWriter:
             self.handle.flush()
         except BrokenPipeError:
             raise
-        except OSError as error:
-            self.abort()
-            raise _cannot_write(self.path, error) from None
+        except (OSError, OutputError) as error:
+            raise self._failed(error) from None
+        self._whole = self._offset()
 
     def _write_one(self, record: dict) -> None:
         raise NotImplementedError
@@ -166,9 +192,8 @@ class RecordWriter:
                 self.handle.close()
         except BrokenPipeError:
             raise
-        except OSError as error:
-            self.abort()
-            raise _cannot_write(self.path, error) from None
+        except (OSError, OutputError) as error:
+            raise self._failed(error) from None
         self._ended = True
 
     def abort(self) -> None:
@@ -240,9 +265,8 @@ class CsvWriter(RecordWriter):
             header += [f"label_{rank}", f"score_{rank}"]
         try:
             self.csv.writerow(header + ["error"] + (["decode"] if decode_column else []))
-        except OSError as error:
-            self.abort()
-            raise _cannot_write(self.path, error) from None
+        except (OSError, OutputError) as error:
+            raise self._failed(error) from None
 
     def _write_one(self, record: dict) -> None:
         row = [csv_text(record["path"])]
@@ -253,7 +277,9 @@ class CsvWriter(RecordWriter):
                 row += [csv_text(prediction["label"]), repr(float(prediction["score"]))]
             else:
                 row += ["", ""]
-        row.append(csv_text(record.get("error", "")))
+        # The path has its own column: the error cell says only what went wrong.
+        error = record.get("error", "").removeprefix(f"{record['path']}: ")
+        row.append(csv_text(error))
         if self.decode_column:
             row.append(record.get("decode", ""))
         self.csv.writerow(row)

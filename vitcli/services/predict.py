@@ -17,7 +17,7 @@ noise from the float32 forward pass); `logits` scores keep full float32 precisio
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -27,7 +27,7 @@ from .. import distributed
 from ..data.images import pixel_limit
 from ..data.inputs import InputItem, collect_inputs, refuse_output_among_inputs
 from ..errors import OptionError, VitError
-from ..runtime import DTYPE_CHOICES, default_workers, resolve_device, resolve_dtype
+from ..runtime import BatchOptions, resolve_device, resolve_dtype
 from ..weights.format import ModelBundle
 from .batchrun import (
     LoaderOptions,
@@ -58,39 +58,25 @@ SCORE_DIGITS = 6  # significant digits of probabilities in records
 
 
 @dataclass(frozen=True)
-class PredictOptions:
-    """Everything `vit predict` was asked, defaults resolved. The first group is what a
-    `PredictRun` needs; the second is what `run` adds (inputs, model, where records go)."""
+class PredictOptions(BatchOptions):
+    """Everything `vit predict` was asked, defaults resolved, beside the shared BatchOptions.
+    The first group is what a `PredictRun` needs; the second is what `run` adds (inputs,
+    where records go)."""
 
     top_k: int = 5
     logits: bool = False  # raw scores instead of softmax probabilities
-    batch_size: int = 32
-    workers: int = field(default_factory=default_workers)  # decoding processes; 0: in-process
-    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    dtype: str = "auto"  # auto, float32, bfloat16, float16
     # Opt-in JPEG draft decoding (--fast-decode): faster, and not the home library's pixels.
     fast_decode: bool = False
     int8: bool = False  # int8 Linear layers, CPU only (services/int8.py)
 
     inputs: tuple[str, ...] = ()  # files, folders, globs, '-' for stdin
-    model: str | None = None  # a file, folder or hub id; None is the bundled model
     format: OutputFormat = OutputFormat.jsonl
     output: Path | None = None  # None writes to stdout
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.top_k < 1:
             raise OptionError(f"--top-k must be at least 1, got {self.top_k}")
-        if self.batch_size < 1:
-            raise OptionError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.workers < 0:
-            raise OptionError(f"--workers must be 0 or more, got {self.workers}")
-        if self.dtype not in DTYPE_CHOICES:
-            raise OptionError(f"--dtype {self.dtype}: use one of {', '.join(DTYPE_CHOICES)}")
-        device = self.device.strip().lower()
-        if device not in ("auto", "cpu", "cuda", "mps") and not (
-            device.startswith("cuda:") and device[5:].isdigit()
-        ):
-            raise OptionError(f"--device {self.device}: use auto, cpu, cuda, cuda:N or mps")
         if self.format == OutputFormat.table and self.output is not None:
             raise OptionError(
                 "--format table is for the terminal; use --format json, jsonl or csv with --output"
@@ -122,7 +108,12 @@ TableFactory = Callable[[list[str], list[str], int], RecordSink]
 class Predictor:
     """A model on a device, turning pixel batches into top-k predictions."""
 
-    def __init__(self, bundle: ModelBundle, options: PredictOptions) -> None:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        options: PredictOptions,
+        on_note: Callable[[str], None] | None = None,
+    ) -> None:
         num_classes = bundle.config.num_classes
         if num_classes < 1 or bundle.config.head_kind == "projection":
             raise VitError(
@@ -133,8 +124,10 @@ class Predictor:
         self.options = options
         self.labels = list(bundle.labels)
         self.top_k = min(options.top_k, num_classes)  # clipped to the number of classes
+        # The one int8 decision of the run (`on_note`: a first --int8 run builds its graph,
+        # and the user hears why it takes a while).
         self.device = resolve_device(
-            prepare_int8(bundle, options.int8, options.device, options.dtype, "predict")
+            prepare_int8(bundle, options.int8, options.device, options.dtype, "predict", on_note)
         )
         self.dtype, self.warning = resolve_dtype(options.dtype, self.device)
         self.model = bundle.model.eval().to(device=self.device, dtype=self.dtype)
@@ -204,9 +197,10 @@ class PredictRun(OrderedRun):
         items: Sequence[InputItem],
         options: PredictOptions | None = None,
         on_progress: ProgressCallback | None = None,
+        on_note: Callable[[str], None] | None = None,
     ) -> None:
         self.options = options if options is not None else PredictOptions()
-        self.predictor = Predictor(bundle, self.options)
+        self.predictor = Predictor(bundle, self.options, on_note)
         super().__init__(items, self.predictor.batches, self.options.batch_size, on_progress)
 
     @property
@@ -266,17 +260,13 @@ def run(
         main = distributed.is_main()
         items = share_inputs(collect)
         bundle = load_model(options.model)
-        # Before PredictRun (whose own call is then a no-op): a first --int8 run of a model
-        # builds its graph, and the user hears why it takes a while.
-        prepare_int8(
+        predict = PredictRun(
             bundle,
-            options.int8,
-            options.device,
-            options.dtype,
-            "predict",
-            on_note if main else None,
+            items,
+            options,
+            on_progress if main else None,
+            on_note=on_note if main else None,
         )
-        predict = PredictRun(bundle, items, options, on_progress if main else None)
         if predict.warning and main and on_warning is not None:
             on_warning(predict.warning)
         top_k = predict.predictor.top_k

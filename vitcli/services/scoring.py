@@ -26,32 +26,40 @@ A "random" row (a seeded uniform map per image) is the control every method must
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from ..data.loader import image_batches, normalize
+from ..data.loader import image_batches
 from ..errors import DatasetError, InputError, OptionError
+from ..explain import METHODS, explain
+from ..explain.perturbation import perturbation_auc
 from ..model.vit import ViT
+from ..runtime import BatchOptions, resolve_device
 from ..weights.format import ModelBundle
 from ..weights.resolve import as_bundle
 from .attention.localization import score_map
-from .explain import CLASS_SPECIFIC, METHODS, explain
+from .batchrun import ProgressCallback
+from .finite import require_finite
+
+SHARED = {f.name for f in fields(BatchOptions)}  # recorded by the run, not in the report
 
 BASELINES = ("mean", "blur")
 CONTROL = "random"
 
 
 @dataclass(frozen=True)
-class ScoreOptions:
-    methods: tuple[str, ...] = METHODS
+class ScoreOptions(BatchOptions):
+    """`vit score`'s options, beside the shared BatchOptions."""
+
+    batch_size: int = field(default=8, kw_only=True)
+    workers: int = field(default=0, kw_only=True)
+    methods: tuple[str, ...] = tuple(METHODS)
     tolerance: float = 15.0  # pointing game, pixels of the original
     steps: int = 10  # perturbation steps from 0% to 100% of the patches
     baseline: str = "mean"
@@ -61,6 +69,7 @@ class ScoreOptions:
     discard_ratio: float = 0.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise InputError(f"unknown method {unknown[0]!r}: use one of {', '.join(METHODS)}")
@@ -124,9 +133,6 @@ class ScoreReport:
             "methods": self.summary(),
         }
 
-    def records_dict(self) -> dict:
-        return {name: [asdict(r) for r in records] for name, records in self.records.items()}
-
 
 def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
@@ -172,7 +178,9 @@ def shapes_objects(data_dir: str | Path) -> tuple[list[str], list[dict[str, Path
     images = sorted((str(p) for p in root.glob("*/*.jpg")), key=natural_key)
     if not images:
         raise DatasetError(
-            f"{root}: no images; generate a set with `vit data shapes {root} --objects 2`"
+            f"no images found in {root} (looked for CLASS/*.jpg with masks in .masks/, as "
+            f"`vit data shapes` writes them); generate a set with "
+            f"`vit data shapes {root} --objects 2`"
         )
     masks = [object_masks(p) for p in images]
     missing = [str(m) for group in masks for m in group.values() if not m.is_file()]
@@ -184,79 +192,19 @@ def shapes_objects(data_dir: str | Path) -> tuple[list[str], list[dict[str, Path
     return images, masks
 
 
-# -- perturbation ---------------------------------------------------------------------------
-def perturbation_baseline(x: torch.Tensor, kind: str, patch_size: int) -> torch.Tensor:
-    """(B, C, H, W) -> what a removed patch shows: the image's mean colour, or a blur."""
-    if kind == "mean":
-        return x.mean(dim=(2, 3), keepdim=True).expand_as(x)
-    sigma = patch_size / 2
-    radius = max(1, math.ceil(2 * sigma))
-    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    channels = x.shape[1]
-    rows = kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
-    cols = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
-    padded = F.pad(x, (radius, radius, radius, radius), mode="replicate")
-    return F.conv2d(F.conv2d(padded, rows, groups=channels), cols, groups=channels)
-
-
-@torch.no_grad()
-def perturbation_auc(
-    model: ViT,
-    x: torch.Tensor,
-    maps: torch.Tensor,
-    targets: torch.Tensor,
-    steps: int = 10,
-    baseline: str = "mean",
-    chunk: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(deletion AUC, insertion AUC), each (B,), of the target probability as patches are
-    removed (inserted) most relevant first. x (B, C, H, W) normalised, maps (B, Hp, Wp)."""
-    batch, channels, height, width = x.shape
-    grid_h, grid_w = maps.shape[-2:]
-    patch = model.config.patch_size
-    num_patches = grid_h * grid_w
-    order = torch.argsort(-maps.reshape(batch, num_patches).float(), dim=1, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(num_patches).expand(batch, -1))  # B,N: 0 = most relevant
-    counts = torch.round(torch.linspace(0, 1, steps + 1) * num_patches).long()  # S+1
-    moved = rank[:, None, :] < counts[None, :, None]  # B,S+1,N
-    moved = moved.reshape(batch, steps + 1, grid_h, grid_w)  # B,S+1,Hp,Wp
-    pixels = moved.repeat_interleave(patch, dim=2).repeat_interleave(patch, dim=3)
-    pixels = F.pad(pixels, (0, width - grid_w * patch, 0, height - grid_h * patch))
-    pixels = pixels[:, :, None].to(x.device)  # B,S+1,1,H,W
-    base = perturbation_baseline(x, baseline, patch)
-    curves = []
-    for start_from_image in (True, False):
-        if start_from_image:  # deletion
-            inputs = torch.where(pixels, base[:, None], x[:, None])
-        else:  # insertion
-            inputs = torch.where(pixels, x[:, None], base[:, None])
-        flat = inputs.reshape(-1, channels, height, width)  # B*(S+1),C,H,W
-        probs = torch.cat(
-            [model(flat[i : i + chunk]).float().softmax(-1) for i in range(0, len(flat), chunk)]
-        ).reshape(batch, steps + 1, -1)
-        curve = probs.gather(2, targets.to(probs.device).view(-1, 1, 1).expand(-1, steps + 1, 1))
-        curve = curve[..., 0]  # B,S+1
-        curves.append(((curve[:, 1:] + curve[:, :-1]) / 2).mean(dim=1).cpu())  # trapezoid
-    return curves[0], curves[1]
-
-
 # -- the run --------------------------------------------------------------------------------
 def score_explanations(
     model_ref: ModelBundle | str | Path | None,
     data_dir: str | Path,
     options: ScoreOptions | None = None,
-    batch_size: int = 8,
-    workers: int = 0,
     limit: int | None = None,
-    progress: Callable[[int], None] | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> ScoreReport:
     """Score every method (and the random control) on every image of a shapes folder."""
-    bundle = as_bundle(model_ref)
     options = options or ScoreOptions()
-    model, labels = bundle.model.eval(), list(bundle.labels)
+    device = resolve_device(options.device)  # a bad --device fails before the model loads
+    bundle = as_bundle(model_ref)
+    model, labels = bundle.model.eval().to(device), list(bundle.labels)
     images, masks = shapes_objects(data_dir)
     if limit is not None:
         images, masks = images[:limit], masks[:limit]
@@ -270,21 +218,33 @@ def score_explanations(
     report = ScoreReport(
         data=str(data_dir),
         model=bundle.reference or "default",
-        options={**asdict(options), "methods": names},
+        options={
+            **{k: v for k, v in asdict(options).items() if k not in SHARED},
+            "methods": names,
+        },
         images=0,
         records={name: [] for name in names},
         seconds=dict.fromkeys(names, 0.0),
         maps=dict.fromkeys(names, 0),
     )
-    for batch in image_batches(images, bundle.preprocess, batch_size=batch_size, workers=workers):
+    loader = image_batches(
+        images,
+        bundle.preprocess,
+        batch_size=options.batch_size,
+        workers=options.workers,
+        device=device,
+    )
+    done = 0
+    for batch in loader:
         report.failures.extend(message for _, message in batch.failures)
         if not batch.indices:
             continue
-        x = normalize(batch.pixels, bundle.preprocess)
+        x = batch.inputs  # normalised once, by the loader
         _score_batch(model, labels, x, batch, images, masks, names, options, report)
         report.images += len(batch.indices)
-        if progress is not None:
-            progress(len(batch.indices) + len(batch.failures))
+        done += len(batch.indices) + len(batch.failures)
+        if on_progress is not None:
+            on_progress(done, len(images))
     return report
 
 
@@ -293,6 +253,7 @@ def _score_batch(model, labels, x, batch, images, masks, names, options, report)
     arrays = [[np.asarray(Image.open(path).convert("L")) > 127 for _, path in g] for g in groups]
     with torch.no_grad():
         logits = model(x)
+    require_finite(logits, "the model output", report.model)
     ranks = logits.argsort(dim=1, descending=True).argsort(dim=1) + 1  # B,K: 1 = top-1
     class_ids = [[labels.index(label) for label, _ in g] for g in groups]
     both_top2 = [
@@ -322,11 +283,13 @@ def _score_batch(model, labels, x, batch, images, masks, names, options, report)
                 ).maps
                 report.seconds[name] += time.perf_counter() - started
                 report.maps[name] += len(batch.indices)
-                if name not in CLASS_SPECIFIC:
+                if not METHODS[name].class_specific:
                     agnostic[name] = maps
+            require_finite(maps, f"the {name} map", report.model)
             deletion, insertion = perturbation_auc(
                 model, x, maps, targets, steps=options.steps, baseline=options.baseline
             )
+            require_finite(torch.stack([deletion, insertion]), "the model output", report.model)
             for row, index in enumerate(batch.indices):
                 if slot >= len(groups[row]):
                     continue

@@ -32,7 +32,6 @@ __all__ = [
     "default_labels",
     "load_state",
     "load_vitcli_file",
-    "read_safetensors",  # lives in readers.py; importable from here as before
     "save_model",
 ]
 

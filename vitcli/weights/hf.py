@@ -23,7 +23,7 @@ from .limits import check_config
 from .readers import read_json, read_safetensors, read_torch_pickle
 from .recipes import preprocess_from_hf
 
-__all__ = ["load_hf_folder", "read_hf_weights", "read_torch_pickle"]  # the last moved to readers
+__all__ = ["load_hf_folder", "read_hf_weights"]
 
 # transformers' hidden_act -> our act. "gelu" is erf GELU; the other three are the tanh form.
 HF_ACTS = {

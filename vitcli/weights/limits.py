@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .. import runtime
 from ..errors import CheckpointError
 from ..model import ViT, ViTConfig
 
@@ -30,7 +31,7 @@ MAX_DEPTH = 256  # ViT-22B is 48
 MAX_MLP_DIM = 65536
 MAX_CHANNELS = 64
 MAX_CLASSES = 1_000_000  # ImageNet-21k has 21,843
-MAX_IMAGE_SIDE = 4096
+MAX_IMAGE_SIDE = runtime.MAX_IMAGE_SIDE
 MAX_REG_TOKENS = 256  # published register models use 4 to 16
 # ViT-G/14 has 1.8 billion parameters; more than this is refused unless the user raises it.
 DEFAULT_MAX_PARAMETERS = 2_000_000_000

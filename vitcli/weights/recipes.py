@@ -111,6 +111,8 @@ def preprocess_from_hf(folder: Path, image_size: tuple[int, int]) -> tuple[Prepr
     where = str(path)
     try:
         return hf_recipe(spec, model_type, where), notes
+    except CheckpointError:
+        raise  # already names the file
     except VitError as error:  # InputError from Preprocess' own checks
         raise CheckpointError(f"{where}: unusable preprocessing ({error})") from None
     except (ValueError, TypeError, ArithmeticError, AttributeError, KeyError) as error:
@@ -237,6 +239,8 @@ def preprocess_from_timm(
     """timm's create_transform(is_training=False) for this pretrained_cfg."""
     try:
         return timm_recipe(pretrained, image_size, where), []
+    except CheckpointError:
+        raise  # already names the file
     except VitError as error:  # InputError from Preprocess' own checks
         raise CheckpointError(f"{where}: unusable timm preprocessing ({error})") from None
     except (ValueError, TypeError, ArithmeticError, IndexError, KeyError) as error:
@@ -264,8 +268,8 @@ def timm_recipe(pretrained: dict, image_size: tuple[int, int], where: str) -> Pr
     interpolation = value("interpolation", "bicubic")
     if interpolation not in TIMM_INTERPOLATIONS:
         raise CheckpointError(
-            f"{where}: interpolation {interpolation!r} is not reproduced "
-            f"(supported: {', '.join(TIMM_INTERPOLATIONS)})"
+            f"{where}: unknown interpolation {interpolation!r}: timm's are "
+            f"{', '.join(TIMM_INTERPOLATIONS)}"
         )
     if crop_mode not in ("center", "squash"):
         raise CheckpointError(

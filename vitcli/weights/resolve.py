@@ -1,8 +1,10 @@
-"""`--model REF` resolution: our file, an HF or timm folder, a Google .npz, a hub id, or the
-bundled default model (no reference, or one of BUNDLED_NAMES)."""
+"""`--model REF` resolution: our file, an HF or timm folder, a `vit train` run folder (its
+best model), a Google .npz, a hub id, or the bundled default model (no reference, or one of
+BUNDLED_NAMES)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -144,6 +146,12 @@ def _kind(path: Path) -> str:
 
 def _load_file(path: Path, reference: str) -> ModelBundle:
     suffix = path.suffix.lower()
+    if path.name == RUN_STATE and is_run_folder(path.parent):
+        run = path.parent
+        raise CheckpointError(
+            f"{path}: the training state of a `vit train` run (for --resume), not a model; "
+            f"pass the run folder {run} (its best model) or {run / RUN_LAST} (the last epoch)"
+        )
     if suffix == ".npz":
         from .npz import load_npz
 
@@ -177,6 +185,11 @@ def _load_file(path: Path, reference: str) -> ModelBundle:
 
 
 def _load_folder(path: Path, reference: str) -> ModelBundle:
+    run = run_folder_model(path)
+    if run is not None:
+        bundle = _load_file(run[0], reference)
+        bundle.extra["run_model"] = run[1]
+        return bundle
     config_path = path / "config.json"
     openclip = sorted(path.glob("open_clip_*model.safetensors")) or sorted(
         path.glob("open_clip_*.bin")
@@ -216,6 +229,74 @@ def _load_folder(path: Path, reference: str) -> ModelBundle:
         f"{config_path}: not a ViT config "
         "(neither transformers' model_type 'vit' nor timm's 'architecture')"
     )
+
+
+# -- `vit train --out` folders -------------------------------------------------------------------
+# The names services/train/rundir.py writes (weights/ sits below services/, so they are
+# repeated here; tests/test_run_folder_model.py holds the two lists equal).
+RUN_BEST = "best.safetensors"
+RUN_LAST = "last.safetensors"
+RUN_STATE = "state.pt"
+RUN_METRICS = "metrics.jsonl"
+_RUN_EPOCH = re.compile(r"epoch (\d+)$")
+_METRIC_WORDS = {"val_top1": "validation top-1", "train_loss": "train loss"}
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """A `vit train --out` folder: a model file of the run beside its state or metrics."""
+    path = Path(path)
+    has_model = (path / RUN_BEST).is_file() or (path / RUN_LAST).is_file()
+    return has_model and ((path / RUN_STATE).is_file() or (path / RUN_METRICS).is_file())
+
+
+def run_folder_model(path: str | Path) -> tuple[Path, str] | None:
+    """(the model file, a line saying which one and why) for a run folder, else None: the best
+    epoch's model, or the last epoch's where no best was written. Reads the file's header and
+    metrics.jsonl only."""
+    path = Path(path)
+    if not is_run_folder(path):
+        return None
+    chosen = path / RUN_BEST if (path / RUN_BEST).is_file() else path / RUN_LAST
+    epoch = _run_epoch(chosen)
+    row = _metrics_row(path / RUN_METRICS, epoch) if epoch is not None else None
+    facts = []
+    for key in ("val_top1", "train_loss"):  # what picked the best epoch (rundir.py)
+        value = row.get(key) if row else None
+        if isinstance(value, (int, float)):
+            best = "best " if chosen.name == RUN_BEST else ""
+            facts.append(f"{best}{_METRIC_WORDS[key]} {value:.3f}")
+            break
+    if epoch is not None:
+        facts.append(f"epoch {epoch}")
+    return chosen, f"using {chosen}" + (f" ({', '.join(facts)})" if facts else "")
+
+
+def _run_epoch(model_file: Path) -> int | None:
+    """The epoch a run's model file holds (its source metadata ends "epoch N")."""
+    try:
+        _, metadata = read_safetensors(model_file, meta=True)
+    except VitError:
+        return None
+    match = _RUN_EPOCH.search(metadata.get("source", ""))
+    return int(match.group(1)) if match else None
+
+
+def _metrics_row(metrics: Path, epoch: int) -> dict | None:
+    if not metrics.is_file():  # never open a FIFO named like the metrics
+        return None
+    try:
+        with open(metrics, encoding="utf-8") as handle:
+            lines = handle.read(10_000_000).splitlines()
+    except (OSError, ValueError):
+        return None
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("epoch") == epoch:
+            return row
+    return None
 
 
 def _load_int8_file(path: Path, reference: str, metadata: dict[str, str]) -> ModelBundle:

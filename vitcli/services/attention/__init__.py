@@ -3,17 +3,19 @@
 Modules, in the order a batch meets them:
 - options:  AttentionOptions, the one frozen object describing a run (validated)
 - runner:   run(options, on_progress) -> RunSummary: inputs, model, the loop, threads
-- batches:  decoding workers -> compute_batch per batch -> ImageAttention per image
-- methods:  the shared forward pass and the registry of named map methods (rollout, and the
-            class-specific gae, attribution, gradcam of services/explain, one map per target)
-- maps:     the maths (CLS maps, head fusion, rollout, mass masks), pure batched torch
+- batches:  decoding workers -> the explain core's maps per batch -> ImageAttention per image
+            (the methods, their registry and the maths live in vitcli/explain)
 - paint:    sampling grid maps onto pixels, blending overlays; colormaps: the tables
-- sheet:    the contact sheet's band layout and text; png: the fast PNG encoder
-- files:    output folder, maps.safetensors / .npy, meta.json, per-head PNGs
-- preview:  index.html's preview per image, and the --explore page from the batch's attention
+- sheet:    the contact sheet's band layout; heading: its header's words; png: the fast
+            PNG encoder
+- figure:   text that wraps instead of being cut, tile sizes by aspect, colour keys, the
+            captions of --per-head PNGs
+- files:    output folder, maps.safetensors / .npy, meta.json, per-head PNGs, explorer page
+- meta:     meta.json's notes on query rows and prefix masses
+- preview:  index.html's preview per image
 - index:    index.html, the run's contact sheet
 - names:    output folder names; file names made safe to show or store
-- localization: rollout scored against object masks (the pointing game)
+- localization: a map scored against an object mask (the pointing game; `vit score`)
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ _EXPORTS = {
     "parse_layers": "options",
     "ImageAttention": "batches",
     "attention_batches": "batches",
-    "METHODS": "methods",
-    "Forward": "methods",
-    "Method": "methods",
-    "class_specific": "methods",
-    "register": "methods",
+    "METHODS": "...explain.registry",
+    "Forward": "...explain.forward",
+    "Method": "...explain.forward",
+    "class_specific": "...explain.registry",
+    "register": "...explain.registry",
     "Progress": "runner",
     "RunSummary": "runner",
     "run": "runner",
@@ -41,9 +43,10 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
+    from ...explain.forward import Forward, Method
+    from ...explain.registry import METHODS, class_specific, register
     from . import colormaps
     from .batches import ImageAttention, attention_batches
-    from .methods import METHODS, Forward, Method, class_specific, register
     from .options import AttentionOptions, parse_layers
     from .runner import Progress, RunSummary, run
 
@@ -51,7 +54,8 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = importlib.import_module(f".{_EXPORTS[name] or name}", __name__)
+    where = _EXPORTS[name] or name
+    module = importlib.import_module(where if where.startswith(".") else f".{where}", __name__)
     value = module if not _EXPORTS[name] else getattr(module, name)
     globals()[name] = value
     return value

@@ -18,11 +18,14 @@ import numpy as np
 import torch
 
 from ...data.images import special_file_error
-from ...data.loader import image_batches, normalize
+from ...data.loader import image_batches
 from ...data.preprocess import Geometry
+from ...explain.batch import compute_batch as batch_maps
+from ...explain.forward import Request
+from ...explain.registry import METHODS, memory_factor
 from ...runtime import resolve_device, resolve_dtype
 from ...weights.format import ModelBundle
-from .methods import compute_batch, memory_factor
+from ..finite import finite_rows, is_finite, not_finite_message
 from .options import AttentionOptions, default_batch_size, parse_layers
 
 QUERY_CLS = "cls"
@@ -59,6 +62,9 @@ class ImageAttention:
     # "prefix_mass", "masks"} as above.
     queries: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     rollout_prefix_mass: np.ndarray | None = None  # (P,) the rollout row's prefix share
+    # Targets naming a class an earlier target names for this image (top1 and class3 when
+    # top-1 is class 3): dropped target -> the target whose maps stand for both.
+    merged_targets: dict[str, str] = field(default_factory=dict)
 
     @property
     def rollout(self) -> np.ndarray | None:
@@ -71,6 +77,29 @@ class ImageAttention:
         """(index, label, p) of the class a map explains; None for a class-agnostic map."""
         target = self.map_info.get(key, (key, None))[1]
         return None if target is None else self.targets[target]
+
+
+def merge_duplicate_targets(result: ImageAttention) -> ImageAttention:
+    """One map per class: a target that names, for this image, the class of an earlier target
+    is dropped with its maps and recorded in `merged_targets` (the sheet then says
+    "top1 = class3 = star" over one map instead of drawing it twice)."""
+    first: dict[int, str] = {}  # class index -> first target naming it
+    merged: dict[str, str] = {}
+    for name, (index, _, _) in result.targets.items():
+        if index in first:
+            merged[name] = first[index]
+        else:
+            first[index] = name
+    if not merged:
+        return result
+    kept = [key for key, (_, target) in result.map_info.items() if target not in merged]
+    return replace(
+        result,
+        methods={key: grid_map for key, grid_map in result.methods.items() if key in kept},
+        map_info={key: result.map_info[key] for key in kept},
+        targets={name: value for name, value in result.targets.items() if name not in merged},
+        merged_targets=merged,
+    )
 
 
 def family_fields(maps: dict, row: int) -> dict:
@@ -99,6 +128,30 @@ def _as_float32(value: Any) -> Any:
     if type(value) in (list, tuple):
         return type(value)(_as_float32(item) for item in value)
     return value
+
+
+def request_of(options: AttentionOptions, depth: int) -> Request:
+    """What the explain core computes per batch for these options (layers resolved)."""
+    layers = parse_layers(options.layers, depth) if options.heads else ()
+    return Request(
+        methods=tuple(METHODS[name] for name in options.methods),
+        head_layers=tuple(layers),
+        head_fusion=options.head_fusion.value,
+        discard_ratio=options.discard_ratio,
+        explore=options.explore,
+    )
+
+
+def compute_batch(model, pixels, options: AttentionOptions, labels) -> dict:
+    """`explain.batch.compute_batch` for one batch of a `vit attention` run."""
+    return batch_maps(
+        model,
+        pixels,
+        request_of(options, model.config.depth),
+        labels,
+        targets=options.targets,
+        threshold=options.threshold,
+    )
 
 
 def resolve_batch_size(options: AttentionOptions, config) -> int:
@@ -140,43 +193,63 @@ def attention_batches(
         pin_memory=target.type == "cuda",
         errors=known,
         display_long_side=display_long_side,
+        device=target,
     )
     for batch in loader:
         results: list[ImageAttention] = []
+        failures = list(batch.failures)
         if batch.indices:
-            # bfloat16: autocast (the maps' softmax and sums stay float32 where autocast keeps
-            # them so), every map handed on as float32.
+            assert batch.inputs is not None  # normalised once, by the loader, on the device
+            # bfloat16: autocast, every map handed on as float32 (numpy has no bfloat16).
             with torch.autocast(target.type, dtype=dtype, enabled=dtype != torch.float32):
-                maps = compute_batch(
-                    model,
-                    normalize(batch.pixels, bundle.preprocess, target),
-                    options,
-                    bundle.labels,
-                )
+                maps = compute_batch(model, batch.inputs, options, bundle.labels)
             maps = _as_float32(maps)
+            finite = _finite_rows(maps, len(batch.indices))
             for row, (index, geometry) in enumerate(zip(batch.indices, batch.geometries)):
+                if not finite[row]:  # NaN weights: an error record, never a NaN in meta.json
+                    message = not_finite_message("the attention or model output", bundle.reference)
+                    failures.append((index, f"{paths[index]}: {message}"))
+                    continue
                 results.append(
-                    ImageAttention(
-                        index=index,
-                        path=paths[index],
-                        geometry=geometry,
-                        grid_size=maps["grid_size"],
-                        layers=layers if options.heads else [],
-                        heads=maps["heads"][row].numpy() if "heads" in maps else None,
-                        head_mean=maps["head_mean"][row].numpy() if "heads" in maps else None,
-                        methods={name: m[row].numpy() for name, m in maps["methods"].items()},
-                        map_info=dict(maps["map_info"]),
-                        targets={key: per[row] for key, per in maps["targets"].items()},
-                        attentions=(
-                            {i: a[row].numpy() for i, a in maps["attentions"].items()}
-                            if "attentions" in maps
-                            else None
-                        ),
-                        masks=maps["masks"][row].numpy() if "masks" in maps else None,
-                        top=maps["top"][row],
-                        query=maps.get("query", query),
-                        **family_fields(maps, row),
-                        display=batch.displays[row] if batch.displays is not None else None,
+                    merge_duplicate_targets(
+                        ImageAttention(
+                            index=index,
+                            path=paths[index],
+                            geometry=geometry,
+                            grid_size=maps["grid_size"],
+                            layers=layers if options.heads else [],
+                            heads=maps["heads"][row].numpy() if "heads" in maps else None,
+                            head_mean=maps["head_mean"][row].numpy() if "heads" in maps else None,
+                            methods={name: m[row].numpy() for name, m in maps["methods"].items()},
+                            map_info=dict(maps["map_info"]),
+                            targets={key: per[row] for key, per in maps["targets"].items()},
+                            attentions=(
+                                {i: a[row].numpy() for i, a in maps["attentions"].items()}
+                                if "attentions" in maps
+                                else None
+                            ),
+                            masks=maps["masks"][row].numpy() if "masks" in maps else None,
+                            top=maps["top"][row],
+                            query=maps.get("query", query),
+                            **family_fields(maps, row),
+                            display=batch.displays[row] if batch.displays is not None else None,
+                        )
                     )
                 )
-        yield results, list(batch.failures)
+        yield results, sorted(failures)
+
+
+def _finite_rows(maps: dict, count: int) -> list[bool]:
+    """Per image of a `compute_batch` result: whether every map, head, attention matrix and
+    class probability it carries is finite."""
+    finite = [True] * count
+    tensors = [*maps["methods"].values()]
+    tensors += [maps[key] for key in ("heads", "head_mean") if key in maps]
+    tensors += list(maps.get("attentions", {}).values())
+    for tensor in tensors:
+        finite = [a and b for a, b in zip(finite, finite_rows(tensor))]
+    for row in range(count):
+        scores = [p for _, _, p in maps["top"][row]]
+        scores += [per[row][2] for per in maps["targets"].values()]
+        finite[row] = finite[row] and is_finite(np.asarray(scores, dtype=np.float64))
+    return finite

@@ -17,20 +17,22 @@ from PIL import Image
 from ..._version import __version__
 from ...data.images import display_size, open_image
 from ...errors import ImageDecodeError, InputError, VitError
-from ...fileio import atomic_write_bytes
+from ...explain.maps import token_order
+from ...fileio import OUTPUT_MARKER, atomic_write_bytes, mark_output_folder
 from ...weights.format import ModelBundle
 from .batches import ImageAttention
-from .maps import token_order
+from .figure import captioned, display_long_side, key_labels, key_pixels, tile_size
+from .heading import model_phrase
+from .meta import QUERY_ARRAYS, QUERY_NOTES, prefix_mass_meta
 from .names import json_text, readable
-from .options import AttentionOptions, MapsFormat
+from .options import AttentionOptions, MapsFormat, Scale, Style
 from .paint import peak_ratio, range_note
 from .png import png_bytes
-from .preview import EXPLORER, PREVIEW, preview, preview_map, write_explorer_page
-from .queries import QUERY_ARRAYS, QUERY_NOTES, prefix_mass_meta
-from .sheet import all_tiles, model_phrase, render_sheet
+from .preview import PREVIEW, preview, preview_map
+from .sheet import all_tiles, render_sheet
 
 TOKEN_ORDER = "[CLS, patch_0, ..., patch_{N-1}]; patch k covers grid row k // Wp, column k % Wp"
-MARKER = ".vitcli-attention"  # in every output folder: scans for inputs skip such folders
+MARKER = OUTPUT_MARKER  # in every output folder: scans for inputs skip such folders
 
 
 class RenderError(VitError):
@@ -98,14 +100,8 @@ def prepare_out_dir(out_dir: Path) -> Path:
     try:
         fresh = not out_dir.exists() or next(os.scandir(out_dir), None) is None
         out_dir.mkdir(parents=True, exist_ok=True)
-        marker = out_dir / MARKER
         if fresh:
-            atomic_write_bytes(
-                marker,
-                b"Written by vit attention. Folders holding this file are skipped when vitcli "
-                b"scans a folder for input images.\n",
-                durable=False,
-            )
+            mark_output_folder(out_dir)
     except OSError as error:
         raise InputError(
             f"--out {readable(str(out_dir))}: cannot write there ({error.strerror or error}); "
@@ -184,20 +180,19 @@ def _load_original(path: str, long_side: int, exif: bool = True) -> Image.Image:
 
 
 def _display_fits(result: ImageAttention, tile: int) -> bool:
-    """Whether the decoder's display image is what a fresh decode would give the sheet: scaled
-    to the tile exactly, or the whole original when that is no larger. (A model whose JPEG
-    draft decode came out smaller than the tile sends less; then the file is read again.)"""
+    """Whether the decoder's display image can make the sheet: at least the tiles' size, or
+    the whole original. (A model whose JPEG draft decode came out smaller than the tiles
+    sends less; then the file is read again.)"""
     if result.display is None:
         return False
     size = (result.display.shape[1], result.display.shape[0])
-    return size == display_size(result.geometry.original_size, tile) or size == tuple(
-        result.geometry.original_size
-    )
+    width, height = tile_size(result.geometry.original_size, tile)
+    return (size[0] >= width and size[1] >= height) or size == tuple(result.geometry.original_size)
 
 
 def methods_meta(result: ImageAttention, depth: int) -> list[dict]:
     """meta.json's "methods": per map its array name, method, target and layers."""
-    from .methods import METHODS
+    from ...explain.registry import METHODS
 
     entries = []
     if result.heads is not None:
@@ -262,7 +257,7 @@ def write_image_outputs(result: ImageAttention, folder: Path, context: RunContex
     try:
         original_long = max(result.geometry.original_size)
         individual_long = min(max(original_long, options.tile), options.individual_size)
-        needed = max(options.tile, individual_long if options.per_head else 0)
+        needed = max(display_long_side(options.tile), individual_long if options.per_head else 0)
         if (
             result.display is not None
             and _display_fits(result, options.tile)
@@ -273,6 +268,9 @@ def write_image_outputs(result: ImageAttention, folder: Path, context: RunContex
         else:
             image = _load_original(result.path, needed, exif=result.geometry.exif)
         folder.mkdir(parents=True, exist_ok=True)
+        # Each image's folder is marked too: with --out inside (or equal to) an input folder,
+        # which cannot be marked itself, a later scan still skips the sheets.
+        mark_output_folder(folder)
         files: dict = {"sheet": "sheet.png"}
         write_atomic(
             folder / "sheet.png",
@@ -281,8 +279,13 @@ def write_image_outputs(result: ImageAttention, folder: Path, context: RunContex
         if options.per_head:
             size = display_size(result.geometry.original_size, individual_long)
             individual = []
+            key = key_pixels(
+                options.style.value, options.colormap.value, options.overlay_alpha, 160, 10
+            )
+            labels = key_labels(options.scale == Scale.per_map, one=True)
             for tile in all_tiles(result, image, options, size):
-                write_atomic(folder / f"{tile.stem}.png", png_bytes(tile.pixels))
+                pixels = captioned(tile.pixels, tile.title, tile.note, key, labels)
+                write_atomic(folder / f"{tile.stem}.png", png_bytes(pixels))
                 individual.append(f"{tile.stem}.png")
             files["per_head"] = individual
         if options.html:
@@ -341,12 +344,16 @@ def write_image_outputs(result: ImageAttention, folder: Path, context: RunContex
             "queries": [result.head_query, *result.queries],
             "prefix_mass": prefix_mass_meta(result),
             "methods": methods_meta(result, context.depth),
+            # A target naming the class of an earlier one (top1 and class3 when top-1 is
+            # class 3) has no maps of its own: target -> the target whose maps it shares.
+            "merged_targets": dict(result.merged_targets),
             "maps": {name: list(array.shape) for name, array in arrays.items()},
             "files": files,
         }
         # Non-UTF-8 names stay lossless: their bytes become \udcXX escapes (names.json_text).
         write_atomic(
-            folder / "meta.json", json_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+            folder / "meta.json",
+            json_text(json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n"),
         )
     except ImageDecodeError as error:
         raise RenderError(str(error)) from None
@@ -363,4 +370,37 @@ def write_image_outputs(result: ImageAttention, folder: Path, context: RunContex
         preview=files.get("preview"),
         note=range_note(preview_map(result)[1]) if "preview" in files else None,
         explorer=files.get("explorer"),
+    )
+
+
+EXPLORER = "explorer.html"
+EXPLORER_LONG_SIDE = 640  # pixels of the original the explorer page shows, at most
+
+
+def write_explorer_page(result: ImageAttention, path: Path, context: RunContext) -> None:
+    """explorer.html from the batch's attention of every layer (no second forward pass)."""
+    from ..explorer import write_explorer
+
+    assert result.attentions is not None
+    image, _ = open_image(
+        result.path,
+        draft_for=lambda w, h: display_size((w, h), min(EXPLORER_LONG_SIDE, max(w, h))),
+        exif=result.geometry.exif,
+    )
+    model = context.model.get("reference") or context.model.get("name") or "model"
+    options = context.options
+    write_explorer(
+        path,
+        np.asarray(image.convert("RGB")),
+        result.geometry,
+        result.attentions,
+        grid_size=result.grid_size,
+        layers=sorted(result.attentions),
+        num_prefix_tokens=context.num_prefix_tokens,
+        patch_size=context.patch_size,
+        title=readable(Path(result.path).name),
+        subtitle=f"{model} · patch {context.patch_size} · grid "
+        f"{result.grid_size[0]}x{result.grid_size[1]}",
+        predictions=[(label, score) for _, label, score in result.top],
+        colormap=options.colormap.value if options.style == Style.heatmap else "viridis",
     )

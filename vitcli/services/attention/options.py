@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
 from ...errors import InputError, OptionError
-from ...runtime import DTYPE_CHOICES, default_workers, render_threads
+from ...runtime import BatchOptions, render_threads
 
 TILE_RANGE = (32, 1024)  # a sheet tile's long side, pixels; larger ones only make huge sheets
 MAX_BLUR = 10_000.0  # pixels of the original; far blurrier than any useful overlay
-MAX_BATCH_SIZE = 4096
+MASK_ALPHA = 0.7  # --style mask: unattended parts keep 1 - 0.7 = 30% of their brightness
 
 
 class Choice(str, Enum):
@@ -39,7 +39,7 @@ class HeadFusion(Choice):
 
 class Style(Choice):
     heatmap = "heatmap"  # colormap blended with alpha
-    mask = "mask"  # the image dimmed where attention is low (the paper's Fig. 6)
+    mask = "mask"  # the image dimmed where attention is low (the paper's Fig. 6), to 30% at 0
 
 
 class Colormap(Choice):  # the names of colormaps.COLORMAPS (a test keeps them equal)
@@ -59,8 +59,8 @@ class Interpolation(Choice):
 
 
 class Scale(Choice):
-    per_map = "per-map"
-    shared = "shared"  # one range for all head and head-mean maps of an image
+    per_map = "per-map"  # each map from 0 to its own peak: every target's and head's map shows
+    shared = "shared"  # one range for all head and head-mean maps of an image, one per method
 
 
 class MapsFormat(Choice):
@@ -87,12 +87,12 @@ def _number(value: object, option: str) -> float:
 
 
 @dataclass(frozen=True)
-class AttentionOptions:
-    """One `vit attention` run. Strings are accepted for the Enum fields and converted."""
+class AttentionOptions(BatchOptions):
+    """One `vit attention` run, beside the shared BatchOptions. Strings are accepted for the
+    Enum fields and converted."""
 
     inputs: tuple[str, ...] = ()  # files, folders, quoted globs, '-' for paths on stdin
     out: Path = Path("attention")
-    model: str | None = None  # None: the bundled model (as `load_model`)
     # Maps
     layers: tuple[int | str, ...] = (-1,)  # per-head maps: indices (negative from the end), "all"
     heads: bool = True  # "raw": the per-head maps (and head mean) of `layers`
@@ -109,9 +109,11 @@ class AttentionOptions:
     per_head: bool = False  # one PNG per overlay besides the sheet
     style: Style = Style.heatmap
     colormap: Colormap = Colormap.viridis
-    alpha: float | None = None  # resolved at construction: 0.5 for heatmap, 1.0 for mask
+    # Resolved at construction: 0.5 for heatmap; 0.7 for mask, which keeps the least attended
+    # parts at 30% brightness (1.0 is the paper's black).
+    alpha: float | None = None
     interpolation: Interpolation = Interpolation.bilinear
-    scale: Scale = Scale.shared  # per image: one range for the heads, one per method
+    scale: Scale = Scale.per_map  # shared: one range per image for the heads, one per method
     blur: float = 0.0  # Gaussian sigma in original pixels (the paper blurs with ~P)
     tile: int = 224  # long side of a sheet tile, pixels
     individual_size: int = 1024  # cap on the long side of --per-head PNGs
@@ -120,16 +122,14 @@ class AttentionOptions:
     explore: bool = False  # an explorer page (explorer.py) per image, next to its sheet
     maps_format: MapsFormat = MapsFormat.safetensors
     # Runtime
-    batch_size: int | Literal["auto"] = "auto"  # auto: 32, fewer for large models
-    workers: int = field(default_factory=default_workers)  # decoding processes
-    device: str = "auto"  # as runtime.resolve_device
-    # float32, or bfloat16 autocast; auto as runtime.resolve_dtype (float32 on CPU and MPS)
-    dtype: str = "auto"
+    batch_size: int | Literal["auto"] = field(default="auto", kw_only=True)  # auto: 32 or fewer
     int8: bool = False  # int8 Linear layers on the CPU (services/int8.py); no gradients
     fast_decode: bool = False  # opt-in JPEG draft decoding (not the home's pixels)
     render_threads: int = field(default_factory=render_threads)  # 0: draw inline
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+
         def put(name: str, value: object) -> None:
             object.__setattr__(self, name, value)
 
@@ -143,7 +143,7 @@ class AttentionOptions:
         put("heads", bool(self.heads))
         if not self.heads and not self.methods:
             raise InputError("no maps asked for: give at least one --method (e.g. rollout)")
-        from .methods import check_method  # torch; imported here to keep this module light
+        from ...explain.registry import check_method  # torch: imported when an object is made
 
         for name in self.methods:
             check_method(name)
@@ -153,8 +153,6 @@ class AttentionOptions:
             from ..int8 import check_int8_options
 
             check_int8_options(self.device, self.dtype)
-        if self.dtype not in DTYPE_CHOICES:
-            raise InputError(f"--dtype {self.dtype}: use one of {', '.join(DTYPE_CHOICES)}")
         put("targets", tuple(dict.fromkeys(str(spec).strip() for spec in self.targets)))
         if not self.targets or "" in self.targets:
             raise InputError("--target needs a value: top1, top2, ..., a label or a class index")
@@ -179,7 +177,7 @@ class AttentionOptions:
                 raise OptionError(f"--threshold must be in (0, 1], got {self.threshold}")
             put("threshold", threshold)
         if self.alpha is None:
-            put("alpha", 0.5 if self.style == Style.heatmap else 1.0)
+            put("alpha", 0.5 if self.style == Style.heatmap else MASK_ALPHA)
         else:
             alpha = _number(self.alpha, "--alpha")
             if not 0.0 <= alpha <= 1.0:
@@ -196,12 +194,6 @@ class AttentionOptions:
             raise OptionError(f"--tile must be {low} to {high} pixels, got {self.tile}")
         if not low <= _integer(self.individual_size, "individual_size") <= high:
             raise InputError(f"individual_size must be {low} to {high}, got {self.individual_size}")
-        if self.batch_size != "auto" and not (
-            1 <= _integer(self.batch_size, "--batch-size") <= MAX_BATCH_SIZE
-        ):
-            raise OptionError(f"--batch-size must be 1 to {MAX_BATCH_SIZE}, got {self.batch_size}")
-        if _integer(self.workers, "--workers") < 0:
-            raise OptionError(f"--workers must be 0 or more, got {self.workers}")
         if _integer(self.render_threads, "render_threads") < 0:
             raise InputError(f"render_threads must be 0 or more, got {self.render_threads}")
 
@@ -236,13 +228,10 @@ class AttentionOptions:
         }
 
 
-FIELDS = tuple(f.name for f in fields(AttentionOptions))
-
-
 def refuse_gradients(methods: Sequence[str], why: str) -> None:
     """Class-specific methods take gradients, which int8 layers do not have. `why`: what
     made the model int8 (the flag, or the file)."""
-    from .methods import METHODS
+    from ...explain.registry import METHODS
 
     needing = [name for name in methods if METHODS[name].class_specific]
     if needing:

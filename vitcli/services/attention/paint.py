@@ -133,10 +133,12 @@ class Sampler:
         return values
 
 
-def value_range(maps: list[np.ndarray], style: str) -> tuple[float, float]:
-    """Heatmaps stretch min..max; masks use 0..max (the paper normalises by the max)."""
+def value_range(maps: list[np.ndarray]) -> tuple[float, float]:
+    """0..max over `maps` (below 0 only for a map with negative values). From 0, not from the
+    smallest value: a near-flat map then reads as the even wash it is instead of its small
+    differences being stretched over the whole colormap (the paper normalises by the max)."""
     high = max(float(m.max()) for m in maps)
-    low = 0.0 if style == "mask" else min(float(m.min()) for m in maps)
+    low = min(0.0, *(float(m.min()) for m in maps))
     return low, high
 
 
@@ -249,20 +251,18 @@ def range_note(grid_map: np.ndarray) -> str:
     return f"peak {ratio:.1f}x uniform" + (" (flat)" if ratio < 1.5 else "")
 
 
-def shared_ranges(result: ImageAttention, style: str) -> dict[str, tuple[float, float]]:
+def shared_ranges(result: ImageAttention) -> dict[str, tuple[float, float]]:
     """--scale shared: one range per quantity of an image, band by band: all per-head and
-    head-mean maps share one, and each method's maps (its targets) share one. The range starts
-    at 0, not at the smallest value: a near-flat set of maps then reads as an even wash
-    instead of its small differences being stretched over the whole colormap."""
+    head-mean maps share one, and each method's maps (its targets) share one."""
     ranges: dict[str, tuple[float, float]] = {}
     if result.heads is not None and result.head_mean is not None:
         heads = list(result.heads.reshape(-1, *result.grid_size)) + list(result.head_mean)
-        ranges["raw"] = value_range(heads, "mask")  # 0..max
+        ranges["raw"] = value_range(heads)
     by_method: dict[str, list[np.ndarray]] = {}
     for key, grid_map in result.methods.items():
         by_method.setdefault(result.method_of(key), []).append(grid_map)
     for method, maps in by_method.items():
-        ranges[method] = value_range(maps, "mask")
+        ranges[method] = value_range(maps)
     return ranges
 
 
@@ -280,14 +280,14 @@ def overlay_tiles(
     contour = None
     if result.masks is not None:
         contour = Sampler.build(result.geometry, size, result.grid_size, "nearest")
-    shared = shared_ranges(result, options.style.value) if options.scale == Scale.shared else {}
+    shared = shared_ranges(result) if options.scale == Scale.shared else {}
 
     painter = Painter(base, sampler.inside, options)
 
     def draw(
         grid_map: np.ndarray, scale: tuple[float, float] | None, mask: np.ndarray | None = None
     ) -> np.ndarray:
-        low, high = scale or value_range([grid_map], options.style.value)
+        low, high = scale or value_range([grid_map])
         pixels = painter.paint(normalise(sampler(grid_map), low, high))
         if mask is not None and contour is not None:
             outline(pixels, (contour(mask.astype(np.float32)) > 0.5) & contour.inside)

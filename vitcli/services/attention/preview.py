@@ -1,33 +1,27 @@
-"""The small pictures around a sheet: the preview index.html shows per image, and the
-explorer page (`--explore`) built from the attention the batch already computed."""
+"""The preview index.html shows per image: one map over the original, at tile size."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from ...data.images import display_size, open_image
-from .names import readable
-from .options import AttentionOptions, Style
+from ...data.images import display_size
+from .options import AttentionOptions
 from .paint import Painter, Sampler, normalise, value_range
 
 if TYPE_CHECKING:
     from .batches import ImageAttention
-    from .files import RunContext
 
 PREVIEW = "preview.png"
-EXPLORER = "explorer.html"
-EXPLORER_LONG_SIDE = 640  # pixels of the original the explorer page shows, at most
 
 
 def preview_name(options: AttentionOptions) -> str:
     """What the previews of a run show, for index.html's legend."""
     if options.methods:
         name = options.methods[0]
-        from .methods import METHODS
+        from ...explain.registry import METHODS
 
         if METHODS[name].class_specific:
             return f"{name} for target {options.targets[0]}"
@@ -55,35 +49,6 @@ def preview(result: ImageAttention, image: Image.Image, options: AttentionOption
         result.geometry, size, result.grid_size, options.interpolation.value, options.blur
     )
     _, grid_map = preview_map(result)
-    low, high = value_range([grid_map], options.style.value)
+    low, high = value_range([grid_map])
     painter = Painter(np.asarray(base), sampler.inside, options)
     return painter.paint(normalise(sampler(grid_map), low, high))
-
-
-def write_explorer_page(result: ImageAttention, path: Path, context: RunContext) -> None:
-    """explorer.html from the batch's attention of every layer (no second forward pass)."""
-    from ..explorer import write_explorer
-
-    assert result.attentions is not None
-    image, _ = open_image(
-        result.path,
-        draft_for=lambda w, h: display_size((w, h), min(EXPLORER_LONG_SIDE, max(w, h))),
-        exif=result.geometry.exif,
-    )
-    model = context.model.get("reference") or context.model.get("name") or "model"
-    options = context.options
-    write_explorer(
-        path,
-        np.asarray(image.convert("RGB")),
-        result.geometry,
-        result.attentions,
-        grid_size=result.grid_size,
-        layers=sorted(result.attentions),
-        num_prefix_tokens=context.num_prefix_tokens,
-        patch_size=context.patch_size,
-        title=readable(Path(result.path).name),
-        subtitle=f"{model} · patch {context.patch_size} · grid "
-        f"{result.grid_size[0]}x{result.grid_size[1]}",
-        predictions=[(label, score) for _, label, score in result.top],
-        colormap=options.colormap.value if options.style == Style.heatmap else "viridis",
-    )

@@ -16,14 +16,22 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ...data.inputs import InputItem, collect_inputs, is_within, refuse_output_among_inputs
+from ...data.inputs import (
+    InputItem,
+    collect_inputs,
+    is_within,
+    no_images_error,
+    refuse_output_among_inputs,
+)
 from ...errors import InputError
+from ...explain.registry import METHODS, parse_targets
+from ...fileio import is_output_folder
 from ...runtime import resolve_device, resolve_dtype
 from ...weights.format import ModelBundle
 from ..int8 import is_int8, prepare_int8
 from .batches import ImageAttention, attention_batches
+from .figure import display_long_side
 from .files import (
-    MARKER,
     IndexEntry,
     RenderError,
     RunContext,
@@ -31,7 +39,6 @@ from .files import (
     write_image_outputs,
 )
 from .index import write_index_html
-from .methods import METHODS, parse_targets
 from .names import output_names, readable
 from .options import AttentionOptions, parse_layers, refuse_gradients
 from .preview import preview_name
@@ -92,7 +99,7 @@ def _output_folder_test(root: str, out_dir: Path) -> Callable[[str], bool]:
             verdicts[folder] = is_within(folder, out_dir) or (
                 folder != root
                 and parent != folder
-                and (os.path.exists(os.path.join(folder, MARKER)) or is_output(parent))
+                and (is_output_folder(folder) or is_output(parent))
             )
         return verdicts[folder]
 
@@ -111,7 +118,7 @@ def collect(arguments: tuple[str, ...], out_dir: Path) -> tuple[list[InputItem],
     items: list[InputItem] = []
     skipped = 0
     for argument in arguments:
-        found = collect_inputs([argument])
+        found = collect_inputs([argument], skip_outputs=False, allow_empty=True)
         if not _is_scan(argument):
             items.extend(found)
             continue
@@ -128,6 +135,9 @@ def collect(arguments: tuple[str, ...], out_dir: Path) -> tuple[list[InputItem],
                 skipped += 1
             else:
                 items.append(item)
+    if not items:
+        why = f" ({skipped} images left out as outputs of `vit attention`)" if skipped else ""
+        raise no_images_error(arguments, why)
     return items, skipped
 
 
@@ -215,7 +225,7 @@ def run(
             options,
             errors=[item.error for item in items],
             # --per-head needs originals larger than a tile and reads the file again anyway.
-            display_long_side=None if options.per_head else options.tile,
+            display_long_side=None if options.per_head else display_long_side(options.tile),
         )
         if items
         else iter(())

@@ -3,61 +3,45 @@ target for a class-specific method) and per chosen layer the head mean and every
 out in bands that keep rows full where the tile counts allow (`layout`). Every tile says its
 map's real range under its title (`paint.range_note`).
 
-Text is drawn with Pillow's bundled FreeType font; what every sheet of a run shares (titles,
-option lines, colour bar) is drawn once into a cached template.
+Tiles keep the image's shape (`figure.tile_size`), titles wrap instead of being cut, and the
+header's words come from `heading`. What every sheet of a run shares (tile titles, option
+lines, colour key) is drawn once into a cached template.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import replace
-from functools import cache, lru_cache
+from functools import lru_cache
 from itertools import groupby
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-from ...data.images import display_size
-from . import colormaps
-from .names import readable
-from .options import AttentionOptions, Scale, Style
+from .figure import (
+    MUTED,
+    TEXT_LOCK,
+    WARN,
+    fit,
+    font,
+    key_labels,
+    key_pixels,
+    middle_ellipsis,
+    sheet_original,
+    tile_size,
+    wrap_parts,
+    wrapped,
+)
+from .heading import header_parts, header_texts
+from .meta import mass_note
+from .options import AttentionOptions, Scale
 from .paint import Tile, overlay_tiles
-from .queries import mass_note
 
 if TYPE_CHECKING:
     from .batches import ImageAttention
 
 MAX_COLUMNS = 7  # tiles per sheet row
-
-
-@cache
-def font(size: int):
-    try:
-        return ImageFont.load_default(size=size)  # FreeType font, Pillow >= 10.1
-    except (TypeError, AttributeError, OSError):
-        return ImageFont.load_default()
-
-
-def _wrap(parts: list[str], face, width: float, separator: str = "  ·  ") -> list[str]:
-    """Join `parts` with `separator` into as few lines as fit `width` (a part never splits)."""
-    lines: list[str] = []
-    for part in parts:
-        if lines and face.getlength(lines[-1] + separator + part) <= width:
-            lines[-1] += separator + part
-        else:
-            lines.append(_fit(part, face, width))
-    return lines
-
-
-def _fit(text: str, face, width: float) -> str:
-    if face.getlength(text) <= width:
-        return text
-    while text and face.getlength(text + "…") > width:
-        text = text[:-1]
-    return text + "…"
 
 
 def layout(
@@ -185,9 +169,8 @@ def render_sheet(
     """`model`: a phrase naming the model, first of the option lines. The header, then the
     original, each method's maps (a class-specific method: one per
     target) and per chosen layer its head mean and heads, in bands laid out by `layout`."""
-    size = display_size(result.geometry.original_size, options.tile)
-    if image.size != size:  # once, for the original and the overlays
-        image = image.resize(size, Image.Resampling.BILINEAR)
+    size = tile_size(result.geometry.original_size, options.tile)
+    image = sheet_original(image, result.geometry.original_size, options.tile)
     tiles = all_tiles(result, image, options, size)
     original = np.array(image)
     box_left, box_top, box_right, box_bottom = result.geometry.box
@@ -196,41 +179,55 @@ def render_sheet(
     note = "the model's input outlined" if not full else "what the model saw"
     cells = [("original", note, original), *((t.title, t.note, t.pixels) for t in tiles)]
     bands = [1] + [len(list(group)) for _, group in groupby(tiles, key=lambda t: t.band)]
-    columns, places = layout(bands)
+    cell_w = max(size[0], MIN_CELL_W)
+    columns, places = layout(bands, max_columns(cell_w, options.tile))
     rows = places[-1][0] + 1
-    heatmap = options.style == Style.heatmap
-    two_lines = any("\n" in note for _, note, _ in cells)
-    title_h = _TITLE_H + (_NOTE_H if two_lines else 0)
-    with _TEXT_LOCK:  # one FreeType face is shared by the rendering threads
+    note_lines = max(len(note.split("\n")) for _, note, _ in cells)
+    with TEXT_LOCK:
+        titles = tuple(
+            (place, wrapped(title, 14, cell_w - 4)) for place, (title, _, _) in zip(places, cells)
+        )
+        title_rows = max(len(lines) for _, lines in titles)
+        sheet_w = sheet_width(columns, cell_w)
+        text_w = sheet_w - 2 * _PAD - _KEY_W - _PAD
+        heading, subheading = header_texts(result)
+        heading_lines = wrap_parts(heading, font(20), text_w, separator="   ·   ")
+        name, *rest = subheading
+        subheading_lines = wrap_parts(
+            [middle_ellipsis(name, font(13), text_w), *rest], font(13), text_w
+        )
         template, geometry = _sheet_template(
             size,
             columns,
             rows,
-            tuple((place, title) for place, (title, _, _) in zip(places, cells)),
+            titles,
             ((model,) if model else ()) + header_parts(result, options),
-            options.colormap.value if heatmap else "",
-            title_h,
+            _key(options),
+            (len(heading_lines), len(subheading_lines)),
+            title_rows,
+            note_lines,
         )
         sheet = template.copy()
         draw = ImageDraw.Draw(sheet)
-        text_w, pad = geometry["text_w"], _PAD
-        title, subtitle = title_lines(result)
-        draw.text((pad, 8), _fit(title, font(20), text_w), fill=(20, 20, 20), font=font(20))
-        draw.text((pad, 38), _fit(subtitle, font(13), text_w), fill=(70, 70, 70), font=font(13))
+        for number, line in enumerate(heading_lines):
+            draw.text((_PAD, 8 + 26 * number), line, fill=(20, 20, 20), font=font(20))
+        for number, line in enumerate(subheading_lines):
+            y = geometry["subheading_y"] + 18 * number
+            draw.text((_PAD, y), line, fill=(70, 70, 70), font=font(13))
         for (row, column), (_, tile_note, _) in zip(places, cells):
             x, y = geometry["cell"](row, column)
             for number, line in enumerate(tile_note.split("\n")):
                 flat = line.endswith("(flat)")
                 draw.text(
-                    (x + geometry["cell_w"] / 2, y + 20 + number * _NOTE_H),
-                    _fit(line, font(12), geometry["cell_w"]),
-                    fill=(200, 60, 30) if flat else (110, 110, 110),
+                    (x + cell_w / 2, y + geometry["note_y"] + number * _NOTE_H),
+                    fit(line, font(12), cell_w),
+                    fill=WARN if flat else MUTED,
                     font=font(12),
                     anchor="ma",
                 )
     for (row, column), (tile_title, _, pixels) in zip(places, cells):
         x, y = geometry["cell"](row, column)
-        tile_x, tile_y = x + (geometry["cell_w"] - size[0]) // 2, y + title_h
+        tile_x, tile_y = x + (cell_w - size[0]) // 2, y + geometry["title_h"]
         sheet.paste(Image.fromarray(pixels), (tile_x, tile_y))
         if tile_title == "original" and not full:
             scale_x, scale_y = size[0] / original_w, size[1] / original_h
@@ -247,97 +244,46 @@ def render_sheet(
     return sheet
 
 
-def title_lines(result: ImageAttention) -> tuple[str, str]:
-    """The sheet's two title lines: the predicted label by name and its score (and every
-    target a class-specific map explains), then the file and which maps are the same for
-    every class."""
-    _, label, score = result.top[0]
-    title = f"{readable(label)}  {score:.1%}"
-    if result.targets:
-        explained = ",  ".join(
-            f"{key} = {readable(name)} {p:.1%}" for key, (_, name, p) in result.targets.items()
-        )
-        title += f"   ·   explained: {explained}"
-    agnostic = [key for key, (_, target) in result.map_info.items() if target is None]
-    agnostic += ["attention (raw)"] if result.heads is not None else []
-    parts = [readable(Path(result.path).name), "predicted label (top-1)"]
-    if agnostic:
-        parts.append(
-            " and ".join(agnostic)
-            + ": the same for every class"
-            + (", --target does not apply" if result.targets else "")
-        )
-    return title, "  ·  ".join(parts)
+def max_columns(cell_w: int, tile: int) -> int:
+    """Columns for tiles `cell_w` wide: as many as fit the width of MAX_COLUMNS square tiles
+    and a quarter more (a 3:2 photo keeps 7 columns, a 4:1 panorama's wide tiles make 4),
+    3 at least."""
+    budget = MAX_COLUMNS * (max(tile, MIN_CELL_W) + _PAD) * 5 // 4
+    return max(MIN_COLUMNS, min(MAX_COLUMNS, budget // (cell_w + _PAD)))
 
 
-def model_phrase(reference: str, labels: tuple[str, ...]) -> str:
-    """ "model vit-shapes-p16 (knows 6 classes: circle, ...)": a model with few classes says
-    them all, so a photo labelled "ring" by a shapes model is read for what it is."""
-    phrase = f"model {readable(reference)}"
-    if 0 < len(labels) <= 12:
-        phrase += f" (knows {len(labels)} classes: {', '.join(map(readable, labels))})"
-    elif labels:
-        phrase += f" ({len(labels)} classes)"
-    return phrase
-
-
-def header_parts(result: ImageAttention, options: AttentionOptions) -> tuple[str, ...]:
-    """The options that shape what the sheet shows, one short phrase each."""
-    parts = []
-    if "rollout" in result.methods:
-        parts.append(
-            f"rollout: {options.head_fusion.value} over heads, discard {options.discard_ratio:g}"
-        )
-    heatmap = options.style == Style.heatmap
-    parts.append(options.style.value + (f" {options.colormap.value}" if heatmap else ""))
-    scale = options.scale.value
-    if options.scale == Scale.per_map:
-        scale += " scale (each tile stretched on its own: read its peak)"
-    else:
-        scale += " scale (0 to the largest value, for all heads together and per method)"
-    parts.append(f"{options.interpolation.value}, {scale}")
-    parts.append(f"grid {result.grid_size[0]}x{result.grid_size[1]}")
-    if result.query == "probe":
-        parts.append("class map: the MAP probe's attention (probe tiles, seeds rollout)")
-    if result.head_query != "cls" and result.heads is not None:
-        parts.append("no CLS token: layer maps are the mean over queries")
-    elif result.query != "cls" and result.query != "probe":
-        parts.append("no CLS token: mean over queries")
-    if "dist" in result.queries:
-        parts.append("CLS and dist query rows")
-    if result.heads is not None and result.prefix_mass is not None and len(result.prefix_names):
-        parts.append(
-            "head maps renormalised over the patches; 2nd note line: raw mass on the prefix "
-            "tokens (" + ", ".join(_prefix_groups(result.prefix_names)) + ")"
-        )
-    if options.threshold is not None:
-        parts.append(f"outline: top patches with {options.threshold:g} of each head's mass")
-    return tuple(parts)
-
-
-def _prefix_groups(names: Sequence[str]) -> list[str]:
-    groups = ["registers" if name.startswith("reg_") else name for name in names]
-    return list(dict.fromkeys(groups))
+def sheet_width(columns: int, cell_w: int) -> int:
+    return _PAD + max(columns, 2) * (cell_w + _PAD)
 
 
 def sheet_size(
     options: AttentionOptions, num_heads: int, num_layers: int, maps: int
 ) -> tuple[int, int]:
-    """(width, height) of the largest sheet these options draw (a tall picture's tiles are
-    `tile` high), to refuse absurd ones before any work. `maps`: single-map tiles."""
+    """(width, height) of the sheet these options draw for a square image, to refuse absurd
+    ones before any work (other aspects keep the tiles' area). `maps`: single-map tiles."""
     bands = [1, maps] + ([num_heads + 1] * num_layers if options.heads else [])
     columns, places = layout([band for band in bands if band])
     rows = places[-1][0] + 1
-    cell_w = max(options.tile, 150)
-    width = _PAD + max(columns, 2) * (cell_w + _PAD)
-    # The prefix-mass line (_NOTE_H) counted always: an upper bound is what this is for.
-    return width, 200 + rows * (_TITLE_H + _NOTE_H + options.tile + _PAD) + _PAD
+    width = sheet_width(columns, max(options.tile, MIN_CELL_W))
+    # Two title lines and the prefix-mass line counted always: an upper bound.
+    title_h = 2 + 2 * _TITLE_LINE_H + 2 + 2 * _NOTE_H + 4
+    return width, 200 + rows * (title_h + options.tile + _PAD) + _PAD
 
 
-_PAD, _TITLE_H = 10, 38  # the title line and the range line above each tile
-_NOTE_H = 15  # a second note line: the prefix tokens' mass
+_PAD = 10
+_TITLE_LINE_H, _NOTE_H = 18, 15  # a line of a tile's title; of its note (range, prefix mass)
+_KEY_W = 170  # the colour key in the header's right corner
+MIN_CELL_W = 150  # a narrow (tall) image's tiles sit in cells this wide, for their titles
 MIN_COLUMNS = 3
-_TEXT_LOCK = threading.Lock()
+
+
+def _key(options: AttentionOptions) -> tuple[str, str, float, bool]:
+    return (
+        options.style.value,
+        options.colormap.value,
+        options.overlay_alpha,
+        options.scale == Scale.per_map,
+    )
 
 
 @lru_cache(maxsize=8)
@@ -347,46 +293,52 @@ def _sheet_template(
     rows: int,
     titles: tuple,
     parts: tuple,
-    colormap: str,
-    title_h: int = _TITLE_H,
+    key: tuple[str, str, float, bool],
+    header_lines: tuple[int, int] = (1, 1),
+    title_rows: int = 1,
+    note_lines: int = 1,
 ):
-    """The parts of a sheet every image of a run shares (titles, option lines, colour bar),
-    drawn once: text rendering is a good share of the time of a sheet otherwise."""
+    """The parts of a sheet every image of a run shares (tile titles, option lines, colour
+    key), drawn once: text rendering is a good share of the time of a sheet otherwise.
+    `header_lines`: lines of the heading and the subheading drawn per image; `title_rows`,
+    `note_lines`: the most lines of any tile's title and note."""
     pad = _PAD
     small_font = font(13)
-    cell_w = max(size[0], 150)
+    cell_w = max(size[0], MIN_CELL_W)
+    note_y = 2 + _TITLE_LINE_H * title_rows
+    title_h = note_y + 2 + _NOTE_H * note_lines + 4
     cell_h = title_h + size[1]
-    sheet_w = pad + max(columns, 2) * (cell_w + pad)
-    colourbar_w = 170 if colormap else 0
-    option_lines = _wrap(
-        list(parts), small_font, sheet_w - 2 * pad
-    )  # below the colour bar: full width
-    header_h = 60 + 18 * len(option_lines) + 6
+    sheet_w = sheet_width(columns, cell_w)
+    subheading_y = 12 + 26 * header_lines[0]
+    options_y = subheading_y + 18 * header_lines[1] + 2
+    option_lines = wrap_parts(list(parts), small_font, sheet_w - 2 * pad)  # full width
+    header_h = options_y + 18 * len(option_lines) + 8
     sheet = Image.new("RGB", (sheet_w, header_h + rows * (cell_h + pad) + pad), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     for number, line in enumerate(option_lines):
-        draw.text((pad, 58 + 18 * number), line, fill=(110, 110, 110), font=small_font)
-    if colourbar_w:
-        bar = colormaps.apply(np.linspace(0, 1, colourbar_w - 40)[None, :].repeat(12, 0), colormap)
-        bar_x = sheet_w - pad - colourbar_w + 20
-        sheet.paste(Image.fromarray(bar), (bar_x, 14))
-        draw.text((bar_x, 30), "low", fill=(90, 90, 90), font=small_font)
-        draw.text(
-            (bar_x + bar.shape[1], 30), "high", fill=(90, 90, 90), font=small_font, anchor="ra"
-        )
+        draw.text((pad, options_y + 18 * number), line, fill=MUTED, font=small_font)
+    style, colormap, alpha, per_map = key
+    bar = key_pixels(style, colormap, alpha, _KEY_W - 40, 12)
+    bar_x = sheet_w - pad - _KEY_W + 20
+    sheet.paste(Image.fromarray(bar), (bar_x, 14))
+    draw.rectangle([bar_x - 1, 13, bar_x + bar.shape[1], 26], outline=(200, 200, 200))
+    low, high = key_labels(per_map)
+    draw.text((bar_x, 30), low, fill=(90, 90, 90), font=small_font)
+    draw.text((bar_x + bar.shape[1], 30), high, fill=(90, 90, 90), font=small_font, anchor="ra")
     draw.line([(pad, header_h - 4), (sheet_w - pad, header_h - 4)], fill=(220, 220, 220), width=1)
 
     def cell(row: int, column: int) -> tuple[int, int]:
         return pad + column * (cell_w + pad), header_h + row * (cell_h + pad)
 
-    for (row, column), title in titles:
+    for (row, column), lines in titles:
         x, y = cell(row, column)
-        draw.text(
-            (x + cell_w / 2, y + 2),
-            _fit(title, font(14), cell_w),
-            fill=(30, 30, 30),
-            font=font(14),
-            anchor="ma",
-        )
-    text_w = sheet_w - 2 * pad - colourbar_w - (pad if colourbar_w else 0)
-    return sheet, {"cell": cell, "cell_w": cell_w, "text_w": text_w}
+        for number, line in enumerate(lines):
+            draw.text(
+                (x + cell_w / 2, y + 2 + _TITLE_LINE_H * number),
+                line,
+                fill=(30, 30, 30),
+                font=font(14),
+                anchor="ma",
+            )
+    geometry = {"cell": cell, "title_h": title_h, "note_y": note_y, "subheading_y": subheading_y}
+    return sheet, geometry

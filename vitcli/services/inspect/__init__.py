@@ -10,9 +10,9 @@ the images, runs the model and writes the files. No typer or rich here.
 from __future__ import annotations
 
 import io
-import json
+import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +24,13 @@ from ..._version import __version__
 from ...data.inputs import collect_inputs, is_within
 from ...data.loader import image_batches, normalize
 from ...errors import InputError, OptionError, VitError
-from ...fileio import atomic_write_bytes
-from ...runtime import resolve_device
+from ...fileio import mark_output_folder, write_output
+from ...runtime import check_batch_size, check_device, resolve_device
+from ...text import json_bytes
 from ...weights.format import ModelBundle
 from ...weights.resolve import as_bundle
+from ..batchrun import ProgressCallback
+from ..finite import require_finite
 from . import analysis, figures
 
 FILES = {
@@ -47,8 +50,6 @@ DISTANCE_DEFINITION = (
     "renormalised over the patch keys), g = (row, column) on the patch grid, P the patch "
     "size, so d is in pixels of the model input; averaged over the queries, then the images"
 )
-
-ProgressCallback = Callable[[int, int], None]
 
 
 @dataclass
@@ -117,14 +118,16 @@ def choose_images(
     )
 
 
-def _pixel_batches(
-    images: ImageSet, bundle: ModelBundle, batch_size: int
+def _input_batches(
+    images: ImageSet, bundle: ModelBundle, batch_size: int, device: torch.device
 ) -> Iterator[tuple[torch.Tensor | None, list[tuple[int, str]]]]:
-    """(B, C, H, W) uint8 batches and the failures among them, in order."""
+    """(B, C, H, W) model inputs on `device`, normalised once, and the failures among them."""
     if images.paths:
-        loader = image_batches(images.paths, bundle.preprocess, batch_size=batch_size, workers=0)
+        loader = image_batches(
+            images.paths, bundle.preprocess, batch_size=batch_size, workers=0, device=device
+        )
         for batch in loader:
-            yield (batch.pixels if batch.indices else None), list(batch.failures)
+            yield (batch.inputs if batch.indices else None), list(batch.failures)
         return
     preprocess = bundle.preprocess
     for start in range(0, len(images.generated), batch_size):
@@ -132,7 +135,7 @@ def _pixel_batches(
             preprocess.to_uint8(preprocess.resize_image(image))
             for image in images.generated[start : start + batch_size]
         ]
-        yield torch.from_numpy(np.stack(arrays)), []
+        yield normalize(torch.from_numpy(np.stack(arrays)), preprocess, device), []
 
 
 @torch.inference_mode()
@@ -153,10 +156,9 @@ def attention_distances(
     rows: list[np.ndarray] = []
     failures: list[tuple[str, str]] = []
     done = 0
-    for pixels, failed in _pixel_batches(images, bundle, batch_size):
+    for x, failed in _input_batches(images, bundle, batch_size, target):
         failures.extend((images.paths[index], message) for index, message in failed)
-        if pixels is not None:
-            x = normalize(pixels, bundle.preprocess, target)
+        if x is not None:
             grid_size = (x.shape[-2] // config.patch_size, x.shape[-1] // config.patch_size)
             _, weights = model.forward_with_attention(x, layers=layers)
             per_layer = [
@@ -166,7 +168,7 @@ def attention_distances(
                 for layer in layers
             ]  # each B,nh
             rows.append(torch.stack(per_layer, dim=1).float().cpu().numpy())  # B,L,nh
-            done += pixels.shape[0]
+            done += x.shape[0]
         done += len(failed)
         if on_progress is not None:
             on_progress(done, len(images))
@@ -193,7 +195,10 @@ def _prepare_out_dir(out_dir: str | Path) -> Path:
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out {out_dir}: exists and is not a folder; pick another --out")
     try:
+        fresh = not out_dir.exists() or next(os.scandir(out_dir), None) is None
         out_dir.mkdir(parents=True, exist_ok=True)
+        if fresh:  # a folder of the user's own images is never marked (it would hide them)
+            mark_output_folder(out_dir)
     except OSError as error:
         raise InputError(
             f"--out {out_dir}: cannot create the folder ({error.strerror or error}); "
@@ -220,12 +225,13 @@ def run_inspect(
     on_progress: ProgressCallback | None = None,
 ) -> InspectSummary:
     """Compute and write the three panels of Fig. 7 and their numbers into `out_dir`."""
+    if batch_size is not None:
+        check_batch_size(batch_size)  # usage errors before the model loads
+    check_device(device)
     bundle = as_bundle(model_ref)
     started = time.perf_counter()
     if batch_size is None:
         batch_size = default_batch_size(bundle.config)
-    if batch_size < 1:
-        raise OptionError(f"--batch-size must be at least 1, got {batch_size}")
     if colormap not in figures.colormap_names():
         raise InputError(
             f"unknown --colormap {colormap!r}: use one of {', '.join(figures.colormap_names())}"
@@ -243,13 +249,16 @@ def run_inspect(
     )
 
     weight = bundle.model.patch_embed.proj.weight.detach().float().cpu().numpy()  # D,C,P,P
+    require_finite(weight, "patch_embed.proj.weight", model_name)
     pca = analysis.filter_components(weight)
     grid_h, grid_w = config.grid_size
     table = analysis.position_table(bundle.model)  # N,D
+    require_finite(table, "the position embedding", model_name)
     similarity = analysis.position_similarity(table, config.grid_size)  # Hp,Wp,Hp,Wp
     per_image, failures = attention_distances(
         bundle, image_set, batch_size=batch_size, device=device, on_progress=on_progress
     )
+    require_finite(per_image, "the attention weights", model_name)
     distances = per_image.mean(axis=0)  # L,nh
     uniform = analysis.uniform_distance(config.grid_size, config.patch_size)
 
@@ -293,7 +302,7 @@ def run_inspect(
     written = []
     for key, image in panels.items():
         path = out / FILES[key]
-        atomic_write_bytes(path, _png(image), durable=False)
+        write_output(path, _png(image), option="--out")
         written.append(path)
 
     from safetensors.numpy import save
@@ -306,10 +315,10 @@ def run_inspect(
         "attention_distance": distances.astype(np.float32),  # L,nh
         "attention_distance_per_image": per_image.astype(np.float32),  # n,L,nh
     }
-    atomic_write_bytes(
+    write_output(
         out / FILES["arrays"],
         save({k: np.ascontiguousarray(v) for k, v in arrays.items()}),
-        durable=False,
+        option="--out",
     )
     written.append(out / FILES["arrays"])
     failed_paths = {path for path, _ in failures}
@@ -352,10 +361,10 @@ def run_inspect(
         },
         "files": {key: name for key, name in FILES.items()},
     }
-    atomic_write_bytes(
+    write_output(
         out / FILES["json"],
-        (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode(),
-        durable=False,
+        json_bytes(report),
+        option="--out",
     )
     written.append(out / FILES["json"])
     return InspectSummary(

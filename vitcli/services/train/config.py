@@ -15,14 +15,15 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ... import runtime
 from ...errors import InputError, OptionError, TrainingError
 from ...model.config import is_variant
+from ...runtime import check_batch_size, check_workers
 from ..train_choices import Amp, Pool, PosEmbed
 
 # Bounds that keep every run finite and allocatable; generous for real use.
 MAX_EPOCHS = 100_000
-MAX_BATCH = 65_536
-MAX_IMAGE_SIZE = 4096
+MAX_IMAGE_SIZE = runtime.MAX_IMAGE_SIDE
 MAX_ALPHA = 100.0  # Beta(alpha, alpha) of mixup/cutmix; huge alphas make betavariate spin
 MAX_RANDAUGMENT_OPS = 16
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; seed + epoch must stay inside
@@ -153,7 +154,7 @@ def check(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value is not None:
             _number(name, value, int, low, high)
-    _number("batch_size", config.batch_size, int, 1, MAX_BATCH)
+    check_batch_size(config.batch_size)
     if config.lr is not None:
         _number("lr", config.lr, float, 0.0, math.inf)
         if config.lr <= 0:
@@ -187,12 +188,8 @@ def check(config: TrainConfig) -> None:
     _number("drop_path", config.drop_path, float, 0.0, 0.9)
     _number("seed", config.seed, int, 0, MAX_SEED, " (2^63-1)")
     _number("val_split", config.val_split, float, 0.0, 0.99)
-    if config.workers is not None and (
-        isinstance(config.workers, bool)
-        or not isinstance(config.workers, int)
-        or config.workers < 0
-    ):
-        raise OptionError(f"--workers must be 0 or more, got {config.workers!r}")
+    if config.workers is not None:
+        check_workers(config.workers)
     for name, choices in (("pos_embed", PosEmbed), ("pool", Pool), ("amp", Amp)):
         value = getattr(config, name)
         if value not in {choice.value for choice in choices}:

@@ -9,10 +9,15 @@ how a run is picked up again.
                        dicts, lists, numbers and strings only: torch.load(weights_only=True)
   metrics.jsonl/.csv   one row per epoch
 
+One writer at a time: a run holds an exclusive flock on the folder itself for as long as it
+runs (the kernel drops it when the process dies, so a killed run leaves nothing stuck), and a
+second `vit train` into the same folder is refused at once.
+
 Commit order of an epoch: every file is first written in full to a temp file in the folder
-(`.NAME.pending`); only when all of them exist are they renamed over the old ones, state.pt
-last. A full disk or a folder turned read-only fails before the first rename and leaves the
-previous epoch's files as they were, temp files removed. A crash between two renames can leave
+(`.NAME.PID.RANDOM.pending`, unique per process); only when all of them exist are they
+renamed over the old ones, state.pt last. A full disk or a folder turned read-only fails
+before the first rename and leaves the previous epoch's files as they were, temp files
+removed. A crash between two renames can leave
 last/best/metrics one epoch ahead of state.pt: state.pt is the truth, and a resume rewrites
 last.safetensors from it, drops metrics rows past it, and replays that epoch (deterministic,
 so best.safetensors gets the same bytes again).
@@ -25,11 +30,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
+import fcntl
 import io
 import json
 import os
+import pickle
 import random
 import re
+import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +48,8 @@ import torch
 
 from ...errors import TrainingError
 from ...fileio import atomic_write_bytes
-from ...text import json_bytes
+from ...text import finite_or_none, json_bytes
+from ...weights.readers import library_reason
 from .config import ResolvedConfig, config_from_saved
 
 STATE_FORMAT = "vitcli-train-state"
@@ -147,11 +157,17 @@ def read_state(path: str | Path) -> dict:
         raise TrainingError(
             f"{path}: no training state here; pass the --out folder of an earlier `vit train` run"
         ) from None
-    except Exception as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    except pickle.UnpicklingError:
+        # torch's own message advises weights_only=False, which would run the file's code.
         raise TrainingError(
-            f"{path}: unreadable training state ({reason[:200]}); the file is damaged, start a "
-            "new run (last.safetensors can be fine-tuned with --model)"
+            f"{path}: holds pickled Python objects, not a vitcli training state (refused, "
+            "nothing in it was run); start a new run (last.safetensors can be fine-tuned "
+            "with --model)"
+        ) from None
+    except Exception as error:
+        raise TrainingError(
+            f"{path}: unreadable training state ({library_reason(error)}); the file is "
+            "damaged, start a new run (last.safetensors can be fine-tuned with --model)"
         ) from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise TrainingError(f"{path}: not a vitcli training state; start a new run")
@@ -175,7 +191,9 @@ def state_bytes(state: dict) -> bytes:
 
 # -- metrics ----------------------------------------------------------------------------------
 def metrics_jsonl(history: Sequence[dict]) -> bytes:
-    return "".join(json.dumps(row) + "\n" for row in history).encode()
+    return "".join(
+        json.dumps(finite_or_none(row), allow_nan=False) + "\n" for row in history
+    ).encode()
 
 
 def metrics_csv(history: Sequence[dict]) -> bytes:
@@ -208,6 +226,8 @@ class RunFolder:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()
+        self._lock_fd: int | None = None
+        self.created = False  # this run made the folder (removed again if it stays empty)
 
     def __str__(self) -> str:
         return str(self.path)
@@ -215,6 +235,44 @@ class RunFolder:
     @property
     def state_path(self) -> Path:
         return self.path / STATE_FILE
+
+    # -- one writer -----------------------------------------------------------------------
+    def lock(self, create: bool) -> None:
+        """Take the folder for this process (an exclusive flock on the folder, held until the
+        process ends or `unlock`); `create` makes the folder first. A folder another process
+        holds is refused at once."""
+        try:
+            if create and not self.path.exists():
+                self.path.mkdir(parents=True)
+                self.created = True
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileExistsError:  # a racing run made it between exists() and mkdir()
+            return self.lock(create=False)
+        except OSError as error:
+            raise TrainingError(
+                f"{self.path}: cannot use this run folder ({error.strerror or error}); "
+                "choose a writable --out"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise TrainingError(
+                    f"{self.path}: another `vit train` is writing this run folder; wait for it "
+                    "to finish or choose another --out"
+                ) from None
+            return  # a filesystem without flock: run as before, unlocked
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        """Let the folder go; a folder this run made and left empty is removed."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if self.created:
+            with contextlib.suppress(OSError):
+                self.path.rmdir()  # only succeeds when nothing was written
 
     # -- a new run ----------------------------------------------------------------------
     def check_new(self) -> None:
@@ -314,7 +372,9 @@ class RunFolder:
         temps: list[tuple[Path, Path]] = []
         try:
             for name, write in writers:
-                temp = self.path / f".{name}.pending"
+                # Unique per process: two writers (a misuse the lock refuses) can never
+                # rename each other's half-written files.
+                temp = self.path / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.pending"
                 temps.append((temp, self.path / name))
                 write(temp)
             for temp, final in temps:

@@ -61,13 +61,28 @@ def run(
 def _run(
     options: TrainConfig, on_progress: Callback | None, stop_after_epoch: int | None
 ) -> TrainResult:
-    rank, world = distributed.rank(), distributed.world_size()
+    rank = distributed.rank()
 
     def emit(event: TrainEvent) -> None:
         if on_progress is not None and (rank == 0 or event.kind == "warning"):
             on_progress(event)
 
     folder, wanted, state, saved_json = _open(options, emit)
+    try:
+        return _train(folder, wanted, state, saved_json, emit, stop_after_epoch)
+    finally:
+        folder.unlock()
+
+
+def _train(
+    folder: RunFolder,
+    wanted: TrainConfig,
+    state: dict | None,
+    saved_json: dict,
+    emit: Callback,
+    stop_after_epoch: int | None,
+) -> TrainResult:
+    rank, world = distributed.rank(), distributed.world_size()
     if state is not None and state["epoch"] == wanted.epochs:
         return _finished(folder, state)
 
@@ -243,19 +258,32 @@ def _open(options: TrainConfig, emit: Callback) -> tuple[RunFolder, TrainConfig,
             raise InputError("pass --out DIR: the folder for checkpoints and metrics")
         folder = RunFolder(options.out)
         folder.check_new()
+        if distributed.is_main():  # only rank 0 writes the folder
+            folder.lock(create=True)
+            try:
+                folder.check_new()  # again, now that no other run can be writing it
+            except BaseException:
+                folder.unlock()
+                raise
         return folder, _absolute(options), None, {}
     folder = RunFolder(options.resume)
     if options.out and Path(options.out).resolve() != folder.path.resolve():
         raise InputError(
             "--resume continues the run in its own folder; drop --out or pass the same folder"
         )
-    state, saved, saved_json = folder.load()
-    wanted = _resumed(saved, options, emit)
-    if state["epoch"] > wanted.epochs:
-        raise TrainingError(
-            f"{folder}: already trained {state['epoch']} epochs, more than --epochs "
-            f"{wanted.epochs}; pass a larger --epochs"
-        )
+    if distributed.is_main() and folder.path.is_dir():
+        folder.lock(create=False)
+    try:
+        state, saved, saved_json = folder.load()
+        wanted = _resumed(saved, options, emit)
+        if state["epoch"] > wanted.epochs:
+            raise TrainingError(
+                f"{folder}: already trained {state['epoch']} epochs, more than --epochs "
+                f"{wanted.epochs}; pass a larger --epochs"
+            )
+    except BaseException:
+        folder.unlock()
+        raise
     return folder, wanted, state, saved_json
 
 

@@ -32,20 +32,10 @@ from typing import cast
 import torch
 from torch import nn
 
-from ...errors import InputError
-from ...model.vit import Block, ViT
-from .methods import (
-    Explanation,
-    TargetLike,
-    _target_score,
-    chain,
-    grid_of,
-    patch_grid,
-    prefix_tokens,
-    readout,
-    recording,
-    require_head,
-)
+from ..errors import InputError
+from ..model.vit import Block, ViT
+from .forward import Forward
+from .methods import weighted_chain
 
 _EPS = 1e-9
 _MODEL_PARTS = {"patch_embed", "pos_drop", "blocks", "norm", "head"}
@@ -193,7 +183,7 @@ def attention_relevance(
 
     `block_inputs[b]` is block b's input and `final_tokens` the final norm's output (B, T, D).
     """
-    prefix = prefix_tokens(model)
+    prefix = model.num_prefix_tokens
     batch = final_tokens.shape[0]
     head = cast(nn.Linear, model.head)  # check_supported made sure
     one_hot = torch.zeros(batch, head.out_features, dtype=final_tokens.dtype)
@@ -219,47 +209,19 @@ def attention_relevance(
     return relevances[::-1]
 
 
-def attribution_maps(
-    model: ViT, images: torch.Tensor, targets: TargetLike, labels: Sequence[str] = ()
-) -> Explanation:
-    """Transformer Attribution maps (see the module docstring), one forward, one LRP pass,
-    one backward; batched. Holds every layer's (B, nh, T, T) relevance until the backward."""
-    require_head(model)
-    check_supported(model)
-    depth = len(model.blocks)
-    prefix = prefix_tokens(model)
-    block_inputs: list[torch.Tensor] = []
-    final: list[torch.Tensor] = []
-    handles = [
-        block.register_forward_pre_hook(lambda module, args: block_inputs.append(args[0].detach()))
-        for block in model.blocks
-    ]
-    handles.append(model.norm.register_forward_hook(lambda m, a, out: final.append(out.detach())))
-    bars: dict[int, torch.Tensor] = {}
-    try:
-        with recording(model, images) as x:
-            logits, weights = model.forward_with_attention(x, layers=range(depth))
-            score, indices = _target_score(logits, targets, labels)
-            with torch.no_grad():
-                relevances = attention_relevance(model, block_inputs, final[-1], indices)
-            for index, attention in weights.items():
-                attention.register_hook(_attribution_hook(bars, index, relevances[index]))
-            del relevances
-            torch.autograd.grad(score, [weights[0]], allow_unused=True)
-            del weights
-    finally:
-        for handle in handles:
-            handle.remove()
-    grid_size = grid_of(model, images)
-    batch, tokens = x.shape[0], prefix + grid_size[0] * grid_size[1]
-    zero = torch.zeros(batch, tokens, tokens, dtype=logits.dtype, device=logits.device)
-    rows = chain(readout(model, batch, tokens, logits), [bars.get(i, zero) for i in range(depth)])
-    maps = patch_grid(rows, grid_size, prefix)
-    return Explanation(maps=maps, logits=logits.detach().float().cpu(), targets=indices)
+def attribution(forward: Forward) -> torch.Tensor:
+    """Transformer Attribution maps (see the module docstring) from the shared forward: one
+    LRP pass and one backward per target. Holds every layer's (B, nh, T, T) relevance until
+    the backward."""
+    graph = forward.graph
+    assert graph is not None and graph.tokens is not None
+    check_supported(forward.model)
+    with torch.no_grad():
+        relevances = attention_relevance(
+            forward.model, graph.block_inputs, graph.tokens, forward.targets
+        )
 
+    def reduce(index: int, grad: torch.Tensor) -> torch.Tensor:
+        return (grad * relevances[index]).clamp(min=0).mean(dim=1)  # B,T,T: E_h[(∇A ⊙ R_A)^+]
 
-def _attribution_hook(bars: dict[int, torch.Tensor], index: int, relevance: torch.Tensor):
-    def hook(grad: torch.Tensor) -> None:
-        bars[index] = (grad * relevance).clamp(min=0).mean(dim=1)  # B,T,T: E_h[(∇A ⊙ R_A)^+]
-
-    return hook
+    return weighted_chain(forward, reduce)

@@ -27,8 +27,6 @@ from collections.abc import Sequence
 
 import torch
 
-HEAD_FUSIONS = ("mean", "max", "min")
-
 
 def cls_maps(weights: torch.Tensor, grid_size: tuple[int, int], prefix: int) -> torch.Tensor:
     """(B, nh, T, T) softmax weights -> (B, nh, Hp, Wp) maps of the CLS query over the patches.
@@ -130,7 +128,7 @@ def rollout(
 ) -> torch.Tensor:
     """Layer-ordered (B, nh, T, T) weights -> R = Ã_L ... Ã_1, (B, T, T).
 
-    The full matrix, for tests and analysis; maps use `rollout_rows`, which never forms it.
+    The full matrix, for tests and analysis; maps use `seeded_rollout`, which never forms it.
     """
     result = None
     for layer_weights in weights:  # layer 1 first: each new layer multiplies on the left
@@ -141,36 +139,6 @@ def rollout(
     if result is None:
         raise ValueError("rollout needs at least one layer")
     return result
-
-
-def rollout_rows(
-    weights: Sequence[torch.Tensor],
-    head_fusion: str = "mean",
-    discard_ratio: float = 0.0,
-    prefix: int = 1,
-) -> torch.Tensor:
-    """The row of R = Ã_L ... Ã_1 the map needs, (B, T), without forming R.
-
-    e_0^T R (the CLS row; the mean row 1^T R / T without CLS) is a chain of vector-matrix
-    products taken from the left: O(L T^2) instead of O(L T^3) for the full product.
-    """
-    steps = [
-        rollout_step(discard_lowest(fuse_heads(w, head_fusion), discard_ratio, prefix))
-        for w in weights
-    ]
-    if not steps:
-        raise ValueError("rollout needs at least one layer")
-    batch, tokens = steps[0].shape[0], steps[0].shape[-1]
-    if prefix:
-        row = torch.zeros(batch, 1, tokens, dtype=steps[0].dtype, device=steps[0].device)
-        row[:, 0, 0] = 1.0  # e_0: the CLS query
-    else:
-        row = torch.full(
-            (batch, 1, tokens), 1.0 / tokens, dtype=steps[0].dtype, device=steps[0].device
-        )
-    for step in reversed(steps):  # Ã_L first: (e_0^T Ã_L) Ã_{L-1} ...
-        row = row @ step  # B,1,T
-    return row[:, 0]
 
 
 def seeded_rollout(factors: Sequence[torch.Tensor], seed: torch.Tensor) -> torch.Tensor:
@@ -201,13 +169,6 @@ def rollout_seed(
         seed[:, 0] = 1.0  # e_0: the CLS query
         return seed
     return torch.full((batch, tokens), 1.0 / tokens, dtype=torch.float32, device=device)
-
-
-def rollout_map(matrix: torch.Tensor, grid_size: tuple[int, int], prefix: int) -> torch.Tensor:
-    """(B, T, T) rollout -> (B, Hp, Wp): the CLS row over the patches (mean row without CLS)."""
-    batch = matrix.shape[0]
-    rows = matrix[:, 0, prefix:] if prefix else matrix.mean(dim=1)  # B,N
-    return rows.reshape(batch, grid_size[0], grid_size[1])
 
 
 def mass_mask(maps: torch.Tensor, threshold: float) -> torch.Tensor:

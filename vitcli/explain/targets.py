@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...errors import OptionError
+from ..errors import OptionError
 
 _TOP_RE = re.compile(r"^top(\d+)$", re.IGNORECASE)
 
