@@ -33,9 +33,15 @@ class AmpChoice:
 
 
 def choose_amp(
-    amp: str, model: torch.nn.Module, device: torch.device, image_size: tuple[int, int]
+    amp: str,
+    model: torch.nn.Module,
+    device: torch.device,
+    image_size: tuple[int, int],
+    cached_features: bool = False,
 ) -> AmpChoice:
-    """`amp` "off" or "auto" -> whether to train under bf16 autocast on `device`, and why."""
+    """`amp` "off" or "auto" -> whether to train under bf16 autocast on `device`, and why.
+    `cached_features`: a linear probe whose backbone runs once, before training (nothing to
+    time on a CPU: its steps are the heads')."""
     if amp != "auto":
         return AmpChoice(False, "float32 (--amp off)")
     if device.type == "cuda":
@@ -46,6 +52,8 @@ def choose_amp(
         return AmpChoice(False, f"float32 (no bf16 autocast on {device.type})")
     if not cpu_has_fast_bf16():
         return AmpChoice(False, "float32 (this CPU has no native bf16)")
+    if cached_features:
+        return AmpChoice(False, "float32 (linear probe on features computed once)")
     speedup = measure_bf16_speedup(model, image_size)
     if speedup >= MIN_SPEEDUP:
         return AmpChoice(True, f"bf16 autocast: measured {speedup:.2f}x float32's step speed")

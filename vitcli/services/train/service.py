@@ -131,7 +131,7 @@ def _train(
         net = DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )
-    amp = choose_amp(config.amp, model, device, model.config.image_size)
+    amp = choose_amp(config.amp, model, device, model.config.image_size, cached_features=cached)
     if world > 1:  # every rank trains as rank 0 measured (timings differ a little per rank)
         amp = distributed.broadcast_object(amp)
     run_ = Run(
