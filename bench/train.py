@@ -179,18 +179,19 @@ def main() -> None:
             + ", ".join(f"{k} {v[-1]:.2f} img/s" for k, v in rates.items()),
             flush=True,
         )
-    best = {k: max(v, default=0.0) for k, v in rates.items()}
-    median = {k: statistics.median(v) if v else 0.0 for k, v in rates.items()}
-    print(
-        f"training step, img/s   best: vitcli {best['vitcli']:.2f}, "
-        f"transformers {best['transformers']:.2f} "
-        f"(ratio {best['vitcli'] / best['transformers']:.2f})"
-    )
-    print(
-        f"                     median: vitcli {median['vitcli']:.2f}, "
-        f"transformers {median['transformers']:.2f} "
-        f"(ratio {median['vitcli'] / median['transformers']:.2f})"
-    )
+    if not args.skip_peer:
+        best = {k: max(v, default=0.0) for k, v in rates.items()}
+        median = {k: statistics.median(v) if v else 0.0 for k, v in rates.items()}
+        print(
+            f"training step, img/s   best: vitcli {best['vitcli']:.2f}, "
+            f"transformers {best['transformers']:.2f} "
+            f"(ratio {best['vitcli'] / best['transformers']:.2f})"
+        )
+        print(
+            f"                     median: vitcli {median['vitcli']:.2f}, "
+            f"transformers {median['transformers']:.2f} "
+            f"(ratio {median['vitcli'] / median['transformers']:.2f})"
+        )
     if args.e2e:
         # Does the input pipeline starve the step? Each round: one epoch of `vit train` end to
         # end, then at once our step alone on tensors over as many steps: the ratio of the two
