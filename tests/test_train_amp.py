@@ -4,7 +4,7 @@ measurement at start-up finds it faster for the model (services/train/amp.py).""
 from __future__ import annotations
 
 import torch
-from conftest import random_vit
+from checkpoints import random_vit
 
 from vitcli.services.train import amp as amp_module
 from vitcli.services.train.amp import choose_amp, measure_bf16_speedup
@@ -42,3 +42,36 @@ def test_the_measurement_leaves_the_model_and_the_random_stream_as_they_were():
     assert not model.training and torch.equal(model.head.weight.grad, torch.ones(5, 32))
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), name
+
+
+def test_a_resume_trains_as_the_run_began(monkeypatch, tmp_path):
+    """The choice is stored in state.pt: a resume that re-timed could choose otherwise and
+    would no longer end bit for bit where an uninterrupted run ends."""
+    from checkpoints import colour_folder
+
+    from vitcli.services.train import TrainConfig, read_state, run
+
+    data = colour_folder(tmp_path / "data")
+    monkeypatch.setattr(amp_module, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(amp_module, "measure_bf16_speedup", lambda *a: 1.6)
+    config = TrainConfig(
+        data=str(data),
+        out=str(tmp_path / "run"),
+        epochs=2,
+        batch_size=4,
+        workers=0,
+        model="Ti/8",
+        image_size=16,
+        depth=1,
+        width=16,
+        num_heads=2,
+        mlp_dim=32,
+    )
+    run(config, stop_after_epoch=1)
+    assert read_state(tmp_path / "run" / "state.pt")["bf16"] is True
+    monkeypatch.setattr(amp_module, "measure_bf16_speedup", lambda *a: 0.5)  # would say no now
+    events: list = []
+    run(TrainConfig(resume=str(tmp_path / "run")), on_progress=events.append)
+    assert read_state(tmp_path / "run" / "state.pt")["bf16"] is True
+    start = next(e for e in events if e.kind == "start")
+    assert "as the run began" in start.metrics["amp"]

@@ -124,7 +124,9 @@ def train(
         Amp,
         typer.Option(
             "--amp",
-            help="auto: bf16 autocast on CUDA GPUs that support it (never on CPU); off: fp32.",
+            help="auto: bf16 autocast on a CUDA GPU with bf16, or on a CPU with native bf16 "
+            "when a short start-up timing finds it faster for this model (a resume keeps the "
+            "run's choice); off: float32.",
             rich_help_panel=_OPT,
         ),
     ] = Amp.auto,

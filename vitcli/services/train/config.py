@@ -69,7 +69,7 @@ class TrainConfig:
     val_split: float = 0.0  # or this fraction of each class held out
     workers: int | None = None  # decoding processes; None: runtime.default_workers()
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    amp: str = Amp.auto.value  # auto: bf16 autocast on CUDA GPUs that support it; off: fp32
+    amp: str = Amp.auto.value  # auto: bf16 where native and measured faster (train/amp.py)
     linear_probe: bool = False  # fine-tune only: freeze the backbone, train a new head
 
     @property

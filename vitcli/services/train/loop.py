@@ -392,6 +392,7 @@ def training_state(run: Run, epoch: int) -> dict:
         "model": cpu_state_dict(run.model),
         "ema": cpu_state_dict(run.ema.model) if run.ema is not None else None,
         "optimizer": run.optimizer.state_dict(),
+        "bf16": run.use_bf16,  # --amp auto's choice, kept so that a resume trains the same way
         "scheduler": {
             "name": "warmup_cosine",
             "base_lr": config.lr,

@@ -18,7 +18,7 @@ from ...data.preprocess import Preprocess
 from ...errors import InputError, TrainingError, VitError
 from ...model import ViT, ViTConfig
 from ...runtime import resolve_workers
-from .amp import choose_amp
+from .amp import AmpChoice, choose_amp
 from .config import ARCH_LIMITS, MAX_IMAGE_SIZE, ResolvedConfig, TrainConfig, check, resolve
 from .loop import (
     Callback,
@@ -131,7 +131,12 @@ def _train(
         net = DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )
-    amp = choose_amp(config.amp, model, device, model.config.image_size, cached_features=cached)
+    if state is not None and isinstance(state.get("bf16"), bool) and config.amp == "auto":
+        # A resume trains as the run began (re-timing could choose otherwise: not bit for bit).
+        began = "bf16 autocast" if state["bf16"] else "float32"
+        amp = AmpChoice(state["bf16"], f"{began}, as the run began (state.pt)")
+    else:
+        amp = choose_amp(config.amp, model, device, model.config.image_size, cached_features=cached)
     if world > 1:  # every rank trains as rank 0 measured (timings differ a little per rank)
         amp = distributed.broadcast_object(amp)
     run_ = Run(
