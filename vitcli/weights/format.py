@@ -22,7 +22,7 @@ from ..data.preprocess import Preprocess
 from ..errors import CheckpointError, VitError
 from ..fileio import atomic_write_bytes
 from ..model import ViT, ViTConfig
-from .limits import check_config, check_state, skeleton
+from .limits import check_config, check_state, skeleton, uninitialised
 from .readers import library_reason, read_safetensors
 from .stamp import SourceStamp
 
@@ -134,27 +134,11 @@ def build_model(
     if read is not None:
         state = read()
     try:
-        model = _unset(config)
+        model = uninitialised(config)
     except ValueError as error:  # a family flag combination the model refuses
         raise CheckpointError(f"{where}: unusable architecture ({error})") from None
     load_state(model, state, where)
     return model.eval()
-
-
-class _Unset(ViT):
-    """A ViT built without its random init: `build_model` overwrites every value at once."""
-
-    def reset_parameters(self) -> None:
-        pass
-
-
-def _unset(config: ViTConfig) -> ViT:
-    """ViT(config) minus `reset_parameters` (truncated normals for every weight: 1.3-2 s of
-    CPU for a B/16 here, all overwritten by the strict load that follows). Not built on the
-    meta device: for a sincos model that imports sympy (~1 s) on the first build."""
-    model: ViT = _Unset(config)
-    model.__class__ = ViT  # _Unset only skips reset_parameters: the object is a plain ViT
-    return model
 
 
 def is_vitcli_file(metadata: dict[str, str]) -> bool:

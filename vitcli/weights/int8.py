@@ -14,7 +14,7 @@ from pathlib import Path
 from ..data.preprocess import Preprocess
 from ..errors import CheckpointError
 from ..fileio import atomic_write_bytes
-from ..model import ViT, ViTConfig
+from ..model import ViTConfig
 from ..model.int8 import QUANTIZATION, is_quantized, quantize, quantized_skeleton
 from .format import (
     FORMAT_NAME,
@@ -24,6 +24,7 @@ from .format import (
     is_vitcli_file,
     read_safetensors,
 )
+from .limits import check_config, skeleton, uninitialised
 
 
 def is_quantized_file(metadata: dict[str, str]) -> bool:
@@ -64,16 +65,17 @@ def load_quantized(path: str | Path, reference: str = "") -> ModelBundle:
             f"{path}: int8 scheme {scheme!r} is not this vitcli's {QUANTIZATION!r}; "
             "convert the float model again with `vit convert --int8`"
         )
+    where = str(path)
     try:
-        config = ViTConfig.from_json(metadata["config"])
+        # The config held to a float file's limits before anything is built.
+        config = ViTConfig.from_dict(check_config(json.loads(metadata["config"]), where))
         labels = json.loads(metadata.get("labels", "null")) or default_labels(config.num_classes)
         preprocess = Preprocess.from_dict(json.loads(metadata["preprocess"]))
-    except (KeyError, ValueError, TypeError) as error:
+    except (KeyError, ValueError, TypeError, RecursionError) as error:
         raise CheckpointError(f"{path}: broken vitcli metadata ({error}); convert again") from None
-    # Not built on the meta device, although that would skip the random init: the first meta
-    # build imports sympy and torch's Python meta kernels (~1 s of CPU here), more than the
-    # init of a small model costs. assign=True adopts the file's tensors without a copy.
-    model = quantized_skeleton(ViT(config))
+    skeleton(config, where)  # the parameter limit
+    # assign=True below adopts the file's tensors without a copy.
+    model = quantized_skeleton(uninitialised(config))
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     wrong = [

@@ -300,18 +300,8 @@ def _metrics_row(metrics: Path, epoch: int) -> dict | None:
 
 
 def _load_int8_file(path: Path, reference: str, metadata: dict[str, str]) -> ModelBundle:
-    """An int8 file, its config held to the same limits as a float file's before anything
-    is built."""
-    import json
-
-    from ..model import ViTConfig
+    """An int8 file (`vit convert --int8`): its loader holds the config to a float file's
+    limits before anything is built."""
     from .int8 import load_quantized
-    from .limits import check_config, skeleton
 
-    where = str(path)
-    try:
-        config = ViTConfig.from_dict(check_config(json.loads(metadata["config"]), where))
-    except (KeyError, ValueError, TypeError, RecursionError) as error:
-        raise CheckpointError(f"{where}: broken vitcli metadata ({error}); convert again") from None
-    skeleton(config, where)  # the parameter limit
     return load_quantized(path, reference=reference)
