@@ -131,7 +131,10 @@ class OrderedDecoding:
         if kill:
             for process in list(getattr(self.pool, "_processes", {}).values()):
                 process.kill()
-        self.pool.shutdown(wait=not kill, cancel_futures=True)
+        # Waited for even after a kill (the dead workers are reaped at once): left running, the
+        # executor's manager thread races Python 3.11's exit handler on its wake-up pipe, which
+        # then prints a "Bad file descriptor" traceback after our one-line error.
+        self.pool.shutdown(wait=True, cancel_futures=True)
         self.pool = None
 
     def __enter__(self) -> OrderedDecoding:
