@@ -89,13 +89,15 @@ files still written); a class none of whose images decoded has no accuracy and i
     with make_progress(quiet=quiet) as progress:
         task = progress.add_task("eval", total=None, rate="")
 
-        def on_progress(event) -> None:
-            if event.kind == "warning":
-                print_warning(event.message)
-            else:
-                progress.update(task, completed=event.done, total=event.total)
+        def on_progress(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
 
-        result = run(options, on_progress=on_progress, on_note=None if quiet else print_note)
+        result = run(
+            options,
+            on_progress=on_progress,
+            on_note=None if quiet else print_note,
+            on_warning=print_warning,
+        )
     summary = (
         f"top-1 {result.top1:.4f}  top-5 {result.top5:.4f}  "
         f"({result.images} images, {len(result.classes)} classes"

@@ -29,6 +29,7 @@ from ..runtime import (
 )
 from ..text import csv_text, json_bytes
 from ..weights.format import ModelBundle
+from .batchrun import ProgressCallback
 from .finite import require_finite
 from .int8 import check_int8_options, prepare_int8
 
@@ -46,14 +47,6 @@ class EvalOptions(BatchOptions):
     workers: int | None = field(default=None, kw_only=True)  # None: default_workers()
     int8: bool = False  # int8 Linear layers on the CPU (services/int8.py)
     fast_decode: bool = False  # opt-in JPEG draft decoding (not the home's pixels)
-
-
-@dataclass
-class EvalEvent:
-    kind: str  # "progress" | "warning"
-    done: int = 0
-    total: int = 0
-    message: str = ""
 
 
 @dataclass
@@ -125,10 +118,12 @@ class EvalResult:
 
 def run(
     options: EvalOptions,
-    on_progress: Callable[[EvalEvent], None] | None = None,
+    on_progress: ProgressCallback | None = None,
     on_note: Callable[[str], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> EvalResult:
-    """Load the model, evaluate it on the folder, write the files asked for."""
+    """Load the model, evaluate it on the folder, write the files asked for. Progress as
+    every batch command reports it: on_progress(done, total)."""
     from ..weights.resolve import load_model
 
     check(options)
@@ -139,8 +134,8 @@ def run(
     device = resolve_device(options.device)  # a bad --device fails before the model loads
     # and so does a dtype this machine cannot run (an int8 run is float32 on the CPU)
     dtype, warning = resolve_dtype(options.dtype, device)
-    if warning and on_progress is not None:
-        on_progress(EvalEvent("warning", message=warning))
+    if warning and on_warning is not None:
+        on_warning(warning)
     resolve_workers(options.workers)
     bundle = load_model(options.model)
     result = evaluate(
@@ -150,6 +145,7 @@ def run(
         workers=options.workers,
         device=options.device,
         on_progress=on_progress,
+        on_warning=on_warning,
         dtype=dtype,
         fast_decode=options.fast_decode,
         int8=options.int8,
@@ -183,26 +179,27 @@ def evaluate(
     batch_size: int = 64,
     workers: int | None = None,
     device: str | torch.device = "auto",
-    on_progress: Callable[[EvalEvent], None] | None = None,
+    on_progress: ProgressCallback | None = None,
     dtype: torch.dtype = torch.float32,
     fast_decode: bool = False,
     int8: bool = False,
     on_note: Callable[[str], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> EvalResult:
     """Run the model over every image of an ImageFolder tree with the model's own preprocessing
     (in `dtype`: float32, or bfloat16 where runtime.resolve_dtype allows it)."""
     check_batch_size(batch_size)
 
-    def emit(event: EvalEvent) -> None:
-        if on_progress is not None:
-            on_progress(event)
+    def warn(message: str) -> None:
+        if on_warning is not None:
+            on_warning(message)
 
     workers, warning = resolve_workers(workers)
     if warning:
-        emit(EvalEvent("warning", message=warning))
+        warn(warning)
     folder = scan_image_folder(data_dir, min_classes=1)
     for message in folder.skipped:
-        emit(EvalEvent("warning", message=message))
+        warn(message)
     labels = [class_label(name) for name in bundle.labels]
     missing = [name for name in folder.classes if name not in labels]
     if missing:
@@ -237,7 +234,7 @@ def evaluate(
             for index, message in batch.failures:
                 failures.append(message)
                 per_class[folder_index[data.samples[index][1]]].failed += 1
-                emit(EvalEvent("warning", message=f"skipped unreadable image: {message}"))
+                warn(f"skipped unreadable image: {message}")
             if len(batch):
                 pixels = normalize(batch.pixel_tensor(), bundle.preprocess, target, dtype)
                 logits = model(pixels).float()
@@ -253,7 +250,8 @@ def evaluate(
                     column = folder_index.get(ranked[0], len(columns) - 1)
                     confusion[row][column] += 1
             done += len(batch.indices) + len(batch.failures)
-            emit(EvalEvent("progress", done=done, total=len(dataset)))
+            if on_progress is not None:
+                on_progress(done, len(dataset))
     images = sum(c.images for c in per_class)
     if images == 0:
         raise DatasetError(f"{data_dir}: none of the {len(dataset)} images could be decoded")
