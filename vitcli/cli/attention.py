@@ -253,7 +253,7 @@ gradcam) as overlays on the original image.
         from rich.markup import escape
 
         from ..console import make_progress, print_error, print_line, print_warning
-        from ..services.attention import AttentionOptions, Progress, run
+        from ..services.attention import AttentionOptions, run
 
         heads, methods = parse_method_options(method, rollout)
         worker_count, warning = resolve_workers(workers)
@@ -291,15 +291,16 @@ gradcam) as overlays on the original image.
         with make_progress(quiet=quiet) as bar:
             task = bar.add_task("attention", total=None, rate="")
 
-            def on_progress(step: Progress) -> None:
-                for _, message in step.failures:
-                    print_error(terminal_safe(message))
-                bar.update(task, total=step.total, completed=step.done)
+            def on_progress(done: int, total: int) -> None:
+                bar.update(task, total=total, completed=done)
                 elapsed = bar.tasks[task].elapsed or 0.0
-                rate = f"{step.done / elapsed:.1f} img/s" if elapsed > 0 and step.done else ""
+                rate = f"{done / elapsed:.1f} img/s" if elapsed > 0 and done else ""
                 bar.update(task, rate=rate)
 
-            summary = run(options, on_progress)
+            def on_failure(path: str, message: str) -> None:
+                print_error(terminal_safe(message))
+
+            summary = run(options, on_progress, on_failure=on_failure)
         for warning in summary.warnings:
             print_warning(terminal_safe(warning))
         failed = len(summary.failures)

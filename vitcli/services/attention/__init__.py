@@ -36,7 +36,6 @@ _EXPORTS = {
     "Method": "...explain.forward",
     "class_specific": "...explain.registry",
     "register": "...explain.registry",
-    "Progress": "runner",
     "RunSummary": "runner",
     "run": "runner",
     "colormaps": "",
@@ -48,7 +47,7 @@ if TYPE_CHECKING:
     from . import colormaps
     from .batches import ImageAttention, attention_batches
     from .options import AttentionOptions, parse_layers
-    from .runner import Progress, RunSummary, run
+    from .runner import RunSummary, run
 
 
 def __getattr__(name: str) -> Any:
@@ -67,7 +66,6 @@ __all__ = [
     "Forward",
     "ImageAttention",
     "Method",
-    "Progress",
     "RunSummary",
     "attention_batches",
     "class_specific",

@@ -28,6 +28,7 @@ from ...explain.registry import METHODS, parse_targets
 from ...fileio import is_output_folder
 from ...runtime import resolve_device, resolve_dtype
 from ...weights.format import ModelBundle
+from ..batchrun import ProgressCallback
 from ..int8 import is_int8, prepare_int8
 from .batches import ImageAttention, attention_batches
 from .figure import display_long_side
@@ -45,15 +46,6 @@ from .preview import preview_name
 from .sheet import sheet_size
 
 MAX_SHEET_PIXELS = 100_000_000  # ~300 MB as RGB, per sheet
-
-
-@dataclass(frozen=True)
-class Progress:
-    """One step of a run: `done` of `total` images finished, and what failed in this step."""
-
-    done: int
-    total: int
-    failures: tuple[tuple[str, str], ...] = ()  # (input path, one-line error)
 
 
 @dataclass
@@ -186,11 +178,14 @@ def prepare(
 
 def run(
     options: AttentionOptions,
-    on_progress: Callable[[Progress], None] | None = None,
+    on_progress: ProgressCallback | None = None,
     *,
     bundle: ModelBundle | None = None,
+    on_failure: Callable[[str, str], None] | None = None,
 ) -> RunSummary:
     """Compute and write everything for every input; bad files are recorded and skipped.
+    Progress as every batch command reports it, on_progress(done, total); each failure as it
+    happens through on_failure(input path, one-line error).
 
     `bundle`: an already loaded model to use instead of loading `options.model`.
     """
@@ -205,8 +200,11 @@ def run(
     def report(count: int, failures: list[tuple[str, str]]) -> None:
         nonlocal done
         done += count
+        if on_failure is not None:
+            for path, message in failures:
+                on_failure(path, message)
         if on_progress is not None:
-            on_progress(Progress(done=done, total=len(items), failures=tuple(failures)))
+            on_progress(done, len(items))
 
     report(0, [])
 
