@@ -141,6 +141,36 @@ def build_model(
     return model.eval()
 
 
+def checkpoint_bundle(
+    model: ViT,
+    labels: list[str],
+    preprocess: Preprocess,
+    source_format: str,
+    reference: str,
+    extra: dict,
+    notes: list[str] | None = None,
+    features_only: str | None = None,
+) -> ModelBundle:
+    """The ModelBundle a home's loader returns: `extra` without its empty values, the
+    preprocessing notes, and `features_only` as the note of a model without a classifier."""
+    extra = {key: value for key, value in extra.items() if value not in (None, "", [], ())}
+    if notes:
+        extra["preprocess_notes"] = list(notes)
+    if features_only:
+        extra["note"] = features_only
+    return ModelBundle(
+        model=model,
+        labels=labels,
+        preprocess=preprocess,
+        source_format=source_format,
+        reference=reference,
+        extra=extra,
+    )
+
+
+FEATURES_ONLY = "no classifier in this checkpoint: embeddings and attention maps only"
+
+
 def is_vitcli_file(metadata: dict[str, str]) -> bool:
     return metadata.get("format") == FORMAT_NAME
 

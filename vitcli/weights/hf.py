@@ -18,7 +18,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..model import ViTConfig
-from .format import ModelBundle, build_model
+from .format import ModelBundle, build_model, checkpoint_bundle
 from .limits import check_config
 from .readers import read_json, read_safetensors, read_torch_pickle
 from .recipes import preprocess_from_hf
@@ -268,18 +268,15 @@ def load_hf_folder(path: Path, config: dict, reference: str) -> ModelBundle:
         str(path / weights_name),
         read=lambda: hf_to_timm(read_hf_weights(path)[0])[0],
     )
-    extra: dict = {"weights_file": weights_name}
-    if dropped:
-        extra["dropped"] = sorted(dropped)
-    if notes:
-        extra["preprocess_notes"] = notes
-    if num_classes == 0:
-        extra["note"] = "no classifier in this checkpoint (a bare ViTModel): features only"
-    return ModelBundle(
-        model=model,
-        labels=labels,
-        preprocess=preprocess,
-        source_format="hf",
-        reference=reference,
-        extra=extra,
+    return checkpoint_bundle(
+        model,
+        labels,
+        preprocess,
+        "hf",
+        reference,
+        {"weights_file": weights_name, "dropped": sorted(dropped)},
+        notes,
+        features_only=None
+        if num_classes
+        else "no classifier in this checkpoint (a bare ViTModel): features only",
     )

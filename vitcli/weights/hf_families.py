@@ -21,8 +21,8 @@ import torch
 
 from ..errors import CheckpointError
 from ..model import ViTConfig
-from .format import ModelBundle, build_model
-from .hf import HF_ACTS, _stack_qkv, labels_from_hf, read_hf_weights
+from .format import FEATURES_ONLY, ModelBundle, build_model, checkpoint_bundle
+from .hf import HF_ACTS, _stack_qkv, labels_from_hf, load_hf_folder, read_hf_weights
 from .limits import check_config, whole
 from .recipes import preprocess_from_hf
 
@@ -389,21 +389,16 @@ def load_hf_family(path: Path, config: dict, reference: str) -> ModelBundle:
         else labels_from_hf(config, num_labels, where)
     )
     preprocess, preprocess_notes = preprocess_from_hf(path, vit_config.image_size)
-    extra: dict = {"weights_file": weights_name, "family": vit_config.family}
-    if dropped:
-        extra["dropped"] = sorted(dropped)
-    notes += preprocess_notes
-    if notes:
-        extra["preprocess_notes"] = notes
-    if vit_config.num_classes == 0 or projection:
-        extra["note"] = "no classifier in this checkpoint: embeddings and attention maps only"
-    return ModelBundle(
-        model=model,
-        labels=labels,
-        preprocess=preprocess,
-        source_format="hf",
-        reference=reference,
-        extra=extra,
+    extra = {"weights_file": weights_name, "family": vit_config.family, "dropped": sorted(dropped)}
+    return checkpoint_bundle(
+        model,
+        labels,
+        preprocess,
+        "hf",
+        reference,
+        extra,
+        notes + preprocess_notes,
+        features_only=FEATURES_ONLY if vit_config.num_classes == 0 or projection else None,
     )
 
 
@@ -413,3 +408,18 @@ def refuse_unsupported_hf(config: dict, where: str) -> None:
     if model_type in UNSUPPORTED_TYPES:
         family = UNSUPPORTED_TYPES[model_type]
         raise CheckpointError(f"{where}: {family} is not supported; supported: {SUPPORTED_TEXT}")
+
+
+def load_hf(path: Path, config: dict, reference: str) -> ModelBundle:
+    """The one transformers loader: a ViT (hf.py's key map) or a family model (this module's),
+    from a model folder whose config.json is `config`."""
+    config_path = Path(path) / "config.json"
+    if config.get("model_type") in FAMILY_TYPES:
+        return load_hf_family(path, config, reference=reference)
+    refuse_unsupported_hf(config, str(config_path))
+    if config.get("model_type") == "vit" or "hidden_size" in config:
+        return load_hf_folder(path, config, reference=reference)
+    raise CheckpointError(
+        f"{config_path}: not a ViT config "
+        "(neither transformers' model_type 'vit' nor timm's 'architecture')"
+    )

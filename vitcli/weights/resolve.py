@@ -207,28 +207,12 @@ def _load_folder(path: Path, reference: str) -> ModelBundle:
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path}: expected a JSON object, not {type(config).__name__}")
     if "architecture" in config or "pretrained_cfg" in config:
-        from .timm import load_timm_folder
-        from .timm_families import is_family_architecture, load_timm_family, refuse_unsupported_timm
+        from .timm_families import load_timm
 
-        arch = config.get("architecture")
-        if isinstance(arch, str):
-            refuse_unsupported_timm(arch, str(path))
-            if is_family_architecture(arch):
-                return load_timm_family(path, config, reference=reference)
-        return load_timm_folder(path, config, reference=reference)
-    from .hf_families import FAMILY_TYPES, load_hf_family, refuse_unsupported_hf
+        return load_timm(path, config, reference=reference)
+    from .hf_families import load_hf
 
-    if config.get("model_type") in FAMILY_TYPES:
-        return load_hf_family(path, config, reference=reference)
-    refuse_unsupported_hf(config, str(config_path))
-    if config.get("model_type") == "vit" or "hidden_size" in config:
-        from .hf import load_hf_folder
-
-        return load_hf_folder(path, config, reference=reference)
-    raise CheckpointError(
-        f"{config_path}: not a ViT config "
-        "(neither transformers' model_type 'vit' nor timm's 'architecture')"
-    )
+    return load_hf(path, config, reference=reference)
 
 
 # -- `vit train --out` folders -------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from ..model import VARIANTS, ViTConfig
-from .format import ModelBundle, build_model, default_labels
+from .format import ModelBundle, build_model, checkpoint_bundle, default_labels
 from .limits import check_config
 from .readers import read_safetensors, read_torch_pickle
 from .recipes import preprocess_from_timm
@@ -134,19 +134,8 @@ def load_timm_folder(path: Path, config: dict, reference: str) -> ModelBundle:
     preprocess, notes = preprocess_from_timm(
         pretrained, vit_config.image_size, f"{path / 'config.json'} pretrained_cfg"
     )
-    extra: dict = {"architecture": arch, "labels_from": label_source}
-    if pretrained.get("tag"):
-        extra["tag"] = pretrained["tag"]
-    if notes:
-        extra["preprocess_notes"] = notes
-    return ModelBundle(
-        model=model,
-        labels=labels,
-        preprocess=preprocess,
-        source_format="timm",
-        reference=reference,
-        extra=extra,
-    )
+    extra = {"architecture": arch, "labels_from": label_source, "tag": pretrained.get("tag")}
+    return checkpoint_bundle(model, labels, preprocess, "timm", reference, extra, notes)
 
 
 def _timm_config(

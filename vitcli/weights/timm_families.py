@@ -17,7 +17,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..model import ViTConfig
-from .format import ModelBundle, build_model
+from .format import FEATURES_ONLY, ModelBundle, build_model, checkpoint_bundle
 from .limits import check_config
 
 # Head counts of the published widths (timm's size words, DINOv2 giant, CLIP bigG, SO400M).
@@ -295,18 +295,32 @@ def load_timm_family(path: Path, config: dict, reference: str) -> ModelBundle:
     preprocess, notes = preprocess_from_timm(
         pretrained, vit_config.image_size, f"{path / 'config.json'} pretrained_cfg"
     )
-    extra: dict = {"architecture": arch, "labels_from": label_source, "family": vit_config.family}
-    if pretrained.get("tag"):
-        extra["tag"] = pretrained["tag"]
-    if notes:
-        extra["preprocess_notes"] = notes
-    if vit_config.num_classes == 0 or projection:
-        extra["note"] = "no classifier in this checkpoint: embeddings and attention maps only"
-    return ModelBundle(
-        model=model,
-        labels=labels,
-        preprocess=preprocess,
-        source_format="timm",
-        reference=reference,
-        extra=extra,
+    extra = {
+        "architecture": arch,
+        "labels_from": label_source,
+        "family": vit_config.family,
+        "tag": pretrained.get("tag"),
+    }
+    return checkpoint_bundle(
+        model,
+        labels,
+        preprocess,
+        "timm",
+        reference,
+        extra,
+        notes,
+        features_only=FEATURES_ONLY if vit_config.num_classes == 0 or projection else None,
     )
+
+
+def load_timm(path: Path, config: dict, reference: str) -> ModelBundle:
+    """The one timm loader: a plain ViT (timm.py) or a family architecture (this module),
+    from a hub folder whose config.json is `config`."""
+    from .timm import load_timm_folder
+
+    arch = config.get("architecture")
+    if isinstance(arch, str):
+        refuse_unsupported_timm(arch, str(path))
+        if is_family_architecture(arch):
+            return load_timm_family(path, config, reference=reference)
+    return load_timm_folder(path, config, reference=reference)
