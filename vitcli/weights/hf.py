@@ -191,7 +191,7 @@ def config_from_hf(config: dict, num_classes: int, where: str) -> ViTConfig:
     fields = check_config(
         {
             "image_size": config.get("image_size", 224),
-            "patch_size": _first(config.get("patch_size", 16), where),
+            "patch_size": square_patch(config.get("patch_size", 16), where),
             "in_channels": config.get("num_channels", 3),
             "num_classes": num_classes,
             "width": config.get("hidden_size", 768),
@@ -211,8 +211,8 @@ def config_from_hf(config: dict, num_classes: int, where: str) -> ViTConfig:
         raise CheckpointError(f"{where}: unusable ViT config ({error})") from None
 
 
-def _first(value, where: str):
-    """HF allows patch_size as an int or a pair; ours is square."""
+def square_patch(value, where: str):
+    """HF allows a patch size as an int or a pair; ours is square (checked by check_config)."""
     if isinstance(value, (list, tuple)):
         if len(value) not in (1, 2) or value[0] != value[-1]:
             raise CheckpointError(f"{where}: patch size {value} is not supported (square only)")

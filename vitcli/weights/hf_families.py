@@ -22,7 +22,14 @@ import torch
 from ..errors import CheckpointError
 from ..model import ViTConfig
 from .format import FEATURES_ONLY, ModelBundle, build_model, checkpoint_bundle
-from .hf import HF_ACTS, _stack_qkv, labels_from_hf, load_hf_folder, read_hf_weights
+from .hf import (
+    HF_ACTS,
+    _stack_qkv,
+    labels_from_hf,
+    load_hf_folder,
+    read_hf_weights,
+    square_patch,
+)
 from .limits import check_config, whole
 from .recipes import preprocess_from_hf
 
@@ -219,15 +226,6 @@ def _vision_config(config: dict, where: str) -> dict:
     return {**_DEFAULTS[model_type.removesuffix("_vision_model")], **vision}
 
 
-def _patch_size(value, where: str):
-    """HF allows a patch size as an int or a pair; ours is square (checked by check_config)."""
-    if isinstance(value, (list, tuple)):
-        if len(value) not in (1, 2) or value[0] != value[-1]:
-            raise CheckpointError(f"{where}: patch size {value} is not supported (square only)")
-        return value[0]
-    return value
-
-
 # Our config fields -> the keys of a family's config.json, so errors name what the user sees.
 HF_FAMILY_NAMES = {
     "image_size": "image_size",
@@ -278,7 +276,7 @@ def config_from_hf_family(
     notes: list[str] = []
     fields: dict = dict(
         image_size=vision["image_size"],
-        patch_size=_patch_size(vision["patch_size"], where),
+        patch_size=square_patch(vision["patch_size"], where),
         in_channels=vision["num_channels"],
         num_classes=num_classes,
         width=vision["hidden_size"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -100,6 +101,24 @@ def labels_for(config: dict, num_classes: int, where: str = "") -> tuple[list[st
     return default_labels(num_classes), "generic"
 
 
+def timm_weights(path: Path) -> tuple[Path, dict, Callable[[], dict]]:
+    """A timm folder's weights file, its tensors' headers (meta tensors) and a reader of the
+    real tensors, for build_model."""
+    weights = path / "model.safetensors"
+    if weights.exists():
+        return (
+            weights,
+            read_safetensors(weights, meta=True)[0],
+            lambda: read_safetensors(weights)[0],
+        )
+    weights = path / "pytorch_model.bin"
+    if weights.exists():
+        return weights, read_torch_pickle(weights, meta=True), lambda: read_torch_pickle(weights)
+    raise CheckpointError(
+        f"{path}: no model.safetensors in this timm folder; download the weights too"
+    )
+
+
 def load_timm_folder(path: Path, config: dict, reference: str) -> ModelBundle:
     """A timm hub folder as a ModelBundle; shapes are checked before tensor data is read."""
     path = Path(path)
@@ -111,18 +130,7 @@ def load_timm_folder(path: Path, config: dict, reference: str) -> ModelBundle:
     args = config.get("model_args") or {}  # timm's override of the named architecture
     if not isinstance(pretrained, dict) or not isinstance(args, dict):
         raise CheckpointError(f"{path}: pretrained_cfg and model_args must be JSON objects")
-    weights = path / "model.safetensors"
-    if weights.exists():
-        state, _ = read_safetensors(weights, meta=True)
-        read = lambda: read_safetensors(weights)[0]  # noqa: E731
-    elif (path / "pytorch_model.bin").exists():
-        weights = path / "pytorch_model.bin"
-        state = read_torch_pickle(weights, meta=True)
-        read = lambda: read_torch_pickle(weights)  # noqa: E731
-    else:
-        raise CheckpointError(
-            f"{path}: no model.safetensors in this timm folder; download the weights too"
-        )
+    weights, state, read = timm_weights(path)
     if "fc_norm.weight" in state or "norm_pre.weight" in state:
         raise CheckpointError(
             f"{weights}: this timm model uses fc_norm/norm_pre layers that plain ViT "

@@ -250,8 +250,7 @@ def _image_size(args: dict, pretrained: dict, where: str) -> tuple[int, int] | N
 
 def load_timm_family(path: Path, config: dict, reference: str) -> ModelBundle:
     """A timm folder of one of the families (config.json `architecture` + model.safetensors)."""
-    from .readers import read_safetensors, read_torch_pickle
-    from .timm import labels_for, preprocess_from_timm
+    from .timm import labels_for, preprocess_from_timm, timm_weights
 
     path = Path(path)
     arch = str(config.get("architecture") or "")
@@ -259,16 +258,7 @@ def load_timm_family(path: Path, config: dict, reference: str) -> ModelBundle:
     args = config.get("model_args") or {}
     if not isinstance(pretrained, dict) or not isinstance(args, dict):
         raise CheckpointError(f"{path}: pretrained_cfg and model_args must be JSON objects")
-    weights = path / "model.safetensors"
-    if weights.exists():
-        state, _ = read_safetensors(weights, meta=True)  # the header only
-        read = lambda: read_safetensors(weights)[0]  # noqa: E731
-    elif (path / "pytorch_model.bin").exists():
-        weights = path / "pytorch_model.bin"
-        state = read_torch_pickle(weights, meta=True)
-        read = lambda: read_torch_pickle(weights)  # noqa: E731
-    else:
-        raise CheckpointError(f"{path}: no model.safetensors in this timm folder; download it too")
+    weights, state, read = timm_weights(path)
     image_size = _image_size(args, pretrained, str(path))
     hints = timm_hints(arch, tag=str(pretrained.get("tag") or ""))
     global_pool = args.get("global_pool", config.get("global_pool", "token")) or "token"
