@@ -13,8 +13,6 @@ from functools import partial
 from typing import Any
 
 import typer
-from typer._click import exceptions as click_errors  # typer 0.29 vendors Click
-from typer._click import utils as click_utils
 
 from .._version import __version__
 from ..errors import OptionError, VitError
@@ -54,16 +52,21 @@ class _VitGroup(Group):
             return run()
         try:
             result = run()
-        except click_errors.NoArgsIsHelpError:
-            sys.exit(EXIT_USAGE)  # the help has been printed (rich prints while formatting)
-        except click_errors.UsageError as error:
-            from ..console import print_error
+        except typer.TyperException as error:  # Click's exceptions, through typer's public name
+            if type(error).__name__ == "NoArgsIsHelpError":
+                sys.exit(EXIT_USAGE)  # the help has been printed (rich prints while formatting)
+            if error.exit_code == EXIT_USAGE:  # a usage error: one line, like ours
+                from ..console import print_error
 
-            where = error.ctx.command_path if error.ctx else "vit"
-            print_error(f"{error.format_message()} (see '{where} --help')")
-            sys.exit(EXIT_USAGE)
-        except click_errors.ClickException as error:
-            error.show()
+                ctx = getattr(error, "ctx", None)
+                where = ctx.command_path if ctx is not None else "vit"
+                print_error(f"{error.format_message()} (see '{where} --help')")
+                sys.exit(EXIT_USAGE)
+            show = getattr(error, "show", None)  # Click's own form, where it has one
+            if show is not None:
+                show()
+            else:
+                typer.echo(f"Error: {error.format_message()}", err=True)
             sys.exit(error.exit_code)
         except VitError as error:  # raised while parsing: --version or --help to a full stdout
             from ..console import print_error
@@ -71,7 +74,7 @@ class _VitGroup(Group):
             print_error(str(error))
             sys.exit(EXIT_USAGE if isinstance(error, OptionError) else EXIT_FAILED)
         except typer.Abort:
-            click_utils.echo("Aborted.", err=True)
+            typer.echo("Aborted.", err=True)
             sys.exit(EXIT_FAILED)
         sys.exit(result if isinstance(result, int) else 0)
 
