@@ -17,6 +17,7 @@ import json
 import math
 import platform
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image
@@ -361,6 +362,7 @@ class Preprocess:
         return np.ascontiguousarray(x[0].numpy())
 
 
+@lru_cache(maxsize=1)
 def _native_uint8_bilinear() -> bool:
     """torchvision resizes uint8 bilinear natively only on AVX2/AVX-512 x86 and on Arm;
     elsewhere through float32 and a rounding cast. Mirrored so the bytes are the same."""

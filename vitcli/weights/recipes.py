@@ -14,6 +14,8 @@ A value the home would honour but that is not reproduced exactly is refused, nam
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..data.preprocess import IMAGENET_MEAN, IMAGENET_STD, PIL_RESAMPLE, Preprocess
@@ -109,14 +111,21 @@ def preprocess_from_hf(folder: Path, image_size: tuple[int, int]) -> tuple[Prepr
         if not isinstance(spec, dict):
             raise CheckpointError(f"{path}: expected a JSON object")
     where = str(path)
-    try:
+    with _unusable(where, "preprocessing"):
         return hf_recipe(spec, model_type, where), notes
+
+
+@contextmanager
+def _unusable(where: str, what: str) -> Iterator[None]:
+    """A recipe that cannot be read, as one CheckpointError naming the file: Preprocess' own
+    InputErrors and the values a stranger's JSON can hold (wrong types, missing keys)."""
+    try:
+        yield
     except CheckpointError:
         raise  # already names the file
-    except VitError as error:  # InputError from Preprocess' own checks
-        raise CheckpointError(f"{where}: unusable preprocessing ({error})") from None
-    except (ValueError, TypeError, ArithmeticError, AttributeError, KeyError) as error:
-        raise CheckpointError(f"{where}: unusable preprocessing ({error})") from None
+    except (VitError, ValueError, TypeError, ArithmeticError, AttributeError, IndexError,
+            KeyError) as error:  # fmt: skip
+        raise CheckpointError(f"{where}: unusable {what} ({error})") from None
 
 
 def hf_recipe(spec: dict, model_type: object, where: str) -> Preprocess:
@@ -237,14 +246,8 @@ def preprocess_from_timm(
     pretrained: dict, image_size: tuple[int, int], where: str = "pretrained_cfg"
 ) -> tuple[Preprocess, list[str]]:
     """timm's create_transform(is_training=False) for this pretrained_cfg."""
-    try:
+    with _unusable(where, "timm preprocessing"):
         return timm_recipe(pretrained, image_size, where), []
-    except CheckpointError:
-        raise  # already names the file
-    except VitError as error:  # InputError from Preprocess' own checks
-        raise CheckpointError(f"{where}: unusable timm preprocessing ({error})") from None
-    except (ValueError, TypeError, ArithmeticError, IndexError, KeyError) as error:
-        raise CheckpointError(f"{where}: unusable timm preprocessing ({error})") from None
 
 
 def timm_recipe(pretrained: dict, image_size: tuple[int, int], where: str) -> Preprocess:
