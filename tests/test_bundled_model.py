@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from vitcli.data.shapes import SHAPES, generate
-from vitcli.weights.resolve import DEFAULT_MODEL_NAME, default_model_path, load_model
+from vitcli.weights.locate import DEFAULT_MODEL_NAME, default_model_path
+from vitcli.weights.resolve import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_CLASS = 12

@@ -9,8 +9,10 @@ from vitcli import __version__
 from vitcli.cli import app
 
 PROBE = (
-    "import sys, runpy; sys.argv = ['vit'] + sys.argv[1:]\n"
-    "try:\n    runpy.run_module('vitcli', run_name='__main__')\n"
+    # `main`, not the `vit` entry point, which ends the process without returning.
+    "import sys; sys.argv = ['vit'] + sys.argv[1:]\n"
+    "from vitcli.cli import main\n"
+    "try:\n    main()\n"
     "except SystemExit:\n    pass\n"
     "print('TORCH_LOADED' if 'torch' in sys.modules else 'TORCH_NOT_LOADED', file=sys.stderr)\n"
 )

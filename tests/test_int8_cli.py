@@ -124,7 +124,8 @@ def test_convert_int8_round_trip(tmp_path, examples_dir):
     """The bundled model stored in int8 loads ready (no quantising), answers as float32 does,
     and runs on the CPU only."""
     from vitcli.model.int8 import Int8Linear
-    from vitcli.weights.resolve import default_model_path, load_model
+    from vitcli.weights.locate import default_model_path
+    from vitcli.weights.resolve import load_model
 
     target = tmp_path / "bundled-int8.safetensors"
     result = invoke("convert", "bundled", target, "--int8")

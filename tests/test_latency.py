@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from vitcli.model import ViT
@@ -83,3 +85,38 @@ print("full collections", len(full), file=sys.stderr)
     assert done.returncode == 0, done.stderr
     assert "full collections 0" in done.stderr, done.stderr
     assert '"label": "star"' in done.stdout
+
+
+def test_the_vit_program_runs_its_exit_handlers_and_keeps_its_status(tmp_path, examples_dir):
+    """`vit` ends without the interpreter's teardown (cli.leave): the atexit handlers still
+    run, every record is out, and the exit status is the command's."""
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, sys\n"
+        "marker, image, top_k = sys.argv[1:4]\n"
+        "atexit.register(lambda: open(marker, 'a').write('ran'))\n"
+        "sys.argv = ['vit', 'predict', image, '-q', '--top-k', top_k]\n"
+        "from vitcli.cli import entry\n"
+        "entry()\n"
+        "raise AssertionError('entry returned')\n"
+    )
+    image = str(examples_dir / "shapes-star.jpg")
+    for name, target, top_k, status in (
+        ("ok", image, "6", 0),
+        ("usage", image, "0", 2),
+        ("failed", str(tmp_path / "missing.jpg"), "2", 1),
+    ):
+        marker = tmp_path / name
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(marker), target, top_k],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == status, (name, done.stderr)
+        assert marker.read_text() == "ran", name
+        if status == 0:
+            record = json.loads(done.stdout)
+            assert len(record["predictions"]) == 6

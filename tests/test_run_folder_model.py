@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from vitcli.cli import app
 from vitcli.errors import CheckpointError
 from vitcli.services.train import TrainConfig, run, rundir
-from vitcli.weights import resolve
+from vitcli.weights import locate, resolve
 from vitcli.weights.format import load_vitcli_file
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -45,7 +45,7 @@ def run_folder(tmp_path_factory) -> Path:
 
 
 def test_names_match_what_a_run_writes():
-    assert (resolve.RUN_BEST, resolve.RUN_LAST, resolve.RUN_STATE) == (
+    assert (locate.RUN_BEST, locate.RUN_LAST, locate.RUN_STATE) == (
         rundir.BEST_FILE,
         rundir.LAST_FILE,
         rundir.STATE_FILE,
@@ -69,7 +69,7 @@ def test_a_run_folder_loads_its_best_model_and_says_so(run_folder):
 def test_without_a_best_file_the_last_epoch_is_used(run_folder, tmp_path):
     copy = Path(shutil.copytree(run_folder, tmp_path / "run"))
     (copy / "best.safetensors").unlink()
-    chosen, line = resolve.run_folder_model(copy)
+    chosen, line = locate.run_folder_model(copy)
     assert chosen == copy / "last.safetensors"
     assert line.startswith(f"using {chosen} (validation top-1 ") and line.endswith("epoch 2)")
 

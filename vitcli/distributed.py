@@ -55,6 +55,12 @@ def is_distributed() -> bool:
     return world_size() > 1
 
 
+def launched_distributed() -> bool:
+    """Started by a launcher for more than one process (WORLD_SIZE > 1), from the environment
+    alone: what can be asked before torch is imported."""
+    return _env_int("WORLD_SIZE", 1) > 1
+
+
 def is_main() -> bool:
     return rank() == 0
 

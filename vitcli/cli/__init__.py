@@ -6,8 +6,11 @@ Nothing here imports torch at module level: `vit --help` and `vit --version` sta
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
+import os
 import sys
+import threading
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -195,3 +198,37 @@ def main() -> None:
         print_error(str(failed))
         code = code if isinstance(code, int) and code != 0 else EXIT_FAILED
     sys.exit(code)
+
+
+def entry() -> None:
+    """The `vit` program (the console script, `python -m vitcli`): `main`, then `leave`.
+    Callers that embed `main` get its SystemExit, as from any Click program."""
+    try:
+        main()
+    except SystemExit as done:
+        leave(done.code)
+
+
+def leave(code: str | int | None) -> None:
+    """Exit with `code`, skipping the interpreter's teardown where nothing is left for it.
+
+    With torch imported, tearing the interpreter down (clearing every module, then the C++
+    static destructors of torch's libraries) took 0.3-0.5 s after the last line was written:
+    measured on 2 cores, `python -c "import torch"` took 1.6-2.2 s and the same followed by
+    `os._exit` 1.2-1.8 s. Once the command is done, that is time a user (or a script calling
+    vit in a loop) waits for nothing. So the atexit handlers run as usual (pools, temporary
+    files, logging, coverage), the standard streams are flushed, and the process ends there.
+    Only when no other thread is alive (a thread still running is left to the normal exit,
+    which waits for it) and the code is a status (a message passed to sys.exit prints as usual).
+    """
+    if torch_loaded() and threading.active_count() == 1 and (code is None or isinstance(code, int)):
+        atexit._run_exitfuncs()  # CPython's own exit path, run early
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(code or 0)
+    sys.exit(code)
+
+
+def torch_loaded() -> bool:
+    return "torch" in sys.modules

@@ -201,7 +201,7 @@ def _note_run_folder(params: dict, quiet: bool) -> None:
     if not os.path.isdir(os.path.expanduser(reference)):
         return
     from ..distributed import is_main
-    from ..weights.resolve import run_folder_model
+    from ..weights.locate import run_folder_model
 
     found = run_folder_model(os.path.expanduser(reference))
     if found is not None and is_main():

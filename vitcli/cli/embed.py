@@ -85,45 +85,53 @@ def embed(
     from ..runtime import prefer_passive_waiting
 
     prefer_passive_waiting()
-    from .. import distributed
-    from ..console import markup, print_line, print_note, print_warning
     from ..runtime import resolve_workers
-    from ..services import embed as service
+    from ..services.early import early_start
 
     worker_count, clamped = resolve_workers(workers)
-    options = service.EmbedOptions(
-        output=output,
-        inputs=tuple(inputs),
-        model=model,
-        pool=pool,
-        batch_size=batch_size,
-        workers=worker_count,
-        device=device,
-        dtype=dtype.value,
-        int8=int8,
-        fast_decode=fast_decode,
-    )
-    main = distributed.is_main()
-    if clamped and main:
-        print_warning(clamped)
-    show = main and not quiet
-    progress, on_progress = batch_progress("embed", show)
+    # The inputs are collected and their images start decoding now, while torch is imported
+    # and the model loaded (services/early.py).
+    with early_start(
+        model, inputs, batch_size=batch_size, workers=worker_count, fast_decode=fast_decode
+    ) as early:
+        from .. import distributed
+        from ..console import markup, print_line, print_note, print_warning
+        from ..services import embed as service
 
-    with progress:
-        result = service.run(
-            options,
-            on_progress if show else None,
-            on_warning=print_warning,
-            on_note=print_note if show else None,
+        options = service.EmbedOptions(
+            output=output,
+            inputs=tuple(inputs),
+            model=model,
+            pool=pool,
+            batch_size=batch_size,
+            workers=worker_count,
+            device=device,
+            dtype=dtype.value,
+            int8=int8,
+            fast_decode=fast_decode,
         )
-    summary = result.summary
-    if result.is_main and (summary.failed or not quiet):
-        verb = f"embedded ({result.dim} numbers each)"
-        tail = f" -> {markup(str(result.output))}"
-        print_line(batch_summary(summary, verb, result.device, tail))
-    # As predict: a completed distributed run exits 0 on every rank (failures are recorded).
-    if summary.failed and summary.world_size == 1:
-        raise typer.Exit(1)
+        main = distributed.is_main()
+        if clamped and main:
+            print_warning(clamped)
+        show = main and not quiet
+        progress, on_progress = batch_progress("embed", show)
+
+        with progress:
+            result = service.run(
+                options,
+                on_progress if show else None,
+                on_warning=print_warning,
+                on_note=print_note if show else None,
+                early=early,
+            )
+        summary = result.summary
+        if result.is_main and (summary.failed or not quiet):
+            verb = f"embedded ({result.dim} numbers each)"
+            tail = f" -> {markup(str(result.output))}"
+            print_line(batch_summary(summary, verb, result.device, tail))
+        # As predict: a completed distributed run exits 0 on every rank (failures are recorded).
+        if summary.failed and summary.world_size == 1:
+            raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

@@ -188,73 +188,81 @@ written), 2 for a usage error.
     from ..runtime import prefer_passive_waiting
 
     prefer_passive_waiting()  # before torch loads: decoders share the CPU with the model
-    from .. import distributed
-    from ..console import (
-        markup,
-        print_line,
-        print_note,
-        print_warning,
-        rows_console,
-        stdout_is_terminal,
-    )
     from ..runtime import resolve_workers
-    from ..services import predict as service
-    from ..services.outputs import choose_format
+    from ..services.early import early_start
 
-    chosen = choose_format(
-        format.value if format is not None else None, output, stdout_is_terminal()
-    )
     worker_count, clamped = resolve_workers(workers)
-    options = service.PredictOptions(
-        top_k=top_k,
-        logits=logits,
-        batch_size=batch_size,
-        workers=worker_count,
-        device=device,
-        dtype=dtype.value,
-        int8=int8,
-        fast_decode=fast_decode,
-        inputs=tuple(inputs),
-        model=model,
-        format=chosen,
-        output=output,
-    )
-    main = distributed.is_main()
-    if clamped and main:
-        print_warning(clamped)
-    show = main and not quiet
-    progress, on_progress = batch_progress("predict", show)
-
-    def table(paths: list[str], labels: list[str], top_k: int) -> service.RecordSink:
-        return _Table(rows_console(progress), paths, labels, logits)
-
-    try:
-        # The service writes everything, json's closing bracket included, while the bar is
-        # live: output lands above the bar, never after it.
-        with progress:
-            result = service.run(
-                options,
-                on_progress if show else None,
-                on_warning=print_warning,
-                on_note=print_note if show else None,
-                table=table,
-            )
-    except BrokenPipeError:
-        # The reader went away (`vit predict ... | head`): stop quietly.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(1) from None
-    summary = result.summary
-    if result.is_main and (summary.failed or not quiet):
-        target = f" -> {markup(str(result.output))}" if result.output is not None else ""
-        line = batch_summary(
-            summary, "classified", result.device, target, by=f" by {markup(result.model)}"
+    # The inputs are collected and their images start decoding now, while torch is imported
+    # and the model loaded (services/early.py).
+    with early_start(
+        model, inputs, batch_size=batch_size, workers=worker_count, fast_decode=fast_decode
+    ) as early:
+        from .. import distributed
+        from ..console import (
+            markup,
+            print_line,
+            print_note,
+            print_warning,
+            rows_console,
+            stdout_is_terminal,
         )
-        print_line(line)
-    # Under torchrun any non-zero exit makes the launcher stop the other ranks and print its
-    # own ChildFailedError traceback; images that failed are in the records and the summary,
-    # so a distributed run that completed exits 0 on every rank (docs/predict.md).
-    if summary.failed and summary.world_size == 1:
-        raise typer.Exit(1)
+        from ..services import predict as service
+        from ..services.outputs import choose_format
+
+        chosen = choose_format(
+            format.value if format is not None else None, output, stdout_is_terminal()
+        )
+        options = service.PredictOptions(
+            top_k=top_k,
+            logits=logits,
+            batch_size=batch_size,
+            workers=worker_count,
+            device=device,
+            dtype=dtype.value,
+            int8=int8,
+            fast_decode=fast_decode,
+            inputs=tuple(inputs),
+            model=model,
+            format=chosen,
+            output=output,
+        )
+        main = distributed.is_main()
+        if clamped and main:
+            print_warning(clamped)
+        show = main and not quiet
+        progress, on_progress = batch_progress("predict", show)
+
+        def table(paths: list[str], labels: list[str], top_k: int) -> service.RecordSink:
+            return _Table(rows_console(progress), paths, labels, logits)
+
+        try:
+            # The service writes everything, json's closing bracket included, while the bar is
+            # live: output lands above the bar, never after it.
+            with progress:
+                result = service.run(
+                    options,
+                    on_progress if show else None,
+                    on_warning=print_warning,
+                    on_note=print_note if show else None,
+                    table=table,
+                    early=early,
+                )
+        except BrokenPipeError:
+            # The reader went away (`vit predict ... | head`): stop quietly.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(1) from None
+        summary = result.summary
+        if result.is_main and (summary.failed or not quiet):
+            target = f" -> {markup(str(result.output))}" if result.output is not None else ""
+            line = batch_summary(
+                summary, "classified", result.device, target, by=f" by {markup(result.model)}"
+            )
+            print_line(line)
+        # Under torchrun any non-zero exit makes the launcher stop the other ranks and print its
+        # own ChildFailedError traceback; images that failed are in the records and the summary,
+        # so a distributed run that completed exits 0 on every rank (docs/predict.md).
+        if summary.failed and summary.world_size == 1:
+            raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

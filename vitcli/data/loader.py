@@ -30,19 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
-from ..errors import ImageDecodeError
 from ..runtime import model_threads
-from .decoders import OrderedDecoding
-from .images import display_size, open_image
+from .decoders import EarlyDecoding, ImageFiles, decode_images
 from .preprocess import Geometry, Preprocess
-
-# Images in flight (decoding or decoded, not yet taken), in batches: the next batch decodes
-# while the model runs this one, and a second gives the decoders room to run ahead.
-LOOKAHEAD_BATCHES = 2
-# Fewer images than this are decoded in the main process: starting workers costs more.
-MIN_IMAGES_FOR_WORKERS = 4
 
 
 @dataclass
@@ -90,73 +81,6 @@ def prepare(
     return normalize(pixels[None], preprocess)[0]  # C,H,W
 
 
-class ImageFiles(Dataset):
-    """Paths -> (index, CHW uint8 array, geometry, display or None, None) or
-    (index, None, None, None, error message)."""
-
-    def __init__(
-        self,
-        paths: Sequence[str],
-        preprocess: Preprocess,
-        draft: bool = False,
-        errors: Sequence[str | None] | None = None,
-        display_long_side: int | None = None,
-    ) -> None:
-        self.paths = list(paths)
-        self.preprocess = preprocess
-        self.draft = draft
-        self.display_long_side = display_long_side
-        # Failures known before decoding (e.g. a named path that is not an image): the item
-        # keeps its place in the batch, so batches stay aligned with positions in `paths`.
-        self.errors = list(errors) if errors is not None else None
-        if self.errors is not None and len(self.errors) != len(self.paths):
-            raise ValueError(f"{len(self.errors)} errors for {len(self.paths)} paths")
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        path = self.paths[index]
-        if self.errors is not None and self.errors[index] is not None:
-            return index, None, None, None, self.errors[index]
-        try:
-            draft_for = self.preprocess.resized_size if self.draft else None
-            image, original_size = open_image(
-                path, draft_for=draft_for, exif=self.preprocess.exif, rgb=self.preprocess.rgb
-            )
-            array = self.preprocess.pixels(image, original_size)
-            return (
-                index,
-                array,
-                self.preprocess.geometry(*original_size),
-                self._display(image, original_size),
-                None,
-            )
-        except ImageDecodeError as error:
-            return index, None, None, None, str(error)
-        except Exception as error:
-            return (
-                index,
-                None,
-                None,
-                None,
-                f"{path}: cannot process image ({type(error).__name__}: {error})",
-            )
-
-    def _display(self, image: Image.Image, original_size: tuple[int, int]) -> np.ndarray | None:
-        """The image to draw overlays on, made from the pixels already decoded (a second
-        decode of a large JPEG costs more than this resize): scaled down to the long side
-        asked for, or as decoded when it is no larger."""
-        if self.display_long_side is None:
-            return None
-        size = display_size(original_size, self.display_long_side)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        if image.width > size[0] and image.height > size[1]:
-            image = image.resize(size, Image.Resampling.BILINEAR)
-        return np.asarray(image)
-
-
 def collate(items) -> Batch:
     """ImageFiles items -> one Batch; `pixels` is a numpy array until `image_batches` makes it
     a tensor."""
@@ -189,6 +113,7 @@ def image_batches(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     share_cores: bool = False,
+    early: EarlyDecoding | None = None,
 ) -> Iterator[Batch]:
     """An ordered iterator of Batch, each with `inputs` normalised on `device` (default the
     CPU) in `dtype`; decoding overlaps the forward pass when workers > 0.
@@ -203,30 +128,29 @@ def image_batches(
     still being decoded beside it (runtime.model_threads), and restored at the end. On the
     shared 2-core development machine it was not measurably faster than leaving the model all
     threads (bench/README.md, "Third round"), so no command turns it on yet.
+
+    `early`: images already decoding since before the model was loaded (decoders.py), used
+    when they are these images decoded this way, stopped otherwise.
     """
     dataset = ImageFiles(
         paths, preprocess, draft=draft, errors=errors, display_long_side=display_long_side
     )
-    workers = decoding_workers(workers, len(dataset))
-    share_cores = share_cores and workers > 0
+    decoding = early.take_over(dataset) if early is not None else None
+    if decoding is None:
+        decoding = decode_images(dataset, workers, batch_size)
+    share_cores = share_cores and decoding.workers > 0
     all_threads = torch.get_num_threads()
-    lookahead = LOOKAHEAD_BATCHES * batch_size
-    with OrderedDecoding(dataset.__getitem__, len(dataset), workers, lookahead) as decoded:
+    with decoding as decoded:
         try:
             for _ in range(0, len(dataset), batch_size):
                 batch = collate(decoded.take(batch_size))
                 if share_cores:
-                    torch.set_num_threads(model_threads(all_threads, workers, decoded.remaining()))
+                    left = decoded.remaining()
+                    torch.set_num_threads(model_threads(all_threads, decoded.workers, left))
                 yield _to_model(batch, preprocess, pin_memory, device, dtype)
         finally:
             if share_cores:
                 torch.set_num_threads(all_threads)
-
-
-def decoding_workers(requested: int, images: int) -> int:
-    """Worker processes worth starting for `images` images: none for a handful (a fork costs
-    more than decoding them here), never more than there are images."""
-    return max(0, min(requested, images if images >= MIN_IMAGES_FOR_WORKERS else 0))
 
 
 def _to_model(

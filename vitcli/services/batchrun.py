@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 
 from .. import distributed
+from ..data.decoders import EarlyDecoding
 from ..data.inputs import InputItem
 from ..data.loader import image_batches
 from ..data.preprocess import Preprocess
@@ -52,6 +53,9 @@ class LoaderOptions:
     fast_decode: bool  # JPEG draft decoding (opt-in)
     device: torch.device
     dtype: torch.dtype
+    # Images decoding since before the model was loaded (services/early.py), taken over when
+    # they are the ones asked for.
+    early: EarlyDecoding | None = None
 
 
 def model_batches(
@@ -75,6 +79,7 @@ def model_batches(
         errors=[item.error for item in items],
         device=loader.device,
         dtype=loader.dtype,
+        early=loader.early,
     )
     for batch in batches:
         records: dict[int, dict] = {}

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .. import distributed
+from ..data.decoders import EarlyDecoding
 from ..data.images import pixel_limit
 from ..data.inputs import InputItem, collect_inputs, refuse_output_among_inputs
 from ..errors import OptionError
@@ -40,6 +41,7 @@ from ..runtime import BatchOptions, resolve_device, resolve_dtype
 from ..weights.format import ModelBundle
 from .batchrun import LoaderOptions, OrderedRun, ProgressCallback, Summary, drain, model_batches
 from .batchrun import share_inputs as share_inputs
+from .early import EarlyStart
 from .int8 import prepare_int8, runs_on
 from .outputs import json_line, open_writer
 
@@ -144,13 +146,14 @@ class Embedder:
             for row, ok in zip(vectors, finite)
         ]
 
-    def batches(self, items, options: EmbedOptions):
+    def batches(self, items, options: EmbedOptions, early: EarlyDecoding | None = None):
         loader = LoaderOptions(
             batch_size=options.batch_size,
             workers=options.workers,
             fast_decode=options.fast_decode,
             device=self.device,
             dtype=self.dtype,
+            early=early,
         )
         if not options.fast_decode:
             return model_batches(items, self.bundle.preprocess, loader, self.compute)
@@ -173,11 +176,12 @@ class EmbedRun(OrderedRun):
         options: EmbedOptions,
         on_progress: ProgressCallback | None = None,
         on_note: Callable[[str], None] | None = None,
+        early: EarlyDecoding | None = None,
     ) -> None:
         self.embedder = Embedder(bundle, options, on_note)
         super().__init__(
             items,
-            lambda chosen: self.embedder.batches(chosen, options),
+            lambda chosen: self.embedder.batches(chosen, options, early),
             options.batch_size,
             on_progress,
         )
@@ -331,11 +335,13 @@ def run(
     on_warning: Callable[[str], None] | None = None,
     on_note: Callable[[str], None] | None = None,
     stdin: Iterable[str] | None = None,
+    early: EarlyStart | None = None,
 ) -> EmbedResult:
     """`vit embed`: embed `options.inputs` and write them, in input order, to options.output.
 
     Under torchrun every rank calls this, as with predict: rank 0 collects the inputs and
-    writes, every rank embeds its shard.
+    writes, every rank embeds its shard. `early`: the inputs as collected, and their images
+    decoding, before torch was imported (services/early.py).
     """
     from ..weights.resolve import load_model
 
@@ -343,7 +349,7 @@ def run(
     kind = embed_format(options.output)
 
     def collect() -> list[InputItem]:
-        items = collect_inputs(options.inputs, stdin)
+        items = early.items if early is not None else collect_inputs(options.inputs, stdin)
         refuse_output_among_inputs(options.output, items, "--output")
         if kind == "npy":
             refuse_output_among_inputs(sidecar_path(options.output), items, "--output")
@@ -355,7 +361,12 @@ def run(
         items = share_inputs(collect)
         bundle = load_model(options.model)
         embed = EmbedRun(
-            bundle, items, options, on_progress if main else None, on_note if main else None
+            bundle,
+            items,
+            options,
+            on_progress if main else None,
+            on_note if main else None,
+            early=early.decoding if early is not None else None,
         )
         if embed.embedder.warning and main and on_warning is not None:
             on_warning(embed.embedder.warning)
@@ -369,6 +380,8 @@ def run(
         drain(embed.records(), sink)
         distributed.barrier()
     finally:
+        if early is not None:
+            early.close()
         distributed.shutdown()
     return EmbedResult(
         summary=embed.summary,

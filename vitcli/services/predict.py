@@ -24,6 +24,7 @@ from typing import TextIO
 import torch
 
 from .. import distributed
+from ..data.decoders import EarlyDecoding
 from ..data.images import pixel_limit
 from ..data.inputs import InputItem, collect_inputs, refuse_output_among_inputs
 from ..errors import OptionError, VitError
@@ -39,6 +40,7 @@ from .batchrun import (
     model_batches,
     share_inputs,
 )
+from .early import EarlyStart
 from .int8 import prepare_int8, runs_on
 from .outputs import OutputFormat, open_writer
 
@@ -113,6 +115,7 @@ class Predictor:
         bundle: ModelBundle,
         options: PredictOptions,
         on_note: Callable[[str], None] | None = None,
+        early: EarlyDecoding | None = None,
     ) -> None:
         num_classes = bundle.config.num_classes
         if num_classes < 1 or bundle.config.head_kind == "projection":
@@ -122,6 +125,7 @@ class Predictor:
             )
         self.bundle = bundle
         self.options = options
+        self.early = early
         self.labels = list(bundle.labels)
         self.top_k = min(options.top_k, num_classes)  # clipped to the number of classes
         # The one int8 decision of the run (`on_note`: a first --int8 run builds its graph,
@@ -166,6 +170,7 @@ class Predictor:
             fast_decode=self.options.fast_decode,
             device=self.device,
             dtype=self.dtype,
+            early=self.early,
         )
 
         # Records say when they came from draft-decoded pixels (jsonl/json keys, a csv column).
@@ -198,9 +203,10 @@ class PredictRun(OrderedRun):
         options: PredictOptions | None = None,
         on_progress: ProgressCallback | None = None,
         on_note: Callable[[str], None] | None = None,
+        early: EarlyDecoding | None = None,
     ) -> None:
         self.options = options if options is not None else PredictOptions()
-        self.predictor = Predictor(bundle, self.options, on_note)
+        self.predictor = Predictor(bundle, self.options, on_note, early)
         super().__init__(items, self.predictor.batches, self.options.batch_size, on_progress)
 
     @property
@@ -232,6 +238,7 @@ def run(
     table: TableFactory | None = None,
     stdin: Iterable[str] | None = None,
     stdout: TextIO | None = None,
+    early: EarlyStart | None = None,
 ) -> PredictResult:
     """`vit predict`: classify `options.inputs` and write every record, in input order, to
     `options.output` (or `stdout`, or the `table` sink for the table format).
@@ -239,7 +246,8 @@ def run(
     Under torchrun, every rank calls this: inputs are collected on rank 0 and shared, each
     rank classifies its shard, rank 0 writes, and no rank returns before rank 0 has written
     everything (a launcher stops the whole group as soon as one rank exits with a failure).
-    Progress and warnings are reported on rank 0 only.
+    Progress and warnings are reported on rank 0 only. `early`: the inputs as collected, and
+    their images decoding, before torch was imported (services/early.py).
     """
     import sys
 
@@ -250,7 +258,7 @@ def run(
         raise OptionError("the table format needs a terminal renderer; use json, jsonl or csv")
 
     def collect() -> list[InputItem]:
-        items = collect_inputs(options.inputs, stdin)
+        items = early.items if early is not None else collect_inputs(options.inputs, stdin)
         if options.output is not None:
             refuse_output_among_inputs(options.output, items, "--output")
         return items
@@ -266,6 +274,7 @@ def run(
             options,
             on_progress if main else None,
             on_note=on_note if main else None,
+            early=early.decoding if early is not None else None,
         )
         if predict.warning and main and on_warning is not None:
             on_warning(predict.warning)
@@ -286,6 +295,8 @@ def run(
         drain(predict.records(), sink)
         distributed.barrier()
     finally:
+        if early is not None:
+            early.close()
         distributed.shutdown()
     return PredictResult(
         summary=predict.summary,

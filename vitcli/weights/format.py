@@ -22,8 +22,9 @@ from ..data.preprocess import Preprocess
 from ..errors import CheckpointError, VitError
 from ..fileio import atomic_write_bytes
 from ..model import ViT, ViTConfig
+from .files import library_reason
 from .limits import check_config, check_state, skeleton, uninitialised
-from .readers import library_reason, read_safetensors
+from .readers import read_safetensors
 from .stamp import SourceStamp
 
 __all__ = [

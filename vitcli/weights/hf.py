@@ -18,9 +18,10 @@ import torch
 
 from ..errors import CheckpointError
 from ..model import ViTConfig
+from .files import read_json
 from .format import ModelBundle, build_model, checkpoint_bundle
 from .limits import check_config
-from .readers import read_json, read_safetensors, read_torch_pickle
+from .readers import read_safetensors, read_torch_pickle
 from .recipes import preprocess_from_hf
 
 __all__ = ["load_hf_folder", "read_hf_weights"]

@@ -24,9 +24,10 @@ import torch
 from ..data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from ..errors import CheckpointError
 from ..model import ViT, ViTConfig
+from .files import library_reason, read_json, regular_file
 from .format import ModelBundle, build_model
 from .limits import max_parameters
-from .readers import library_reason, read_json, read_safetensors, read_torch_pickle, regular_file
+from .readers import read_safetensors, read_torch_pickle
 from .recipes import dino_recipe, openclip_recipe, preprocess_from_timm
 from .timm_families import config_from_state, timm_hints
 

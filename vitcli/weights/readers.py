@@ -12,28 +12,21 @@ Every reader here
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import stat
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, ModelNotFoundError
+from ..errors import CheckpointError
+from .files import MAX_SAFETENSORS_HEADER, library_reason, regular_file
 from .limits import max_parameters
 
-MAX_JSON_BYTES = 16 * 1024 * 1024  # config.json, preprocessor_config.json, shard indexes
 MAX_NPZ_MEMBERS = 100_000
 # A ViT-H/14 file has ~400 tensors and a 50 kB header; safetensors itself allows 100 MB.
 MAX_TENSORS = 100_000
-MAX_SAFETENSORS_HEADER = 16 * 1024 * 1024
-# Words from libraries' error messages that advise loading unsafely; such text is never shown.
-_UNSAFE_ADVICE = ("weights_only", "allow_pickle", "trust", "unsafe", "pickle")
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -47,52 +40,6 @@ _SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-
-
-def regular_file(path: str | Path) -> os.stat_result:
-    """stat() a file we are about to read; refuse FIFOs, devices, sockets and folders.
-
-    Only stat() is called: opening a FIFO for reading would block until a writer appears.
-    """
-    path = Path(path)
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise ModelNotFoundError(f"{path}: no such file") from None
-    except OSError as error:
-        raise CheckpointError(f"{path}: cannot be read ({error.strerror or error})") from None
-    if not stat.S_ISREG(info.st_mode):
-        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file"
-        raise CheckpointError(
-            f"{path}: {kind} (a FIFO, device or socket is never read); "
-            "pass a model file or a model folder"
-        )
-    return info
-
-
-def read_json(path: str | Path) -> Any:
-    """A small JSON file (config.json and friends); errors are one line."""
-    path = Path(path)
-    info = regular_file(path)
-    if info.st_size > MAX_JSON_BYTES:
-        raise CheckpointError(
-            f"{path}: {info.st_size:,} bytes is too large for a config file "
-            f"(limit {MAX_JSON_BYTES:,}); download the model again"
-        )
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"{path}: not valid JSON ({reason}); fix or replace it") from None
-
-
-def library_reason(error: BaseException) -> str:
-    """The first line of a library's error, unless it advises loading unsafely."""
-    text = str(error).strip()
-    first = text.splitlines()[0] if text else type(error).__name__
-    if any(word in text.lower() for word in _UNSAFE_ADVICE):
-        return type(error).__name__
-    return first[:200]
 
 
 # -- safetensors -------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..data.preprocess import IMAGENET_MEAN, IMAGENET_STD, PIL_RESAMPLE, Preprocess
 from ..errors import CheckpointError, VitError
-from .readers import read_json
+from .files import read_json
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -49,7 +49,7 @@ import torch
 from ...errors import TrainingError
 from ...fileio import atomic_write_bytes
 from ...text import finite_or_none, json_bytes
-from ...weights.readers import library_reason
+from ...weights.files import library_reason
 from .config import ResolvedConfig, config_from_saved
 
 STATE_FORMAT = "vitcli-train-state"
