@@ -5,6 +5,7 @@ from a checkpoint's small files (weights/peek.py), the hand-over to the loader
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -200,3 +201,21 @@ def test_an_array_of_another_shape_travels_the_usual_way():
     assert packed[1] == IN_SLOT
     unpacked = slots.unpack(packed)
     assert unpacked[2] == "geometry" and (unpacked[1] == 7).all()
+
+
+def test_freed_memory_is_kept_unless_the_user_tuned_glibc():
+    """runtime.keep_freed_memory, in a fresh process each time (mallopt is process-wide)."""
+    import platform
+
+    code = "from vitcli.runtime import keep_freed_memory; print(keep_freed_memory())"
+    expected = str(sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
+    for env, want in (({}, expected), ({"MALLOC_TRIM_THRESHOLD_": "131072"}, "False")):
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+            env={**os.environ, **env},
+        )
+        assert done.stdout.strip() == want, done.stderr

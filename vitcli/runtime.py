@@ -8,6 +8,7 @@ torch; the functions that need it import it when called.
 from __future__ import annotations
 
 import os
+import platform
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -138,14 +139,50 @@ def prefer_passive_waiting() -> bool:
     Also THP_MEM_ALLOC_ENABLE=1 unless the user set it (torch reads it once, too): large
     tensors on transparent huge pages fault in 512x fewer pages, and page faults are much of a
     batch's time on some VMs (docs/int8.md: B/16 int8 11-30% faster, fp32 2-11%).
+
+    And on glibc, freed memory is kept for the next batch (`keep_freed_memory`).
     """
     if "torch" in sys.modules:
         return False
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    keep_freed_memory()
     if "OMP_WAIT_POLICY" in os.environ:
         return False
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     return True
+
+
+# glibc's mallopt parameters (malloc.h) and the values set: every block under 32 MB (glibc's
+# ceiling for the threshold) comes from the heap, and up to 1 GB free at its top stays there.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_FREE_BYTES, _HEAP_BLOCK_BYTES = 1 << 30, 32 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep memory a forward pass freed for the next one, instead of handing it
+    back to the kernel and faulting it in again. Returns whether it was set.
+
+    Each layer of a forward pass allocates activations of megabytes and frees them a moment
+    later. glibc's defaults serve such blocks with mmap, or from the heap but trim its top as
+    soon as it is free, so the next batch faults every page in again, zeroed by the kernel:
+    measured on a Ti/16 at batch 32, 113,000 page faults in every batch (about 440 MB), and
+    0.75-1.1 s per batch against 0.62-0.85 s with these settings, which leave none after
+    the first (the peak resident size stayed within 5%). Left alone where the user set
+    glibc's own MALLOC_TRIM_THRESHOLD_ or MALLOC_MMAP_THRESHOLD_, and off glibc.
+    """
+    if any(name in os.environ for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")):
+        return False
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        kept = libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_FREE_BYTES)
+        heap = libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_BLOCK_BYTES)
+    except (OSError, AttributeError):
+        return False
+    return bool(kept and heap)
 
 
 def _mps_available() -> bool:
