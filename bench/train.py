@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from vitcli.model import ViT, ViTConfig
+from vitcli.runtime import keep_freed_memory
 from vitcli.services.train import make_optimizer, train_step
 
 
@@ -119,6 +120,8 @@ def main() -> None:
         default=None,
         help="override the variant's depth (smaller = faster bench)",
     )
+    parser.add_argument("--width", type=int, default=None, help="override the variant's width")
+    parser.add_argument("--heads", type=int, default=None, help="override its number of heads")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--classes", type=int, default=10)
@@ -141,9 +144,14 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    keep_freed_memory()  # as `vit train` does, for the step alone and end to end alike
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {"depth": args.depth} if args.depth else {}
+    overrides: dict = {"depth": args.depth} if args.depth else {}
+    if args.width:
+        overrides.update(width=args.width, mlp_dim=4 * args.width)
+    if args.heads:
+        overrides["num_heads"] = args.heads
     config = ViTConfig.from_variant(
         args.variant, image_size=args.image_size, num_classes=args.classes, **overrides
     )
@@ -159,7 +167,8 @@ def main() -> None:
     labels = torch.randint(0, args.classes, (args.batch_size,))
 
     print(
-        f"{args.variant}{' depth ' + str(args.depth) if args.depth else ''} at "
+        f"{args.variant}{' depth ' + str(args.depth) if args.depth else ''}"
+        f"{' width ' + str(args.width) if args.width else ''} at "
         f"{args.image_size}, batch {args.batch_size}, "
         f"{ours.num_parameters() / 1e6:.2f}M params, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",

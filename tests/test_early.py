@@ -219,3 +219,19 @@ def test_freed_memory_is_kept_unless_the_user_tuned_glibc():
             env={**os.environ, **env},
         )
         assert done.stdout.strip() == want, done.stderr
+
+
+@pytest.mark.parametrize("cpus, training, other", [(1, 0, 1), (2, 0, 1), (4, 2, 2), (64, 8, 8)])
+def test_training_decodes_in_the_main_process_on_two_cpus(monkeypatch, cpus, training, other):
+    """On 2 CPUs the training step needs both cores (runtime.default_training_workers); the
+    inference commands keep their worker, which decodes while torch is imported."""
+    from vitcli import runtime
+
+    monkeypatch.setattr(runtime, "cpu_count", lambda: cpus)
+    assert runtime.default_training_workers() == training
+    assert runtime.resolve_workers(None, default=runtime.default_training_workers()) == (
+        training,
+        None,
+    )
+    assert runtime.resolve_workers(None) == (other, None)
+    assert runtime.resolve_workers(1, default=0) == (1, None)  # asked for: kept

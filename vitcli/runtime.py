@@ -43,11 +43,27 @@ def default_workers() -> int:
     return max(1, min(8, cpu_count() // 2))
 
 
-def resolve_workers(requested: int | None, what: str = "--workers") -> tuple[int, str | None]:
-    """(workers, warning or None). None picks the default; a request above the CPU count is
-    clamped to it (each worker is a process with its own copy of the decoder and buffers)."""
+def default_training_workers() -> int:
+    """Decoding processes for `vit train`: `default_workers`, except none on 2 CPUs or fewer.
+
+    A training step runs on every CPU (torch's threads); on 2 cores a decoding worker can only
+    take its turns from one of them, and every parallel region of the step then waits for the
+    thread that lost its core. Measured on 2 cores (bench/README.md, "Training input"), one
+    epoch end to end against the step alone on tensors: 85% with the main process decoding
+    between steps, 75% with one worker (Ti/8 at 64 px, median of 6 rounds); 92% against 89%
+    (Ti/16 depth 6 at 224 px, 4 rounds). With more CPUs the workers have cores of their own.
+    """
+    return 0 if cpu_count() <= 2 else default_workers()
+
+
+def resolve_workers(
+    requested: int | None, what: str = "--workers", default: int | None = None
+) -> tuple[int, str | None]:
+    """(workers, warning or None). None picks `default` (else `default_workers`); a request
+    above the CPU count is clamped to it (each worker is a process with its own copy of the
+    decoder and buffers)."""
     if requested is None:
-        return default_workers(), None
+        return (default if default is not None else default_workers()), None
     check_workers(requested, what)
     limit = cpu_count() * MAX_WORKERS_PER_CPU
     if requested > limit:

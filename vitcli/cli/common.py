@@ -99,6 +99,20 @@ WorkersOption = Annotated[
         "\\[default: half the CPUs, 1 to 8]",
     ),
 ]
+# vit train's: on 2 CPUs the step needs both cores (runtime.default_training_workers).
+TrainWorkersOption = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        "-w",
+        metavar="N",
+        show_default=False,
+        help="Decoding processes, 0 to 64 (0 decodes in the main process; at most the CPU "
+        "count). "
+        "\\[default: half the CPUs, 1 to 8; none on 2 CPUs or fewer, where the main process "
+        "decodes between steps]",
+    ),
+]
 
 BatchSizeOption = Annotated[
     int,

@@ -11,7 +11,7 @@ import typer
 
 from ..services.train_choices import Amp, Pool, PosEmbed  # torch-free: --help stays light
 from ..text import terminal_safe
-from .common import BatchSizeOption, DeviceOption, JobsAlias, WorkersOption
+from .common import BatchSizeOption, DeviceOption, JobsAlias, TrainWorkersOption
 
 _SCRATCH = "From scratch only"
 _OPT = "Optimisation"
@@ -243,7 +243,7 @@ def train(
         float,
         _float("--val-split", "Hold out this fraction of each class for validation, 0 to 0.99."),
     ] = 0.0,
-    workers: WorkersOption = None,
+    workers: TrainWorkersOption = None,
     jobs: JobsAlias = None,
     device: DeviceOption = "auto",
     quiet: Annotated[
@@ -263,6 +263,9 @@ with DistributedDataParallel and only rank 0 writes. Ctrl-C keeps the last finis
     On a CPU, fine-tuning the bundled model (--model bundled) learns a new task in minutes; \
 from scratch takes far longer, and the run says how long after its first steps.
     """
+    from ..runtime import keep_freed_memory
+
+    keep_freed_memory()  # before torch loads: a step's activations are reused, not refaulted
     from ..services.train import TrainConfig
     from ..services.train import run as run_training
 

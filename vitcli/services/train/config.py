@@ -67,7 +67,7 @@ class TrainConfig:
     seed: int = 0
     val: str = ""  # a validation folder
     val_split: float = 0.0  # or this fraction of each class held out
-    workers: int | None = None  # decoding processes; None: runtime.default_workers()
+    workers: int | None = None  # decoding processes; None: runtime.default_training_workers()
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: str = Amp.auto.value  # auto: bf16 where native and measured faster (train/amp.py)
     linear_probe: bool = False  # fine-tune only: freeze the backbone, train a new head

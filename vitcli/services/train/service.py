@@ -17,7 +17,7 @@ from ...data.folder import load_datasets
 from ...data.preprocess import Preprocess
 from ...errors import InputError, TrainingError, VitError
 from ...model import ViT, ViTConfig
-from ...runtime import resolve_workers
+from ...runtime import default_training_workers, resolve_workers
 from .amp import AmpChoice, choose_amp
 from .config import ARCH_LIMITS, MAX_IMAGE_SIZE, ResolvedConfig, TrainConfig, check, resolve
 from .loop import (
@@ -100,7 +100,7 @@ def _train(
     built = (
         _rebuild(saved_json, folder, classes) if state is not None else build_model(wanted, classes)
     )
-    workers, warning = resolve_workers(wanted.workers)
+    workers, warning = resolve_workers(wanted.workers, default=default_training_workers())
     if warning:
         emit(TrainEvent("warning", message=warning))
     config = resolve(wanted, image_size=built.model.config.image_size[0], workers=workers)
