@@ -10,7 +10,9 @@ output, for a folder of 64 photo-like 1600x1200 JPEGs (quality 90) and for one i
   resolve_data_config, create_loader, 2 workers, batch 32) on the same weights as a timm folder
   (bench/peers/timm_inference.py);
 - the same two with `--fast-decode` (JPEG draft decoding), when this vit has the flag;
-- `vit predict one.jpg` against `python -c "import torch"`.
+- `vit predict one.jpg` against `python -c "import torch"`;
+- the floor under the folder runs (bench/e2e_floor.py): import torch, load the checkpoint and
+  run the forward pass over as many images, on zeros; no pipeline can take less.
 
 The peers run in the reference environment: $VITCLI_REF_PYTHON, else .venv-ref/bin/python,
 else /tmp/vref/bin/python (`make ref-env` builds .venv-ref). Every round runs each command
@@ -113,7 +115,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def commands(folder: Path, ref: str, fast: bool) -> dict[str, list[str]]:
+def commands(folder: Path, ref: str, fast: bool, count: int) -> dict[str, list[str]]:
     images, bench = str(folder / "images"), ROOT / "bench" / "peers"
     exact = VIT  # full decoding is vit's default
     runs = {
@@ -121,6 +123,12 @@ def commands(folder: Path, ref: str, fast: bool) -> dict[str, list[str]]:
         "hf pipeline": [ref, str(bench / "hf_pipeline.py"), str(folder / "hf"), images],
         "vit timm": [*exact, "predict", images, "-m", str(folder / "timm"), "-q"],
         "timm inference": [ref, str(bench / "timm_inference.py"), str(folder / "timm"), images],
+        "floor (import, load, forward)": [
+            sys.executable,
+            str(ROOT / "bench" / "e2e_floor.py"),
+            str(folder / "timm"),
+            str(count),
+        ],
         "vit one.jpg": [*VIT, "predict", str(folder / "one.jpg"), "-q"],
         "import torch": [sys.executable, "-c", "import torch"],
     }
@@ -131,12 +139,15 @@ def commands(folder: Path, ref: str, fast: bool) -> dict[str, list[str]]:
     return runs
 
 
-RATIOS = {  # name: (ours, peer, goal)
+RATIOS: dict[str, tuple[str, str, float | None]] = {  # name: (ours, peer, goal)
     "exact vs HF pipeline": ("vit hf", "hf pipeline", 0.5),
     "exact vs timm inference": ("vit timm", "timm inference", 0.5),
     "fast-decode vs HF pipeline": ("vit hf --fast-decode", "hf pipeline", 1 / 3),
     "fast-decode vs timm inference": ("vit timm --fast-decode", "timm inference", 1 / 3),
     "one image vs import torch": ("vit one.jpg", "import torch", 1.1),
+    # Not goals: how far below the peers any pipeline could go (bench/e2e_floor.py).
+    "floor vs HF pipeline": ("floor (import, load, forward)", "hf pipeline", None),
+    "floor vs timm inference": ("floor (import, load, forward)", "timm inference", None),
 }
 
 
@@ -163,7 +174,7 @@ def main() -> None:
     ref = reference_python()
     folder = args.keep or Path(tempfile.mkdtemp(prefix="vit-e2e-"))
     setup(folder, args.images)
-    runs = commands(folder, ref, has_fast_decode())
+    runs = commands(folder, ref, has_fast_decode(), args.images)
     if args.only:
         wanted = {name.strip() for name in args.only.split(",")}
         runs = {name: command for name, command in runs.items() if name in wanted}
@@ -200,7 +211,8 @@ def main() -> None:
             continue
         ratios = [a / b for a, b in zip(times[ours], times[peer])]
         each = ", ".join(f"{r:.2f}" for r in ratios)
-        print(f"| {label} | **{statistics.median(ratios):.2f}x** | {each} | <= {goal:.2f}x |")
+        bound = f"<= {goal:.2f}x" if goal is not None else "(bound)"
+        print(f"| {label} | **{statistics.median(ratios):.2f}x** | {each} | {bound} |")
     if args.keep is None:
         shutil.rmtree(folder, ignore_errors=True)
 
