@@ -11,8 +11,9 @@ the target device (on a GPU the host-to-device copy shrinks by the same factor; 
 workers, which compete with the forward pass for cores, do less). `image_batches` applies it
 itself: every Batch arrives with `inputs`, ready for the model, so no consumer can forget it.
 
-An image crosses the worker boundary as a numpy array (pickled through the worker's pipe),
-not as a torch tensor. A tensor travels through torch's shared-memory hand-off, whose receiving
+An image crosses the worker boundary as a numpy array (in a shared-memory slot where workers
+are forked, decoders.PixelSlots; else pickled through the worker's pipe), not as a torch
+tensor. A tensor travels through torch's shared-memory hand-off, whose receiving
 side keeps a weak reference per batch in `torch.multiprocessing.reductions.shared_cache` and
 sweeps the dead ones only when 128 have piled up. Those dead entries keep small allocations
 alive in the heap that each batch's float input had just been freed to, and glibc could then
