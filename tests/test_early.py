@@ -151,17 +151,16 @@ def test_the_loader_takes_over_the_early_decoding_and_gets_the_same_pixels(tmp_p
     assert any(failures for _, _, failures in got)  # the broken file is reported, in place
 
 
-@pytest.mark.parametrize(
-    "change",
-    ["preprocess", "paths", "draft"],
-)
+@pytest.mark.parametrize("change", ["preprocess", "paths", "draft", "batch size"])
 def test_a_wrong_forecast_is_thrown_away(tmp_path, change):
     paths = photos(tmp_path / "photos")
     asked = Preprocess(size=(24, 24))
     started = Preprocess(size=(16, 16)) if change == "preprocess" else asked
     early_paths = paths[::-1] if change == "paths" else paths
     early = EarlyDecoding(
-        ImageFiles(early_paths, started, draft=change == "draft"), workers=1, batch_size=3
+        ImageFiles(early_paths, started, draft=change == "draft"),
+        workers=1,
+        batch_size=1 if change == "batch size" else 3,  # 2 in flight: too few for a batch of 3
     )
     got = batches_of(paths, asked, workers=1, early=early)
     assert not early.adopted and early.decoding is None

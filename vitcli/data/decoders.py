@@ -347,14 +347,16 @@ class EarlyDecoding:
         self.decoding: OrderedDecoding | None = decode_images(dataset, workers, batch_size)
         self.adopted = False  # whether `take_over` handed the decoding on
 
-    def take_over(self, dataset: ImageFiles) -> OrderedDecoding | None:
-        """The running decoding when it decodes `dataset`, else None (and it is stopped).
-        Either way, it is handed over at most once."""
+    def take_over(self, dataset: ImageFiles, batch_size: int) -> OrderedDecoding | None:
+        """The running decoding when it decodes `dataset` and keeps a batch of `batch_size` in
+        flight, else None (and it is stopped). Either way, it is handed over at most once."""
         decoding, self.decoding = self.decoding, None
-        if decoding is not None and (decoding.taken or dataset.key() != self.key):
+        if decoding is None:
+            return None
+        if decoding.taken or decoding.lookahead < batch_size or dataset.key() != self.key:
             decoding.close(kill=True)
             return None
-        self.adopted = decoding is not None
+        self.adopted = True
         return decoding
 
     def close(self) -> None:

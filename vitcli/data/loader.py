@@ -136,7 +136,7 @@ def image_batches(
     dataset = ImageFiles(
         paths, preprocess, draft=draft, errors=errors, display_long_side=display_long_side
     )
-    decoding = early.take_over(dataset) if early is not None else None
+    decoding = early.take_over(dataset, batch_size) if early is not None else None
     if decoding is None:
         decoding = decode_images(dataset, workers, batch_size)
     share_cores = share_cores and decoding.workers > 0
