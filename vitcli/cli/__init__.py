@@ -221,14 +221,11 @@ def leave(code: str | int | None) -> None:
     Only when no other thread is alive (a thread still running is left to the normal exit,
     which waits for it) and the code is a status (a message passed to sys.exit prints as usual).
     """
-    if torch_loaded() and threading.active_count() == 1 and (code is None or isinstance(code, int)):
+    alone = threading.active_count() == 1
+    if "torch" in sys.modules and alone and (code is None or isinstance(code, int)):
         atexit._run_exitfuncs()  # CPython's own exit path, run early
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()
         os._exit(code or 0)
     sys.exit(code)
-
-
-def torch_loaded() -> bool:
-    return "torch" in sys.modules

@@ -87,32 +87,26 @@ DTypeOption = Annotated[
     ),
 ]
 
-WorkersOption = Annotated[
-    int | None,
-    typer.Option(
-        "--workers",
-        "-w",
-        metavar="N",
-        show_default=False,
-        help="Decoding processes, 0 to 64 (0 decodes in the main process; at most the CPU "
-        "count). "
-        "\\[default: half the CPUs, 1 to 8]",
-    ),
-]
+
+def _workers_option(default: str):
+    return Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            "-w",
+            metavar="N",
+            show_default=False,
+            help="Decoding processes, 0 to 64 (0 decodes in the main process; at most the CPU "
+            f"count). \\[default: {default}]",
+        ),
+    ]
+
+
+WorkersOption = _workers_option("half the CPUs, 1 to 8")
 # vit train's: on 2 CPUs the step needs both cores (runtime.default_training_workers).
-TrainWorkersOption = Annotated[
-    int | None,
-    typer.Option(
-        "--workers",
-        "-w",
-        metavar="N",
-        show_default=False,
-        help="Decoding processes, 0 to 64 (0 decodes in the main process; at most the CPU "
-        "count). "
-        "\\[default: half the CPUs, 1 to 8; none on 2 CPUs or fewer, where the main process "
-        "decodes between steps]",
-    ),
-]
+TrainWorkersOption = _workers_option(
+    "half the CPUs, 1 to 8; none on 2 CPUs or fewer, where the main process decodes between steps"
+)
 
 BatchSizeOption = Annotated[
     int,

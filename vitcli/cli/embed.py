@@ -82,15 +82,11 @@ def embed(
 
     Under torchrun each rank embeds its own share and rank 0 writes the file.
     """
-    from ..runtime import prefer_passive_waiting
-
-    prefer_passive_waiting()
     from ..runtime import resolve_workers
     from ..services.early import early_start
 
     worker_count, clamped = resolve_workers(workers)
-    # The inputs are collected and their images start decoding now, while torch is imported
-    # and the model loaded (services/early.py).
+    # Inputs collected and images decoding from now on, while torch is imported (early.py).
     with early_start(
         model, inputs, batch_size=batch_size, workers=worker_count, fast_decode=fast_decode
     ) as early:

@@ -185,15 +185,11 @@ written), 2 for a usage error.
 
     Under torchrun each rank classifies its own share and rank 0 writes all results.
     """
-    from ..runtime import prefer_passive_waiting
-
-    prefer_passive_waiting()  # before torch loads: decoders share the CPU with the model
     from ..runtime import resolve_workers
     from ..services.early import early_start
 
     worker_count, clamped = resolve_workers(workers)
-    # The inputs are collected and their images start decoding now, while torch is imported
-    # and the model loaded (services/early.py).
+    # Inputs collected and images decoding from now on, while torch is imported (early.py).
     with early_start(
         model, inputs, batch_size=batch_size, workers=worker_count, fast_decode=fast_decode
     ) as early:

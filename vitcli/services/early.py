@@ -27,7 +27,7 @@ from ..data.decoders import EarlyDecoding, ImageFiles
 from ..data.images import pixel_limit
 from ..data.inputs import InputItem, collect_inputs
 from ..errors import VitError
-from ..runtime import check_batch_size, check_workers
+from ..runtime import check_batch_size, check_workers, prefer_passive_waiting
 from ..weights.peek import peek_preprocess
 
 
@@ -84,7 +84,9 @@ def early_start(
     fast_decode: bool,
 ) -> Iterator[EarlyStart | None]:
     """`start_early` for the length of a command: whatever was started and not taken over
-    is stopped when it ends, an error or an interrupt included."""
+    is stopped when it ends, an error or an interrupt included. Call it before torch is
+    imported; it sets what must be set before then (runtime.prefer_passive_waiting)."""
+    prefer_passive_waiting()  # the workers it forks share the CPU with the model
     started = start_early(
         model, inputs, batch_size=batch_size, workers=workers, fast_decode=fast_decode
     )
